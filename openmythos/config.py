@@ -1,0 +1,282 @@
+"""MythosConfig: one serialisable dataclass for every OpenMythos model, plus named presets and
+analytic counts (parameters, active parameters, FLOPs per token, KV-cache bytes per token).
+
+Field names and defaults match the earlier public OpenMythos package (open-mythos 0.5.0), so its
+configs load unchanged and build a model with the same parameter count. New behaviour lives in
+new fields whose defaults are documented next to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+ATTN_TYPES = ("mla", "gqa")
+ROUTER_SCORES = ("softmax", "sigmoid")
+INJECTIONS = ("lti", "free", "additive")
+DISCRETISATIONS = ("euler", "zoh")
+HALTINGS = ("act", "none")
+
+
+@dataclass
+class MythosConfig:
+    # vocabulary and widths
+    vocab_size: int = 32000
+    dim: int = 2048
+    max_seq_len: int = 4096
+    max_output_tokens: int = 4096
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    # attention
+    attn_type: str = "mla"
+    n_heads: int = 16
+    n_kv_heads: int = 4  # GQA only
+    kv_lora_rank: int = 512  # MLA: the cached latent
+    q_lora_rank: int = 1536  # MLA: 0 projects queries directly, without a latent
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    rope_theta: float = 500000.0
+    # dense blocks
+    prelude_layers: int = 2
+    coda_layers: int = 2
+    # moe (the looped block's FFN)
+    n_experts: int = 64
+    n_shared_experts: int = 2
+    n_experts_per_tok: int = 4
+    expert_dim: int = 512
+    router_score: str = "softmax"
+    router_bias_rate: float = 1e-3  # step size of the aux-loss-free balancing bias update
+    balance_loss_weight: float = 0.0  # optional Switch-style auxiliary loss, off by default
+    # recurrence
+    max_loop_iters: int = 16
+    injection: str = "lti"  # "lti": A = exp(-dt*exp(log_A)), rho(A) < 1; "free"/"additive" for ablations
+    discretisation: str = "euler"  # how B is discretised: "euler" (dt*B) or "zoh" (exact hold)
+    lora_rank: int = 16
+    loop_embed_fraction: int = 8  # the loop-index embedding covers dim // loop_embed_fraction channels
+    # halting
+    halting: str = "act"  # "act" (Graves 2016) or "none": run exactly n_loops
+    act_threshold: float = 0.99
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vocab_size", "dim", "max_seq_len", "max_output_tokens", "n_heads", "n_kv_heads",
+            "qk_rope_head_dim", "v_head_dim", "n_experts", "n_experts_per_tok", "expert_dim",
+            "max_loop_iters", "lora_rank", "loop_embed_fraction", "kv_lora_rank",
+        )
+        for name in positive:
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+                   getattr(self, name), "must be a positive integer")
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "q_lora_rank",
+                     "qk_nope_head_dim"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
+                   getattr(self, name), "must be a non-negative integer")
+        _choice(self, "attn_type", ATTN_TYPES)
+        _choice(self, "router_score", ROUTER_SCORES)
+        _choice(self, "injection", INJECTIONS)
+        _choice(self, "discretisation", DISCRETISATIONS)
+        _choice(self, "halting", HALTINGS)
+        _check(self.dim % self.n_heads == 0, "dim", self.dim,
+               f"must be divisible by n_heads={self.n_heads}")
+        if self.attn_type == "gqa":
+            _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                   f"must divide n_heads={self.n_heads}")
+            _check(self.head_dim % 2 == 0, "dim", self.dim,
+                   f"gives an odd head_dim={self.head_dim}; RoPE needs an even one")
+        _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
+               "must be even for RoPE")
+        _check(self.n_experts_per_tok <= self.n_experts, "n_experts_per_tok",
+               self.n_experts_per_tok, f"must be <= n_experts={self.n_experts}")
+        _check(0.0 < self.act_threshold <= 1.0, "act_threshold", self.act_threshold,
+               "must lie in (0, 1]")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must lie in [0, 1)")
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
+        _check(self.router_bias_rate >= 0, "router_bias_rate", self.router_bias_rate,
+               "must be >= 0")
+        _check(self.balance_loss_weight >= 0, "balance_loss_weight", self.balance_loss_weight,
+               "must be >= 0")
+        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
+        _check(self.loop_embed_dim % 2 == 0, "loop_embed_fraction", self.loop_embed_fraction,
+               f"gives an odd loop-embedding width {self.loop_embed_dim} for dim={self.dim}")
+
+    # derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.dim * 4 // 3
+
+    @property
+    def shared_expert_dim(self) -> int:
+        return self.expert_dim * self.n_experts_per_tok
+
+    @property
+    def loop_embed_dim(self) -> int:
+        return self.dim // self.loop_embed_fraction
+
+    # serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MythosConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            import difflib
+
+            hints = [
+                f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
+                for k in unknown
+            ]
+            raise ValueError(f"MythosConfig: unknown field(s) {', '.join(hints)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MythosConfig:
+        key = name.removeprefix("mythos_")
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[key], **overrides})
+
+    def replace(self, **changes: Any) -> MythosConfig:
+        return dataclasses.replace(self, **changes)
+
+    # counts
+    def attn_params(self) -> int:
+        d, h = self.dim, self.n_heads
+        if self.attn_type == "gqa":
+            kv = self.n_kv_heads * self.head_dim
+            return d * d + 2 * d * kv + d * d
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.q_lora_rank:
+            q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * qk
+        else:
+            q = d * h * qk
+        kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + h * self.v_head_dim * self.dim
+
+    def _dense_block_params(self) -> int:
+        return 2 * self.dim + self.attn_params() + 3 * self.dim * self.ffn_dim
+
+    def _expert_params(self) -> int:
+        return 3 * self.dim * self.expert_dim
+
+    def _recurrent_params(self, routed_experts: int) -> int:
+        d = self.dim
+        moe = d * self.n_experts + routed_experts * self._expert_params()
+        moe += self.n_shared_experts * 3 * d * self.shared_expert_dim
+        block = 2 * d + self.attn_params() + moe
+        injection = {"lti": 2 * d + 1, "free": 2 * d, "additive": d}[self.injection]
+        halting = d + 1
+        lora = 2 * d * self.lora_rank + self.max_loop_iters * self.lora_rank
+        return block + injection + halting + lora + d  # + the pre-block norm
+
+    def num_params(self) -> int:
+        """Exact parameter count of `OpenMythos(self)` (the LM head is tied to the embedding)."""
+        dense = (self.prelude_layers + self.coda_layers) * self._dense_block_params()
+        return self.vocab_size * self.dim + dense + self._recurrent_params(self.n_experts) + self.dim
+
+    def active_params_per_token(self) -> int:
+        """Parameters one token touches in one pass: all but the routed experts it is not sent to."""
+        return self.num_params() - (self.n_experts - self.n_experts_per_tok) * self._expert_params()
+
+    def flops_per_token(self, n_loops: int | None = None, seq_len: int | None = None,
+                        backward: bool = True) -> int:
+        """Matmul FLOPs per token (2 per multiply-add), x3 with `backward` for a training step.
+
+        Counts every linear layer a token passes through (the looped block n_loops times) plus the
+        LM head and causal attention at `seq_len` (mean context seq_len / 2); embeddings, norms and
+        elementwise work are left out, as in the PaLM / nanoGPT convention.
+        """
+        n_loops = self.max_loop_iters if n_loops is None else n_loops
+        seq_len = self.max_seq_len if seq_len is None else seq_len
+        d = self.dim
+        dense_mm = self.attn_params() + 3 * d * self.ffn_dim
+        loop_mm = (self.attn_params() + d * self.n_experts
+                   + self.n_experts_per_tok * self._expert_params()
+                   + self.n_shared_experts * 3 * d * self.shared_expert_dim
+                   + 2 * d * self.lora_rank + d)
+        if self.attn_type == "gqa":
+            qk, v = self.head_dim, self.head_dim
+        else:
+            qk, v = self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        attn_per_layer = self.n_heads * (qk + v) * seq_len  # 2 * (S/2) * H * (qk + v)
+        layers = self.prelude_layers + self.coda_layers
+        fwd = 2 * (layers * dense_mm + n_loops * loop_mm + self.vocab_size * d)
+        fwd += (layers + n_loops) * attn_per_layer
+        return fwd * (3 if backward else 1)
+
+    def kv_cache_bytes_per_token(self, n_loops: int | None = None,
+                                 dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes the KV cache holds per token: one entry per dense layer and per loop."""
+        n_loops = self.max_loop_iters if n_loops is None else n_loops
+        if self.attn_type == "gqa":
+            per_layer = 2 * self.n_kv_heads * self.head_dim
+        else:
+            per_layer = self.kv_lora_rank + self.qk_rope_head_dim
+        layers = self.prelude_layers + self.coda_layers + n_loops
+        return layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"MythosConfig.{name}={value!r} {why}")
+
+
+def _choice(cfg: MythosConfig, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    _check(value in allowed, name, value, f"is not one of {allowed}")
+
+
+def _legacy(dim, n_heads, n_kv_heads, max_seq_len, loops, layers, kv_lora, q_lora, rope, nope,
+            n_experts, n_shared, top_k, expert_dim, lora, theta, vocab=32000,
+            max_output_tokens=4096) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        max_seq_len=max_seq_len, max_loop_iters=loops, prelude_layers=layers,
+        coda_layers=layers, attn_type="mla", kv_lora_rank=kv_lora, q_lora_rank=q_lora,
+        qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=nope, n_experts=n_experts,
+        n_shared_experts=n_shared, n_experts_per_tok=top_k, expert_dim=expert_dim,
+        act_threshold=0.99, rope_theta=theta, lora_rank=lora, max_output_tokens=max_output_tokens,
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # trains on 2 CPU cores in minutes (the quickstart)
+    "tiny": dict(
+        vocab_size=8192, dim=256, n_heads=4, n_kv_heads=4, max_seq_len=256, max_loop_iters=4,
+        prelude_layers=1, coda_layers=1, attn_type="mla", kv_lora_rank=64, q_lora_rank=128,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_experts=8,
+        n_shared_experts=1, n_experts_per_tok=2, expert_dim=128, lora_rank=8,
+        rope_theta=10000.0, max_output_tokens=256,
+    ),
+    "small": dict(
+        vocab_size=16384, dim=512, n_heads=8, n_kv_heads=8, max_seq_len=1024, max_loop_iters=8,
+        prelude_layers=2, coda_layers=2, attn_type="mla", kv_lora_rank=128, q_lora_rank=256,
+        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, n_experts=16,
+        n_shared_experts=1, n_experts_per_tok=2, expert_dim=256, lora_rank=8,
+        rope_theta=10000.0, max_output_tokens=1024,
+    ),
+    # the earlier package's variants, with its hyperparameters
+    "1b": _legacy(2048, 16, 4, 4096, 16, 2, 256, 512, 32, 64, 64, 2, 4, 2048, 8, 500000.0),
+    "3b": _legacy(3072, 24, 6, 4096, 16, 2, 384, 768, 32, 96, 64, 2, 4, 4096, 8, 500000.0),
+    "10b": _legacy(4096, 32, 8, 8192, 24, 2, 512, 1024, 64, 128, 128, 2, 4, 5632, 16, 500000.0),
+    "50b": _legacy(6144, 48, 8, 8192, 32, 3, 512, 1536, 64, 128, 256, 4, 4, 9728, 32, 500000.0),
+    "100b": _legacy(8192, 64, 8, 1_000_000, 32, 4, 512, 2048, 64, 128, 256, 4, 8, 13568, 64,
+                    1_000_000.0, max_output_tokens=131072),
+    "500b": _legacy(12288, 96, 16, 1_000_000, 48, 4, 1024, 3072, 64, 128, 512, 8, 8, 23040, 128,
+                    1_000_000.0, vocab=100000, max_output_tokens=131072),
+    "1t": _legacy(16384, 128, 16, 1_000_000, 64, 6, 1024, 4096, 64, 128, 512, 8, 8, 34560, 256,
+                  2_000_000.0, vocab=100000, max_output_tokens=131072),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)

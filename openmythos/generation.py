@@ -1,0 +1,102 @@
+"""Sampling and generation with the KV cache: greedy / temperature / top-k / top-p, per-sequence
+EOS, prompts of different lengths in one batch (left-padded), and a streaming variant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:  # top_k past the vocab keeps everything
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the mass before it already reaches top_p; the best token always stays
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids, attention_mask
+    if not input_ids or not all(isinstance(p, Sequence) and len(p) for p in input_ids):
+        raise ValueError("input_ids as a list must hold non-empty token-id lists")
+    width = max(len(p) for p in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(input_ids), width, dtype=torch.long, device=device)
+    for i, p in enumerate(input_ids):
+        ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           eos_token_id: int | None = None, generator: torch.Generator | None = None,
+           attention_mask: torch.Tensor | None = None, pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+    """Yields the next token of every sequence, (B,), one step at a time.
+
+    input_ids: a (B, T) tensor (with an optional left-padding attention_mask) or a list of
+    token-id lists of different lengths. A sequence that produced eos_token_id keeps yielding it.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    device = model.embed.weight.device
+    ids, mask = _left_pad(input_ids, attention_mask, pad_token_id, device)
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
+    B, T = ids.shape
+    total = T + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {total} exceeds "
+                         f"max_seq_len={model.cfg.max_seq_len}")
+    n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, total, n_loops if isinstance(n_loops, int) else int(max(n_loops)))
+        logits = model(ids.to(device), n_loops=n_loops, cache=cache, attention_mask=mask).logits
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            yield token
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return
+            logits = model(token.unsqueeze(1), n_loops=n_loops, cache=cache).logits
+    finally:
+        model.train(was_training)
+
+
+def generate(model, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """Returns (B, T + new) token ids: the (left-padded) prompt followed by the new tokens. Rows
+    that stopped early are filled with eos_token_id; generation ends when every row has stopped."""
+    device = model.embed.weight.device
+    ids, _ = _left_pad(input_ids, kwargs.get("attention_mask"), kwargs.get("pad_token_id", 0), device)
+    new = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    return torch.cat([ids.to(device), torch.stack(new, dim=1)], dim=1)

@@ -1,0 +1,102 @@
+"""Key/value storage for attention: a preallocated inference cache and the rolling buffer the
+looped block uses without one.
+
+Layout of `KVCache`: one slot per prelude layer, one per loop of the recurrent block, one per coda
+layer. GQA slots hold RoPE'd keys and values per KV head; MLA slots hold the normalised latent
+c_kv plus one RoPE key shared by all heads (DeepSeek-V2), nothing per head.
+
+Tokens that halt early: a token that leaves the loop after loop t still has to be visible to later
+tokens that run deeper. Its entry in every deeper loop's slot is its latest computed entry (the one
+from loop t), copied, never recomputed. So halting saves compute in decode as well as in prefill.
+
+Positions live inside the cache: `length` counts written columns (shared by the batch, prompts are
+left-padded), `valid` marks real tokens and `next_pos` is each row's next RoPE position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rows_to_coords(rows: torch.Tensor, T: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows // T, start + rows % T
+
+
+class KVSlot:
+    """One layer's storage: tensors (B, S_max, ...), written at [start, start + T)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+    def update(self, new: list[torch.Tensor], start: int, T: int,
+               rows: torch.Tensor | None) -> list[torch.Tensor]:
+        """Write this step's entries and return the visible prefix [0, start + T)."""
+        for buf, x in zip(self.tensors, new):
+            if rows is None:
+                buf[:, start:start + T] = x
+            else:
+                buf[_rows_to_coords(rows, T, start)] = x
+        return [buf[:, :start + T] for buf in self.tensors]
+
+    def copy_new_tokens(self, other: KVSlot, start: int, T: int) -> None:
+        """Give halted tokens their latest entry: copy [start, start + T) from the shallower slot."""
+        for dst, src in zip(self.tensors, other.tensors):
+            dst[:, start:start + T] = src[:, start:start + T]
+
+
+class RollingKV:
+    """The looped block's keys without a cache: loop t attends to loop t's entries, and a halted
+    token keeps the entry of the last loop it ran. Updates are out of place so autograd sees them."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] | None = None
+
+    def update(self, new: list[torch.Tensor], start: int, T: int,
+               rows: torch.Tensor | None) -> list[torch.Tensor]:
+        if rows is None or self.tensors is None:
+            assert rows is None, "the first loop must run every row"
+            self.tensors = list(new)
+        else:
+            coords = _rows_to_coords(rows, T, start)
+            self.tensors = [buf.index_put(coords, x) for buf, x in zip(self.tensors, new)]
+        return self.tensors
+
+
+class KVCache:
+    """Preallocated KV cache for prefill, chunked prefill and decode."""
+
+    def __init__(self, cfg, batch_size: int, max_len: int, n_loops: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+        for name, value in (("batch_size", batch_size), ("max_len", max_len), ("n_loops", n_loops)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KVCache: max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}")
+        if cfg.attn_type == "gqa":
+            shapes = [(cfg.n_kv_heads, cfg.head_dim)] * 2
+        else:
+            shapes = [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
+
+        def slot() -> KVSlot:
+            return KVSlot([torch.zeros(batch_size, max_len, *s, dtype=dtype, device=device)
+                           for s in shapes])
+
+        self.batch_size, self.max_len, self.n_loops = batch_size, max_len, n_loops
+        self.prelude = [slot() for _ in range(cfg.prelude_layers)]
+        self.loops = [slot() for _ in range(n_loops)]
+        self.coda = [slot() for _ in range(cfg.coda_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.has_padding = False
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for s in self.prelude + self.loops + self.coda for t in s.tensors)
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.next_pos.zero_()
+        self.length = 0
+        self.has_padding = False

@@ -1,0 +1,182 @@
+"""OpenMythos: a Recurrent-Depth Transformer (Geiping et al. 2025, "Scaling up Test-Time Compute
+with Latent Reasoning"; Parcae, Prairie et al. 2025).
+
+embed -> prelude (dense blocks, once) -> recurrent block (looped, MoE, ACT) -> coda (dense blocks,
+once) -> RMSNorm -> LM head tied to the embedding.
+
+Build on the meta device and call `init_weights()` after `to_empty()`; a model built on a real
+device initialises itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from openmythos.config import MythosConfig
+from openmythos.model.attention import Context
+from openmythos.model.block import TransformerBlock
+from openmythos.model.cache import KVCache
+from openmythos.model.layers import RMSNorm, rope_angles
+from openmythos.model.moe import MoE
+from openmythos.model.recurrence import RecurrentBlock
+
+
+@dataclass
+class MythosOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    aux_loss: torch.Tensor  # MoE balance loss (0 unless cfg.balance_loss_weight > 0)
+    ponder_loss: torch.Tensor  # ACT ponder cost N + R, mean over positions
+    loops: torch.Tensor  # (B, T) loops run per position
+    expert_load: torch.Tensor  # (E,) tokens routed to each expert, summed over loops
+    state_norm: torch.Tensor  # mean L2 norm of the recurrent output state
+
+
+class OpenMythos(nn.Module):
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():  # modules with their own init override the generic one
+            if m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
+
+    @property
+    def moe(self) -> MoE:
+        return self.recurrent.block.ffn
+
+    def new_cache(self, batch_size: int, max_len: int | None = None,
+                  n_loops: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, n_loops,
+                       dtype=p.dtype, device=p.device)
+
+    def update_router_bias(self, expert_load: torch.Tensor) -> None:
+        self.moe.update_bias(expert_load)
+
+    def spectral_radius(self) -> float:
+        """rho(A) of the injection: the largest |A_i|, < 1 for the LTI injection."""
+        return float(self.recurrent.injection.decay(self.embed.weight.dtype).abs().max())
+
+    def forward(self, input_ids: torch.Tensor, n_loops: int | torch.Tensor | None = None,
+                cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                backprop_loops: int | None = None) -> MythosOutput:
+        """input_ids (B, T) int64. attention_mask (B, T): 1 for tokens, 0 for (left) padding.
+        n_loops: an int (default cfg.max_loop_iters, may exceed it) or a (B,) tensor of depths.
+        backprop_loops: only the last k loops get gradients (truncated backprop through depth)."""
+        B, T = self._check_inputs(input_ids, cache, attention_mask)
+        n_loops = self._check_loops(n_loops, B, cache)
+        if backprop_loops is not None and (not isinstance(backprop_loops, int) or backprop_loops < 1):
+            raise ValueError(f"backprop_loops must be a positive integer or None, got {backprop_loops!r}")
+        ctx = self._context(input_ids, cache, attention_mask)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, ctx, cache.prelude[i] if cache else None)
+        x, loops, ponder = self.recurrent(x, x, ctx, n_loops, cache.loops if cache else None,
+                                          backprop_loops)
+        state_norm = x.detach().float().norm(dim=-1).mean()
+        for i, layer in enumerate(self.coda):
+            x = layer(x, ctx, cache.coda[i] if cache else None)
+        if cache is not None:
+            cache.length += T
+        logits = self.norm(x) @ self.embed.weight.T
+        return MythosOutput(logits, torch.stack(ctx.aux_losses).sum(), ponder, loops,
+                            torch.stack(ctx.expert_loads).sum(0), state_norm)
+
+    def _context(self, input_ids: torch.Tensor, cache: KVCache | None,
+                 attention_mask: torch.Tensor | None) -> Context:
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache else 0
+        new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+                     else attention_mask.to(device=device, dtype=torch.bool))
+        padded = attention_mask is not None and not bool(new_valid.all())
+        base = cache.next_pos if cache else torch.zeros(B, dtype=torch.long, device=device)
+        positions = base.unsqueeze(1) + (new_valid.long().cumsum(1) - 1).clamp(min=0)
+        if cache is not None:
+            cache.valid[:, start:start + T] = new_valid
+            cache.next_pos += new_valid.sum(1)
+            cache.has_padding |= padded
+            padded = cache.has_padding
+            valid = cache.valid[:, :start + T]
+        else:
+            valid = new_valid
+        S = start + T
+        mask, is_causal = None, start == 0 and T > 1
+        if padded or (start > 0 and T > 1):
+            q_idx = torch.arange(start, S, device=device).unsqueeze(1)
+            k_idx = torch.arange(S, device=device).unsqueeze(0)
+            # a padding query may see only itself: a row with no visible key would give NaN
+            mask = (k_idx <= q_idx) & (valid.unsqueeze(1) | (k_idx == q_idx))
+            mask, is_causal = mask.unsqueeze(1), False
+        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
+        cos, sin = rope_angles(positions, rope_dim, self.cfg.rope_theta)
+        return Context(B, T, start, cos, sin, mask, is_causal, self.cfg.dropout)
+
+    def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int]:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.cfg.vocab_size})")
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + T} (cached {start} + new {T}) exceeds "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
+            if start + T > cache.max_len:
+                raise ValueError(f"cache overflow: {start} cached + {T} new tokens > cache max_len={cache.max_len}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)} like the new input_ids, "
+                             f"got {tuple(attention_mask.shape)}")
+        return B, T
+
+    def _check_loops(self, n_loops, B: int, cache: KVCache | None) -> int | torch.Tensor:
+        if n_loops is None:
+            n_loops = self.cfg.max_loop_iters
+        if isinstance(n_loops, torch.Tensor):
+            if n_loops.dtype.is_floating_point or n_loops.shape != (B,) or int(n_loops.min()) < 1:
+                raise ValueError(f"n_loops as a tensor must be ({B},) positive integers, got {n_loops!r}")
+            deepest = int(n_loops.max())
+        elif isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1:
+            deepest = n_loops
+        else:
+            raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
+        if cache is not None and deepest > cache.n_loops:
+            raise ValueError(f"n_loops={deepest} exceeds the cache's n_loops={cache.n_loops} slots")
+        return n_loops
+
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        from openmythos.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int, **kwargs):
+        from openmythos.generation import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)

@@ -1,0 +1,225 @@
+"""The recurrent core: one shared block looped T times with input injection
+h <- A*h + B*e + block(norm(h + loop_emb(t) + e)), a depth-wise LoRA and ACT halting.
+
+- Injection: a diagonal linear time-invariant system (as in Parcae, Prairie et al. 2025),
+  A = exp(-dt * exp(log_A)) so that every entry of A lies in (0, 1) and rho(A) < 1.
+- Halting: Adaptive Computation Time (Graves 2016). A position halts once its cumulative halting
+  probability crosses act_threshold and takes the remainder as its weight; the last loop assigns
+  the remainder to every position still running, so the weights always sum to exactly 1.
+- Compute: halted positions are dropped from the row set, so later loops never touch them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from openmythos.config import MythosConfig
+from openmythos.model.attention import Context
+from openmythos.model.block import TransformerBlock
+from openmythos.model.cache import RollingKV
+from openmythos.model.layers import RMSNorm
+
+
+class LTIInjection(nn.Module):
+    def __init__(self, dim: int, discretisation: str = "euler"):
+        super().__init__()
+        self.discretisation = discretisation
+        self.log_A = nn.Parameter(torch.empty(dim))
+        self.log_dt = nn.Parameter(torch.empty(1))
+        self.B = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.zeros_(self.log_A)
+        nn.init.zeros_(self.log_dt)
+        nn.init.constant_(self.B, 0.1)
+
+    def _log_rate(self, dtype: torch.dtype) -> torch.Tensor:
+        # exp(-exp(x)) rounds to exactly 1.0 once exp(x) drops under the dtype's spacing below 1,
+        # so bound x from below in log space: A <= 1 - eps(dtype) < 1 for any parameter values
+        x_min = math.log(-math.log1p(-torch.finfo(dtype).eps))
+        return (self.log_dt + self.log_A).float().clamp(x_min, 20.0)
+
+    def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A, in fp32, bounded so that it stays strictly below 1 once cast to `dtype`."""
+        return torch.exp(-torch.exp(self._log_rate(dtype)))
+
+    def gain(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        dt = self.log_dt.float().exp()
+        if self.discretisation == "euler":
+            return dt * self.B.float()
+        # zero-order hold: (1 - A) / A_c * B with A_c = exp(log_A) = z / dt; expm1 keeps it exact
+        z = torch.exp(self._log_rate(dtype))
+        return dt * (-torch.expm1(-z) / z) * self.B.float()
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.decay(h.dtype).to(h.dtype) * h + self.gain(h.dtype).to(h.dtype) * e + out
+
+
+class FreeInjection(nn.Module):
+    """Ablation: an unconstrained learned diagonal A (rho(A) may exceed 1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(dim))
+        self.B = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.A, math.exp(-1.0))  # the LTI injection's A at init
+        nn.init.constant_(self.B, 0.1)
+
+    def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.A.float()
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.A.to(h.dtype) * h + self.B.to(h.dtype) * e + out
+
+
+class AdditiveInjection(nn.Module):
+    """Ablation: a plain residual recurrence, A = 1."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.B = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.B, 0.1)
+
+    def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.ones_like(self.B, dtype=torch.float32)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return h + self.B.to(h.dtype) * e + out
+
+
+def build_injection(cfg: MythosConfig) -> nn.Module:
+    if cfg.injection == "lti":
+        return LTIInjection(cfg.dim, cfg.discretisation)
+    return {"free": FreeInjection, "additive": AdditiveInjection}[cfg.injection](cfg.dim)
+
+
+class DepthLoRA(nn.Module):
+    """Low-rank delta shared by all loops, with a per-loop scale that tells iterations apart.
+    Past the trained depth the last scale is reused."""
+
+    def __init__(self, dim: int, rank: int, max_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.B = nn.Parameter(torch.empty(rank, dim))
+        self.scale = nn.Embedding(max_loops, rank)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.down.weight, std=std)
+        nn.init.normal_(self.B, std=std)
+        nn.init.normal_(self.scale.weight, std=std)
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        s = self.scale.weight[min(t, self.scale.num_embeddings - 1)]
+        return (self.down(x) * s) @ self.B
+
+
+def loop_embedding(t: int, dim: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding of the loop index on the first `width` of `dim` channels."""
+    freqs = 10000.0 ** (-torch.arange(0, width, 2, device=like.device, dtype=torch.float32) / width)
+    emb = torch.zeros(dim, device=like.device, dtype=torch.float32)
+    emb[:width] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
+    return emb.to(like.dtype)
+
+
+class ACTHalting(nn.Module):
+    def __init__(self, dim: int, max_loops: int):
+        super().__init__()
+        self.halt = nn.Linear(dim, 1)
+        self.max_loops = max_loops
+
+    def init_weights(self) -> None:
+        # p = 1 / max_loops everywhere at init, so every token runs the trained depth before it
+        # learns to stop early (a random init halts after ~2 loops and makes depth meaningless)
+        nn.init.zeros_(self.halt.weight)
+        nn.init.constant_(self.halt.bias, -math.log(self.max_loops - 1) if self.max_loops > 1 else 0.0)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.halt(h).float()).squeeze(-1)
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
+
+
+def _put(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if rows is None else x.index_put((rows,), value)
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.block = TransformerBlock(cfg, use_moe=True)
+        self.injection = build_injection(cfg)
+        self.act = ACTHalting(cfg.dim, cfg.max_loop_iters)
+        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
+                slots: list | None = None, backprop_loops: int | None = None):
+        """h, e: (B, T, D). n_loops: an int, or a (B,) tensor of per-sequence depths.
+
+        Returns the halting-weighted output (B, T, D), loops run per position (B, T) and the
+        mean ACT ponder cost (Graves' N + R).
+        """
+        B, T, D = h.shape
+        N = B * T
+        h, e = h.reshape(N, D), e.reshape(N, D)
+        if isinstance(n_loops, int):
+            depth, limit = n_loops, None
+        else:
+            limit = n_loops.to(h.device).repeat_interleave(T)  # (N,)
+            depth = int(limit.max())
+        act = self.cfg.halting == "act"
+        kv_rolling = RollingKV() if slots is None else None
+        out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
+        cum = torch.zeros(N, device=h.device)
+        ponder = torch.zeros(N, device=h.device)
+        steps = torch.zeros(N, device=h.device, dtype=torch.long)
+        live = torch.arange(N, device=h.device)
+        rows = None  # None: every row is live, the common case, with no gathers at all
+        first_grad = depth - backprop_loops if backprop_loops else 0
+
+        for t in range(depth):
+            with torch.no_grad() if t < first_grad else nullcontext():
+                h_t, e_t = _take(h, rows), _take(e, rows)
+                if slots is not None and t > 0 and rows is not None:
+                    slots[t].copy_new_tokens(slots[t - 1], ctx.start, T)
+                x = self.norm(h_t + loop_embedding(t, D, self.cfg.loop_embed_dim, h_t) + e_t)
+                if rows is None:  # dense layout while every row is live
+                    x = x.view(B, T, D)
+                y = self.block(x, ctx, kv_rolling if slots is None else slots[t], rows).reshape(-1, D)
+                h_t = self.injection(h_t, e_t, y + self.lora(y, t))
+
+                stop = torch.full_like(steps if rows is None else rows, t == depth - 1, dtype=torch.bool)
+                if limit is not None:
+                    stop |= _take(limit, rows) == t + 1
+                if act:
+                    p, c = self.act(h_t), _take(cum, rows)
+                    stop |= c + p >= self.cfg.act_threshold
+                    w = torch.where(stop, 1.0 - c, p)
+                    out = out.index_add(0, live, w.unsqueeze(-1) * h_t.float())
+                    cum = _put(cum, rows, c + p)
+                    ponder = _put(ponder, rows, torch.where(stop, t + 1 + (1.0 - c), 0.0))
+                else:
+                    out = out.index_put((live[stop],), h_t[stop])
+                h = _put(h, rows, h_t)
+                steps = steps.index_add(0, live, torch.ones_like(live))
+
+            if bool(stop.all()):
+                break
+            if bool(stop.any()):
+                live = live[~stop]
+                rows = live
+        if slots is not None:  # columns of deeper, unrun loops get the latest entry too
+            for t in range(depth, len(slots)):
+                slots[t].copy_new_tokens(slots[t - 1], ctx.start, T)
+        return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
