@@ -36,6 +36,7 @@ GPT2_FILE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
 GPT2_VOCAB_SIZE = 50257
+N_BYTES = 256
 
 
 class Tokenizer(ABC):
@@ -77,13 +78,9 @@ class Tokenizer(ABC):
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._save_files(directory)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
-
-    def _save_files(self, directory: Path) -> None:
-        """Write whatever besides the meta file the kind needs to be restored."""
 
     @classmethod
     def _load(cls, directory: Path) -> Tokenizer:
@@ -99,9 +96,9 @@ class ByteTokenizer(Tokenizer):
     kind = "byte"
 
     def __init__(self) -> None:
-        self.eos_id = self.bos_id = 256
-        self.pad_id = 257
-        self.vocab_size = 258
+        self.eos_id = self.bos_id = N_BYTES
+        self.pad_id = N_BYTES + 1
+        self.vocab_size = N_BYTES + 2
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -131,7 +128,9 @@ class BPETokenizer(Tokenizer):
         self._tok.encode_special_tokens = True
         eos, pad = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(PAD_TOKEN)
         if eos is None or pad is None:
-            raise ValueError(f"BPE tokenizer lacks the special tokens {EOS_TOKEN!r} and {PAD_TOKEN!r}")
+            raise ValueError(
+                f"BPE tokenizer lacks the special tokens {EOS_TOKEN!r} and {PAD_TOKEN!r}"
+            )
         self.eos_id = self.bos_id = eos
         self.pad_id = pad
         self.vocab_size = tokenizer.get_vocab_size()
@@ -154,8 +153,10 @@ class BPETokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def _save_files(self, directory: Path) -> None:
+    def save(self, directory: str | Path) -> Path:
+        directory = super().save(directory)
         self._tok.save(str(directory / BPE_FILE))
+        return directory
 
     @classmethod
     def _load(cls, directory: Path) -> BPETokenizer:
@@ -174,7 +175,7 @@ def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> B
     Same input, same tokenizer: the trainer breaks count ties by token id and the byte alphabet
     is fixed, so no hash-map order leaks into the merges.
     """
-    min_vocab = 256 + 2  # every byte plus EOS and PAD
+    min_vocab = N_BYTES + 2  # every byte plus EOS and PAD
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size {vocab_size} is below the minimum of {min_vocab}")
     texts = [
@@ -266,7 +267,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"tokenizer meta file {str(meta_path)!r} is corrupt: {e!r}") from e
     if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}")
+        raise ValueError(
+            f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}"
+        )
     tokenizer = TOKENIZER_KINDS[kind]._load(directory)
     if meta.get("fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
         raise ValueError(
@@ -279,7 +282,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 def get_tokenizer(kind: str) -> Tokenizer:
     """Build a tokenizer that needs no training ("gpt2", "byte"); BPE comes from `train_bpe`."""
     if kind == BPETokenizer.kind:
-        raise ValueError("tokenizer kind 'bpe' must be trained with train_bpe() or loaded with load_tokenizer()")
+        raise ValueError(
+            "tokenizer kind 'bpe' must be trained with train_bpe() or loaded with load_tokenizer()"
+        )
     if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}")
+        raise ValueError(
+            f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}"
+        )
     return TOKENIZER_KINDS[kind]()

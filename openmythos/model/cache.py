@@ -31,7 +31,7 @@ class KVSlot:
     def update(self, new: list[torch.Tensor], start: int, T: int,
                rows: torch.Tensor | None) -> list[torch.Tensor]:
         """Write this step's entries and return the visible prefix [0, start + T)."""
-        for buf, x in zip(self.tensors, new):
+        for buf, x in zip(self.tensors, new, strict=True):
             if rows is None:
                 buf[:, start:start + T] = x
             else:
@@ -40,7 +40,7 @@ class KVSlot:
 
     def copy_new_tokens(self, other: KVSlot, start: int, T: int) -> None:
         """Give halted tokens their latest entry: copy [start, start + T) from the shallower slot."""
-        for dst, src in zip(self.tensors, other.tensors):
+        for dst, src in zip(self.tensors, other.tensors, strict=True):
             dst[:, start:start + T] = src[:, start:start + T]
 
 
@@ -58,7 +58,7 @@ class RollingKV:
             self.tensors = list(new)
         else:
             coords = _rows_to_coords(rows, T, start)
-            self.tensors = [buf.index_put(coords, x) for buf, x in zip(self.tensors, new)]
+            self.tensors = [buf.index_put(coords, x) for buf, x in zip(self.tensors, new, strict=True)]
         return self.tensors
 
 

@@ -48,7 +48,7 @@ class LTIInjection(nn.Module):
         return torch.exp(-torch.exp(self._log_rate(dtype)))
 
     def gain(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        dt = self.log_dt.float().exp()
+        dt = self.log_dt.float().clamp(-20.0, 20.0).exp()
         if self.discretisation == "euler":
             return dt * self.B.float()
         # zero-order hold: (1 - A) / A_c * B with A_c = exp(log_A) = z / dt; expm1 keeps it exact

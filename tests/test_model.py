@@ -1,0 +1,87 @@
+"""Whole-model behaviour: dtypes, meta-device initialisation and bad input."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from openmythos import OpenMythos
+from tests.conftest import small_config, small_model
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@pytest.mark.parametrize("halting", ["none", "act"])
+def test_bf16_model_matches_fp32(attn_type, halting):
+    model = small_model(attn_type=attn_type, halting=halting)
+    ids = torch.randint(0, 64, (2, 12))
+    ref = model(ids).logits
+    low = model.to(torch.bfloat16)
+    out = low(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    # decode through the cache in bf16 too
+    gen = low.generate(ids[:, :4], 6, temperature=0)
+    assert gen.shape == (2, 10)
+
+
+def test_autocast_matches_fp32():
+    model = small_model()
+    ids = torch.randint(0, 64, (2, 12))
+    ref = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids).logits
+    assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_fp16_forward_is_finite():
+    out = small_model().to(torch.float16)(torch.randint(0, 64, (1, 8))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_meta_build_then_init_weights():
+    cfg = small_config()
+    with torch.device("meta"):
+        model = OpenMythos(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref = small_model()
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.isfinite(p).all(), name
+        if q.numel() > 1:
+                assert float(p.std()) == pytest.approx(float(q.std()), rel=0.5, abs=1e-6), name
+    assert (model.moe.router_bias == 0).all()
+    assert torch.isfinite(model(torch.randint(0, 64, (1, 4))).logits).all()
+
+
+def test_act_at_init_runs_the_trained_depth():
+    model = small_model(halting="act", max_loop_iters=4)
+    ids = torch.randint(0, 64, (1, 8))
+    assert (model(ids, n_loops=16).loops == 4).all()
+    assert not torch.allclose(model(ids, n_loops=2).logits, model(ids, n_loops=4).logits)
+
+
+BAD_INPUTS = [
+    (lambda m: m(torch.tensor([[1, 64]])), ValueError, "token id 64"),
+    (lambda m: m(torch.tensor([[-1, 2]])), ValueError, "token id -1"),
+    (lambda m: m(torch.tensor([[1.0, 2.0]])), TypeError, "dtype torch.float32"),
+    (lambda m: m(torch.tensor([1, 2])), ValueError, "shape"),
+    (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), ValueError, "non-empty"),
+    (lambda m: m(torch.zeros(1, 65, dtype=torch.long)), ValueError, "max_seq_len=64"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), n_loops=0), ValueError, "n_loops"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), n_loops=-1), ValueError, "n_loops"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), n_loops=2.5), ValueError, "n_loops"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), backprop_loops=0), ValueError, "backprop_loops"),
+    (lambda m: m(torch.zeros(2, 2, dtype=torch.long), cache=m.new_cache(1, 8)), ValueError, "batch_size=1"),
+    (lambda m: m(torch.zeros(1, 9, dtype=torch.long), cache=m.new_cache(1, 8)), ValueError, "cache overflow"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), cache=m.new_cache(1, 8, 2), n_loops=3),
+     ValueError, "n_loops=3"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 3)),
+     ValueError, "attention_mask"),
+    (lambda m: m.new_cache(1, 100), ValueError, "max_len=100"),
+    (lambda m: m("hello"), TypeError, "input_ids"),
+]
+
+
+@pytest.mark.parametrize("call,exc,needle", BAD_INPUTS)
+def test_bad_input_gets_a_clear_error(call, exc, needle):
+    with pytest.raises(exc, match=needle):
+        call(small_model())

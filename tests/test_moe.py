@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from openmythos.model.moe import MoE, reference_moe
+from tests.conftest import small_config
+
+
+def make_moe(**overrides) -> MoE:
+    moe = MoE(small_config(n_experts=6, n_experts_per_tok=2, **overrides))
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    moe.init_weights(std=0.1)
+    return moe
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_grouped_dispatch_matches_per_expert_loop(score):
+    moe = make_moe(router_score=score)
+    x = torch.randn(40, 64, requires_grad=True)
+    out, load, _ = moe(x)
+    ref = reference_moe(moe, x)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [x, moe.w_gate, moe.router.weight])
+    grads_ref = torch.autograd.grad((ref * g).sum(), [x, moe.w_gate, moe.router.weight])
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert load.sum() == 40 * 2 and load.shape == (6,)
+
+
+def test_bias_changes_selection_not_gate_weights():
+    moe = make_moe()
+    x = torch.randn(32, 64)
+    idx0, gates0, scores = moe.route(x)
+    moe.router_bias[3] = 10.0  # force expert 3 into every top-k
+    idx1, gates1, scores1 = moe.route(x)
+    assert (idx1 == 3).any(-1).all() and not (idx0 == 3).any(-1).all()
+    assert_close(scores1, scores)  # the bias never enters the scores ...
+    expected = scores.gather(-1, idx1)
+    assert_close(gates1, expected / expected.sum(-1, keepdim=True))  # ... nor the gate weights
+
+
+def test_bias_does_not_change_the_gate_gradient():
+    moe = make_moe()
+    x = torch.randn(32, 64)
+    idx, _, scores = moe.route(x)
+    # a bias too small to change any selection leaves the router gradient untouched
+    top = scores.sort(-1, descending=True).values.detach()
+    small = torch.linspace(-1, 1, 6) * (top[:, 1] - top[:, 2]).min() / 4
+    grads = []
+    for bias in (torch.zeros(6), small):
+        moe.router_bias.copy_(bias)
+        moe.router.weight.grad = None
+        moe(x)[0].square().sum().backward()
+        grads.append(moe.router.weight.grad.clone())
+    assert_close(grads[0], grads[1])
+    assert (moe.route(x)[0].sort(-1).values == idx.sort(-1).values).all()
+    assert not moe.router_bias.requires_grad
+
+
+def test_update_bias_moves_toward_balance():
+    moe = make_moe(router_bias_rate=0.01)
+    moe.update_bias(torch.tensor([5.0, 0, 0, 0, 0, 50]))
+    assert moe.router_bias[0] == pytest.approx(0.01) and moe.router_bias[5] == pytest.approx(-0.01)
+
+
+def test_balance_loss_only_when_asked():
+    x = torch.randn(16, 64)
+    assert make_moe().train()(x)[2] == 0
+    aux = make_moe(balance_loss_weight=0.1).train()(x)[2]
+    assert aux > 0 and aux.requires_grad

@@ -1,0 +1,171 @@
+"""The loop: unrolled-by-hand parity, rho(A) < 1, ACT weights, row compaction, depth options."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from openmythos.model.attention import Context
+from openmythos.model.recurrence import LTIInjection, loop_embedding
+from tests.conftest import small_model
+
+
+def unrolled(model, ids, n_loops):
+    """The model's forward written out by hand, one explicit block call per loop."""
+    B, T = ids.shape
+    cos, sin = __import__("openmythos.model.layers", fromlist=["x"]).rope_angles(
+        torch.arange(T).expand(B, T), model.cfg.qk_rope_head_dim, model.cfg.rope_theta)
+    ctx = Context(B, T, 0, cos, sin, None, True)
+    x = model.embed(ids)
+    for layer in model.prelude:
+        x = layer(x, ctx)
+    rec, e, h = model.recurrent, x, x
+    for t in range(n_loops):
+        hh = rec.norm(h + loop_embedding(t, h.shape[-1], model.cfg.loop_embed_dim, h) + e)
+        y = rec.block(hh, ctx, None)
+        A = torch.exp(-torch.exp(rec.injection.log_dt + rec.injection.log_A))
+        h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + y + rec.lora(y, t)
+    for layer in model.coda:
+        h = layer(h, ctx)
+    return model.norm(h) @ model.embed.weight.T
+
+
+@pytest.mark.parametrize("n_loops", [1, 3, 5])
+def test_loop_matches_hand_unrolled(n_loops):
+    model = small_model()
+    ids = torch.randint(0, 64, (2, 10))
+    assert_close(model(ids, n_loops=n_loops).logits, unrolled(model, ids, n_loops))
+
+
+def test_depth_changes_the_output_beyond_trained_depth():
+    model = small_model()
+    ids = torch.randint(0, 64, (1, 8))
+    l3, l6 = model(ids, n_loops=3).logits, model(ids, n_loops=6).logits
+    assert not torch.allclose(l3, l6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("log_value", [-1e4, -60.0, -20.0, 0.0, 30.0, 1e4])
+def test_decay_strictly_inside_unit_interval(dtype, log_value):
+    inj = LTIInjection(8, "zoh")
+    inj.init_weights()
+    with torch.no_grad():
+        inj.log_A.fill_(log_value)
+        inj.log_dt.fill_(log_value / 2)
+    inj = inj.to(dtype)
+    A = inj.decay(dtype).to(dtype)
+    assert (A < 1).all() and (A >= 0).all(), A
+    h = torch.ones(2, 8, dtype=dtype, requires_grad=True)
+    out = inj(h, torch.ones(2, 8, dtype=dtype), torch.zeros(2, 8, dtype=dtype))
+    out.sum().backward()
+    assert torch.isfinite(inj.log_A.grad).all() and torch.isfinite(inj.log_dt.grad).all()
+    if dtype != torch.float16:  # fp16 overflows on B*e alone once dt reaches e^20
+        assert torch.isfinite(out).all()
+
+
+def test_zoh_and_euler_gains():
+    inj = LTIInjection(4, "zoh")
+    inj.init_weights()
+    with torch.no_grad():
+        inj.log_A.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+        inj.log_dt.fill_(-0.5)
+    dt, a_c = math.exp(-0.5), torch.tensor([-2.0, 0.0, 1.0, 3.0]).exp()
+    assert_close(inj.gain(), (1 - torch.exp(-dt * a_c)) / a_c * 0.1)
+    inj.discretisation = "euler"
+    assert_close(inj.gain(), torch.full((4,), dt * 0.1))
+
+
+def constant_states(model):
+    """Make every loop's state exactly 1, so the output is the sum of the ACT weights."""
+    model.recurrent.injection.forward = lambda h, e, out: torch.ones_like(h)
+
+
+@pytest.mark.parametrize("n_loops", [1, 2, 3, 7])
+def test_act_weights_sum_to_one(n_loops):
+    model = small_model(halting="act", coda_layers=0)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.recurrent.act.halt.weight, std=1.0)
+    constant_states(model)
+    seen = {}
+    model.recurrent.register_forward_hook(lambda m, i, o: seen.setdefault("out", o[0]))
+    out = model(torch.randint(0, 64, (3, 11)), n_loops=n_loops)
+    assert_close(seen["out"], torch.ones_like(seen["out"]))
+    assert out.loops.max() <= n_loops and out.loops.min() >= 1
+
+
+def scripted_halting(model, first_p):
+    """Halting probabilities: `first_p` (N,) at loop 0, then 0 for every row still running."""
+    calls = []
+
+    def halt(h):
+        calls.append(h.shape[0])
+        return first_p.clone() if len(calls) == 1 else torch.zeros(h.shape[0])
+
+    model.recurrent.act.forward = halt
+    rows_in = []
+    model.recurrent.block.register_forward_pre_hook(
+        lambda m, args: rows_in.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return rows_in
+
+
+def test_halted_rows_leave_the_batch():
+    model = small_model(halting="act")
+    B, T = 2, 6
+    rows_in = scripted_halting(model, torch.tensor([1.0, 0.0] * (B * T // 2)))
+    out = model(torch.randint(0, 64, (B, T)), n_loops=4)
+    assert rows_in == [12, 6, 6, 6]  # half the rows stop after loop 1 and never come back
+    assert out.loops.flatten().tolist() == [1, 4] * (B * T // 2)
+
+
+def test_halted_rows_leave_the_batch_in_decode():
+    model = small_model(halting="act")
+    cache = model.new_cache(4, 8, 4)
+    prompt = torch.randint(0, 64, (4, 3))
+    scripted_halting(model, torch.ones(12))
+    model(prompt, n_loops=4, cache=cache)
+    rows_in = scripted_halting(model, torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    out = model(torch.randint(0, 64, (4, 1)), n_loops=4, cache=cache)
+    assert rows_in == [4, 2, 2, 2]
+    assert out.loops.flatten().tolist() == [1, 4, 4, 1]
+    # a token that halted at loop 1 leaves its loop-1 entry in every deeper slot
+    for t in range(1, 4):
+        for tensor, first in zip(cache.loops[t].tensors, cache.loops[0].tensors, strict=True):
+            assert_close(tensor[0, 3], first[0, 3])
+
+
+def test_halting_none_runs_exactly_n_loops():
+    model = small_model(halting="none")
+    rows_in = []
+    model.recurrent.block.register_forward_pre_hook(lambda m, a: rows_in.append(1))
+    out = model(torch.randint(0, 64, (2, 5)), n_loops=6)
+    assert len(rows_in) == 6 and (out.loops == 6).all() and out.ponder_loss == 0
+
+
+def test_per_sequence_depths_match_separate_runs():
+    model = small_model()
+    ids = torch.randint(0, 64, (3, 7))
+    depths = torch.tensor([1, 4, 2])
+    batched = model(ids, n_loops=depths)
+    for b, d in enumerate(depths.tolist()):
+        assert_close(batched.logits[b], model(ids[b:b + 1], n_loops=d).logits[0], atol=1e-5, rtol=1e-5)
+    assert batched.loops.tolist() == [[1] * 7, [4] * 7, [2] * 7]
+
+
+def test_truncated_backprop_through_depth():
+    model = small_model().train()
+    ids = torch.randint(0, 64, (2, 6))
+
+    def grads(k):
+        model.zero_grad()
+        out = model(ids, n_loops=4, backprop_loops=k)
+        out.logits.square().mean().backward()
+        return out.logits.detach(), model.recurrent.lora.scale.weight.grad.clone()
+
+    full, g_full = grads(None)
+    same, g_same = grads(4)
+    last, g_last = grads(1)
+    assert_close(full, last)  # the forward is unchanged
+    assert_close(g_full, g_same)
+    # with one backprop loop only the last loop's LoRA scale gets a gradient
+    assert (g_last[:2] == 0).all() and g_last[2].abs().sum() > 0 and g_full[0].abs().sum() > 0
