@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from openmythos.data.tasks import KHopTask
+
+
+def decode(task, ids):
+    """Read one left-padded example back into (head, relation chain)."""
+    toks = [t for t in ids.tolist() if t != task.PAD]
+    assert toks[-1] == task.QUERY
+    return toks[0] - 2, [t - 2 - task.n_entities for t in toks[1:-1]]
+
+
+def test_every_target_follows_its_chain():
+    task = KHopTask(n_entities=20, n_relations=4, seed=3)
+    table = task.relations
+    ids, targets = task.sample(200, hops=3, generator=torch.Generator().manual_seed(0), width=6)
+    for row, target in zip(ids, targets, strict=True):
+        e, chain = decode(task, row)
+        assert 0 <= e < 20 and len(chain) == 3
+        for r in chain:
+            e = int(table[r, e])
+        assert target == task.entity_token(e)
+
+
+def test_relations_are_permutations():
+    table = KHopTask(n_entities=50, n_relations=5).relations
+    assert all(sorted(row.tolist()) == list(range(50)) for row in table)
+
+
+def test_deterministic_under_a_seed():
+    task = KHopTask(seed=1)
+    a = task.batch(64, 4, torch.Generator().manual_seed(5), width=8)
+    b = task.batch(64, 4, torch.Generator().manual_seed(5), width=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(KHopTask(seed=2).relations, task.relations)
+
+
+@pytest.mark.parametrize("hops", [1, 2, 5])
+def test_train_and_test_splits_are_disjoint(hops):
+    task = KHopTask(n_entities=30, n_relations=3)
+    g = torch.Generator().manual_seed(0)
+    train = {tuple(r.tolist()) for r in task.sample(500, hops, g, split="train")[0]}
+    test = {tuple(r.tolist()) for r in task.sample(200, hops, g, split="test")[0]}
+    assert train and test and not train & test
+
+
+def test_bad_arguments():
+    task = KHopTask()
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="hops"):
+        task.sample(4, 0, g)
+    with pytest.raises(ValueError, match="width=3"):
+        task.sample(4, 2, g, width=3)
+    with pytest.raises(ValueError, match="split"):
+        task.sample(4, 2, g, split="dev")
+    with pytest.raises(ValueError, match="n_entities"):
+        KHopTask(n_entities=0)
