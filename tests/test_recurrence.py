@@ -134,6 +134,16 @@ def test_halted_rows_leave_the_batch_in_decode():
             assert_close(tensor[0, 3], first[0, 3])
 
 
+def test_early_exit_of_every_row_fills_the_deeper_slots():
+    model = small_model(halting="act")
+    cache = model.new_cache(2, 8, 4)
+    scripted_halting(model, torch.ones(6))  # every token halts after loop 1
+    model(torch.randint(0, 64, (2, 3)), n_loops=4, cache=cache)
+    for t in range(1, 4):
+        for tensor, first in zip(cache.loops[t].tensors, cache.loops[0].tensors, strict=True):
+            assert_close(tensor[:, :3], first[:, :3])
+
+
 def test_halting_none_runs_exactly_n_loops():
     model = small_model(halting="none")
     rows_in = []

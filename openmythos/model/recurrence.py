@@ -220,6 +220,6 @@ class RecurrentBlock(nn.Module):
                 live = live[~stop]
                 rows = live
         if slots is not None:  # columns of deeper, unrun loops get the latest entry too
-            for t in range(depth, len(slots)):
-                slots[t].copy_new_tokens(slots[t - 1], ctx.start, T)
+            for deeper in range(t + 1, len(slots)):
+                slots[deeper].copy_new_tokens(slots[deeper - 1], ctx.start, T)
         return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
