@@ -1,0 +1,121 @@
+"""Adaptive compute: validation loss against the mean number of loops actually run.
+
+One model is trained on the bundled corpus with ACT halting and a ponder cost. It is then
+evaluated three ways with the same weights: at fixed depths (halting off), with ACT at several
+halting thresholds, and with a KL exit (stop once the next-token distribution read from the
+state moves less than a threshold between successive loops, after a minimum number of loops).
+Tokens/s is measured in the same process for every point, so the ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from openmythos.experiments.common import ExperimentConfig, Report, markdown_table, threads
+from openmythos.experiments.lm import lm_run
+from openmythos.model import OpenMythos
+from openmythos.training.checkpoint import load_model
+from openmythos.training.config import DataConfig, load_config
+from openmythos.training.trainer import prepare_data
+
+
+@dataclass
+class ActParetoConfig(ExperimentConfig):
+    loops: int = 8
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    ponder_weight: float = 1e-3
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
+    act_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 0.99])
+    kl_thresholds: list[float] = field(default_factory=lambda: [3e-2, 1e-2, 3e-3, 1e-3])
+    min_loops: int = 2
+    eval_tokens: int = 16384
+
+
+@torch.no_grad()
+def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             n_loops: int) -> dict[str, float]:
+    """Loss, mean loops per token and tokens/s over fixed validation batches."""
+    model.eval()
+    loss = loops = count = 0.0
+    start = time.perf_counter()
+    for x, y in batches:
+        out = model(x, n_loops=n_loops)
+        loss += float(F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        loops += float(out.loops.float().sum())
+        count += y.numel()
+    elapsed = time.perf_counter() - start
+    return {"val_loss": loss / count, "mean_loops": loops / count, "tok_per_s": count / elapsed}
+
+
+def with_halting(model: OpenMythos, **fields) -> OpenMythos:
+    """The same weights under another exit rule."""
+    other = OpenMythos(model.cfg.replace(**fields))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def run(cfg: ActParetoConfig) -> dict:
+    if cfg.smoke:
+        cfg.loops, cfg.steps, cfg.batch_size, cfg.seq_len, cfg.eval_tokens = 3, 2, 2, 32, 256
+        cfg.depths, cfg.act_thresholds, cfg.kl_thresholds = [1, 3], [0.5, 0.99], [1e-2]
+    report = Report("act-pareto", cfg)
+    steps = max(2, round(cfg.steps * cfg.scale))
+    with threads(cfg.threads):
+        out = lm_run(report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops},
+                     {"train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
+                      "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
+                      "train.ponder_weight": cfg.ponder_weight, "loops.mean": cfg.loops,
+                      "loops.max": cfg.loops, "eval.depths": [cfg.loops],
+                      "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
+                     cfg.seed)
+        model, tokenizer, _ = load_model(out["checkpoint"])
+        data = prepare_data(lm_config_data(out), tokenizer)
+        batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
+                                     data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]
+        points = []
+        for n in cfg.depths:
+            points.append({"rule": "fixed", "setting": n,
+                           **evaluate(with_halting(model, halting="none"), batches, n)})
+        for thr in cfg.act_thresholds:
+            points.append({"rule": "act", "setting": thr,
+                           **evaluate(with_halting(model, halting="act", act_threshold=thr), batches, cfg.loops)})
+        for thr in cfg.kl_thresholds:
+            points.append({"rule": "kl", "setting": thr,
+                           **evaluate(with_halting(model, halting="kl", kl_threshold=thr,
+                                                   min_loops=cfg.min_loops), batches, cfg.loops)})
+    report.results = {"points": points, "train": {k: out.get(k) for k in ("val_loss", "train_time_s", "tok_per_s")}}
+    full = next(p for p in points if p["rule"] == "fixed" and p["setting"] == max(cfg.depths))
+    rows = [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"], p["val_loss"] - full["val_loss"],
+             p["tok_per_s"], p["tok_per_s"] / full["tok_per_s"]] for p in points]
+    report.add("## Quality against compute\n\n" + markdown_table(
+        ["exit rule", "setting", "mean loops", "val loss", "Δ loss vs full depth", "tokens/s",
+         "speed vs full depth"], rows))
+    report.add("Settings: fixed = n_loops; act = halting threshold (trained at "
+               f"{0.99}); kl = KL threshold in nats, at least {cfg.min_loops} loops. "
+               "The KL readout applies the final norm and LM head to the looped state directly "
+               "(the coda is skipped), so the exit itself costs one vocabulary projection per loop.")
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for rule, marker in (("fixed", "o-"), ("act", "s--"), ("kl", "^:")):
+            pts = sorted((p["mean_loops"], p["val_loss"]) for p in points if p["rule"] == rule)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker, label=rule)
+        ax.set(xlabel="mean loops per token", ylabel="validation loss (nats/token)")
+        ax.legend()
+
+    report.figure("pareto.png", draw, "Validation loss against mean loops executed")
+    return report.write()
+
+
+def lm_config_data(summary: dict) -> DataConfig:
+    """The data section the model was trained with, read back from its run directory."""
+    return load_config(f"{summary['run_dir']}/config.toml").data
+

@@ -1,0 +1,109 @@
+"""What every experiment shares: its output folder, machine facts, a report writer and plots.
+
+An experiment writes `report.md` (tables a person reads), `results.json` (the same numbers plus
+the command, seed, wall time and machine) and PNG plots into its output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ExperimentConfig:
+    """Fields every experiment has; each experiment extends it with its own."""
+
+    out_dir: str = ""  # "" -> runs/experiments/<name>
+    seed: int = 0
+    smoke: bool = False  # seconds-long run that exercises every code path and the report
+    scale: float = 1.0  # multiplies training steps (and widths where the experiment says so)
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    name: str
+    cfg: ExperimentConfig
+    sections: list[str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def out(self) -> Path:
+        path = Path(self.cfg.out_dir or f"runs/experiments/{self.name}")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add(self, text: str) -> None:
+        self.sections.append(text)
+
+    def figure(self, filename: str, draw: Callable[[Any], None], caption: str) -> None:
+        """Draw with matplotlib (the `plot` extra) into filename; skipped if it is missing."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.add(f"*(plot {filename} skipped: matplotlib is not installed; "
+                     "`pip install openmythos[plot]`)*")
+            return
+        fig = plt.figure(figsize=(7, 4.5))
+        draw(fig)
+        fig.tight_layout()
+        fig.savefig(self.out / filename, dpi=110)
+        plt.close(fig)
+        self.add(f"![{caption}]({filename})\n\n*{caption}*")
+
+    def write(self) -> dict[str, Any]:
+        wall = time.time() - self.started
+        meta = {"experiment": self.name, "command": " ".join(["mythos", *sys.argv[1:]]),
+                "config": asdict(self.cfg), "wall_seconds": round(wall, 1), "machine": machine()}
+        payload = {**meta, "results": self.results}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        head = (f"# {self.name}\n\nCommand: `{meta['command']}` · seed {self.cfg.seed} · "
+                f"wall time {wall / 60:.1f} min · {meta['machine']['platform']}, "
+                f"{meta['machine']['threads']} threads, torch {torch.__version__}"
+                + (" · **smoke run: numbers are meaningless**" if self.cfg.smoke else "") + "\n")
+        (self.out / "report.md").write_text("\n\n".join([head, *self.sections]) + "\n")
+        return payload
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,208 @@
+"""Depth extrapolation on k-hop composition: do more loops at inference solve longer chains?
+
+Models train on chains of at most K hops and are tested on held-out chains of 1..2K hops at
+1..4x the training depth. Compared: fixed-depth training, random-depth training with truncated
+backprop (Huginn-style lognormal-Poisson depths per sequence), ACT halting, a dense model with
+the same parameters (the same network at one loop) and a dense model with the same compute
+(as many unique layers as the looped model runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from openmythos.config import MythosConfig
+from openmythos.data.tasks import KHopTask
+from openmythos.experiments.common import ExperimentConfig, Report, markdown_table, threads
+from openmythos.model import OpenMythos
+from openmythos.training.config import LoopsConfig, OptimConfig
+from openmythos.training.loops import LoopSampler
+from openmythos.training.optim import build_optimizer, lr_at
+
+
+@dataclass
+class DepthExtrapolationConfig(ExperimentConfig):
+    n_entities: int = 200
+    n_relations: int = 10
+    train_hops: int = 3  # K: training chains have 1..K hops, tests go to 2K
+    train_loops: int = 4
+    dim: int = 128
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 3e-3
+    backprop: int = 4  # truncated backprop window of the random-depth variant
+    ponder_weight: float = 0.01
+    eval_examples: int = 256
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    prelude: int = 1
+    coda: int = 1
+    loops: int = 0  # trained depth; 0 -> cfg.train_loops
+    halting: str = "none"
+    random_depth: bool = False
+
+
+def variants(cfg: DepthExtrapolationConfig) -> list[Variant]:
+    extra = cfg.train_loops + 1  # prelude + coda layers that, with one pass, match the looped compute
+    return [
+        Variant("fixed", f"looped, trained at exactly {cfg.train_loops} loops"),
+        Variant("random", "looped, lognormal-Poisson depth per sequence, truncated backprop",
+                random_depth=True),
+        Variant("act", "looped with ACT halting and a ponder cost", halting="act"),
+        Variant("dense-params", "the same network at one loop (same parameters)", loops=1),
+        Variant("dense-compute", f"{extra + 1} unique layers (same compute as the looped model)",
+                prelude=extra // 2, coda=extra - extra // 2, loops=1),
+    ]
+
+
+def model_config(cfg: DepthExtrapolationConfig, task: KHopTask, v: Variant, width: int) -> MythosConfig:
+    d = cfg.dim
+    return MythosConfig(
+        vocab_size=task.vocab_size, dim=d, n_heads=4, n_kv_heads=4, max_seq_len=width,
+        max_output_tokens=width, max_loop_iters=v.loops or cfg.train_loops,
+        prelude_layers=v.prelude, coda_layers=v.coda, attn_type="mla", kv_lora_rank=d // 4,
+        q_lora_rank=d // 2, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=d // 4,
+        n_experts=4, n_shared_experts=1, n_experts_per_tok=2, expert_dim=d, lora_rank=8,
+        rope_theta=10000.0, halting=v.halting,
+    )
+
+
+def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConfig, v: Variant,
+                  width: int, steps: int) -> list[float]:
+    optim = OptimConfig(steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.0)
+    opt = build_optimizer(model, optim)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=cfg.train_loops,
+                                      per="sequence", max=3 * cfg.train_loops), cfg.seed + 1)
+    depth = v.loops or cfg.train_loops
+    losses = []
+    model.train()
+    for step in tqdm(range(steps), desc=v.name, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, optim)
+        ids, targets, _ = task.batch(cfg.batch_size, cfg.train_hops, gen, width)
+        n_loops = sampler.sample(cfg.batch_size) if v.random_depth else depth
+        out = model(ids, n_loops=n_loops, backprop_loops=cfg.backprop if v.random_depth else None)
+        loss = F.cross_entropy(out.logits[:, -1].float(), targets)
+        total = loss + out.aux_loss + (cfg.ponder_weight * out.ponder_loss if v.halting == "act" else 0)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_router_bias(out.expert_load)
+        losses.append(float(loss))
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: OpenMythos, task: KHopTask, hops: int, n_loops: int, n: int, width: int,
+             seed: int) -> tuple[float, float]:
+    """Accuracy on held-out chains of exactly `hops` hops, and the mean loops actually run."""
+    model.eval()
+    ids, targets = task.sample(n, hops, torch.Generator().manual_seed(seed + hops), width, "test")
+    out = model(ids, n_loops=n_loops)
+    return float((out.logits[:, -1].argmax(-1) == targets).float().mean()), float(out.loops[:, -1].float().mean())
+
+
+def run(cfg: DepthExtrapolationConfig) -> dict:
+    if cfg.smoke:
+        cfg.n_entities, cfg.n_relations, cfg.train_hops, cfg.train_loops = 12, 3, 2, 2
+        cfg.dim, cfg.steps, cfg.batch_size, cfg.eval_examples = 32, 4, 8, 16
+    report = Report("depth-extrapolation", cfg)
+    task = KHopTask(cfg.n_entities, cfg.n_relations, cfg.seed)
+    max_hops = 2 * cfg.train_hops
+    width = max_hops + 2
+    loop_grid = sorted({1, 2, cfg.train_loops // 2 or 1, cfg.train_loops, 2 * cfg.train_loops,
+                        3 * cfg.train_loops, 4 * cfg.train_loops})
+    steps = max(1, round(cfg.steps * cfg.scale))
+    results: dict[str, dict] = {}
+    torch.manual_seed(cfg.seed)
+    with threads(cfg.threads):
+        for v in variants(cfg):
+            torch.manual_seed(cfg.seed)
+            model = OpenMythos(model_config(cfg, task, v, width))
+            losses = train_variant(model, task, cfg, v, width, steps)
+            grid = loop_grid if v.loops != 1 else [1]
+            acc = {n: {k: accuracy(model, task, k, n, cfg.eval_examples, width, cfg.seed)
+                       for k in range(1, max_hops + 1)} for n in grid}
+            results[v.name] = {
+                "description": v.description, "params": model.cfg.num_params(),
+                "train_loops": v.loops or cfg.train_loops, "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+                "accuracy": {n: {k: a for k, (a, _) in row.items()} for n, row in acc.items()},
+                "mean_loops": {n: {k: m for k, (_, m) in row.items()} for n, row in acc.items()},
+                "losses": losses,
+            }
+    report.results = {k: {kk: vv for kk, vv in r.items() if kk != "losses"} for k, r in results.items()}
+    _write(report, cfg, results, loop_grid, max_hops)
+    return report.write()
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_grid: list[int],
+           max_hops: int) -> None:
+    K = cfg.train_hops
+    rows = []
+    verdicts = []
+    for name, r in results.items():
+        acc = r["accuracy"]
+        trained = acc[r["train_loops"]]
+        best_n = max(acc, key=lambda n: _mean(acc[n][k] for k in range(K + 1, max_hops + 1)))
+        long_trained = _mean(trained[k] for k in range(K + 1, max_hops + 1))
+        long_best = _mean(acc[best_n][k] for k in range(K + 1, max_hops + 1))
+        rows.append([name, r["params"], r["train_loops"], _mean(trained[k] for k in range(1, K + 1)),
+                     long_trained, best_n, long_best])
+        if len(acc) > 1:
+            gained = long_best - long_trained
+            verdicts.append(f"- **{name}**: on {K + 1}–{max_hops} hops, {best_n} loops give "
+                            f"{long_best:.3f} vs {long_trained:.3f} at the trained depth "
+                            f"({'extrapolates' if gained > 0.02 and best_n > r['train_loops'] else 'no gain from extra loops'}).")
+    report.add("## Accuracy on held-out chains\n\n" + markdown_table(
+        ["variant", "params", "trained loops", f"acc 1–{K} hops (trained depth)",
+         f"acc {K + 1}–{max_hops} hops (trained depth)", "best loops (long chains)",
+         f"acc {K + 1}–{max_hops} hops (best loops)"], rows))
+    report.add("## Does depth extrapolate?\n\n" + "\n".join(verdicts) + "\n\nChance is "
+               f"{1 / cfg.n_entities:.3f}. 'Extrapolates' means more loops than trained raise "
+               "long-chain accuracy by more than 2 points.")
+    report.add("## Variants\n\n" + "\n".join(f"- **{k}**: {r['description']}" for k, r in results.items()))
+    looped = [k for k, r in results.items() if len(r["accuracy"]) > 1]
+
+    def heatmaps(fig):
+        for i, name in enumerate(looped):
+            ax = fig.add_subplot(1, len(looped), i + 1)
+            acc = results[name]["accuracy"]
+            grid = [[acc[n][k] for n in loop_grid] for k in range(1, max_hops + 1)]
+            im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(loop_grid)), [str(n) for n in loop_grid])
+            ax.set_yticks(range(max_hops), [str(k) for k in range(1, max_hops + 1)])
+            ax.axhline(K + 0.5 - 1, color="w", lw=1, ls="--")
+            ax.set_title(name)
+            ax.set_xlabel("n_loops at test")
+            if i == 0:
+                ax.set_ylabel("hops")
+        fig.colorbar(im, ax=fig.axes, shrink=0.8, label="accuracy")
+
+    report.figure("accuracy_heatmap.png", heatmaps,
+                  f"Accuracy, hops x test-time loops (dashed: the trained {K} hops)")
+
+    def curves(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for name, r in results.items():
+            ax.plot(r["losses"], label=name, lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (nats)")
+        ax.legend()
+
+    report.figure("train_loss.png", curves, "Training loss")

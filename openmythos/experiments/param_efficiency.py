@@ -1,0 +1,124 @@
+"""Parameter efficiency on real text: is a block looped r times worth r unique blocks?
+
+At equal training tokens on the bundled corpus: dense models of several depths (unique layers,
+one pass) and looped models (one prelude block, one block looped r times, one coda block).
+Every block has the same FFN width: the looped block's MoE is set to one routed plus one shared
+expert of half the dense width, which computes exactly what a dense SwiGLU of full width does,
+so "layers" means the same thing on both sides.
+
+The dense losses are fitted as loss = a + b*ln(layers); a looped model's loss then reads off its
+effective layer count L_eff, and with the prelude and coda counted once,
+L_eff - 2 = r^phi. phi is fitted by least squares over the looped models (the literature reports
+phi ~ 0.46, "How much is one recurrence worth", 2026).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from openmythos.config import MythosConfig
+from openmythos.experiments.common import ExperimentConfig, Report, markdown_table, threads
+from openmythos.experiments.lm import lm_run
+
+
+@dataclass
+class ParamEfficiencyConfig(ExperimentConfig):
+    dense_layers: list[int] = field(default_factory=lambda: [3, 4, 6])
+    loops: list[int] = field(default_factory=lambda: [2, 4])
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+
+
+def fit_log_curve(layers: list[float], losses: list[float]) -> tuple[float, float]:
+    """Least-squares loss = a + b * ln(layers)."""
+    xs = [math.log(n) for n in layers]
+    mx, my = sum(xs) / len(xs), sum(losses) / len(losses)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, losses, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def effective_layers(loss: float, a: float, b: float) -> float:
+    return math.exp((loss - a) / b)
+
+
+def fit_phi(loops: list[int], looped_layers: list[float]) -> float:
+    """phi in looped_layers = r^phi, least squares through the origin in log-log space."""
+    xs = [math.log(r) for r in loops]
+    ys = [math.log(max(n, 1e-9)) for n in looped_layers]
+    return sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+
+
+def block_overrides(width: int) -> dict:
+    half = (width * 4 // 3) // 2
+    return {"n_experts": 1, "n_experts_per_tok": 1, "n_shared_experts": 1, "expert_dim": half,
+            "halting": "none"}
+
+
+def run(cfg: ParamEfficiencyConfig) -> dict:
+    if cfg.smoke:
+        cfg.dense_layers, cfg.loops, cfg.steps, cfg.seq_len, cfg.batch_size = [3, 4], [2], 2, 32, 2
+    report = Report("param-efficiency", cfg)
+    base = MythosConfig.from_preset("tiny")
+    block = block_overrides(base.dim)
+    steps = max(2, round(cfg.steps * cfg.scale))
+    settings = {"train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
+                "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
+                "eval.max_tokens": 32768, "eval.depth_max_tokens": 8192 if cfg.smoke else 32768,
+                "eval.depths": [1], "loops.max": max([*cfg.loops, 1])}
+    runs = []
+    with threads(cfg.threads):
+        for n in cfg.dense_layers:
+            # n unique layers: prelude + coda = n - 1, and one pass of the (MoE = dense) block
+            model = {**block, "prelude_layers": (n - 1) // 2, "coda_layers": n - 1 - (n - 1) // 2,
+                     "max_loop_iters": 1}
+            runs.append(("dense", n, 1, model))
+        for r in cfg.loops:
+            runs.append(("looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
+                                               "max_loop_iters": r}))
+        rows, results = [], []
+        for kind, layers, r, model in runs:
+            name = f"{kind}-{layers}" if kind == "dense" else f"looped-1x{r}"
+            out = lm_run(report.out / name, model,
+                         {**settings, "loops.mean": r, "eval.n_loops": r}, cfg.seed)
+            mcfg = MythosConfig.from_preset("tiny", **model)
+            flops = mcfg.flops_per_token(r, cfg.seq_len)
+            results.append({"name": name, "kind": kind, "layers": layers, "loops": r,
+                            "params": mcfg.num_params(), "flops_per_token": flops,
+                            "val_loss": out.get("val_loss", math.nan),
+                            "train_time_s": out.get("train_time_s"), "tokens": out.get("tokens_seen")})
+    dense = [x for x in results if x["kind"] == "dense"]
+    looped = [x for x in results if x["kind"] == "looped"]
+    a, b = fit_log_curve([x["layers"] for x in dense], [x["val_loss"] for x in dense])
+    for x in looped:
+        x["effective_layers"] = effective_layers(x["val_loss"], a, b)
+    phi = fit_phi([x["loops"] for x in looped], [x["effective_layers"] - 2 for x in looped]) if b < 0 else math.nan
+    report.results = {"runs": results, "dense_fit": {"a": a, "b": b}, "phi": phi}
+    for x in results:
+        rows.append([x["name"], x["params"], x["layers"], x["loops"], x["flops_per_token"],
+                     x["val_loss"], x.get("effective_layers", "")])
+    report.add("## Validation loss at equal training tokens\n\n" + markdown_table(
+        ["model", "params", "layer passes", "loops", "train FLOPs/token", "val loss (nats/token)",
+         "effective unique layers"], rows))
+    verdict = ("the dense models did not improve with depth at this budget, so phi is undefined"
+               if b >= 0 else
+               f"phi = {phi:.2f} (a loop is worth r^{phi:.2f} unique layers; the literature reports ~0.46)")
+    report.add(f"## Fit\n\nDense: loss = {a:.4f} {b:+.4f}·ln(layers). {verdict}.\n\n"
+               "Where phi is near 1 a loop is as good as a unique layer; near 0 it adds nothing.")
+
+    def draw(fig):
+        for i, (key, label) in enumerate((("params", "parameters"), ("flops_per_token", "train FLOPs per token"))):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for kind, marker in (("dense", "o-"), ("looped", "s--")):
+                pts = sorted((x[key], x["val_loss"]) for x in results if x["kind"] == kind)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker, label=kind)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("validation loss (nats/token)")
+            ax.legend()
+
+    report.figure("loss_vs_params_flops.png", draw, "Validation loss against parameters and FLOPs")
+    return report.write()
