@@ -18,7 +18,7 @@ ATTN_TYPES = ("mla", "gqa")
 ROUTER_SCORES = ("softmax", "sigmoid")
 INJECTIONS = ("lti", "free", "additive")
 DISCRETISATIONS = ("euler", "zoh")
-HALTINGS = ("act", "none")
+HALTINGS = ("act", "kl", "none")
 
 
 @dataclass
@@ -58,8 +58,10 @@ class MythosConfig:
     lora_rank: int = 16
     loop_embed_fraction: int = 8  # the loop-index embedding covers dim // loop_embed_fraction channels
     # halting
-    halting: str = "act"  # "act" (Graves 2016) or "none": run exactly n_loops
+    halting: str = "act"  # "act" (Graves 2016), "kl" (exit on converged predictions) or "none"
     act_threshold: float = 0.99
+    kl_threshold: float = 5e-4  # "kl": stop once KL(p_t || p_t-1) of the readout drops below this
+    min_loops: int = 1  # "kl": never stop before this many loops
 
     def __post_init__(self) -> None:
         positive = (
@@ -92,6 +94,9 @@ class MythosConfig:
                self.n_experts_per_tok, f"must be <= n_experts={self.n_experts}")
         _check(0.0 < self.act_threshold <= 1.0, "act_threshold", self.act_threshold,
                "must lie in (0, 1]")
+        _check(self.kl_threshold > 0, "kl_threshold", self.kl_threshold, "must be positive")
+        _check(isinstance(self.min_loops, int) and self.min_loops >= 1, "min_loops", self.min_loops,
+               "must be a positive integer")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must lie in [0, 1)")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
         _check(self.router_bias_rate >= 0, "router_bias_rate", self.router_bias_rate,

@@ -179,3 +179,18 @@ def test_truncated_backprop_through_depth():
     assert_close(g_full, g_same)
     # with one backprop loop only the last loop's LoRA scale gets a gradient
     assert (g_last[:2] == 0).all() and g_last[2].abs().sum() > 0 and g_full[0].abs().sum() > 0
+
+
+def test_kl_exit_stops_when_predictions_settle():
+    model = small_model(halting="kl", kl_threshold=1e9, min_loops=2)  # any drift counts as settled
+    out = model(torch.randint(0, 64, (2, 5)), n_loops=6)
+    assert (out.loops == 2).all()
+    strict = small_model(halting="kl", kl_threshold=1e-30, min_loops=2)
+    assert (strict(torch.randint(0, 64, (2, 5)), n_loops=6).loops == 6).all()
+
+
+def test_kl_exit_matches_fixed_depth_at_its_exit():
+    ids = torch.randint(0, 64, (1, 5))
+    kl = small_model(halting="kl", kl_threshold=1e9, min_loops=3)
+    fixed = small_model(halting="none")
+    assert_close(kl(ids, n_loops=8).logits, fixed(ids, n_loops=3).logits)

@@ -66,6 +66,10 @@ class OpenMythos(nn.Module):
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, n_loops,
                        dtype=p.dtype, device=p.device)
 
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits read directly from a looped state (the coda skipped): the KL exit's probe."""
+        return self.norm(h) @ self.embed.weight.T
+
     def update_router_bias(self, expert_load: torch.Tensor) -> None:
         self.moe.update_bias(expert_load)
 
@@ -88,7 +92,7 @@ class OpenMythos(nn.Module):
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, cache.prelude[i] if cache else None)
         x, loops, ponder = self.recurrent(x, x, ctx, n_loops, cache.loops if cache else None,
-                                          backprop_loops)
+                                          backprop_loops, self.readout)
         state_norm = x.detach().float().norm(dim=-1).mean()
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, cache.coda[i] if cache else None)

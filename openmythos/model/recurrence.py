@@ -6,12 +6,15 @@ h <- A*h + B*e + block(norm(h + loop_emb(t) + e)), a depth-wise LoRA and ACT hal
 - Halting: Adaptive Computation Time (Graves 2016). A position halts once its cumulative halting
   probability crosses act_threshold and takes the remainder as its weight; the last loop assigns
   the remainder to every position still running, so the weights always sum to exactly 1.
+  Alternatively a KL exit (Huginn, Geiping et al. 2025): a position stops once the next-token
+  distribution read from its state moves less than kl_threshold between successive loops.
 - Compute: halted positions are dropped from the row set, so later loops never touch them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -164,8 +167,10 @@ class RecurrentBlock(nn.Module):
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
-                slots: list | None = None, backprop_loops: int | None = None):
+                slots: list | None = None, backprop_loops: int | None = None,
+                readout: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """h, e: (B, T, D). n_loops: an int, or a (B,) tensor of per-sequence depths.
+        readout: state (n, D) -> logits (n, V), for the KL exit.
 
         Returns the halting-weighted output (B, T, D), loops run per position (B, T) and the
         mean ACT ponder cost (Graves' N + R).
@@ -178,7 +183,10 @@ class RecurrentBlock(nn.Module):
         else:
             limit = n_loops.to(h.device).repeat_interleave(T)  # (N,)
             depth = int(limit.max())
-        act = self.cfg.halting == "act"
+        act, kl = self.cfg.halting == "act", self.cfg.halting == "kl"
+        if kl and readout is None:
+            raise ValueError("halting='kl' needs a readout from states to logits")
+        prev_logp = None  # (N, V) log-probabilities read at the previous loop, for the KL exit
         kv_rolling = RollingKV() if slots is None else None
         out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
         cum = torch.zeros(N, device=h.device)
@@ -210,6 +218,13 @@ class RecurrentBlock(nn.Module):
                     cum = _put(cum, rows, c + p)
                     ponder = _put(ponder, rows, torch.where(stop, t + 1 + (1.0 - c), 0.0))
                 else:
+                    if kl:
+                        logp = torch.log_softmax(readout(h_t).float(), dim=-1)
+                        if prev_logp is not None:
+                            # KL(p_t || p_{t-1}): the prediction stopped moving, so stop looping
+                            drift = (logp.exp() * (logp - _take(prev_logp, rows))).sum(-1)
+                            stop |= (drift < self.cfg.kl_threshold) & (t + 1 >= self.cfg.min_loops)
+                        prev_logp = _put(prev_logp, rows, logp) if prev_logp is not None else logp
                     out = out.index_put((live[stop],), h_t[stop])
                 h = _put(h, rows, h_t)
                 steps = steps.index_add(0, live, torch.ones_like(live))
