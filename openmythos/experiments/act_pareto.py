@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from openmythos.experiments.common import ExperimentConfig, Report, markdown_table, threads
-from openmythos.experiments.lm import lm_run
+from openmythos.experiments.common import Report, markdown_table, threads
+from openmythos.experiments.lm import LMExperimentConfig, lm_run
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import load_model
 from openmythos.training.config import DataConfig, load_config
@@ -24,7 +24,7 @@ from openmythos.training.trainer import prepare_data
 
 
 @dataclass
-class ActParetoConfig(ExperimentConfig):
+class ActParetoConfig(LMExperimentConfig):
     loops: int = 8
     steps: int = 600
     batch_size: int = 16
@@ -68,13 +68,12 @@ def run(cfg: ActParetoConfig) -> dict:
     report = Report("act-pareto", cfg)
     steps = max(2, round(cfg.steps * cfg.scale))
     with threads(cfg.threads):
-        out = lm_run(report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops},
+        out = lm_run(cfg, report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops},
                      {"train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                       "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
                       "train.ponder_weight": cfg.ponder_weight, "loops.mean": cfg.loops,
                       "loops.max": cfg.loops, "eval.depths": [cfg.loops],
-                      "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
-                     cfg.seed)
+                      "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens})
         model, tokenizer, _ = load_model(out["checkpoint"])
         data = prepare_data(lm_config_data(out), tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),

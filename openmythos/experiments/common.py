@@ -77,9 +77,8 @@ class Report:
             self.add(f"*(plot {filename} skipped: matplotlib is not installed; "
                      "`pip install openmythos[plot]`)*")
             return
-        fig = plt.figure(figsize=(7, 4.5))
+        fig = plt.figure(figsize=(7, 4.5), layout="constrained")
         draw(fig)
-        fig.tight_layout()
         fig.savefig(self.out / filename, dpi=110)
         plt.close(fig)
         self.add(f"![{caption}]({filename})\n\n*{caption}*")

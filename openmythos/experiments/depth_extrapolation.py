@@ -98,7 +98,7 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         model.update_router_bias(out.expert_load)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

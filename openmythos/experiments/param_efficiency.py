@@ -18,12 +18,12 @@ import math
 from dataclasses import dataclass, field
 
 from openmythos.config import MythosConfig
-from openmythos.experiments.common import ExperimentConfig, Report, markdown_table, threads
-from openmythos.experiments.lm import lm_run
+from openmythos.experiments.common import Report, markdown_table, threads
+from openmythos.experiments.lm import LMExperimentConfig, lm_run
 
 
 @dataclass
-class ParamEfficiencyConfig(ExperimentConfig):
+class ParamEfficiencyConfig(LMExperimentConfig):
     dense_layers: list[int] = field(default_factory=lambda: [3, 4, 6])
     loops: list[int] = field(default_factory=lambda: [2, 4])
     steps: int = 500
@@ -81,8 +81,8 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
         rows, results = [], []
         for kind, layers, r, model in runs:
             name = f"{kind}-{layers}" if kind == "dense" else f"looped-1x{r}"
-            out = lm_run(report.out / name, model,
-                         {**settings, "loops.mean": r, "eval.n_loops": r}, cfg.seed)
+            out = lm_run(cfg, report.out / name, model,
+                         {**settings, "loops.mean": r, "eval.n_loops": r})
             mcfg = MythosConfig.from_preset("tiny", **model)
             flops = mcfg.flops_per_token(r, cfg.seq_len)
             results.append({"name": name, "kind": kind, "layers": layers, "loops": r,

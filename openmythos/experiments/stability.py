@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from openmythos.experiments.common import ExperimentConfig, Report, markdown_table, threads
-from openmythos.experiments.lm import lm_run
+from openmythos.experiments.common import Report, markdown_table, threads
+from openmythos.experiments.lm import LMExperimentConfig, lm_run
 
 INJECTIONS = ("lti", "free", "additive")
 
 
 @dataclass
-class StabilityConfig(ExperimentConfig):
+class StabilityConfig(LMExperimentConfig):
     lrs: list[float] = field(default_factory=lambda: [2e-3, 8e-3, 3e-2])
     injections: list[str] = field(default_factory=lambda: list(INJECTIONS))
     loops: int = 8
@@ -39,15 +39,13 @@ def run(cfg: StabilityConfig) -> dict:
         for injection in cfg.injections:
             for lr in cfg.lrs:
                 name = f"{injection}-lr{lr:g}"
-                out = lm_run(
-                    report.out / name,
+                out = lm_run(cfg, report.out / name,
                     {"injection": injection, "halting": "none", "max_loop_iters": cfg.loops},
                     {"train.steps": steps, "train.lr": lr, "train.batch_size": cfg.batch_size,
                      "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
                      "loops.mean": cfg.loops, "loops.max": cfg.loops, "run.log_every": 1,
                      "run.dtype": "fp32", "train.max_bad_steps": 3, "eval.max_tokens": 16384,
-                     "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096},
-                    cfg.seed)
+                     "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096})
                 trace = [r for r in out["metrics"] if "loss" in r]
                 first = trace[0]["loss"] if trace else math.nan
                 last = trace[-1]["loss"] if trace else math.nan

@@ -1,0 +1,44 @@
+"""Every experiment runs end to end in --smoke mode and writes a well-formed report; the phi
+fit recovers a known exponent."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from openmythos.experiments import EXPERIMENTS, run_experiment
+from openmythos.experiments.param_efficiency import effective_layers, fit_log_curve, fit_phi
+
+FIXTURE = str(Path(__file__).parent / "data" / "train_small.txt")
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_smoke_run_writes_a_report(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENMYTHOS_CACHE", str(tmp_path / "cache"))
+    extra = {} if name == "depth-extrapolation" else {"corpus": FIXTURE, "tokenizer": "byte"}
+    payload = run_experiment(name, smoke=True, out_dir=str(tmp_path / name), threads=1, **extra)
+    out = tmp_path / name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["experiment"] == name and saved["results"] == json.loads(json.dumps(payload["results"], default=str))
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# {name}") and "|---|" in report
+    assert list(out.glob("*.png")), "every experiment draws at least one plot"
+
+
+def test_phi_fit_recovers_a_known_exponent():
+    a, b, phi = 4.0, -0.5, 0.46
+    dense = [3, 4, 6, 10]
+    a_fit, b_fit = fit_log_curve(dense, [a + b * math.log(n) for n in dense])
+    assert (a_fit, b_fit) == pytest.approx((a, b))
+    loops = [2, 4, 8]
+    looped_losses = [a + b * math.log(2 + r ** phi) for r in loops]
+    eff = [effective_layers(x, a_fit, b_fit) - 2 for x in looped_losses]
+    assert fit_phi(loops, eff) == pytest.approx(phi)
+
+
+def test_unknown_experiment_and_field():
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        run_experiment("nope")
+    with pytest.raises(TypeError, match="stepz"):
+        run_experiment("stability", stepz=3)
