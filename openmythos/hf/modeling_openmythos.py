@@ -1,0 +1,321 @@
+"""`OpenMythosForCausalLM`: our `OpenMythos` behind the transformers causal-LM interface
+(`from_pretrained`, `generate`, `pipeline`, the `labels` loss), with the loop-aware `KVCache` as
+its cache.
+
+Parameters keep the core model's names under the prefix `model.`, so `hf.model.state_dict()` is
+exactly an `OpenMythos` state dict. The LM head is `model.embed.weight` used transposed: there is
+no head parameter, so saving and loading have nothing to tie and nothing to drop.
+
+Like the config, this file is saved next to exported weights for `trust_remote_code=True`
+loading; `save_pretrained` makes the saved copy self-contained (see `openmythos.hf.vendor`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from openmythos.hf.configuration_openmythos import OpenMythosHFConfig
+from openmythos.model.cache import KVCache
+from openmythos.model.model import OpenMythos
+
+# transformers 5 renamed the cache argument and output field from `past_key_values` to `cache`
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# the cache grows in whole blocks of this many positions, doubling when a step overflows it
+_CACHE_BLOCK = 64
+# keyword arguments transformers' Trainer and generate may pass besides the named ones
+_PLUMBING = ("num_items_in_batch", "output_attentions", "output_hidden_states")
+
+
+def check_depth(n_loops: Any) -> int | None:
+    if n_loops is None or (isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1):
+        return n_loops
+    raise ValueError(f"n_loops must be a positive integer or None, got {n_loops!r}")
+
+
+class OpenMythosCache:
+    """The transformers-side handle on a `KVCache`, passed between `generate`'s forward steps.
+
+    Storage is allocated by the first forward, when the batch size is known (after beams and
+    `num_return_sequences` expand the batch), and doubled whenever a step would overflow it, so
+    `generate` needs no length up front. The cache is built for one depth, a slot per loop:
+    `n_loops` (default `max_loop_iters`), which is also the depth of every step that runs on it
+    without an explicit `n_loops`.
+    """
+
+    # read by transformers' generate to choose its code paths: an attention cache that cannot be
+    # compiled or cropped
+    is_compileable = False
+    is_croppable = False
+    is_linear = (False,)
+
+    def __init__(self, n_loops: int | None = None):
+        self.n_loops = check_depth(n_loops)
+        self.kv: KVCache | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.kv is None else self.kv.length
+
+    def storage(self, model: OpenMythos, batch_size: int, new_tokens: int) -> KVCache:
+        """The KVCache, with room for `new_tokens` more columns up to max_seq_len (past that, the
+        model's own length check reports the overflow)."""
+        need = self.get_seq_length() + new_tokens
+        limit = model.cfg.max_seq_len
+        if self.kv is None:
+            depth = self.n_loops or model.cfg.max_loop_iters
+            self.kv = model.new_cache(batch_size, min(_round_up(need), limit), depth)
+        elif need > self.kv.max_len and self.kv.max_len < limit:
+            self.kv = _grown(self.kv, model, min(_round_up(max(need, 2 * self.kv.max_len)), limit))
+        return self.kv
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row i of the batch continues from row beam_idx[i]."""
+        kv = self.kv
+        if kv is None:
+            return
+        idx = beam_idx.to(kv.valid.device)
+        for slot in kv.prelude + kv.loops + kv.coda:
+            slot.tensors = [t.index_select(0, idx) for t in slot.tensors]
+        kv.valid, kv.next_pos = kv.valid.index_select(0, idx), kv.next_pos.index_select(0, idx)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _CACHE_BLOCK) * _CACHE_BLOCK
+
+
+def _grown(kv: KVCache, model: OpenMythos, max_len: int) -> KVCache:
+    new = model.new_cache(kv.batch_size, max_len, kv.n_loops)
+    n = kv.length
+    for old_slot, new_slot in zip(kv.prelude + kv.loops + kv.coda,
+                                  new.prelude + new.loops + new.coda, strict=True):
+        for src, dst in zip(old_slot.tensors, new_slot.tensors, strict=True):
+            dst[:, :n] = src[:, :n]
+    new.valid[:, :n] = kv.valid[:, :n]
+    new.next_pos.copy_(kv.next_pos)
+    new.length, new.has_padding = kv.length, kv.has_padding
+    return new
+
+
+@dataclass
+class OpenMythosCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the recurrence's own outputs (`loss` is cross-entropy only)."""
+
+    aux_loss: torch.Tensor | None = None  # MoE balance loss
+    ponder_loss: torch.Tensor | None = None  # ACT ponder cost
+    loops: torch.Tensor | None = None  # (B, T) loops run per position
+
+
+class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = OpenMythosHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["TransformerBlock", "RecurrentBlock"]
+
+    def __init__(self, config: OpenMythosHFConfig):
+        super().__init__(config)
+        self.model = OpenMythos(config.to_mythos())
+        self.post_init()
+
+    @classmethod
+    def from_openmythos(cls, model: OpenMythos, **config_kwargs: Any) -> OpenMythosForCausalLM:
+        """Wrap an existing model; the wrapper shares its parameters, nothing is copied."""
+        config = OpenMythosHFConfig.from_mythos(model.cfg, **config_kwargs)
+        with torch.device("meta"):  # the placeholder built here is replaced at once
+            hf = cls(config)
+        hf.model = model
+        return hf.train(model.training)
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # OpenMythos initialises itself when built on a real device, with its own scheme (ACT,
+        # injection and MoE each have one), and from_pretrained refuses checkpoints with missing
+        # weights, so transformers' generic initialisation must not touch anything
+        return
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        # resize_token_embeddings comes through here; the head follows the embedding by itself
+        self.model.embed = value
+        self.model.cfg = self.model.cfg.replace(vocab_size=value.num_embeddings)
+
+    def get_output_embeddings(self) -> None:
+        return None  # the head is the input embedding, transposed
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate must not build a DynamicCache; OpenMythosCache is the cache
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                cache: OpenMythosCache | None = None,
+                past_key_values: OpenMythosCache | None = None,
+                n_loops: int | torch.Tensor | None = None,
+                use_cache: bool | None = None,
+                return_dict: bool | None = None,
+                inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any):
+        """input_ids (B, T); attention_mask (B, T) or, with a cache, (B, cached + T): 1 for tokens,
+        0 for left padding. labels (B, T): next-token targets are labels shifted left by one,
+        -100 ignored. n_loops: default the cache's depth, else max_loop_iters.
+        use_cache (default False without a cache): store keys in `cache`, creating one if None."""
+        unknown = sorted(set(kwargs) - set(_PLUMBING))
+        if unknown:
+            raise TypeError(f"OpenMythosForCausalLM.forward got unexpected arguments {unknown}")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError("OpenMythos returns neither attentions nor hidden states")
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("OpenMythos takes input_ids (inputs_embeds are not supported)")
+        if cache is None:
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, OpenMythosCache):
+            raise TypeError(f"the cache must be an OpenMythosCache, got {type(cache).__name__}")
+        if use_cache and cache is None:
+            cache = OpenMythosCache(n_loops if isinstance(n_loops, int) else None)
+        if n_loops is None and cache is not None:
+            n_loops = cache.n_loops
+        kv = None
+        if cache is not None and use_cache is not False:
+            kv = cache.storage(self.model, *input_ids.shape)
+            attention_mask = _new_token_mask(attention_mask, kv.length, input_ids.shape[1])
+
+        out = self.model(input_ids, n_loops=n_loops, cache=kv, attention_mask=attention_mask)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=out.logits, labels=labels,
+                                      vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=kwargs.get("num_items_in_batch"))
+        result = OpenMythosCausalLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss,
+                                          ponder_loss=out.ponder_loss, loops=out.loops,
+                                          **{CACHE_FIELD: cache if kv is not None else None})
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        return result if return_dict else result.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor,
+                                      cache: OpenMythosCache | None = None,
+                                      past_key_values: OpenMythosCache | None = None,
+                                      attention_mask: torch.Tensor | None = None,
+                                      use_cache: bool = True, n_loops: int | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        # generate passes the whole sequence every step; the cache knows how much of it it holds
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and use_cache:
+            input_ids = input_ids[:, cache.get_seq_length():]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+                "use_cache": use_cache, "n_loops": n_loops}
+
+    def generate(self, *args: Any, n_loops: int | None = None, **kwargs: Any):
+        """transformers' generate, at the depth `n_loops` of this call, else the generation
+        config's `n_loops`, else max_loop_iters. The depth travels in the cache built here, out of
+        reach of the generation config's own keyword handling."""
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            if n_loops is not None:
+                raise ValueError("a cache passed to generate has its own depth: build it as "
+                                 "OpenMythosCache(n_loops) instead of passing n_loops")
+        else:
+            if n_loops is None:
+                source = args[1] if len(args) > 1 else kwargs.get("generation_config")
+                n_loops = getattr(source if source is not None else self.generation_config,
+                                  "n_loops", None)
+            kwargs[CACHE_FIELD] = OpenMythosCache(n_loops)
+        return super().generate(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None, *args: Any,
+                        **kwargs: Any):
+        """transformers' from_pretrained, but a local directory that is not a complete model of
+        this config (no config.json, unreadable weights, missing, extra or mis-shaped tensors: a
+        mismatched vocab, say) raises ValueError saying so, before anything is allocated. Weights
+        are never patched with a random init."""
+        if pretrained_model_name_or_path is not None:
+            path = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+            if path.is_dir():
+                _check_model_dir(path, kwargs.get("config"))
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args,
+                                              output_loading_info=True, **kwargs)
+        bad = {k: sorted(map(str, info.get(k) or ()))
+               for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(bad.values()):  # a format the directory check does not read, such as .bin files
+            details = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}" for k, v in bad.items() if v)
+            raise ValueError(f"the weights in {str(pretrained_model_name_or_path)!r} do not match "
+                             f"its config ({details})")
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True) would upload the code before it is "
+                             "made self-contained: save locally, then upload the directory")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if __package__ == "openmythos.hf" and kwargs.get("is_main_process", True):
+            # transformers copied this file and the config's verbatim, and here they import the
+            # core model from the package: write it beside them. (A copy loaded from such a
+            # directory imports relatively and is complete as transformers copies it.)
+            importlib.import_module("openmythos.hf.vendor").vendor_core(Path(save_directory))
+
+
+def _new_token_mask(mask: torch.Tensor | None, cached: int, new: int) -> torch.Tensor | None:
+    """transformers passes the mask of the whole sequence; the core model takes the new columns
+    (its cache remembers which earlier ones were padding)."""
+    if mask is None or mask.shape[-1] == new:
+        return mask
+    if mask.shape[-1] == cached + new:
+        return mask[:, cached:]
+    raise ValueError(f"attention_mask has {mask.shape[-1]} columns; expected {new} (the new tokens) "
+                     f"or {cached + new} (the {cached} cached tokens and the new ones)")
+
+
+def _check_model_dir(path: Path, config: OpenMythosHFConfig | str | Path | None) -> None:
+    if isinstance(config, (str, Path)):
+        config = OpenMythosHFConfig.from_pretrained(config)
+    if config is None:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{str(path)!r} has no config.json: it is not a model directory")
+        try:
+            config = OpenMythosHFConfig.from_pretrained(path)
+        except OSError as e:  # transformers reports unparsable JSON this way
+            raise ValueError(f"{str(path / 'config.json')!r} is unreadable: {e}") from e
+    if (path / "model.safetensors.index.json").is_file():
+        try:
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            files = sorted({path / name for name in index["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{str(path / 'model.safetensors.index.json')!r} is corrupt: {e!r}") from e
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif any(path.glob("*.bin")):
+        return  # the legacy pickle format: transformers checks it as it loads
+    else:
+        raise ValueError(f"{str(path)!r} has no weights (model.safetensors)")
+    found: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+        except Exception as e:  # safetensors raises its own error type, or OSError
+            raise ValueError(f"weights file {str(file)!r} is unreadable (corrupt or truncated): {e}") from e
+    with torch.device("meta"):
+        want = {f"model.{k}": tuple(v.shape) for k, v in OpenMythos(config.to_mythos()).state_dict().items()}
+    embed = found.get("model.embed.weight")
+    if embed is not None and embed[0] != config.vocab_size:
+        raise ValueError(f"{str(path)!r}: the embedding has {embed[0]} rows but config.json has "
+                         f"vocab_size={config.vocab_size}: the vocabularies do not match")
+    problems = [f"missing {sorted(want.keys() - found.keys())[:5]}" if want.keys() - found.keys() else "",
+                f"unexpected {sorted(found.keys() - want.keys())[:5]}" if found.keys() - want.keys() else "",
+                *(f"{k} has shape {found[k]}, the config needs {want[k]}"
+                  for k in sorted(want.keys() & found.keys()) if found[k] != want[k])]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"the weights in {str(path)!r} do not fit its config.json: "
+                         + "; ".join(problems[:5]))
+

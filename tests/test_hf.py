@@ -1,0 +1,313 @@
+"""The Hugging Face integration against our own model: exact logits through save/load, greedy
+generate against ours, the labels loss against our cross-entropy, trust_remote_code loading in a
+fresh interpreter, the pipeline, and clear errors for broken directories."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"  # read at import
+pytest.importorskip("transformers", minversion="4.55",
+                    reason="the hf extra (transformers>=4.55) is not installed")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
+
+from openmythos import MythosConfig, OpenMythos  # noqa: E402
+from openmythos.data.tokenizer import (  # noqa: E402
+    ByteTokenizer,
+    GPT2Tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
+from openmythos.hf import (  # noqa: E402
+    OpenMythosCache,
+    OpenMythosForCausalLM,
+    OpenMythosHFConfig,
+    export_hf,
+    load_pretrained,
+    save_hf,
+    to_hf_tokenizer,
+)
+from tests.conftest import small_config  # noqa: E402
+
+CORPUS = sorted((Path(__file__).parent / "data" / "corpus").rglob("*.*"))
+VOCAB = 300
+
+
+def tiny_model(seed: int = 0, **overrides) -> OpenMythos:
+    """A small model whose greedy continuations vary (the default init gives near-uniform logits,
+    so every step would pick the same token and prove little)."""
+    torch.manual_seed(seed)
+    model = OpenMythos(small_config(vocab_size=VOCAB, **overrides))
+    model.init_weights(std=0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(CORPUS, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def exported(tokenizer, tmp_path_factory):
+    """(our model, the directory save_hf wrote for it)."""
+    model = tiny_model(max_seq_len=96)
+    return model, save_hf(model, tmp_path_factory.mktemp("hf") / "tiny-mythos", tokenizer, n_loops=2)
+
+
+def test_config_carries_every_field(exported):
+    model, path = exported
+    saved = json.loads((path / "config.json").read_text())
+    assert {k: saved[k] for k in model.cfg.to_dict()} == model.cfg.to_dict()
+    cfg = MythosConfig.from_preset("1b")
+    hf_cfg = OpenMythosHFConfig.from_mythos(cfg)
+    assert hf_cfg.to_mythos() == cfg and hf_cfg.hidden_size == cfg.dim
+    with pytest.raises(ValueError, match="n_heads"):
+        OpenMythosHFConfig(dim=64, n_heads=5)
+
+
+def test_logits_round_trip_exact(exported):
+    model, path = exported
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    assert set(hf.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+    for loaded in (hf, OpenMythosForCausalLM.from_pretrained(path),
+                   AutoModelForCausalLM.from_pretrained(path)):
+        assert type(loaded) is OpenMythosForCausalLM
+        for n_loops in (None, 5):  # 5: past the trained depth
+            for m in (None, mask):
+                want = model(ids, n_loops=n_loops, attention_mask=m).logits
+                assert torch.equal(loaded(ids, n_loops=n_loops, attention_mask=m).logits, want)
+
+
+@pytest.mark.parametrize("attn_type,halting", [("mla", "none"), ("gqa", "none"), ("mla", "act")])
+def test_greedy_generate_matches_ours(attn_type, halting):
+    # max_seq_len 160 and a 60-token prompt make the cache grow past its first 64-column block
+    model = tiny_model(attn_type=attn_type, halting=halting, max_seq_len=160)
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(2, VOCAB, (2, 60))
+    want = model.generate(ids, 10, temperature=0, n_loops=2)
+    assert torch.equal(hf.generate(ids, max_new_tokens=10, do_sample=False, n_loops=2), want)
+    assert want[:, 60:].unique().numel() > 2  # the continuations are not one repeated token
+
+    # left-padded prompts of different lengths; the depth from the generation config
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    want = model.generate(prompts, 6, temperature=0, n_loops=3, pad_token_id=1)
+    padded = torch.tensor([prompts[0], [1] * 5 + prompts[1]])
+    mask = (padded != 1).long()
+    hf.generation_config.n_loops = 3
+    out = hf.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                      pad_token_id=1, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, OpenMythosCache) and cache.kv.n_loops == 3
+
+
+def test_generate_without_cache_and_with_beams():
+    model = tiny_model()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(2, VOCAB, (2, 6))
+    want = model.generate(ids, 4, temperature=0, n_loops=2)
+    assert torch.equal(hf.generate(ids, max_new_tokens=4, do_sample=False, n_loops=2,
+                                   use_cache=False), want)
+    beams = hf.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, n_loops=2)
+    assert beams.shape == (2, 10)
+    sampled = hf.generate(ids, max_new_tokens=4, do_sample=True, num_return_sequences=2)
+    assert sampled.shape == (4, 10)
+
+
+def test_resized_embeddings_are_the_head_too():
+    hf = OpenMythosForCausalLM.from_openmythos(tiny_model())
+    hf.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
+    logits = hf(torch.tensor([[VOCAB + 3, 5]])).logits
+    assert logits.shape == (1, 2, VOCAB + 8) and hf.model.cfg.vocab_size == VOCAB + 8
+
+
+def test_labels_loss_is_our_cross_entropy():
+    model = tiny_model()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    labels = ids.clone()
+    labels[0, :4] = -100  # e.g. a prompt that is not trained on
+    out = hf(ids, labels=labels, n_loops=2)
+    logits = model(ids, n_loops=2).logits
+    ours = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+    torch.testing.assert_close(out.loss, ours)
+    out.loss.backward()
+    assert hf.model.embed.weight.grad is not None
+
+
+def test_tokenizer_files(exported, tokenizer):
+    _, path = exported
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    assert (hf_tok.eos_token_id, hf_tok.bos_token_id, hf_tok.pad_token_id) == (
+        tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id)
+    assert hf_tok.padding_side == "left" and len(hf_tok) == tokenizer.vocab_size
+    text = "\n".join(f.read_text() for f in CORPUS)
+    ids = tokenizer.encode(text)
+    assert hf_tok(text)["input_ids"] == ids
+    assert hf_tok.decode(ids) == tokenizer.decode(ids) == text
+    assert load_tokenizer(path).encode(text) == ids  # our own loader reads the directory too
+
+
+@pytest.mark.parametrize("kind", ["byte", "gpt2"])
+def test_other_tokenizer_kinds_convert(kind):
+    if kind == "gpt2":
+        try:
+            ours = GPT2Tokenizer()
+        except ValueError as e:
+            pytest.skip(f"GPT-2 BPE files unavailable: {e}")
+    else:
+        ours = ByteTokenizer()
+    hf_tok = to_hf_tokenizer(ours)
+    text = "Fourscore and seven years ago — naïve 1790s\n\n  spacing"
+    assert hf_tok(text)["input_ids"] == ours.encode(text)
+    assert hf_tok.decode(ours.encode(text)) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.eos_id, ours.pad_id)
+
+
+REMOTE_SCRIPT = textwrap.dedent("""
+    import json, sys
+
+    class BlockOpenMythos:  # the package is installed (editable) here: make it unimportable
+        def find_spec(self, name, path=None, target=None):
+            if name == "openmythos" or name.startswith("openmythos."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+
+    sys.meta_path.insert(0, BlockOpenMythos())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, out = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # it reads config.json too
+    ids = torch.load(out + "/ids.pt")
+    torch.save({"logits": model(ids).logits,
+                "greedy": model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)},
+               out + "/out.pt")
+    model.save_pretrained(out + "/resaved")
+    print(json.dumps({"module": type(model).__module__, "eos": tok.eos_token_id,
+                      "imported": sorted(m for m in sys.modules if m.startswith("openmythos"))}))
+""")
+
+
+def test_trust_remote_code_without_the_package(exported, tmp_path):
+    model, path = exported
+    ids = torch.randint(2, VOCAB, (2, 7))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(path), str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules.") and report["imported"] == []
+    assert report["eos"] == 0
+    got = torch.load(tmp_path / "out.pt")
+    assert torch.equal(got["logits"], model(ids).logits)
+    assert torch.equal(got["greedy"], model.generate(ids, 6, temperature=0, n_loops=2))
+    # a copy loaded as remote code saves a directory with the same code
+    for f in path.glob("*.py"):
+        assert (tmp_path / "resaved" / f.name).read_text() == f.read_text()
+
+
+def test_saved_code_is_self_contained(exported):
+    _, path = exported
+    code = sorted(f.name for f in path.glob("*.py"))
+    assert code == ["configuration_openmythos.py", "modeling_openmythos.py", "openmythos_core.py"]
+    for f in path.glob("*.py"):
+        assert not re.search(r"^\s*(from|import) openmythos", f.read_text(), flags=re.MULTILINE), f
+    auto_map = json.loads((path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_openmythos.OpenMythosHFConfig",
+                        "AutoModelForCausalLM": "modeling_openmythos.OpenMythosForCausalLM"}
+
+
+def test_pipeline_generates_text(exported, tokenizer):
+    model, path = exported
+    generator = pipeline("text-generation", model=str(path))
+    prompt = "The state of the union"
+    text = generator(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    ids, eos = tokenizer.encode(prompt), tokenizer.eos_id
+    new = model.generate([ids], 8, temperature=0, n_loops=2, eos_token_id=eos)[0, len(ids):].tolist()
+    assert text == prompt + tokenizer.decode(new[:new.index(eos)] if eos in new else new)
+
+
+def test_export_from_training_checkpoint(tokenizer, tmp_path):
+    from openmythos.training import TrainConfig, save_checkpoint
+
+    model = tiny_model()
+    cfg = TrainConfig()
+    save_checkpoint(tmp_path / "run", 7, model, cfg, tokenizer, state={}, keep=1)
+    out = export_hf(tmp_path / "run", tmp_path / "hf", n_loops=2)
+    loaded, tok, train_cfg = load_pretrained(out)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert tok.encode("a test") == tokenizer.encode("a test")
+    assert train_cfg.to_dict() == cfg.to_dict()
+    assert json.loads((out / "generation_config.json").read_text())["n_loops"] == 2
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _truncate(path, keep):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:int(len(data) * keep)])
+
+
+BROKEN = {
+    "no config": (lambda p: (p / "config.json").unlink(), "has no config.json"),
+    "corrupt config": (lambda p: (p / "config.json").write_text("{oops"), "config.json"),
+    "bad field": (lambda p: _edit_config(p, attn_type="flash"), "attn_type"),
+    "no weights": (lambda p: (p / "model.safetensors").unlink(), "has no weights"),
+    "truncated header": (lambda p: _truncate(p, 0.001), "corrupt or truncated"),
+    "truncated weights": (lambda p: _truncate(p, 0.8), "corrupt or truncated"),
+    "vocab mismatch": (lambda p: _edit_config(p, vocab_size=VOCAB + 20), "vocabularies do not match"),
+    "shape mismatch": (lambda p: _edit_config(p, n_experts=8), "do not fit its config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_directory_gives_clear_error(exported, tmp_path, case):
+    _, path = exported
+    broken = shutil.copytree(path, tmp_path / "broken")
+    damage, message = BROKEN[case]
+    damage(broken)
+    with pytest.raises(ValueError, match=message):
+        OpenMythosForCausalLM.from_pretrained(broken)
+    if case != "no config":  # Auto classes need config.json to know the model type at all
+        with pytest.raises((ValueError, OSError), match=message):
+            AutoModelForCausalLM.from_pretrained(broken)
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        save_hf(tiny_model(), tmp_path, train_bpe(CORPUS, vocab_size=VOCAB + 50))
+
+
+def test_bad_calls():
+    hf = OpenMythosForCausalLM.from_openmythos(tiny_model())
+    ids = torch.randint(0, VOCAB, (1, 4))
+    with pytest.raises(TypeError, match="n_loop"):
+        hf(ids, n_loop=2)  # a typo is not silently ignored
+    with pytest.raises(ValueError, match="attention_mask has 3 columns"):
+        hf(ids, attention_mask=torch.ones(1, 3), use_cache=True)
+    with pytest.raises(ValueError, match="own depth"):
+        hf.generate(ids, max_new_tokens=2, n_loops=2, past_key_values=OpenMythosCache(3))
+    with pytest.raises(ValueError, match="n_loops"):
+        hf.generate(ids, max_new_tokens=2, n_loops=0)
