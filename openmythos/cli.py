@@ -1,0 +1,227 @@
+"""`mythos`: train, evaluate, sample from and describe OpenMythos models.
+
+    mythos train [--config FILE] [--resume [DIR]] [--section.key VALUE ...]
+    mythos eval --checkpoint DIR [--data PATH] [--n-loops 1,2,4,8,16]
+    mythos generate --checkpoint DIR --prompt TEXT [--n-loops N --temperature T --top-k K ...]
+    mythos info (--preset NAME | --checkpoint DIR) [--n-loops N --seq-len S]
+
+Each subcommand is a typed function here or in the library (`train_command`, `evaluate`,
+`generate`, `info`); `main` only parses arguments and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from openmythos.config import MythosConfig, preset_names
+from openmythos.data import path_documents, tokenize_documents, unigram_loss
+from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth
+from openmythos.training import (
+    TrainingDiverged,
+    load_config,
+    load_model,
+    open_checkpoint,
+    parse_overrides,
+    prepare_data,
+    report,
+    resolve_device,
+    train,
+)
+
+log = logging.getLogger("openmythos")
+
+EXIT_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def train_command(config: str | None = None, resume: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`mythos train`: the quickstart defaults, or a TOML recipe, then dotted overrides.
+
+    Resuming without --config continues with the checkpoint's own config; with one, the two must
+    agree (the trainer refuses and shows the difference otherwise).
+    """
+    overrides = dict(overrides or {})
+    if resume is not None:
+        overrides["checkpoint.resume"] = resume
+    if resume is not None and config is None:
+        cfg = open_checkpoint(resume).train_cfg.override(overrides)
+    else:
+        cfg = load_config(config, overrides)
+    summary = train(cfg)
+    print(report(summary))
+    return summary
+
+
+def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | None = None,
+             max_tokens: int = 0, batch_size: int | None = None, device: str = "auto"
+             ) -> dict[str, Any]:
+    """Validation loss, perplexity and bits/byte at each depth, on the run's validation split or
+    on the text file/folder `data`, next to the unigram baseline of the run's training split."""
+    model, tokenizer, cfg = load_model(checkpoint, resolve_device(device))
+    bundle = prepare_data(cfg.data, tokenizer)
+    val = bundle.val if data is None else tokenize_documents(path_documents(data), tokenizer,
+                                                              cfg.data.cache_dir or None)
+    depths = list(n_loops or cfg.eval.depths)
+    losses = loss_per_depth(model, val, depths, seq_len=cfg.data.seq_len,
+                            batch_size=batch_size or cfg.eval.batch_size, max_tokens=max_tokens,
+                            autocast_dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else None)
+    bpt = val.bytes_per_token
+    unigram = unigram_loss(np.asarray(bundle.train.tokens), np.asarray(val.tokens),
+                           tokenizer.vocab_size)
+    print(depth_table(losses, bpt))
+    print(f"unigram baseline: {unigram:.4f} nats/token, {bits_per_byte(unigram, bpt):.4f} bits/byte "
+          f"({bpt:.3f} bytes/token)")
+    result = {"checkpoint": checkpoint, "data": data or f"{cfg.data.corpus} (validation split)",
+              "tokens": min(max_tokens or math.inf, len(val) - 1), "bytes_per_token": bpt,
+              "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
+              "loss_per_depth": {str(n): {"loss": v, "ppl": math.exp(min(v, 700)),
+                                          "bpb": bits_per_byte(v, bpt)} for n, v in losses.items()}}
+    print(json.dumps(result))
+    return result
+
+
+def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: int | None = None,
+             temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
+             seed: int = 0, device: str = "auto", out: TextIO = sys.stdout) -> str:
+    """Sample a continuation of `prompt`, writing it to `out` as it is produced."""
+    model, tokenizer, _ = load_model(checkpoint, resolve_device(device))
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    device_ = model.embed.weight.device
+    g = torch.Generator(device_).manual_seed(seed)
+    new: list[int] = []
+    shown = ""
+    out.write(prompt)
+    for token in model.stream(torch.tensor([ids], device=device_), max_new_tokens, n_loops=n_loops,
+                              temperature=temperature, top_k=top_k, top_p=top_p,
+                              eos_token_id=tokenizer.eos_id, generator=g):
+        if int(token[0]) == tokenizer.eos_id:
+            break
+        new.append(int(token[0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    text = tokenizer.decode(new)
+    out.write(text[len(shown):] + "\n")
+    return prompt + text
+
+
+def info(preset: str | None = None, checkpoint: str | None = None, n_loops: int | None = None,
+         seq_len: int | None = None) -> dict[str, Any]:
+    """Parameters, active parameters per token, FLOPs per token and KV-cache bytes per token."""
+    if (preset is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --preset NAME or --checkpoint DIR")
+    cfg = MythosConfig.from_preset(preset) if preset else open_checkpoint(checkpoint).model_cfg
+    n = n_loops or cfg.max_loop_iters
+    s = seq_len or cfg.max_seq_len
+    result = {"source": preset or checkpoint, "params": cfg.num_params(),
+              "active_params": cfg.active_params_per_token(), "n_loops": n, "seq_len": s,
+              "flops_per_token_forward": cfg.flops_per_token(n, s, backward=False),
+              "flops_per_token_train": cfg.flops_per_token(n, s, backward=True),
+              "kv_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(n, torch.bfloat16)}
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {_human(value) if isinstance(value, int) else value}")
+    print(json.dumps(result))
+    return result
+
+
+def _human(n: int) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n:,} ({n / size:.2f}{unit})"
+    return f"{n:,}"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mythos", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (no arguments: the CPU quickstart)",
+                       epilog="any other --section.key VALUE overrides the config, e.g. "
+                              "--train.lr 3e-4 --model.dim 384 --loops.sampler poisson")
+    t.add_argument("--config", help="a TOML recipe, e.g. configs/tiny-cpu.toml")
+    t.add_argument("--resume", metavar="DIR",
+                   help="continue a run exactly from its newest checkpoint (a run or checkpoint dir)")
+
+    e = sub.add_parser("eval", help="validation loss, perplexity and bits/byte per depth")
+    e.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
+    e.add_argument("--data", help="a text file or folder to evaluate on (default: the run's "
+                                  "validation split)")
+    e.add_argument("--n-loops", type=_int_list, help="depths, e.g. 1,2,4,8,16 (default: the run's)")
+    e.add_argument("--max-tokens", type=int, default=0, help="evaluate the first N tokens only")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--device", default="auto")
+
+    g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--n-loops", type=int)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+
+    i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=preset_names())
+    src.add_argument("--checkpoint")
+    i.add_argument("--n-loops", type=int, help="depth for FLOPs and KV bytes (default: max_loop_iters)")
+    i.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max_seq_len)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "train":
+            summary = train_command(args.config, args.resume, parse_overrides(extra))
+            return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+        if args.command == "eval":
+            evaluate(args.checkpoint, args.data, args.n_loops, args.max_tokens, args.batch_size,
+                     args.device)
+        elif args.command == "generate":
+            generate(args.checkpoint, args.prompt, args.max_new_tokens, args.n_loops,
+                     args.temperature, args.top_k or None, args.top_p, args.seed, args.device)
+        else:
+            info(args.preset, args.checkpoint, args.n_loops, args.seq_len)
+    except ValueError as e:
+        print(f"mythos {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except TrainingDiverged as e:
+        print(f"mythos train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Evaluation: validation loss, bits per byte and loss per test-time depth."""
+
+from openmythos.evaluation.perplexity import (
+    autocast,
+    bits_per_byte,
+    depth_table,
+    evaluate_loss,
+    head,
+    loss_per_depth,
+)
+
+__all__ = ["autocast", "bits_per_byte", "depth_table", "evaluate_loss", "head", "loss_per_depth"]

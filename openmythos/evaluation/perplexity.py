@@ -1,0 +1,79 @@
+"""Validation loss (nats/token), bits per byte, and loss as a function of test-time depth.
+
+Bits per byte divides out the tokenizer: nats/token / ln 2 / (UTF-8 bytes per token), so runs
+with different vocabularies (a local BPE, GPT-2's, raw bytes) compare on one scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from openmythos.data import PackedTokens
+from openmythos.model import OpenMythos
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    return loss_nats / math.log(2) / bytes_per_token
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Mixed precision for the forward pass, or nothing for dtype None (fp32)."""
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def head(tokens: PackedTokens, max_tokens: int) -> PackedTokens:
+    """The first max_tokens targets of a split (all of it for 0): a fixed, cheaper subset."""
+    if not max_tokens or len(tokens) <= max_tokens + 1:
+        return tokens
+    return PackedTokens(tokens.tokens[:max_tokens + 1], tokens.n_bytes)
+
+
+@torch.no_grad()
+def evaluate_loss(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: int,
+                  n_loops: int | None = None, max_tokens: int = 0,
+                  autocast_dtype: torch.dtype | None = None, rank: int = 0,
+                  world_size: int = 1) -> float:
+    """Mean next-token cross-entropy in nats over consecutive windows that score every target
+    once. Ranks score disjoint windows; under torch.distributed the sums are all-reduced."""
+    tokens = head(tokens, max_tokens)
+    seq_len = min(seq_len, len(tokens) - 1)  # a validation file shorter than one window
+    device = model.embed.weight.device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target count
+    try:
+        for x, y in tokens.iter_eval_batches(batch_size, seq_len, rank=rank, world_size=world_size):
+            x, y = x.to(device), y.to(device)
+            with autocast(device.type, autocast_dtype):
+                logits = model(x, n_loops=n_loops).logits
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            total[1] += y.numel()
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def loss_per_depth(model: OpenMythos, tokens: PackedTokens, depths: Sequence[int],
+                   **kwargs) -> dict[int, float]:
+    """Validation loss at each test-time depth n_loops; kwargs go to `evaluate_loss`."""
+    return {n: evaluate_loss(model, tokens, n_loops=n, **kwargs) for n in depths}
+
+
+def depth_table(losses: dict[int, float], bytes_per_token: float | None = None) -> str:
+    """A plain-text table: n_loops, loss (nats/token), perplexity and, given bytes/token, bpb."""
+    header = f"{'n_loops':>7}  {'loss':>7}  {'ppl':>9}" + ("  bits/byte" if bytes_per_token else "")
+    lines = [header]
+    for n, loss in losses.items():
+        row = f"{n:>7}  {loss:>7.4f}  {math.exp(min(loss, 700)):>9.2f}"
+        if bytes_per_token:
+            row += f"  {bits_per_byte(loss, bytes_per_token):>9.4f}"
+        lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""Checkpoints: one directory per step under `<run>/checkpoints/step_XXXXXXXX/`.
+
+    model.safetensors   weights and buffers (the MoE balancing bias included)
+    trainer_state.pt    optimizer, step counters, every RNG (torch, numpy, python, data, loops)
+    config.json         the TrainConfig and the resolved MythosConfig
+    tokenizer/          the tokenizer the run trained with
+    manifest.json       size and sha256 of every file above, written last
+
+A checkpoint is written into a hidden temporary directory, fsynced, and renamed into place, so a
+crash mid-write never leaves a directory that looks finished. The manifest is the proof of
+completion: a step directory whose manifest is missing or disagrees with its files is rejected,
+and loading the newest checkpoint of a run falls back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from openmythos.config import MythosConfig
+from openmythos.data import Tokenizer, load_tokenizer
+from openmythos.model import OpenMythos
+from openmythos.training.config import TrainConfig
+
+FORMAT_VERSION = 1
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+CHECKPOINTS = "checkpoints"
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.pt"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    train_cfg: TrainConfig
+    model_cfg: MythosConfig
+
+    def load_weights(self, model: OpenMythos) -> None:
+        try:
+            weights = load_file(self.path / WEIGHTS, device=str(model.embed.weight.device))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint weights {str(self.path / WEIGHTS)!r} are unreadable: {e}") from e
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            raise ValueError(f"checkpoint {str(self.path)!r} does not match its model config: {e}") from e
+
+    def trainer_state(self) -> dict[str, Any]:
+        return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path / TOKENIZER)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: TrainConfig,
+                    tokenizer: Tokenizer, state: dict[str, Any], keep: int) -> Path:
+    """Write `<run_dir>/checkpoints/step_<step>` atomically, then keep only the newest `keep`."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step:08d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
+    torch.save(state, tmp / STATE)
+    config = {"format": FORMAT_VERSION, "step": step, "train": train_cfg.to_dict(),
+              "model": model.cfg.to_dict()}
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(tmp / TOKENIZER)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {"format": FORMAT_VERSION, "step": step,
+                "files": {p.relative_to(tmp).as_posix(): _describe(p) for p in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    for p in [*files, tmp / MANIFEST]:
+        _fsync(p)
+    _fsync(tmp)
+    if final.exists():  # re-saving a step (Ctrl-C right after a periodic save): replace it
+        old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    _prune(root, keep)
+    return final
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Finished-looking step directories, newest first."""
+    dirs = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in _step_dirs(root)[keep:]:
+        shutil.rmtree(old)
+    for tmp in root.glob(f"{TMP_PREFIX}*"):  # left by a save that crashed
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, or ValueError saying what is wrong."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is incomplete: it has no {MANIFEST} "
+                         "(the write was interrupted, or this is not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint manifest {str(manifest_path)!r} is corrupt: {e!r}") from e
+    for name, want in files.items():
+        p = path / name
+        if not p.is_file():
+            raise ValueError(f"checkpoint {str(path)!r} is missing {name}")
+        if p.stat().st_size != want["bytes"]:
+            raise ValueError(f"checkpoint file {str(p)!r} has {p.stat().st_size} bytes, the manifest "
+                             f"says {want['bytes']}: it is truncated or was overwritten")
+        if _sha256(p) != want["sha256"]:
+            raise ValueError(f"checkpoint file {str(p)!r} fails its sha256 check: it is corrupt")
+    return manifest
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one in a run (or checkpoints) dir.
+
+    A newer checkpoint that fails verification is skipped with a warning, so a crash during a
+    save costs one checkpoint interval, never the run.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"checkpoint path {str(path)!r} does not exist")
+    if (path / MANIFEST).is_file() or path.name.startswith(STEP_PREFIX):
+        verify(path)
+        return path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    candidates = _step_dirs(root)
+    if not candidates:
+        raise ValueError(f"no checkpoint found in {str(path)!r} (looked for {STEP_PREFIX}* "
+                         f"directories in {str(root)!r})")
+    errors = []
+    for candidate in candidates:
+        try:
+            verify(candidate)
+        except ValueError as e:
+            errors.append(str(e))
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        return candidate
+    raise ValueError(f"no complete checkpoint in {str(root)!r}: " + "; ".join(errors))
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    ckpt = find_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / CONFIG).read_text())
+        model_cfg = MythosConfig.from_dict(meta["model"])
+        train_cfg = TrainConfig.from_dict(meta["train"])
+        step = int(meta["step"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint config {str(ckpt / CONFIG)!r} is corrupt: {e!r}") from e
+    return Checkpoint(ckpt, step, train_cfg, model_cfg)
+
+
+def run_dir_of(ckpt: Checkpoint) -> Path:
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/step_N` -> `<run>`)."""
+    return ckpt.path.parent.parent if ckpt.path.parent.name == CHECKPOINTS else ckpt.path.parent
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[OpenMythos, Tokenizer, TrainConfig]:
+    """The model (in eval mode), its tokenizer and the TrainConfig it was trained with, from a
+    checkpoint directory or a run directory (its newest complete checkpoint)."""
+    ckpt = open_checkpoint(checkpoint)
+    tokenizer = ckpt.tokenizer()
+    if tokenizer.vocab_size > ckpt.model_cfg.vocab_size:
+        raise ValueError(f"checkpoint {str(ckpt.path)!r}: tokenizer vocab_size {tokenizer.vocab_size} "
+                         f"exceeds the model's vocab_size {ckpt.model_cfg.vocab_size}")
+    # built on the device, not on meta: meta init imports torch._dynamo, seconds that a small
+    # model's random init does not cost
+    with torch.device(device):
+        model = OpenMythos(ckpt.model_cfg)
+    ckpt.load_weights(model)
+    return model.eval(), tokenizer, ckpt.train_cfg

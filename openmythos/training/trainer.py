@@ -1,0 +1,487 @@
+"""The training loop behind `mythos train`: data, model, AdamW, sampled depth, telemetry,
+periodic evaluation, atomic checkpoints with exact resume, and the end-of-run report.
+
+The loop is written for one process; distributed training (torchrun) passes its rank and world
+size in a `DistEnv`. Data windows and loop depths are drawn from generators seeded identically on
+every rank and sliced by rank, so ranks agree on each step's depth and never share a window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from openmythos.config import MythosConfig
+from openmythos.data import (
+    PackedTokens,
+    Tokenizer,
+    get_tokenizer,
+    load_corpus,
+    load_tokenizer,
+    tokenize_documents,
+    train_bpe,
+    unigram_loss,
+)
+from openmythos.evaluation import (
+    autocast,
+    bits_per_byte,
+    depth_table,
+    evaluate_loss,
+    loss_per_depth,
+)
+from openmythos.model import OpenMythos
+from openmythos.training.checkpoint import (
+    CHECKPOINTS,
+    Checkpoint,
+    open_checkpoint,
+    run_dir_of,
+    save_checkpoint,
+)
+from openmythos.training.config import RESUME_MUTABLE, DataConfig, TrainConfig, to_toml
+from openmythos.training.loops import LoopSampler
+from openmythos.training.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train: PackedTokens
+    val: PackedTokens
+
+
+def build_tokenizer(cfg: DataConfig, train_texts: list[str]) -> Tokenizer:
+    if cfg.tokenizer == "bpe":
+        return train_bpe(train_texts, cfg.vocab_size)
+    if cfg.tokenizer in ("gpt2", "byte"):
+        return get_tokenizer(cfg.tokenizer)
+    return load_tokenizer(cfg.tokenizer)
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Data:
+    """Corpus -> split -> tokenizer (trained here unless given) -> cached token streams."""
+    corpus = load_corpus(cfg.corpus, val_path=cfg.val_path or None)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg, [d.text for d in corpus.train])
+    cache = cfg.cache_dir or None
+    return Data(tokenizer, tokenize_documents(corpus.train, tokenizer, cache),
+                tokenize_documents(corpus.val, tokenizer, cache))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name!r} but CUDA is not available")
+    return device
+
+
+def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
+    """The recipe's model with the tokenizer's vocabulary (a larger, padded vocab may be set)."""
+    vocab = cfg.model.overrides.get("vocab_size", tokenizer.vocab_size)
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the {tokenizer.name} "
+                         f"tokenizer's vocab_size {tokenizer.vocab_size}")
+    return cfg.model_config(vocab_size=vocab)
+
+
+def _entropy(load: torch.Tensor) -> float:
+    """Entropy of the expert-load distribution over log(E): 1.0 is perfectly balanced."""
+    p = load.float() / load.sum().clamp(min=1)
+    return float(-(p * p.clamp(min=1e-12).log()).sum() / math.log(len(p))) if len(p) > 1 else 1.0
+
+
+class _StopRequest:
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary, where the
+    state is consistent, checkpoint and exit; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _StopRequest:
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("\nstopping after this step: writing a checkpoint, then exiting "
+                    "(Ctrl-C again to abort without one)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
+        self.cfg, self.env = cfg, env or DistEnv()
+        if cfg.dist.strategy != "none":
+            raise ValueError(f"dist.strategy={cfg.dist.strategy!r} needs the distributed engine "
+                             "(torchrun); this trainer runs one process with strategy 'none'")
+        ckpt = open_checkpoint(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        if ckpt is not None:
+            changed = ckpt.train_cfg.diff(cfg, ignore=RESUME_MUTABLE)
+            if changed:
+                raise ValueError(f"refusing to resume from {str(ckpt.path)!r}: the config differs "
+                                 "from the one it was trained with (saved -> now):\n  "
+                                 + "\n  ".join(changed))
+        self.run_dir = self._run_dir(ckpt)
+        self.device = resolve_device(cfg.run.device)
+        self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+
+        self.data = prepare_data(cfg.data, ckpt.tokenizer() if ckpt else None)
+        if ckpt is not None and Path(cfg.data.tokenizer).is_dir():
+            given = load_tokenizer(cfg.data.tokenizer)
+            if given.fingerprint != self.data.tokenizer.fingerprint:
+                raise ValueError(f"data.tokenizer {cfg.data.tokenizer!r} ({given.fingerprint}) is "
+                                 f"not the checkpoint's tokenizer ({self.data.tokenizer.fingerprint})")
+        mcfg = model_config(cfg, self.data.tokenizer)
+        if ckpt is not None and mcfg != ckpt.model_cfg:
+            raise ValueError(f"checkpoint {str(ckpt.path)!r} holds a different model: "
+                             f"{ckpt.model_cfg} vs {mcfg}")
+
+        torch.manual_seed(cfg.run.seed)
+        with torch.device(self.device):
+            self.model = OpenMythos(mcfg)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        # windows and depths have generators of their own: changing one never shifts the other
+        self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.loops = LoopSampler(cfg.loops, cfg.run.seed + 1)
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped = 0
+        self.bad_in_row = 0
+        self.train_time = 0.0
+        self.last_saved = -1
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    # setup
+    def _run_dir(self, ckpt: Checkpoint | None) -> Path:
+        cfg = self.cfg.run
+        if cfg.out_dir:
+            run_dir = Path(cfg.out_dir).expanduser()
+        elif ckpt is not None:
+            run_dir = run_dir_of(ckpt)
+        else:
+            run_dir = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.env.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                probe = run_dir / f".write-test-{self.env.rank}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise ValueError(f"run directory {str(run_dir)!r} is not writable: {e}") from e
+            if ckpt is None and any((run_dir / CHECKPOINTS).glob("step_*")):
+                raise ValueError(f"run directory {str(run_dir)!r} already holds checkpoints: "
+                                 f"continue it with --resume {run_dir}, or pick another "
+                                 "--run.out_dir")
+        return run_dir
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        ckpt.load_weights(self.model)
+        state = ckpt.trainer_state()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loops.load_state_dict(state["loops"])
+        self.data_gen.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        np_state = state["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+        random.setstate(state["rng"]["python"])
+        for key in ("step", "tokens_seen", "skipped", "bad_in_row", "train_time"):
+            setattr(self, key, state[key])
+        self.last_saved = self.step
+        log.info("resumed from %s at step %d", ckpt.path, self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        rng = {"data": self.data_gen.get_state(), "torch": torch.get_rng_state(),
+               "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+               "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"optimizer": self.optimizer.state_dict(), "loops": self.loops.state_dict(),
+                "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
+                "skipped": self.skipped, "bad_in_row": self.bad_in_row,
+                "train_time": self.train_time}
+
+    def save(self) -> Path | None:
+        if not self.env.is_main or self.last_saved == self.step:
+            return None
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.data.tokenizer,
+                               self.state_dict(), self.cfg.checkpoint.keep)
+        self.last_saved = self.step
+        return path
+
+    # one optimizer step
+    def train_step(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        B, T, accum = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
+        # summed over micro-batches, read back in one transfer: cross-entropy, loops per token,
+        # state norm, ponder cost
+        stats = torch.zeros(4, device=self.device)
+        load = torch.zeros(model.cfg.n_experts, device=self.device, dtype=torch.long)
+        for _ in range(accum):
+            x, y = self.data.train.sample_batch(B, T, self.data_gen, rank=self.env.rank,
+                                                world_size=self.env.world_size)
+            x, y = x.to(self.device), y.to(self.device)
+            n_loops = self.loops.sample(B, self.env.rank, self.env.world_size)
+            with autocast(self.device.type, self.amp_dtype):
+                out = model(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None)
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+            loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
+            (loss / accum).backward()
+            load += out.expert_load
+            stats += torch.stack([ce, out.loops.float().mean(), out.state_norm,
+                                  out.ponder_loss]).detach().float()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
+        loss_value, loops, state_norm, ponder = (stats / accum).tolist()
+        if self.env.world_size > 1:
+            dist.all_reduce(load)  # every rank moves the router bias by the global load
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            model.update_router_bias(load)
+            self.bad_in_row = 0
+        else:
+            self._bad_step(loss_value, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = B * T * accum * self.env.world_size
+        self.tokens_seen += tokens
+        dt = time.perf_counter() - t0
+        self.train_time += dt
+        with torch.no_grad():
+            rho = model.spectral_radius()
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_seen, "tok_per_s": tokens / dt, "loops": loops, "rho": rho,
+                "state_norm": state_norm, "load_entropy": _entropy(load), "ponder": ponder,
+                "skipped": self.skipped, "time": self.train_time}
+
+    def _bad_step(self, loss: float, grad_norm: float) -> None:
+        self.skipped += 1
+        self.bad_in_row += 1
+        log.warning("step %d: non-finite loss %s / grad norm %s, update skipped "
+                    "(%d in a row, %d in total)", self.step + 1, loss, grad_norm, self.bad_in_row,
+                    self.skipped)
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            last = f"; the last checkpoint is at step {self.last_saved}" if self.last_saved >= 0 else ""
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_in_row} non-finite steps in a row up to step "
+                f"{self.step + 1} (loss {loss}, grad norm {grad_norm}){last}. Lower train.lr, "
+                "raise train.warmup_steps, set train.grad_clip, or try run.dtype='fp32'.")
+
+    # evaluation
+    def evaluate(self, max_tokens: int) -> float:
+        c = self.cfg
+        return evaluate_loss(self.model, self.data.val, c.data.seq_len, c.eval.batch_size,
+                             n_loops=c.eval.n_loops or None, max_tokens=max_tokens,
+                             autocast_dtype=self.amp_dtype, rank=self.env.rank,
+                             world_size=self.env.world_size)
+
+    def samples(self) -> list[str]:
+        c, tok = self.cfg.eval, self.data.tokenizer
+        if not c.samples:
+            return []
+        prompt = tok.encode(c.prompt) or [tok.eos_id]
+        prompt = prompt[-(self.model.cfg.max_seq_len - 1):]
+        new = min(c.sample_tokens, self.model.cfg.max_seq_len - len(prompt))
+        g = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
+        ids = torch.tensor([prompt] * c.samples, device=self.device)
+        out = self.model.generate(ids, new, n_loops=c.n_loops or None, temperature=c.temperature,
+                                  top_k=c.top_k or None, eos_token_id=tok.eos_id, generator=g)
+        texts = []
+        for row in out[:, len(prompt):].tolist():
+            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            texts.append(c.prompt + tok.decode(row))
+        return texts
+
+    # the run
+    def fit(self) -> dict[str, Any]:
+        cfg, main = self.cfg, self.env.is_main
+        metrics = _Metrics(self.run_dir / METRICS, keep_until=self.step) if main else None
+        if main:
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            log.info("run dir %s | %s | %.2fM params (%.2fM active) | %d train / %d val tokens",
+                     self.run_dir, self.data.tokenizer.name, self.model.cfg.num_params() / 1e6,
+                     self.model.cfg.active_params_per_token() / 1e6, len(self.data.train),
+                     len(self.data.val))
+        status, start = "completed", time.perf_counter() - self.train_time
+        bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.run.progress and main))
+        with _StopRequest() as stop, logging_redirect_tqdm(), bar:
+            while self.step < cfg.train.steps:
+                record = self.train_step()
+                bar.update(1)
+                if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
+                                    loops=f"{record['loops']:.1f}", refresh=False)
+                    if metrics:
+                        metrics.write(record)
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    val = self.evaluate(cfg.eval.max_tokens)
+                    log.info("step %d: val loss %.4f", self.step, val)
+                    if metrics:
+                        metrics.write({"step": self.step, "val_loss": val})
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                if cfg.train.max_minutes and time.perf_counter() - start > 60 * cfg.train.max_minutes:
+                    log.warning("train.max_minutes=%s reached at step %d", cfg.train.max_minutes,
+                                self.step)
+                    status = "time_limit"
+                    break
+        checkpoint = self.save() or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
+        summary = self._summary(status, checkpoint)
+        if status != "interrupted":
+            summary.update(self.final_eval())
+        if main:
+            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            _plot(self.run_dir / METRICS, self.run_dir / "loss.png")
+        return summary
+
+    def _summary(self, status: str, checkpoint: Path) -> dict[str, Any]:
+        return {"status": status, "run_dir": str(self.run_dir), "checkpoint": str(checkpoint),
+                "steps": self.step, "tokens_seen": self.tokens_seen,
+                "train_time_s": round(self.train_time, 2),
+                "tok_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
+                "skipped_steps": self.skipped, "params": self.model.cfg.num_params(),
+                "active_params": self.model.cfg.active_params_per_token()}
+
+    def final_eval(self) -> dict[str, Any]:
+        """Full validation loss, the unigram baseline, the depth sweep and a few samples."""
+        c = self.cfg.eval
+        bpt = self.data.val.bytes_per_token
+        val = self.evaluate(0)
+        unigram = unigram_loss(np.asarray(self.data.train.tokens), np.asarray(self.data.val.tokens),
+                               self.data.tokenizer.vocab_size)
+        depths = loss_per_depth(self.model, self.data.val, c.depths, seq_len=self.cfg.data.seq_len,
+                                batch_size=c.batch_size, max_tokens=c.depth_max_tokens,
+                                autocast_dtype=self.amp_dtype, rank=self.env.rank,
+                                world_size=self.env.world_size)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 700)), "val_bpb": bits_per_byte(val, bpt),
+                "val_n_loops": c.n_loops or self.model.cfg.max_loop_iters,
+                "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
+                "bytes_per_token": bpt,
+                "depth_tokens": min(c.depth_max_tokens or math.inf, len(self.data.val) - 1),
+                "loss_per_depth": {str(n): v for n, v in depths.items()},
+                "samples": self.samples()}
+
+
+class _Metrics:
+    """metrics.jsonl, one JSON object per line. On resume, lines past the checkpoint's step
+    (logged after it by the run that died) are dropped, so the file reads as one clean run."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_until]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _plot(metrics: Path, out: Path) -> None:
+    """loss.png: training and validation loss against step, if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no loss.png (pip install 'openmythos[plot]')")
+        return
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label, marker="o" if key == "val_loss" else None)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=metrics.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
+    """Train (or resume) a run; returns the summary also written to `<run>/summary.json`."""
+    return Trainer(cfg, env).fit()
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The end-of-run text: validation loss and bits/byte beside the unigram baseline, the loss
+    per depth and the samples."""
+    lines = [f"run: {summary['run_dir']} ({summary['status']}, {summary['steps']} steps, "
+             f"{summary['tokens_seen'] / 1e6:.2f}M tokens, {summary['train_time_s']:.0f} s, "
+             f"{summary['tok_per_s']:.0f} tok/s)",
+             f"checkpoint: {summary['checkpoint']}"]
+    if "val_loss" not in summary:
+        lines.append(f"resume with: mythos train --resume {summary['run_dir']}")
+        return "\n".join(lines)
+    lines += [
+        f"validation (n_loops={summary['val_n_loops']}): {summary['val_loss']:.4f} nats/token, "
+        f"ppl {summary['val_ppl']:.1f}, {summary['val_bpb']:.4f} bits/byte",
+        f"unigram baseline: {summary['unigram_loss']:.4f} nats/token, "
+        f"{summary['unigram_bpb']:.4f} bits/byte  ({summary['bytes_per_token']:.3f} bytes/token)",
+        f"loss per depth (first {summary['depth_tokens']} validation tokens):",
+        depth_table({int(n): v for n, v in summary["loss_per_depth"].items()},
+                    summary["bytes_per_token"]),
+    ]
+    for i, text in enumerate(summary["samples"]):
+        lines += [f"--- sample {i + 1}", text]
+    return "\n".join(lines)
+

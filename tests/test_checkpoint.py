@@ -1,0 +1,132 @@
+"""Checkpoints: round trip, atomic writes, pruning, and clear errors for damaged directories."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_model
+
+from openmythos.data import ByteTokenizer
+from openmythos.training import TrainConfig, find_checkpoint, load_model, save_checkpoint
+from openmythos.training.checkpoint import CHECKPOINTS, MANIFEST, STATE, WEIGHTS, open_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: OpenMP threads waiting on each other at every op only cost time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save(run_dir: Path, step: int, keep: int = 3, seed: int = 0):
+    model = small_model(seed, vocab_size=ByteTokenizer().vocab_size)
+    model.moe.router_bias.fill_(0.25)  # a buffer, not a parameter: it must travel too
+    state = {"step": step, "rng": torch.Generator().manual_seed(step).get_state()}
+    path = save_checkpoint(run_dir, step, model, TrainConfig(), ByteTokenizer(), state, keep)
+    return model, path
+
+
+def test_round_trip(tmp_path):
+    model, path = save(tmp_path, 5)
+    assert path == tmp_path / CHECKPOINTS / "step_00000005"
+    loaded, tokenizer, cfg = load_model(tmp_path)
+    assert cfg == TrainConfig() and tokenizer.vocab_size == 258 and not loaded.training
+    assert loaded.cfg == model.cfg
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ids = torch.randint(0, 258, (2, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    ckpt = open_checkpoint(path)
+    assert ckpt.step == 5
+    assert torch.equal(ckpt.trainer_state()["rng"], torch.Generator().manual_seed(5).get_state())
+
+
+def test_keeps_the_newest_k_and_sweeps_crashed_writes(tmp_path):
+    stale = tmp_path / CHECKPOINTS / ".tmp-step_00000001-123"
+    stale.mkdir(parents=True)
+    (stale / WEIGHTS).write_bytes(b"half a file")
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["step_00000003",
+                                                                          "step_00000004"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / MANIFEST).unlink(), "incomplete: it has no manifest.json"),
+    (lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:100]), "truncated"),
+    (lambda p: (p / STATE).unlink(), "missing trainer_state.pt"),
+    (lambda p: (p / MANIFEST).write_text("{not json"), "manifest .* is corrupt"),
+])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, message):
+    save(tmp_path, 1)
+    _, newest = save(tmp_path, 2)
+    damage(newest)
+    with pytest.warns(UserWarning, match=message):
+        assert find_checkpoint(tmp_path) == tmp_path / CHECKPOINTS / "step_00000001"
+    with pytest.raises(ValueError, match=message):  # asked for by name: no silent substitute
+        find_checkpoint(newest)
+
+
+def test_flipped_bytes_fail_the_checksum(tmp_path):
+    _, path = save(tmp_path, 1)
+    data = bytearray((path / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (path / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fails its sha256 check"):
+        load_model(path)
+
+
+def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert find_checkpoint(tmp_path).name == "step_00000001"
+    assert not (tmp_path / CHECKPOINTS / "step_00000002").exists()
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    save(tmp_path, 3, seed=0)
+    model, _ = save(tmp_path, 3, seed=1)
+    loaded, _, _ = load_model(tmp_path)
+    torch.testing.assert_close(loaded.embed.weight, model.embed.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "nowhere", "does not exist"),
+    (lambda p: p, "no checkpoint found in"),
+])
+def test_missing_checkpoints_give_clear_errors(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(make(tmp_path))
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
+    _, path = save(tmp_path, 1)
+    (path / WEIGHTS).unlink()
+    with pytest.raises(ValueError, match=r"no complete checkpoint .* missing model.safetensors"), \
+            pytest.warns(UserWarning):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path):
+    _, path = save(tmp_path, 1)
+    meta = json.loads((path / "config.json").read_text())
+    meta["model"]["dim"] = 128
+    other = tmp_path / "other" / "step_00000001"
+    shutil.copytree(path, other)
+    (other / "config.json").write_text(json.dumps(meta))
+    manifest = json.loads((other / MANIFEST).read_text())
+    del manifest["files"]["config.json"]  # a hand-edited config that still passes verification
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not match its model config"):
+        load_model(other)

@@ -1,0 +1,141 @@
+"""`mythos` end to end, through `python -m openmythos.cli` subprocesses: train -> eval -> generate
+-> info, Ctrl-C and resume; and, in-process, the error messages a user sees."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from openmythos.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "tests" / "data" / "train_small.txt"
+# OMP threads that wait on each other at every tiny op only cost time on a busy CI machine
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def tiny_train_args(run_dir: Path, cache: Path, steps: int = 8) -> list[str]:
+    args = {
+        "run.out_dir": run_dir, "run.dtype": "fp32", "run.log_every": 1, "run.threads": 1,
+        "data.corpus": TEXT, "data.tokenizer": "byte", "data.seq_len": 32, "data.cache_dir": cache,
+        "train.steps": steps, "train.batch_size": 4, "train.warmup_steps": 2, "train.lr": 3e-3,
+        "model.dim": 32, "model.n_heads": 2, "model.max_seq_len": 64, "model.max_loop_iters": 2,
+        "model.halting": "none", "model.n_experts": 4, "model.expert_dim": 16,
+        "model.kv_lora_rank": 16, "model.q_lora_rank": 0, "model.qk_rope_head_dim": 8,
+        "model.qk_nope_head_dim": 8, "model.v_head_dim": 8, "model.lora_rank": 4,
+        "model.loop_embed_fraction": 4, "loops.mean": 2, "eval.depths": "1,2,4",
+        "eval.samples": 1, "eval.sample_tokens": 8,
+    }
+    return [item for key, value in args.items() for item in (f"--{key}", str(value))]
+
+
+def curve(metrics: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, metrics.read_text().splitlines())]
+
+
+def mythos(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "openmythos.cli", *args], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mythos {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    result = mythos("train", *tiny_train_args(tmp / "run", tmp / "cache"))
+    assert "unigram baseline" in result.stdout and "n_loops" in result.stdout
+    return tmp / "run"
+
+
+def test_train_writes_summary_metrics_and_checkpoint(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 8
+    for key in ("val_loss", "val_bpb", "unigram_loss"):
+        assert isinstance(summary[key], float) and summary[key] > 0
+    assert set(summary["loss_per_depth"]) == {"1", "2", "4"}
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 8
+    assert (run_dir / "checkpoints" / "step_00000008" / "manifest.json").is_file()
+    assert (run_dir / "config.toml").is_file()
+
+
+def test_eval_prints_a_table_and_json(run_dir):
+    out = mythos("eval", "--checkpoint", str(run_dir), "--n-loops", "1,2").stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["loss_per_depth"]) == {"1", "2"}
+    assert {"loss", "ppl", "bpb"} <= set(result["loss_per_depth"]["2"])
+    assert "n_loops" in out and "unigram baseline" in out
+    on_file = json.loads(mythos("eval", "--checkpoint", str(run_dir), "--data", str(TEXT),
+                                "--n-loops", "2", "--max-tokens", "256").stdout.splitlines()[-1])
+    assert on_file["tokens"] == 256 and on_file["data"] == str(TEXT)
+
+
+def test_generate_streams_a_continuation(run_dir):
+    out = mythos("generate", "--checkpoint", str(run_dir), "--prompt", "Fellow-Citizens",
+                 "--max-new-tokens", "12", "--temperature", "0").stdout
+    assert out.startswith("Fellow-Citizens") and len(out) > len("Fellow-Citizens")
+
+
+def test_info_for_a_preset_and_a_checkpoint(run_dir):
+    out = mythos("info", "--preset", "tiny", "--n-loops", "8").stdout
+    preset = json.loads(out.splitlines()[-1])
+    assert preset["params"] > preset["active_params"] > 0 and preset["n_loops"] == 8
+    assert preset["flops_per_token_train"] == 3 * preset["flops_per_token_forward"]
+    assert preset["kv_bytes_per_token_bf16"] > 0
+    ckpt = json.loads(mythos("info", "--checkpoint", str(run_dir)).stdout.splitlines()[-1])
+    assert ckpt["n_loops"] == 2
+
+
+def test_console_script_is_declared():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mythos"] == "openmythos.cli:main"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--train.lrr", "1e-3"], "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    (["train", "--config", "nowhere.toml"], "config file 'nowhere.toml' does not exist"),
+    (["eval", "--checkpoint", "nowhere"], "checkpoint path 'nowhere' does not exist"),
+    (["info", "--checkpoint", "nowhere"], "checkpoint path 'nowhere' does not exist"),
+])
+def test_user_errors_are_one_clear_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, run_dir):
+    steps = 150
+    cmd = [sys.executable, "-m", "openmythos.cli", "train",
+           *tiny_train_args(tmp_path / "run", tmp_path / "cache", steps=steps)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < steps
+
+    # a different config is refused, with the difference shown
+    refused = mythos("train", "--resume", str(tmp_path / "run"), "--train.lr", "1e-3", check=False)
+    assert refused.returncode == 2 and "train.lr: 0.003 -> 0.001" in refused.stderr
+
+    mythos("train", "--resume", str(tmp_path / "run"))
+    straight = tmp_path / "straight"
+    mythos("train", *tiny_train_args(straight, tmp_path / "cache", steps=steps))
+    assert len(curve(metrics)) == steps
+    assert curve(metrics) == curve(straight / "metrics.jsonl")

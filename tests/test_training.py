@@ -1,0 +1,257 @@
+"""The trainer, its config and its loop sampler, on a byte-level model small enough for CI."""
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from openmythos.data import PackedTokens
+from openmythos.training import LoopSampler, TrainConfig, Trainer, TrainingDiverged, train
+from openmythos.training.config import LoopsConfig, OptimConfig, load_config, to_toml
+from openmythos.training.optim import lr_at, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "tests" / "data" / "train_small.txt"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """run.threads sets torch's process-wide thread count; give the next test its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> dict:
+    """A 2-loop, dim-32 byte model: one step takes a few milliseconds. One thread, because
+    OpenMP threads that wait on each other at every tiny op crawl on a busy machine."""
+    base = {
+        "run.out_dir": str(tmp_path / "run"), "run.dtype": "fp32", "run.progress": False,
+        "run.threads": 1,
+        "run.log_every": 1, "data.corpus": str(TEXT), "data.tokenizer": "byte",
+        "data.seq_len": 32, "data.cache_dir": str(tmp_path / "cache"), "train.steps": 12,
+        "train.batch_size": 4, "train.warmup_steps": 2, "train.lr": 3e-3, "model.dim": 32,
+        "model.n_heads": 2, "model.max_seq_len": 64, "model.max_loop_iters": 2,
+        "model.halting": "none", "model.n_experts": 4, "model.expert_dim": 16,
+        "model.kv_lora_rank": 16, "model.q_lora_rank": 0, "model.qk_rope_head_dim": 8,
+        "model.qk_nope_head_dim": 8, "model.v_head_dim": 8, "model.lora_rank": 4,
+        "model.loop_embed_fraction": 4, "loops.mean": 2, "eval.depths": [1, 2],
+        "eval.samples": 1, "eval.sample_tokens": 8, "eval.batch_size": 8,
+    }
+    return {**base, **extra}
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in records]
+
+
+def interrupt_at_batch(monkeypatch, n: int) -> None:
+    """Deliver a real SIGINT while the trainer fetches its n-th batch, as a Ctrl-C would."""
+    original, calls = PackedTokens.sample_batch, [0]
+
+    def sample_batch(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PackedTokens, "sample_batch", sample_batch)
+
+
+# training runs
+
+def test_few_steps_lower_the_loss(tmp_path):
+    summary = train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 25})))
+    curve = [loss for _, loss, _ in losses(tmp_path / "run")]
+    assert len(curve) == 25 and summary["status"] == "completed"
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5, curve
+    assert summary["val_loss"] < summary["unigram_loss"] + 1.0
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"val_loss", "val_bpb", "unigram_loss", "loss_per_depth"} <= set(written)
+    assert set(written["loss_per_depth"]) == {"1", "2"}
+
+
+@pytest.mark.parametrize("loops", [
+    {},  # fixed depth, batch-level
+    {"loops.sampler": "lognormal-poisson", "loops.per": "sequence", "loops.max": 4,
+     "loops.backprop": 1, "train.grad_accum": 2, "eval.every": 4, "checkpoint.every": 5},
+])
+def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch, loops):
+    straight = tmp_path / "straight"
+    train(load_config(None, tiny_overrides(straight, **loops)))
+
+    broken = tmp_path / "broken"
+    cfg = load_config(None, tiny_overrides(broken, **loops))
+    accum = cfg.train.grad_accum
+    interrupt_at_batch(monkeypatch, 7 * accum)  # during step 7: it finishes, saves, exits
+    first = train(cfg)
+    monkeypatch.undo()
+    assert first["status"] == "interrupted" and first["steps"] == 7
+    assert (broken / "run" / "checkpoints" / "step_00000007" / "manifest.json").is_file()
+
+    resumed = train(cfg.override({"checkpoint.resume": str(broken / "run")}))
+    assert losses(broken / "run") == losses(straight / "run")  # bit for bit, evals included
+    assert resumed["val_loss"] == json.loads((straight / "run" / "summary.json").read_text())["val_loss"]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 3})
+    train(load_config(None, overrides))
+    changed = load_config(None, {**overrides, "train.lr": 1e-3,
+                                 "checkpoint.resume": overrides["run.out_dir"]})
+    with pytest.raises(ValueError, match=r"refusing to resume(.|\n)*train\.lr: 0\.003 -> 0\.001"):
+        train(changed)
+
+
+def test_fresh_run_never_overwrites_checkpoints(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
+    train(load_config(None, overrides))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+        train(load_config(None, overrides))
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"train.max_bad_steps": 3}))
+    trainer = Trainer(cfg)
+    forward, calls = trainer.model.forward, [0]
+
+    def nan_on_second_call(*args, **kwargs):
+        calls[0] += 1
+        out = forward(*args, **kwargs)
+        if calls[0] == 2:
+            out.logits = out.logits * float("nan")
+        return out
+
+    trainer.model.forward = nan_on_second_call
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1 and summary["status"] == "completed"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    step2 = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if r["step"] == 2]
+    assert math.isnan(step2[0]["loss"]) and step2[0]["skipped"] == 1
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "b", **{"train.max_bad_steps": 3}))
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row up to step 3"):
+        trainer.fit()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"run.out_dir": "{tmp}/file/run"}, "is not writable"),
+    ({"data.corpus": "{tmp}/empty.txt"}, "holds no non-empty"),
+    ({"model.vocab_size": 100}, "smaller than the byte tokenizer's vocab_size 258"),
+    ({"checkpoint.resume": "{tmp}/nowhere"}, "does not exist"),
+])
+def test_bad_input_gives_clear_errors(tmp_path, overrides, message):
+    (tmp_path / "file").write_text("a file, not a directory")
+    (tmp_path / "empty.txt").write_text("   \n")
+    overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
+    with pytest.raises(ValueError, match=message):
+        train(load_config(None, tiny_overrides(tmp_path, **overrides)))
+
+
+# optimizer and schedule
+
+def test_no_weight_decay_on_norms_embeddings_and_injection(tmp_path):
+    model = Trainer(load_config(None, tiny_overrides(tmp_path))).model
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[i] for i in no_decay}
+    assert {"embed.weight", "norm.weight", "recurrent.injection.log_A", "recurrent.injection.log_dt",
+            "recurrent.injection.B", "recurrent.lora.scale.weight", "recurrent.act.halt.bias"} <= no_decay_names
+    assert {names[i] for i in decay} >= {"recurrent.block.ffn.w_gate", "recurrent.lora.B",
+                                        "recurrent.block.ffn.router.weight"}
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = OptimConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(150, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+# loop sampling
+
+@pytest.mark.parametrize("sampler, mean", [("fixed", 4), ("poisson", 6), ("lognormal-poisson", 6)])
+def test_loop_sampler_mean_and_bounds(sampler, mean):
+    cfg = LoopsConfig(sampler=sampler, mean=mean, per="sequence", min=1, max=64)
+    depths = LoopSampler(cfg, seed=0).sample(20000)
+    assert depths.shape == (20000,) and int(depths.min()) >= 1
+    # Huginn's n = Poisson(tau) + 1 has mean `mean` + 1 by construction
+    expected = mean + (sampler == "lognormal-poisson")
+    assert float(depths.float().mean()) == pytest.approx(expected, rel=0.03)
+
+
+def test_loop_sampler_ranks_agree_and_resume():
+    cfg = LoopsConfig(sampler="poisson", mean=4, per="sequence", max=12)
+    whole = LoopSampler(cfg, 7).sample(8)
+    parts = [LoopSampler(cfg, 7).sample(4, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+    a = LoopSampler(LoopsConfig(sampler="poisson", mean=4, max=12), 3)
+    a.sample(1)
+    b = LoopSampler(LoopsConfig(sampler="poisson", mean=4, max=12), 99)
+    b.load_state_dict(a.state_dict())
+    assert [a.sample(1) for _ in range(20)] == [b.sample(1) for _ in range(20)]
+    assert all(isinstance(a.sample(4), int) for _ in range(3))
+
+
+# config files and overrides
+
+def test_toml_dotted_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[train]\nlr = 1e-3\nsteps = 150\n[model]\npreset = "tiny"\ndim = 128\n'
+                    '[eval]\ndepths = [1, 3]\n')
+    cfg = load_config(path, {"train.lr": "3e-4", "loops.per": "sequence", "eval.depths": "2,4",
+                             "run.progress": "false", "model.n_heads": "8"})
+    assert cfg.train.lr == 3e-4 and cfg.train.steps == 150 and cfg.loops.per == "sequence"
+    assert cfg.eval.depths == [2, 4] and cfg.run.progress is False
+    assert cfg.model_config().dim == 128 and cfg.model_config().n_heads == 8
+    (tmp_path / "again.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "again.toml") == cfg
+    assert cfg.diff(cfg.override({"train.steps": 160})) == ["train.steps: 150 -> 160"]
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("train.lrr", "train.lr"), ("trian.lr", "train.lr"), ("model.dimm", "model.dim"),
+    ("loops.sampeler", "loops.sampler"),
+])
+def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
+    with pytest.raises(ValueError, match=rf"unknown config key '{key}'; did you mean '{suggestion}'"):
+        load_config(None, {key: "1"})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.steps": "many"}, "'train.steps' expects int"),
+    ({"loops.sampler": "gaussian"}, "loops.sampler='gaussian' is not one of"),
+    ({"model.n_heads": 3}, r"\[model\] MythosConfig.dim=256 must be divisible by n_heads=3"),
+    ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds model.max_seq_len"),
+    ({"train.ponder_weight": 0.01, "model.halting": "none"}, "needs model.halting='act'"),
+])
+def test_invalid_values_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_a_toml_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nwarmup = 10\n")
+    with pytest.raises(ValueError, match="'train.warmup'; did you mean 'train.warmup_steps'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model_config().num_params() > 0
+
+
+def test_quickstart_defaults_are_the_tiny_cpu_recipe():
+    assert load_config(ROOT / "configs" / "tiny-cpu.toml") == TrainConfig()
