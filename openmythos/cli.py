@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="a text file or folder to evaluate on (default: the run's "
                                   "validation split)")
     e.add_argument("--n-loops", type=_int_list, help="depths, e.g. 1,2,4,8,16 (default: the run's)")
-    e.add_argument("--max-tokens", type=int, default=0, help="evaluate the first N tokens only")
+    e.add_argument("--max-tokens", type=int, default=0, help="evaluate about N tokens, in windows spread over the data")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--device", default="auto")
 

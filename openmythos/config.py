@@ -19,6 +19,7 @@ ROUTER_SCORES = ("softmax", "sigmoid")
 INJECTIONS = ("lti", "free", "additive")
 DISCRETISATIONS = ("euler", "zoh")
 HALTINGS = ("act", "kl", "none")
+KV_CACHE_POLICIES = ("per_loop", "ring")
 
 
 @dataclass
@@ -62,6 +63,12 @@ class MythosConfig:
     act_threshold: float = 0.99
     kl_threshold: float = 5e-4  # "kl": stop once KL(p_t || p_t-1) of the readout drops below this
     min_loops: int = 1  # "kl": never stop before this many loops
+    # inference cache. "per_loop": a KV slot per loop, exact. "ring": kv_cache_ring slots, loop t
+    # reads and writes slot t % kv_cache_ring, so the cache stops growing with depth; a new token
+    # then sees each earlier token's entry from that token's latest loop in the slot, not from loop
+    # t (Huginn's ring buffer). The prompt itself is exact under both.
+    kv_cache_policy: str = "per_loop"
+    kv_cache_ring: int = 2
 
     def __post_init__(self) -> None:
         positive = (
@@ -81,6 +88,10 @@ class MythosConfig:
         _choice(self, "injection", INJECTIONS)
         _choice(self, "discretisation", DISCRETISATIONS)
         _choice(self, "halting", HALTINGS)
+        _choice(self, "kv_cache_policy", KV_CACHE_POLICIES)
+        _check(isinstance(self.kv_cache_ring, int) and not isinstance(self.kv_cache_ring, bool)
+               and self.kv_cache_ring > 0, "kv_cache_ring", self.kv_cache_ring,
+               "must be a positive integer")
         _check(self.dim % self.n_heads == 0, "dim", self.dim,
                f"must be divisible by n_heads={self.n_heads}")
         if self.attn_type == "gqa":
@@ -123,6 +134,10 @@ class MythosConfig:
     @property
     def loop_embed_dim(self) -> int:
         return self.dim // self.loop_embed_fraction
+
+    def kv_cache_loop_slots(self, n_loops: int) -> int:
+        """Cache slots of the looped block for a cache built for n_loops loops."""
+        return n_loops if self.kv_cache_policy == "per_loop" else min(self.kv_cache_ring, n_loops)
 
     # serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -220,8 +235,9 @@ class MythosConfig:
 
     def kv_cache_bytes_per_token(self, n_loops: int | None = None,
                                  dtype: torch.dtype = torch.bfloat16) -> int:
-        """Bytes the KV cache holds per token: one entry per dense layer and per loop."""
-        n_loops = self.max_loop_iters if n_loops is None else n_loops
+        """Bytes the KV cache holds per token: one entry per dense layer and per loop slot (one
+        per loop, or at most kv_cache_ring with the ring policy)."""
+        n_loops = self.kv_cache_loop_slots(self.max_loop_iters if n_loops is None else n_loops)
         if self.attn_type == "gqa":
             per_layer = 2 * self.n_kv_heads * self.head_dim
         else:

@@ -12,7 +12,7 @@ import torch
 from openmythos.data import PackedTokens
 from openmythos.training import LoopSampler, TrainConfig, Trainer, TrainingDiverged, train
 from openmythos.training.config import LoopsConfig, OptimConfig, load_config, to_toml
-from openmythos.training.optim import lr_at, param_groups
+from openmythos.training.optim import build_optimizer, lr_at, orthogonalise, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "train_small.txt"
@@ -79,7 +79,8 @@ def test_few_steps_lower_the_loss(tmp_path):
 @pytest.mark.parametrize("loops", [
     {},  # fixed depth, batch-level
     {"loops.sampler": "lognormal-poisson", "loops.per": "sequence", "loops.max": 4,
-     "loops.backprop": 1, "train.grad_accum": 2, "eval.every": 4, "checkpoint.every": 5},
+     "loops.backprop": 1, "train.grad_accum": 2, "eval.every": 4, "checkpoint.every": 5,
+     "train.optimizer": "muon"},
 ])
 def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch, loops):
     straight = tmp_path / "straight"
@@ -168,6 +169,38 @@ def test_no_weight_decay_on_norms_embeddings_and_injection(tmp_path):
     assert {names[i] for i in decay} >= {"recurrent.block.ffn.w_gate", "recurrent.lora.B",
                                         "recurrent.block.ffn.router.weight"}
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
+    model = Trainer(load_config(None, tiny_overrides(tmp_path, **{"train.optimizer": "muon"}))).model
+    groups = param_groups(model, 0.1, muon=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in groups if g["muon"] for p in g["params"]}
+    assert "recurrent.block.ffn.w_gate" in muon and "embed.weight" not in muon
+    assert "recurrent.act.halt.weight" not in muon  # a (1, dim) row is a vector, not a matrix
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(40, 100), (100, 40), (3, 16, 64)])
+def test_newton_schulz_orthogonalises_each_matrix(shape):
+    singular = torch.linalg.svdvals(orthogonalise(torch.randn(shape)).float())
+    assert singular.min() > 0.6 and singular.max() < 1.25  # the quintic's band around 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizers_fit_a_least_squares_problem(optimizer):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    x, w = torch.randn(256, 16), torch.randn(16, 4)
+    opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=2e-2, weight_decay=0.0))
+    first = None
+    for _ in range(100):
+        loss = (model(x) - x @ w).pow(2).mean()
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.05 * first
 
 
 def test_lr_warms_up_then_decays_to_the_floor():

@@ -4,9 +4,9 @@ from openmythos.evaluation.perplexity import (
     autocast,
     bits_per_byte,
     depth_table,
+    eval_batches,
     evaluate_loss,
-    head,
     loss_per_depth,
 )
 
-__all__ = ["autocast", "bits_per_byte", "depth_table", "evaluate_loss", "head", "loss_per_depth"]
+__all__ = ["autocast", "bits_per_byte", "depth_table", "eval_batches", "evaluate_loss", "loss_per_depth"]

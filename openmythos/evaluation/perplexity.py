@@ -7,9 +7,10 @@ with different vocabularies (a local BPE, GPT-2's, raw bytes) compare on one sca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,11 +28,21 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextMana
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def head(tokens: PackedTokens, max_tokens: int) -> PackedTokens:
-    """The first max_tokens targets of a split (all of it for 0): a fixed, cheaper subset."""
-    if not max_tokens or len(tokens) <= max_tokens + 1:
-        return tokens
-    return PackedTokens(tokens.tokens[:max_tokens + 1], tokens.n_bytes)
+def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_tokens: int = 0,
+                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches that score every target of the split once or, with max_tokens, about
+    max_tokens targets in windows spread evenly over it: a cheaper subset that still samples
+    every part of a split whose documents differ (a prefix would see only the first few)."""
+    n_windows = (len(tokens) - 1) // seq_len
+    if not max_tokens or n_windows * seq_len <= max_tokens:
+        yield from tokens.iter_eval_batches(batch_size, seq_len, rank=rank, world_size=world_size)
+        return
+    picked = np.linspace(0, n_windows - 1, max(1, max_tokens // seq_len)).round().astype(np.int64)
+    starts = (picked * seq_len)[rank::world_size]
+    for i in range(0, len(starts), batch_size):
+        window = tokens.tokens[starts[i:i + batch_size, None] + np.arange(seq_len + 1)]
+        window = torch.from_numpy(window.astype(np.int64))
+        yield window[:, :-1], window[:, 1:]
 
 
 @torch.no_grad()
@@ -41,14 +52,13 @@ def evaluate_loss(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_s
                   world_size: int = 1) -> float:
     """Mean next-token cross-entropy in nats over consecutive windows that score every target
     once. Ranks score disjoint windows; under torch.distributed the sums are all-reduced."""
-    tokens = head(tokens, max_tokens)
     seq_len = min(seq_len, len(tokens) - 1)  # a validation file shorter than one window
     device = model.embed.weight.device
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target count
     try:
-        for x, y in tokens.iter_eval_batches(batch_size, seq_len, rank=rank, world_size=world_size):
+        for x, y in eval_batches(tokens, seq_len, batch_size, max_tokens, rank, world_size):
             x, y = x.to(device), y.to(device)
             with autocast(device.type, autocast_dtype):
                 logits = model(x, n_loops=n_loops).logits

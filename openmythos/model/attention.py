@@ -4,12 +4,17 @@
 Shapes: B batch, T new tokens, S visible keys (cached prefix + new), H query heads, n compacted
 rows. A layer takes either dense x (B, T, D) or compacted rows x (n, D) with `rows` indexing the
 flattened (B*T) grid: the looped block passes only tokens that have not halted. Projections run
-on the rows; only the score/softmax core sees a (B', T) grid, restricted to the B' sequences that
-still have active tokens.
+on the rows; only the score/softmax core sees a grid, (B', n_max): the B' sequences that still
+have live tokens, each with its live queries packed to the left.
+
+Kernels: the fused (flash) SDPA kernel wherever it applies. GQA passes its key heads unrepeated
+(enable_gqa); MLA's narrower value head is zero-padded to the query/key width, which the fused
+kernel needs; absorbed MLA folds the heads into query rows against the one shared latent head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +41,10 @@ class Context:
     expert_loads: list[torch.Tensor] = field(default_factory=list)  # (E,) per MoE call
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
+    def fork(self) -> Context:
+        """The same call with empty MoE statistics: one loop's block records into its own."""
+        return dataclasses.replace(self, expert_loads=[], aux_losses=[])
+
     def rope(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
             return self.cos, self.sin
@@ -47,22 +56,79 @@ class _Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
                 rows: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """q: (B, T, H, d) or (n, H, d); k, v: (B, S, Hk, d). Returns q's layout with v's dim."""
-        mask, is_causal = ctx.mask, ctx.is_causal
-        if rows is not None:
-            b, t = rows // ctx.T, rows % ctx.T
-            # only sequences with a live token enter the score core; in decode this is exact
-            seqs, b = torch.unique(b, return_inverse=True)
-            grid = q.new_zeros(len(seqs), ctx.T, *q.shape[1:])
-            q = grid.index_put((b, t), q)
-            k, v = k[seqs], v[seqs]
-            if mask is not None:
-                mask = mask[seqs]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=ctx.dropout if self.training else 0.0, is_causal=is_causal, scale=scale,
-        ).transpose(1, 2)
-        return out if rows is None else out[b, t]
+        """q: (B, T, H, d) or (n, H, d); k, v: (B, S, Hk, d) with Hk dividing H (query head h
+        reads key head h // (H / Hk)). Returns q's layout with v's dim."""
+        if rows is None:
+            return self._core(q, k, v, ctx.mask, ctx.is_causal, ctx.start, scale, ctx)
+        # Compacted rows: pack each sequence's live queries to the left of a (B', n_max) grid,
+        # B' the sequences with a live token and n_max the most live tokens in one of them, so
+        # the score core shrinks with the live rows instead of staying (B, T). Rows are sorted,
+        # so a sequence's rows are contiguous. In decode (T = 1) the grid is the rows themselves.
+        b, t = rows // ctx.T, rows % ctx.T
+        seqs, b, counts = torch.unique_consecutive(b, return_inverse=True, return_counts=True)
+        j = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[b]
+        n_max = int(counts.max())
+        grid = q.new_zeros(len(seqs), n_max, *q.shape[1:])
+        q = grid.index_put((b, j), q)
+        k, v = k[seqs], v[seqs]
+        mask = None
+        if ctx.mask is not None or ctx.T > 1:
+            S = k.shape[1]
+            if ctx.mask is not None:
+                row_mask = ctx.mask[rows // ctx.T, 0, t]  # (n, S)
+            else:  # causal, nothing cached before
+                row_mask = torch.arange(S, device=rows.device) <= (ctx.start + t).unsqueeze(1)
+            # grid cells without a query see key 0 only: a row that sees nothing would give NaN
+            mask = torch.zeros(len(seqs), n_max, S, dtype=torch.bool, device=rows.device)
+            mask[..., 0] = True
+            mask = mask.index_put((b, j), row_mask).unsqueeze(1)
+        return self._core(q, k, v, mask, False, ctx.start, scale, ctx)[b, j]
+
+    def _core(self, q, k, v, mask, is_causal: bool, start: int, scale: float, ctx: Context):
+        if k.shape[2] == 1 < q.shape[2]:
+            return _sdpa_shared_kv(q, k, v, mask, is_causal, scale, start)
+        return _sdpa(q, k, v, mask, is_causal, scale, ctx.dropout if self.training else 0.0)
+
+
+def _sdpa(q, k, v, mask, is_causal: bool, scale: float, dropout: float) -> torch.Tensor:
+    """(B, T, H, d) x (B, S, Hk, d) -> (B, T, H, dv), on the fused (flash) kernels where they exist."""
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        # the fused kernels want one head dim for q, k and v: zero columns of v leave the output
+        # exact and cost far less than the unfused path's (T, S) score matrices
+        v = F.pad(v, (0, q.shape[-1] - dv)) if dv < q.shape[-1] else v
+    groups = q.shape[2] // k.shape[2]
+    gqa = {}
+    if groups > 1:
+        if _HAS_ENABLE_GQA:
+            gqa = {"enable_gqa": True}  # the kernel shares each key head, no copies
+        else:
+            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        dropout_p=dropout, is_causal=is_causal, scale=scale, **gqa,
+    ).transpose(1, 2)
+    return out[..., :dv]
+
+
+def _sdpa_shared_kv(q, k, v, mask, is_causal: bool, scale: float, offset: int) -> torch.Tensor:
+    """Every head reads the same single key/value head (absorbed MLA): fold the heads into the
+    query rows, (B, T, H, d) -> (B, 1, T*H, d), so the keys are read once, not expanded per head.
+    offset: cache columns before the first query (for the causal mask). Inference only."""
+    B, T, H, d = q.shape
+    S = k.shape[1]
+    if is_causal:
+        pos = torch.arange(T, device=q.device).unsqueeze(1) + offset
+        mask = (torch.arange(S, device=q.device).unsqueeze(0) <= pos).view(1, 1, T, S)
+    if mask is not None:  # (B|1, 1, T, S) -> (B|1, 1, T*H, S): the heads of a query share its row
+        mask = mask.unsqueeze(3).expand(-1, -1, -1, H, -1).reshape(mask.shape[0], 1, T * H, S)
+    out = F.scaled_dot_product_attention(
+        q.reshape(B, 1, T * H, d), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        scale=scale)
+    return out.view(B, T, H, -1)
+
+
+_HAS_ENABLE_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class GQAttention(_Attention):
@@ -82,9 +148,6 @@ class GQAttention(_Attention):
         v = self.wv(x).view(*lead, self.n_kv_heads, self.head_dim)
         if kv is not None:
             k, v = kv.update([k, v], ctx.start, ctx.T, rows)
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         out = self._attend(q, k, v, ctx, rows, self.head_dim ** -0.5)
         return self.wo(out.flatten(-2))
 
@@ -133,32 +196,35 @@ class MLAttention(_Attention):
         cos, sin = ctx.rope(rows)
         q = self._queries(x).view(*lead, self.n_heads, self.nope + self.rope_dim)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin)
         c_kv, k_rope = self.kv_down(x).split([self.rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_norm(c_kv)
-        k_rope = apply_rope(k_rope.unsqueeze(-2), cos, sin).squeeze(-2)
+        # one rotation for the H query heads and the shared key, as H + 1 heads
+        rotated = apply_rope(torch.cat([q_rope, k_rope.unsqueeze(-2)], dim=-2), cos, sin)
+        q_rope, k_rope = rotated.split([self.n_heads, 1], dim=-2)
+        # the cached entry: [c_kv | k_rope], one row per token (B, S, rank + rope_dim)
+        latent = torch.cat([self.kv_norm(c_kv), k_rope.squeeze(-2)], dim=-1)
         absorbed = self._use_absorbed(ctx.T, isinstance(kv, KVSlot))
         if kv is not None:
-            c_kv, k_rope = kv.update([c_kv, k_rope], ctx.start, ctx.T, rows)
+            (latent,) = kv.update([latent], ctx.start, ctx.T, rows)
         if absorbed:
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, ctx, rows)
+            out = self._absorbed(q_nope, q_rope, latent, ctx, rows)
         else:
-            out = self._naive(q_nope, q_rope, c_kv, k_rope, ctx, rows)
+            out = self._naive(q_nope, q_rope, latent, ctx, rows)
         return self.wo(out.flatten(-2))
 
-    def _naive(self, q_nope, q_rope, c_kv, k_rope, ctx, rows):
-        B, S = c_kv.shape[:2]
+    def _naive(self, q_nope, q_rope, latent, ctx, rows):
+        B, S = latent.shape[:2]
+        c_kv, k_rope = latent.split([self.rank, self.rope_dim], dim=-1)
         k_nope, v = self.kv_up(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim).split(
             [self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)], -1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         return self._attend(q, k, v, ctx, rows, self.scale)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, ctx, rows):
+    def _absorbed(self, q_nope, q_rope, latent, ctx, rows):
         w = self.kv_up.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]
         q = torch.cat([torch.einsum("...hn,hnr->...hr", q_nope, w_uk), q_rope], dim=-1)
-        k = torch.cat([c_kv, k_rope], dim=-1).unsqueeze(2).expand(-1, -1, self.n_heads, -1)
-        v = c_kv.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
-        out = self._attend(q, k, v, ctx, rows, self.scale)
+        # one key/value head shared by all query heads: the cached latent itself, read in place
+        latent = latent.unsqueeze(2)
+        out = self._attend(q, latent, latent[..., :self.rank], ctx, rows, self.scale)
         return torch.einsum("...hr,hvr->...hv", out, w_uv)

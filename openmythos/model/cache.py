@@ -2,8 +2,11 @@
 looped block uses without one.
 
 Layout of `KVCache`: one slot per prelude layer, one per loop of the recurrent block, one per coda
-layer. GQA slots hold RoPE'd keys and values per KV head; MLA slots hold the normalised latent
-c_kv plus one RoPE key shared by all heads (DeepSeek-V2), nothing per head.
+layer. With `kv_cache_policy="ring"` the recurrent block has only kv_cache_ring slots and loop t
+uses slot t % kv_cache_ring, so the cache stops growing with depth. GQA slots hold RoPE'd keys and values per KV head; MLA slots hold one tensor per token,
+[c_kv | k_rope]: the normalised latent plus one RoPE key shared by all heads (DeepSeek-V2),
+nothing per head. Kept side by side, the absorbed decode path reads the row as its key and its
+first kv_lora_rank columns as its value, in place.
 
 Tokens that halt early: a token that leaves the loop after loop t still has to be visible to later
 tokens that run deeper. Its entry in every deeper loop's slot is its latest computed entry (the one
@@ -48,8 +51,8 @@ class RollingKV:
     """The looped block's keys without a cache: loop t attends to loop t's entries, and a halted
     token keeps the entry of the last loop it ran. Updates are out of place so autograd sees them."""
 
-    def __init__(self) -> None:
-        self.tensors: list[torch.Tensor] | None = None
+    def __init__(self, tensors: list[torch.Tensor] | None = None) -> None:
+        self.tensors = tensors
 
     def update(self, new: list[torch.Tensor], start: int, T: int,
                rows: torch.Tensor | None) -> list[torch.Tensor]:
@@ -76,7 +79,7 @@ class KVCache:
         if cfg.attn_type == "gqa":
             shapes = [(cfg.n_kv_heads, cfg.head_dim)] * 2
         else:
-            shapes = [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
+            shapes = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim,)]  # [c_kv | k_rope] per token
 
         def slot() -> KVSlot:
             return KVSlot([torch.zeros(batch_size, max_len, *s, dtype=dtype, device=device)
@@ -84,7 +87,7 @@ class KVCache:
 
         self.batch_size, self.max_len, self.n_loops = batch_size, max_len, n_loops
         self.prelude = [slot() for _ in range(cfg.prelude_layers)]
-        self.loops = [slot() for _ in range(n_loops)]
+        self.loops = [slot() for _ in range(cfg.kv_cache_loop_slots(n_loops))]
         self.coda = [slot() for _ in range(cfg.coda_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)

@@ -70,6 +70,24 @@ class OpenMythos(nn.Module):
         """Logits read directly from a looped state (the coda skipped): the KL exit's probe."""
         return self.norm(h) @ self.embed.weight.T
 
+    def enable_activation_checkpointing(self, enabled: bool = True) -> OpenMythos:
+        """Recompute each loop iteration in the backward pass instead of keeping its activations:
+        training memory then holds one loop's activations plus each loop's input state, so it
+        grows by about a state per loop instead of a whole block's activations per loop.
+        The prelude and coda are not checkpointed. Returns self."""
+        self.recurrent.checkpoint_loops = enabled
+        return self
+
+    def compile_blocks(self, **compile_kwargs) -> OpenMythos:
+        """Opt-in torch.compile: every prelude/coda block, and the loop body (norm, block,
+        injection, LoRA) as one graph shared by all loops. The loop itself, halting and the
+        cache bookkeeping stay in Python, so depth and early exits never cause a recompile.
+        Returns self; the outputs match the eager model's (tests/test_perf_features.py)."""
+        for layer in [*self.prelude, *self.coda]:
+            layer.compile(**compile_kwargs)
+        self.recurrent.compiled_step = torch.compile(self.recurrent._step, **compile_kwargs)
+        return self
+
     def update_router_bias(self, expert_load: torch.Tensor) -> None:
         self.moe.update_bias(expert_load)
 

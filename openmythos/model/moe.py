@@ -49,19 +49,19 @@ class MoE(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the output (N, D), the per-expert load (E,) and the balance loss (scalar)."""
+        N, K = x_ND.shape[0], self.top_k
         idx_NK, gates_NK, scores_NE = self.route(x_ND)
-        load_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
-        # one pass: sort the N*K assignments by expert, run each expert on its contiguous slice
-        order = idx_NK.flatten().argsort(stable=True)
-        token = order // self.top_k
-        x_sorted = x_ND[token]
-        outs = []
-        for e, x_e in enumerate(x_sorted.split(load_E.tolist())):  # the call's only host sync
-            if x_e.shape[0]:
-                h = F.silu(x_e @ self.w_gate[e].T) * (x_e @ self.w_up[e].T)
-                outs.append(h @ self.w_down[e].T)
-        y_sorted = torch.cat(outs) * gates_NK.flatten()[order].unsqueeze(-1).to(x_ND.dtype)
-        out_ND = torch.zeros_like(x_ND).index_add(0, token, y_sorted)
+        # a scatter, not bincount: its output size does not depend on the data (torch.compile)
+        load_E = idx_NK.new_zeros(self.n_experts).index_add_(
+            0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten()))
+        # sort the N*K assignments by expert so that each expert's tokens form one contiguous slice
+        order_M = idx_NK.flatten().argsort(stable=True)  # M = N*K
+        x_MD = x_ND[order_M // K]
+        y_MD = _grouped_swiglu(x_MD, load_E, self.w_gate, self.w_up, self.w_down).to(x_ND.dtype)
+        # unsort with a gather (the inverse permutation), then weight and sum each token's K rows:
+        # a gather and a reduction parallelise, where index_add into N rows would not
+        y_NKD = y_MD[order_M.argsort()].view(N, K, -1)
+        out_ND = (y_NKD * gates_NK.to(x_ND.dtype).unsqueeze(-1)).sum(1)
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         return out_ND, load_E, self._balance_loss(load_E, scores_NE)
@@ -78,6 +78,135 @@ class MoE(nn.Module):
         """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
         load_E = load_E.to(self.router_bias.device, torch.float32)
         self.router_bias += self.bias_rate * torch.sign(load_E.mean() - load_E)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _grouped_swiglu(x_MD: torch.Tensor, load_E: torch.Tensor, w_gate: torch.Tensor,
+                    w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each expert on its contiguous slice of the expert-sorted rows x_MD.
+
+    Three kernels, one computation:
+    - `torch._grouped_mm` where the device takes it (CUDA: bf16 on sm90+): the slice ends stay on
+      the device, so nothing waits on the host;
+    - under torch.compile otherwise: the `openmythos::expert_swiglu` custom op, opaque to the
+      compiler, so the slice sizes (data) never break the graph;
+    - eager on the CPU: a loop over the experts' slices, every product a plain (counted) mm; the
+      one host sync for the slice sizes costs nothing there.
+    """
+    dtype = _autocast_dtype(x_MD.device) or x_MD.dtype  # autocast covers neither custom kernel
+    x_MD = x_MD.to(dtype)
+    w_gate, w_up, w_down = (w.to(dtype) for w in (w_gate, w_up, w_down))
+    if _grouped_mm_works(x_MD):
+        ends_E = load_E.cumsum(0).to(torch.int32)
+        h_MF = F.silu(torch._grouped_mm(x_MD, w_gate.transpose(1, 2), offs=ends_E))
+        h_MF = h_MF * torch._grouped_mm(x_MD, w_up.transpose(1, 2), offs=ends_E)
+        return torch._grouped_mm(h_MF, w_down.transpose(1, 2), offs=ends_E)
+    if torch.compiler.is_compiling():
+        return expert_swiglu(x_MD, load_E, w_gate, w_up, w_down)[0]
+    if torch.is_grad_enabled() and w_gate.requires_grad:
+        # unbind, not w[e]: each w[e] would backprop a full (E, ...) zero tensor per expert
+        w_gate, w_up, w_down = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
+    # split, not a slice per expert: each slice's backward would be a full (M, D) zero tensor
+    outs = []
+    for e, x_e in enumerate(x_MD.split(load_E.tolist())):
+        if x_e.shape[0]:  # in decode most experts get no token
+            outs.append((F.silu(x_e @ w_gate[e].T) * (x_e @ w_up[e].T)) @ w_down[e].T)
+    return torch.cat(outs)
+
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_works(x: torch.Tensor) -> bool:
+    """torch._grouped_mm on x's device and dtype: accelerators only (on the CPU it is a loop of
+    mm, and its compile-time shape check wants bf16), probed once with a tiny product."""
+    if x.device.type == "cpu" or not hasattr(torch, "_grouped_mm"):
+        return False
+    key = (x.device.type, x.dtype)
+    if key not in _GROUPED_MM_OK:
+        try:
+            a = torch.ones(4, 8, device=x.device, dtype=x.dtype)
+            b = torch.ones(2, 8, 8, device=x.device, dtype=x.dtype)
+            ends = torch.tensor([1, 4], device=x.device, dtype=torch.int32)
+            _GROUPED_MM_OK[key] = bool((torch._grouped_mm(a, b, offs=ends) == 8).all())
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[key] = False
+    return _GROUPED_MM_OK[key]
+
+
+# ---- the custom op torch.compile sees: (M, D) rows in, (M, D) out, whatever the split
+
+
+@torch.library.custom_op("openmythos::expert_swiglu", mutates_args=())
+def expert_swiglu(x_MD: torch.Tensor, load_E: torch.Tensor, w_gate: torch.Tensor,
+                  w_up: torch.Tensor, w_down: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns y (M, D) and, for the backward pass, the gate and up projections (M, F)."""
+    gate_MF = x_MD.new_empty(x_MD.shape[0], w_gate.shape[1])
+    up_MF = torch.empty_like(gate_MF)
+    y_MD = x_MD.new_empty(x_MD.shape[0], w_down.shape[1])
+    end = 0
+    for e, n in enumerate(load_E.tolist()):
+        if n:
+            rows = slice(end, end + n)
+            torch.mm(x_MD[rows], w_gate[e].T, out=gate_MF[rows])
+            torch.mm(x_MD[rows], w_up[e].T, out=up_MF[rows])
+            torch.mm(F.silu(gate_MF[rows]) * up_MF[rows], w_down[e].T, out=y_MD[rows])
+            end += n
+    return y_MD, gate_MF, up_MF
+
+
+@expert_swiglu.register_fake
+def _(x_MD, load_E, w_gate, w_up, w_down):
+    gate_MF = x_MD.new_empty(x_MD.shape[0], w_gate.shape[1])
+    return x_MD.new_empty(x_MD.shape[0], w_down.shape[1]), gate_MF, torch.empty_like(gate_MF)
+
+
+@torch.library.custom_op("openmythos::expert_swiglu_backward", mutates_args=())
+def expert_swiglu_backward(dy_MD: torch.Tensor, x_MD: torch.Tensor, gate_MF: torch.Tensor,
+                           up_MF: torch.Tensor, load_E: torch.Tensor, w_gate: torch.Tensor,
+                           w_up: torch.Tensor, w_down: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx_MD = torch.zeros_like(x_MD)
+    dgate, dup, ddown = torch.zeros_like(w_gate), torch.zeros_like(w_up), torch.zeros_like(w_down)
+    end = 0
+    for e, n in enumerate(load_E.tolist()):
+        if n:
+            rows = slice(end, end + n)
+            x, g, u, dy = x_MD[rows], gate_MF[rows], up_MF[rows], dy_MD[rows]
+            act = F.silu(g)
+            ddown[e] = dy.T @ (act * u)
+            dh = dy @ w_down[e]
+            dg = torch.ops.aten.silu_backward(dh * u, g)
+            du = dh * act
+            dgate[e], dup[e] = dg.T @ x, du.T @ x
+            dx_MD[rows] = dg @ w_gate[e] + du @ w_up[e]
+            end += n
+    return dx_MD, dgate, dup, ddown
+
+
+@expert_swiglu_backward.register_fake
+def _(dy_MD, x_MD, gate_MF, up_MF, load_E, w_gate, w_up, w_down):
+    return (torch.empty_like(x_MD), torch.empty_like(w_gate), torch.empty_like(w_up),
+            torch.empty_like(w_down))
+
+
+def _expert_swiglu_setup(ctx, inputs, output) -> None:
+    x_MD, load_E, w_gate, w_up, w_down = inputs
+    ctx.save_for_backward(x_MD, output[1], output[2], load_E, w_gate, w_up, w_down)
+
+
+def _expert_swiglu_grad(ctx, dy_MD, _dgate, _dup):
+    x_MD, gate_MF, up_MF, load_E, w_gate, w_up, w_down = ctx.saved_tensors
+    dx, dgate, dup, ddown = expert_swiglu_backward(dy_MD.contiguous(), x_MD, gate_MF, up_MF,
+                                                   load_E, w_gate, w_up, w_down)
+    return dx, None, dgate, dup, ddown
+
+
+expert_swiglu.register_autograd(_expert_swiglu_grad, setup_context=_expert_swiglu_setup)
 
 
 def reference_moe(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:

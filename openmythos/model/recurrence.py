@@ -13,12 +13,14 @@ h <- A*h + B*e + block(norm(h + loop_emb(t) + e)), a depth-wise LoRA and ACT hal
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from openmythos.config import MythosConfig
 from openmythos.model.attention import Context
@@ -119,17 +121,28 @@ class DepthLoRA(nn.Module):
         nn.init.normal_(self.B, std=std)
         nn.init.normal_(self.scale.weight, std=std)
 
-    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        s = self.scale.weight[min(t, self.scale.num_embeddings - 1)]
+    def loop_scale(self, t: int) -> torch.Tensor:
+        return self.scale.weight[min(t, self.scale.num_embeddings - 1)]
+
+    def forward(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """t: the loop index, or its scale row (rank,) from loop_scale(t)."""
+        s = self.loop_scale(t) if isinstance(t, int) else t
         return (self.down(x) * s) @ self.B
 
 
 def loop_embedding(t: int, dim: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """Sinusoidal embedding of the loop index on the first `width` of `dim` channels."""
-    freqs = 10000.0 ** (-torch.arange(0, width, 2, device=like.device, dtype=torch.float32) / width)
-    emb = torch.zeros(dim, device=like.device, dtype=torch.float32)
+    return _loop_embedding(t, dim, width, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _loop_embedding(t: int, dim: int, width: int, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    # a constant of (t, dim, width): built once, not at every loop of every call
+    freqs = 10000.0 ** (-torch.arange(0, width, 2, device=device, dtype=torch.float32) / width)
+    emb = torch.zeros(dim, device=device, dtype=torch.float32)
     emb[:width] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
-    return emb.to(like.dtype)
+    return emb.to(dtype)
 
 
 class ACTHalting(nn.Module):
@@ -156,6 +169,14 @@ def _put(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> tor
     return value if rows is None else x.index_put((rows,), value)
 
 
+def _add(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor | int) -> torch.Tensor:
+    if rows is None:
+        return x + value
+    if isinstance(value, int):
+        value = torch.full_like(rows, value, dtype=x.dtype)
+    return x.index_add(0, rows, value)
+
+
 class RecurrentBlock(nn.Module):
     def __init__(self, cfg: MythosConfig):
         super().__init__()
@@ -165,11 +186,50 @@ class RecurrentBlock(nn.Module):
         self.injection = build_injection(cfg)
         self.act = ACTHalting(cfg.dim, cfg.max_loop_iters)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+        # opt-in, set from outside (OpenMythos.enable_activation_checkpointing / compile_blocks)
+        self.checkpoint_loops = False
+        self.compiled_step: Callable | None = None
+
+    def _step(self, h_t: torch.Tensor, e_t: torch.Tensor, emb_t: torch.Tensor,
+              scale_t: torch.Tensor, kv_in: list[torch.Tensor] | None, ctx: Context, slot,
+              rows: torch.Tensor | None):
+        """One loop on the live rows: h_t, e_t (n, D) -> the new h_t (n, D).
+
+        A pure function of its inputs, so that activation checkpointing can rerun it and
+        torch.compile traces one graph for every loop: the loop index enters only through its
+        embedding emb_t (D,) and LoRA scale scale_t (rank,), the rolling keys come in as kv_in
+        and go out as kv_out, and the MoE statistics are returned rather than appended to ctx.
+        """
+        D = h_t.shape[-1]
+        x = self.norm(h_t + emb_t + e_t)
+        if rows is None:  # dense layout while every row is live
+            x = x.view(ctx.B, ctx.T, D)
+        kv = RollingKV(kv_in) if slot is None else slot
+        local = ctx.fork()
+        y = self.block(x, local, kv, rows).reshape(-1, D)
+        h_t = self.injection(h_t, e_t, y + self.lora(y, scale_t))
+        kv_out = kv.tensors if slot is None else None
+        return h_t, kv_out, local.expert_loads[0], local.aux_losses[0]
+
+    def _run_step(self, t, h_t, e_t, kv_in, ctx, slot, rows):
+        emb_t = loop_embedding(t, h_t.shape[-1], self.cfg.loop_embed_dim, h_t)
+        args = (h_t, e_t, emb_t, self.lora.loop_scale(t),
+                # the first loop of the rolling buffer ignores kv_in: do not keep it alive
+                kv_in if rows is not None else None, ctx, slot, rows)
+        step = self.compiled_step or self._step
+        if self.checkpoint_loops and slot is None and torch.is_grad_enabled():
+            h_t, kv_out, load, aux = checkpoint(step, *args, use_reentrant=False)
+        else:
+            h_t, kv_out, load, aux = step(*args)
+        ctx.expert_loads.append(load)
+        ctx.aux_losses.append(aux)
+        return h_t, kv_out
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
                 slots: list | None = None, backprop_loops: int | None = None,
                 readout: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """h, e: (B, T, D). n_loops: an int, or a (B,) tensor of per-sequence depths.
+        slots: the cache's loop slots; loop t uses slots[t % len(slots)] (a ring when shorter).
         readout: state (n, D) -> logits (n, V), for the KL exit.
 
         Returns the halting-weighted output (B, T, D), loops run per position (B, T) and the
@@ -186,26 +246,36 @@ class RecurrentBlock(nn.Module):
         act, kl = self.cfg.halting == "act", self.cfg.halting == "kl"
         if kl and readout is None:
             raise ValueError("halting='kl' needs a readout from states to logits")
+        first_grad = depth - backprop_loops if backprop_loops else 0
+        kv = None  # the rolling keys of the previous loop, without a cache
+
+        def slot(t: int):
+            return None if slots is None else slots[t % len(slots)]
+
+        if not (act or kl or limit is not None):
+            # every row runs exactly `depth` loops: no bookkeeping and no host syncs at all
+            for t in range(depth):
+                with torch.no_grad() if t < first_grad else nullcontext():
+                    h, kv = self._run_step(t, h, e, kv, ctx, slot(t), None)
+            self._fill_deeper(slots, depth - 1, depth, ctx)
+            steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
+            return h.view(B, T, D), steps, torch.zeros((), device=h.device)
+
         prev_logp = None  # (N, V) log-probabilities read at the previous loop, for the KL exit
-        kv_rolling = RollingKV() if slots is None else None
         out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
         cum = torch.zeros(N, device=h.device)
         ponder = torch.zeros(N, device=h.device)
         steps = torch.zeros(N, device=h.device, dtype=torch.long)
         live = torch.arange(N, device=h.device)
-        rows = None  # None: every row is live, the common case, with no gathers at all
-        first_grad = depth - backprop_loops if backprop_loops else 0
+        rows = None  # None: every row is live, with no gathers at all
 
         for t in range(depth):
             with torch.no_grad() if t < first_grad else nullcontext():
                 h_t, e_t = _take(h, rows), _take(e, rows)
                 if slots is not None and t > 0 and rows is not None:
-                    slots[t].copy_new_tokens(slots[t - 1], ctx.start, T)
-                x = self.norm(h_t + loop_embedding(t, D, self.cfg.loop_embed_dim, h_t) + e_t)
-                if rows is None:  # dense layout while every row is live
-                    x = x.view(B, T, D)
-                y = self.block(x, ctx, kv_rolling if slots is None else slots[t], rows).reshape(-1, D)
-                h_t = self.injection(h_t, e_t, y + self.lora(y, t))
+                    # halted rows keep their latest entry in this loop's slot
+                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T)
+                h_t, kv = self._run_step(t, h_t, e_t, kv, ctx, slot(t), rows)
 
                 stop = torch.full_like(steps if rows is None else rows, t == depth - 1, dtype=torch.bool)
                 if limit is not None:
@@ -214,7 +284,7 @@ class RecurrentBlock(nn.Module):
                     p, c = self.act(h_t), _take(cum, rows)
                     stop |= c + p >= self.cfg.act_threshold
                     w = torch.where(stop, 1.0 - c, p)
-                    out = out.index_add(0, live, w.unsqueeze(-1) * h_t.float())
+                    out = _add(out, rows, w.unsqueeze(-1) * h_t.float())
                     cum = _put(cum, rows, c + p)
                     ponder = _put(ponder, rows, torch.where(stop, t + 1 + (1.0 - c), 0.0))
                 else:
@@ -227,14 +297,22 @@ class RecurrentBlock(nn.Module):
                         prev_logp = _put(prev_logp, rows, logp) if prev_logp is not None else logp
                     out = out.index_put((live[stop],), h_t[stop])
                 h = _put(h, rows, h_t)
-                steps = steps.index_add(0, live, torch.ones_like(live))
+                steps = _add(steps, rows, 1)
 
             if bool(stop.all()):
                 break
             if bool(stop.any()):
                 live = live[~stop]
                 rows = live
-        if slots is not None:  # columns of deeper, unrun loops get the latest entry too
-            for deeper in range(t + 1, len(slots)):
-                slots[deeper].copy_new_tokens(slots[deeper - 1], ctx.start, T)
+        self._fill_deeper(slots, t, depth, ctx)
         return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
+
+    @staticmethod
+    def _fill_deeper(slots: list | None, t: int, depth: int, ctx: Context) -> None:
+        """After the last loop run, t, give the new tokens' entries in the slots of the loops not
+        run (up to the cache's depth, or up to `depth` for a ring) their latest entry."""
+        if slots is None:
+            return
+        last = max(depth, len(slots)) - 1
+        for deeper in range(t + 1, t + 1 + min(len(slots) - 1, last - t)):
+            slots[deeper % len(slots)].copy_new_tokens(slots[(deeper - 1) % len(slots)], ctx.start, ctx.T)

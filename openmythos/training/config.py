@@ -26,6 +26,7 @@ else:  # pragma: no cover
 LOOP_SAMPLERS = ("fixed", "poisson", "lognormal-poisson")
 LOOP_PER = ("batch", "sequence")
 DTYPES = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "muon")
 DIST_STRATEGIES = ("none", "ddp", "fsdp")
 TOKENIZERS = ("bpe", "gpt2", "byte")
 
@@ -65,6 +66,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adamw"  # or "muon": Muon on hidden matrices, AdamW on the rest
     steps: int = 2000
     batch_size: int = 16  # sequences per micro-batch (per rank)
     grad_accum: int = 1
@@ -75,6 +77,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     ponder_weight: float = 0.0  # ACT ponder cost in the loss; needs model.halting = "act"
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
@@ -155,6 +158,7 @@ class TrainConfig:
     def validate(self) -> None:
         r, d, t, lo, c, e = self.run, self.data, self.train, self.loops, self.checkpoint, self.eval
         _choice("run.dtype", r.dtype, DTYPES)
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
         _choice("loops.sampler", lo.sampler, LOOP_SAMPLERS)
         _choice("loops.per", lo.per, LOOP_PER)
         _choice("dist.strategy", self.dist.strategy, DIST_STRATEGIES)
@@ -180,7 +184,8 @@ class TrainConfig:
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
         _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
                f"exceeds train.steps={t.steps}")
-        for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2),
+                           ("train.muon_momentum", t.muon_momentum)):
             _check(0 <= value < 1, key, value, "must lie in [0, 1)")
         _check(lo.mean >= 1, "loops.mean", lo.mean, "must be >= 1")
         _check(lo.sigma > 0, "loops.sigma", lo.sigma, "must be positive")

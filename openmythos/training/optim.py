@@ -1,8 +1,18 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning rate."""
+"""Optimizers and the learning-rate schedule.
+
+- "adamw": AdamW with decoupled weight decay on weight matrices only.
+- "muon": Muon (Jordan et al. 2024) on the hidden weight matrices, AdamW on everything else
+  (embeddings and the tied head, norms, biases, the injection, vectors). Muon's update is scaled by
+  0.2 * sqrt(max(rows, cols)) so that its RMS matches AdamW's (Liu et al. 2025, "Muon is Scalable
+  for LLM Training"): the same learning rate and weight decay serve both halves.
+
+The schedule is linear warmup then cosine decay, a pure function of the step.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -13,27 +23,97 @@ from openmythos.training.config import OptimConfig
 # decaying the injection pulls A towards 1 (log_A, log_dt -> 0) and B towards 0: it would fight
 # the recurrence's stability instead of regularising it (Parcae trains A, dt, B without decay)
 _NO_DECAY_MODULES = (nn.Embedding, LTIInjection, FreeInjection, AdditiveInjection)
+# quintic Newton-Schulz coefficients from Jordan et al.: steepest slope at zero, 5 steps suffice
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
     """Weight decay on weight matrices (and stacked expert tensors); none on norms, biases,
-    embeddings (the tied LM head included) or the injection's A/dt/B."""
-    decay, no_decay = [], []
+    embeddings (the tied LM head included) or the injection's A/dt/B. With `muon`, the decayed
+    matrices that are real matrices (both sides > 1) form a third group, flagged for Muon."""
+    decay, no_decay, ortho = [], [], []
     for module in model.modules():
         for _, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            skip = isinstance(module, _NO_DECAY_MODULES) or p.ndim < 2
-            (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            if isinstance(module, _NO_DECAY_MODULES) or p.ndim < 2:
+                no_decay.append(p)
+            elif muon and min(p.shape[-2:]) > 1:
+                ortho.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "muon": False},
+              {"params": no_decay, "weight_decay": 0.0, "muon": False}]
+    if muon:
+        groups.append({"params": ortho, "weight_decay": weight_decay, "muon": True})
+    return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T of g = U S V^T over the last two dims (stacked experts each get their
+    own), by Newton-Schulz iteration in bf16: singular values land in about [0.7, 1.2]."""
+    a, b, c = _NS_COEFFS
+    x = g.bfloat16()
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on param groups flagged `muon`, AdamW on the others, as one optimizer (one state
+    dict, one set of param groups for the schedule)."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum,
+                                      ns_steps=ns_steps, muon=False, weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        assert closure is None, "MuonAdamW does not re-evaluate the loss"
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                (self._muon if group["muon"] else self._adamw)(p, group, self.state[p])
+
+    @staticmethod
+    def _muon(p: torch.Tensor, group: dict, state: dict) -> None:
+        if not state:
+            state["momentum"] = torch.zeros_like(p)
+        buf = state["momentum"].mul_(group["momentum"]).add_(p.grad)
+        nesterov = p.grad.add(buf, alpha=group["momentum"])
+        update = orthogonalise(nesterov, group["ns_steps"]).to(p.dtype)
+        p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
+
+    @staticmethod
+    def _adamw(p: torch.Tensor, group: dict, state: dict) -> None:
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        return MuonAdamW(param_groups(model, cfg.weight_decay, muon=True), cfg.lr, betas, cfg.eps,
+                         cfg.muon_momentum)
     device_type = next(model.parameters()).device.type
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device_type == "cuda" or None)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
+                             eps=cfg.eps, fused=device_type == "cuda" or None)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

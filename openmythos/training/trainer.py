@@ -477,7 +477,7 @@ def report(summary: dict[str, Any]) -> str:
         f"ppl {summary['val_ppl']:.1f}, {summary['val_bpb']:.4f} bits/byte",
         f"unigram baseline: {summary['unigram_loss']:.4f} nats/token, "
         f"{summary['unigram_bpb']:.4f} bits/byte  ({summary['bytes_per_token']:.3f} bytes/token)",
-        f"loss per depth (first {summary['depth_tokens']} validation tokens):",
+        f"loss per depth ({summary['depth_tokens']} validation tokens, spread over the split):",
         depth_table({int(n): v for n, v in summary["loss_per_depth"].items()},
                     summary["bytes_per_token"]),
     ]
