@@ -27,7 +27,7 @@ LOOP_SAMPLERS = ("fixed", "poisson", "lognormal-poisson")
 LOOP_PER = ("batch", "sequence")
 DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
-DIST_STRATEGIES = ("none", "ddp", "fsdp")
+DIST_STRATEGIES = ("none", "ddp")
 TOKENIZERS = ("bpe", "gpt2", "byte")
 
 
@@ -123,7 +123,9 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "none"  # "ddp" / "fsdp" arrive with the distributed engine (torchrun)
+    strategy: str = "none"  # "none": one process; "ddp": replicas under torchrun
+    activation_checkpointing: bool = False  # recompute each loop iteration in the backward pass
+    compile: bool = False  # torch.compile the blocks and the loop body
 
 
 SECTIONS: dict[str, type] = {
@@ -137,7 +139,7 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
 }
 # keys that may differ when resuming: they change where and how a run reports, not its numbers
-RESUME_MUTABLE = ("run.out_dir", "run.progress", "run.log_every", "run.threads",
+RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile", "run.out_dir", "run.progress", "run.log_every", "run.threads",
                   "checkpoint.resume", "checkpoint.every", "checkpoint.keep", "train.max_minutes")
 
 

@@ -53,6 +53,13 @@ from openmythos.training.checkpoint import (
     save_checkpoint,
 )
 from openmythos.training.config import RESUME_MUTABLE, DataConfig, TrainConfig, to_toml
+from openmythos.training.distributed import (
+    DistEnv,
+    destroy_distributed,
+    init_distributed,
+    no_gradient_sync,
+    parallelize,
+)
 from openmythos.training.loops import LoopSampler
 from openmythos.training.optim import build_optimizer, lr_at
 
@@ -64,16 +71,6 @@ SUMMARY = "summary.json"
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -152,19 +149,14 @@ class _StopRequest:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
-        self.cfg, self.env = cfg, env or DistEnv()
-        if cfg.dist.strategy != "none":
-            raise ValueError(f"dist.strategy={cfg.dist.strategy!r} needs the distributed engine "
-                             "(torchrun); this trainer runs one process with strategy 'none'")
+        self.device = resolve_device(cfg.run.device)
+        if env is None:
+            env = init_distributed(self.device.type) if cfg.dist.strategy != "none" else DistEnv()
+        self.cfg, self.env = cfg, env
         ckpt = open_checkpoint(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if ckpt is not None:
-            changed = ckpt.train_cfg.diff(cfg, ignore=RESUME_MUTABLE)
-            if changed:
-                raise ValueError(f"refusing to resume from {str(ckpt.path)!r}: the config differs "
-                                 "from the one it was trained with (saved -> now):\n  "
-                                 + "\n  ".join(changed))
+            self._check_resume(ckpt)
         self.run_dir = self._run_dir(ckpt)
-        self.device = resolve_device(cfg.run.device)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -183,6 +175,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         with torch.device(self.device):
             self.model = OpenMythos(mcfg)
+        # the module a training step calls: the model itself, or its DDP replica
+        self.engine = parallelize(self.model, cfg.dist.strategy,
+                                  activation_checkpointing=cfg.dist.activation_checkpointing,
+                                  compile=cfg.dist.compile)
         self.optimizer = build_optimizer(self.model, cfg.train)
         # windows and depths have generators of their own: changing one never shifts the other
         self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -197,6 +193,21 @@ class Trainer:
             self._restore(ckpt)
 
     # setup
+    def _check_resume(self, ckpt: Checkpoint) -> None:
+        """Refuse a resume that would not continue the same run. The world size may change as
+        long as the global batch (batch_size x world_size) does not."""
+        cfg = self.cfg
+        changed = ckpt.train_cfg.diff(cfg, ignore=(*RESUME_MUTABLE, "train.batch_size"))
+        saved_world = ckpt.trainer_state().get("world_size", 1)
+        saved_batch = ckpt.train_cfg.train.batch_size * saved_world
+        if saved_batch != cfg.train.batch_size * self.env.world_size:
+            changed.append(f"global batch (train.batch_size x world size): {saved_batch} -> "
+                           f"{cfg.train.batch_size * self.env.world_size}")
+        if changed:
+            raise ValueError(f"refusing to resume from {str(ckpt.path)!r}: the config differs "
+                             "from the one it was trained with (saved -> now):\n  "
+                             + "\n  ".join(changed))
+
     def _run_dir(self, ckpt: Checkpoint | None) -> Path:
         cfg = self.cfg.run
         if cfg.out_dir:
@@ -245,6 +256,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"optimizer": self.optimizer.state_dict(), "loops": self.loops.state_dict(),
                 "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
+                "world_size": self.env.world_size,
                 "skipped": self.skipped, "bad_in_row": self.bad_in_row,
                 "train_time": self.train_time}
 
@@ -268,24 +280,27 @@ class Trainer:
         # state norm, ponder cost
         stats = torch.zeros(4, device=self.device)
         load = torch.zeros(model.cfg.n_experts, device=self.device, dtype=torch.long)
-        for _ in range(accum):
+        for micro in range(accum):
             x, y = self.data.train.sample_batch(B, T, self.data_gen, rank=self.env.rank,
                                                 world_size=self.env.world_size)
             x, y = x.to(self.device), y.to(self.device)
             n_loops = self.loops.sample(B, self.env.rank, self.env.world_size)
-            with autocast(self.device.type, self.amp_dtype):
-                out = model(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None)
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-            loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
-            (loss / accum).backward()
+            with no_gradient_sync(self.engine, inner_step=micro < accum - 1):
+                with autocast(self.device.type, self.amp_dtype):
+                    out = self.engine(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None)
+                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
+                (loss / accum).backward()
             load += out.expert_load
             stats += torch.stack([ce, out.loops.float().mean(), out.state_norm,
                                   out.ponder_loss]).detach().float()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
-        loss_value, loops, state_norm, ponder = (stats / accum).tolist()
         if self.env.world_size > 1:
             dist.all_reduce(load)  # every rank moves the router bias by the global load
+            dist.all_reduce(stats)  # report the global means, identical on every rank
+            stats /= self.env.world_size
+        loss_value, loops, state_norm, ponder = (stats / accum).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -458,8 +473,14 @@ def _plot(metrics: Path, out: Path) -> None:
 
 
 def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
-    """Train (or resume) a run; returns the summary also written to `<run>/summary.json`."""
-    return Trainer(cfg, env).fit()
+    """Train (or resume) a run; returns the summary also written to `<run>/summary.json`.
+    Under torchrun with dist.strategy='ddp' every rank calls this; the process group is
+    joined here and left at the end."""
+    try:
+        return Trainer(cfg, env).fit()
+    finally:
+        if env is None and cfg.dist.strategy != "none":
+            destroy_distributed()
 
 
 def report(summary: dict[str, Any]) -> str:
