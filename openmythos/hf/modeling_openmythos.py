@@ -84,7 +84,7 @@ class OpenMythosCache:
         idx = beam_idx.to(kv.valid.device)
         for slot in kv.prelude + kv.loops + kv.coda:
             slot.tensors = [t.index_select(0, idx) for t in slot.tensors]
-        kv.valid, kv.next_pos = kv.valid.index_select(0, idx), kv.next_pos.index_select(0, idx)
+        kv.valid, kv.next_pos, kv.lengths = (t.index_select(0, idx) for t in (kv.valid, kv.next_pos, kv.lengths))
 
 
 def _round_up(n: int) -> int:
@@ -100,7 +100,8 @@ def _grown(kv: KVCache, model: OpenMythos, max_len: int) -> KVCache:
             dst[:, :n] = src[:, :n]
     new.valid[:, :n] = kv.valid[:, :n]
     new.next_pos.copy_(kv.next_pos)
-    new.length, new.has_padding = kv.length, kv.has_padding
+    new.lengths.copy_(kv.lengths)
+    new.has_padding = kv.has_padding
     return new
 
 

@@ -32,12 +32,13 @@ class Context:
 
     B: int
     T: int
-    start: int  # cache column of the first new token (0 without a cache)
+    start: int  # cache column of the first new token (0 without a cache; the largest if ragged)
     cos: torch.Tensor  # (B, T, rope_dim // 2) fp32
     sin: torch.Tensor
     mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None = see is_causal
     is_causal: bool
     dropout: float = 0.0
+    cols: torch.Tensor | None = None  # (B,) each row's first new column, when rows are ragged
     expert_loads: list[torch.Tensor] = field(default_factory=list)  # (E,) per MoE call
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
@@ -147,7 +148,7 @@ class GQAttention(_Attention):
         k = apply_rope(self.wk(x).view(*lead, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(*lead, self.n_kv_heads, self.head_dim)
         if kv is not None:
-            k, v = kv.update([k, v], ctx.start, ctx.T, rows)
+            k, v = kv.update([k, v], ctx.start, ctx.T, rows, ctx.cols)
         out = self._attend(q, k, v, ctx, rows, self.head_dim ** -0.5)
         return self.wo(out.flatten(-2))
 
@@ -204,7 +205,7 @@ class MLAttention(_Attention):
         latent = torch.cat([self.kv_norm(c_kv), k_rope.squeeze(-2)], dim=-1)
         absorbed = self._use_absorbed(ctx.T, isinstance(kv, KVSlot))
         if kv is not None:
-            (latent,) = kv.update([latent], ctx.start, ctx.T, rows)
+            (latent,) = kv.update([latent], ctx.start, ctx.T, rows, ctx.cols)
         if absorbed:
             out = self._absorbed(q_nope, q_rope, latent, ctx, rows)
         else:

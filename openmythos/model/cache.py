@@ -21,8 +21,15 @@ from __future__ import annotations
 import torch
 
 
-def _rows_to_coords(rows: torch.Tensor, T: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return rows // T, start + rows % T
+def _rows_to_coords(rows: torch.Tensor, T: int, start: int,
+                    cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, column) of each flattened (B*T) row; `cols` gives ragged rows their own start."""
+    b = rows // T
+    return b, (start if cols is None else cols[b]) + rows % T
+
+
+def _all_rows(B: int, T: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(B * T, device=device)
 
 
 class KVSlot:
@@ -31,20 +38,28 @@ class KVSlot:
     def __init__(self, tensors: list[torch.Tensor]):
         self.tensors = tensors
 
-    def update(self, new: list[torch.Tensor], start: int, T: int,
-               rows: torch.Tensor | None) -> list[torch.Tensor]:
-        """Write this step's entries and return the visible prefix [0, start + T)."""
+    def update(self, new: list[torch.Tensor], start: int, T: int, rows: torch.Tensor | None,
+               cols: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Write this step's entries and return the visible prefix [0, start + T). With ragged
+        rows (`cols`, each row's own first column) start is the largest of them."""
         for buf, x in zip(self.tensors, new, strict=True):
-            if rows is None:
+            if rows is None and cols is None:
                 buf[:, start:start + T] = x
             else:
-                buf[_rows_to_coords(rows, T, start)] = x
+                if rows is None:
+                    rows, x = _all_rows(buf.shape[0], T, buf.device), x.flatten(0, 1)
+                buf[_rows_to_coords(rows, T, start, cols)] = x
         return [buf[:, :start + T] for buf in self.tensors]
 
-    def copy_new_tokens(self, other: KVSlot, start: int, T: int) -> None:
-        """Give halted tokens their latest entry: copy [start, start + T) from the shallower slot."""
+    def copy_new_tokens(self, other: KVSlot, start: int, T: int,
+                        cols: torch.Tensor | None = None) -> None:
+        """Give halted tokens their latest entry: copy the new columns from the shallower slot."""
         for dst, src in zip(self.tensors, other.tensors, strict=True):
-            dst[:, start:start + T] = src[:, start:start + T]
+            if cols is None:
+                dst[:, start:start + T] = src[:, start:start + T]
+            else:
+                coords = _rows_to_coords(_all_rows(dst.shape[0], T, dst.device), T, start, cols)
+                dst[coords] = src[coords]
 
 
 class RollingKV:
@@ -55,7 +70,8 @@ class RollingKV:
         self.tensors = tensors
 
     def update(self, new: list[torch.Tensor], start: int, T: int,
-               rows: torch.Tensor | None) -> list[torch.Tensor]:
+               rows: torch.Tensor | None,
+               cols: None = None) -> list[torch.Tensor]:
         if rows is None or self.tensors is None:
             assert rows is None, "the first loop must run every row"
             self.tensors = list(new)
@@ -91,15 +107,44 @@ class KVCache:
         self.coda = [slot() for _ in range(cfg.coda_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # columns per row
         self.has_padding = False
+
+    @property
+    def length(self) -> int:
+        """Columns written: every row's, or the longest row's once rows are ragged."""
+        return int(self.lengths.max())
+
+    def _row_state(self) -> list[torch.Tensor]:
+        slots = [t for s in self.prelude + self.loops + self.coda for t in s.tensors]
+        return [*slots, self.valid, self.next_pos, self.lengths]
+
+    def narrow(self, start: int, n: int) -> KVCache:
+        """Rows [start, start + n) as a cache of their own that shares this one's storage: the
+        serving engine runs each step on a contiguous view, never a copy."""
+        view = object.__new__(KVCache)
+        view.batch_size, view.max_len, view.n_loops = n, self.max_len, self.n_loops
+        for name in ("prelude", "loops", "coda"):
+            setattr(view, name, [KVSlot([t.narrow(0, start, n) for t in s.tensors])
+                                 for s in getattr(self, name)])
+        view.valid, view.next_pos, view.lengths = (t.narrow(0, start, n) for t in
+                                                   (self.valid, self.next_pos, self.lengths))
+        view.has_padding = self.has_padding
+        return view
+
+    def reset_rows(self, start: int, n: int) -> None:
+        """Empty rows [start, start + n) for new sequences (stale entries become invisible)."""
+        for t in (self.valid, self.next_pos, self.lengths):
+            t[start:start + n] = 0
+
+    def swap_rows(self, i: int, j: int) -> None:
+        for t in self._row_state():
+            t[[i, j]] = t[[j, i]]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for s in self.prelude + self.loops + self.coda for t in s.tensors)
 
     def reset(self) -> None:
-        self.valid.zero_()
-        self.next_pos.zero_()
-        self.length = 0
+        self.reset_rows(0, self.batch_size)
         self.has_padding = False

@@ -115,7 +115,7 @@ class OpenMythos(nn.Module):
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, cache.coda[i] if cache else None)
         if cache is not None:
-            cache.length += T
+            cache.lengths += T
         logits = self.norm(x) @ self.embed.weight.T
         return MythosOutput(logits, torch.stack(ctx.aux_losses).sum(), ponder, loops,
                             torch.stack(ctx.expert_loads).sum(0), state_norm)
@@ -124,14 +124,22 @@ class OpenMythos(nn.Module):
                  attention_mask: torch.Tensor | None) -> Context:
         B, T = input_ids.shape
         device = input_ids.device
-        start = cache.length if cache else 0
+        start, cols = 0, None
+        if cache is not None:
+            shortest, start = cache.lengths.aminmax()
+            start = int(start)
+            if int(shortest) != start:  # ragged rows (the serving engine): one token each
+                cols = cache.lengths.clone()
         new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                      else attention_mask.to(device=device, dtype=torch.bool))
         padded = attention_mask is not None and not bool(new_valid.all())
         base = cache.next_pos if cache else torch.zeros(B, dtype=torch.long, device=device)
         positions = base.unsqueeze(1) + (new_valid.long().cumsum(1) - 1).clamp(min=0)
         if cache is not None:
-            cache.valid[:, start:start + T] = new_valid
+            if cols is None:
+                cache.valid[:, start:start + T] = new_valid
+            else:
+                cache.valid[torch.arange(B, device=device), cols] = new_valid[:, 0]
             cache.next_pos += new_valid.sum(1)
             cache.has_padding |= padded
             padded = cache.has_padding
@@ -140,7 +148,9 @@ class OpenMythos(nn.Module):
             valid = new_valid
         S = start + T
         mask, is_causal = None, start == 0 and T > 1
-        if padded or (start > 0 and T > 1):
+        if cols is not None:  # each row sees its own written columns and its new token
+            mask, is_causal = valid.unsqueeze(1).unsqueeze(1), False
+        elif padded or (start > 0 and T > 1):
             q_idx = torch.arange(start, S, device=device).unsqueeze(1)
             k_idx = torch.arange(S, device=device).unsqueeze(0)
             # a padding query may see only itself: a row with no visible key would give NaN
@@ -148,7 +158,7 @@ class OpenMythos(nn.Module):
             mask, is_causal = mask.unsqueeze(1), False
         rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
         cos, sin = rope_angles(positions, rope_dim, self.cfg.rope_theta)
-        return Context(B, T, start, cos, sin, mask, is_causal, self.cfg.dropout)
+        return Context(B, T, start, cos, sin, mask, is_causal, self.cfg.dropout, cols)
 
     def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor):
@@ -169,6 +179,9 @@ class OpenMythos(nn.Module):
             raise ValueError(f"sequence length {start + T} (cached {start} + new {T}) exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
         if cache is not None:
+            if T > 1 and int(cache.lengths.min()) != start:
+                raise ValueError(f"cache rows hold different lengths (ragged, as the serving "
+                                 f"engine leaves them): feed one token at a time, got T={T}")
             if cache.batch_size != B:
                 raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
             if start + T > cache.max_len:

@@ -274,7 +274,7 @@ class RecurrentBlock(nn.Module):
                 h_t, e_t = _take(h, rows), _take(e, rows)
                 if slots is not None and t > 0 and rows is not None:
                     # halted rows keep their latest entry in this loop's slot
-                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T)
+                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols)
                 h_t, kv = self._run_step(t, h_t, e_t, kv, ctx, slot(t), rows)
 
                 stop = torch.full_like(steps if rows is None else rows, t == depth - 1, dtype=torch.bool)
@@ -315,4 +315,5 @@ class RecurrentBlock(nn.Module):
             return
         last = max(depth, len(slots)) - 1
         for deeper in range(t + 1, t + 1 + min(len(slots) - 1, last - t)):
-            slots[deeper % len(slots)].copy_new_tokens(slots[(deeper - 1) % len(slots)], ctx.start, ctx.T)
+            slots[deeper % len(slots)].copy_new_tokens(slots[(deeper - 1) % len(slots)], ctx.start,
+                                                      ctx.T, ctx.cols)

@@ -1,0 +1,278 @@
+"""A continuous depth-wise batching engine.
+
+Across requests (continuous batching): requests join and leave between steps. Each running
+request owns one row of a preallocated KV cache; rows are kept packed, decoding rows first,
+so every model call runs on a contiguous view of the cache, never a copy. A long prompt is
+prefilled in chunks, one chunk per step, so it never stalls the requests that are decoding.
+
+Inside a step (depth-wise batching): every request decodes at its own depth (a per-row n_loops),
+and with ACT or the KL exit each token leaves the loop when its rule says so. The looped block
+runs on a compacted batch of the tokens still active at each depth (see model/recurrence.py),
+so a shallow request costs shallow compute even when it shares a step with a deep one.
+
+The engine is synchronous and single-threaded; `serve_forever` runs it on a background thread
+for the HTTP server, which talks to it through `submit` and per-request callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from openmythos.data.tokenizer import Tokenizer
+from openmythos.generation import check_sampling, sample
+from openmythos.model import OpenMythos
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at capacity: back off and retry (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    n_loops: int | None = None  # None: the model's max_loop_iters
+    seed: int | None = None
+
+    def validate(self, max_loops: int) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.n_loops is not None and not (isinstance(self.n_loops, int) and 1 <= self.n_loops <= max_loops):
+            raise ValueError(f"n_loops must be an integer in [1, {max_loops}], got {self.n_loops!r}")
+
+
+@dataclass
+class Event:
+    kind: str  # "token" or "done"
+    text: str = ""
+    token: int | None = None
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on "done"
+    usage: dict | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    generated: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    loops: int = 0  # loops executed, summed over every position this request ran
+    emitted: int = 0  # characters of the completion already sent
+    text: str = ""
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+class Engine:
+    def __init__(self, model: OpenMythos, tokenizer: Tokenizer | None = None, max_batch: int = 8,
+                 max_queue: int = 64, prefill_chunk: int = 64, max_len: int | None = None,
+                 max_loops: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_len = max_len or model.cfg.max_seq_len
+        self.max_loops = max_loops or model.cfg.max_loop_iters
+        self.cache = model.new_cache(max_batch, self.max_len, self.max_loops)
+        self.rows: list[Request] = []  # rows[i] owns cache row i; decoding rows come first
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Event()
+        self.stopping = False
+        self.eos = tokenizer.eos_id if tokenizer is not None else None
+
+    # the caller's side
+    def submit(self, prompt: list[int], params: SamplingParams,
+               on_event: Callable[[Event], None]) -> Request:
+        params.validate(self.max_loops)
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the context of {self.max_len} tokens")
+        vocab = self.model.cfg.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt holds a token id outside [0, {vocab})")
+        req = Request(list(prompt), params, on_event)
+        if params.seed is not None:
+            req.generator = torch.Generator(self.model.embed.weight.device).manual_seed(params.seed)
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(req)
+        self.wakeup.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Free the request's slot at the next step (a client that went away)."""
+        req.cancelled = True
+        self.wakeup.set()
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting
+
+    def stats(self) -> dict:
+        return {"running": len(self.rows), "waiting": len(self.waiting),
+                "free_rows": self.max_batch - len(self.rows)}
+
+    # the engine's side
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit, prefill one chunk, decode one token for every decoding request."""
+        self._retire()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _retire(self) -> None:
+        for req in [r for r in self.rows if r.cancelled]:
+            self._finish(req, "cancelled")
+        with self.lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                req.on_event(Event("done", finish_reason="cancelled", usage=self._usage(req)))
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and len(self.rows) < self.max_batch:
+                req = self.waiting.popleft()
+                row = len(self.rows)
+                self.cache.reset_rows(row, 1)
+                self.rows.append(req)
+
+    def _decoding_count(self) -> int:
+        return sum(r.decoding for r in self.rows)
+
+    def _prefill(self) -> None:
+        """One chunk of the oldest unfinished prompt."""
+        d = self._decoding_count()
+        if d == len(self.rows):
+            return
+        row = d  # prefilling rows follow the decoding ones; take the first
+        req = self.rows[row]
+        chunk = req.prompt[req.prefilled:req.prefilled + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.model.embed.weight.device)
+        out = self.model(ids, n_loops=self._depth(req), cache=self.cache.narrow(row, 1))
+        req.prefilled += len(chunk)
+        req.loops += int(out.loops.sum())
+        if req.decoding:  # the prompt is in; its row already borders the decoding rows
+            self._emit(req, self._sample(req, out.logits[0, -1:]))
+
+    def _decode(self) -> None:
+        active = [r for r in self.rows if r.decoding]
+        if not active:
+            return
+        n = len(active)
+        device = self.model.embed.weight.device
+        last = torch.tensor([[r.generated[-1]] for r in active], device=device)
+        depths = torch.tensor([self._depth(r) for r in active], device=device)
+        out = self.model(last, n_loops=depths, cache=self.cache.narrow(0, n))
+        for i, req in enumerate(active):
+            req.loops += int(out.loops[i].sum())
+            self._emit(req, self._sample(req, out.logits[i, -1:]))
+
+    def _depth(self, req: Request) -> int:
+        return req.params.n_loops or self.model.cfg.max_loop_iters
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        p = req.params
+        return int(sample(logits, p.temperature, p.top_k, p.top_p, req.generator)[0])
+
+    def _emit(self, req: Request, token: int) -> None:
+        req.generated.append(token)
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if token == self.eos:
+            return self._finish(req, "stop", drop_last=True)
+        text = self._text(req)
+        for s in req.params.stop:
+            if s and s in text:
+                req.text = text[:text.index(s)]
+                return self._finish(req, "stop")
+        req.text = text
+        # hold back a tail that could still grow into a stop string
+        hold = max((len(s) - 1 for s in req.params.stop), default=0)
+        visible = len(text) - hold
+        if visible > req.emitted:
+            req.on_event(Event("token", text=text[req.emitted:visible], token=token))
+            req.emitted = visible
+        elif self.tokenizer is None:
+            req.on_event(Event("token", token=token))
+        full = len(req.prompt) + len(req.generated) >= self.max_len
+        if len(req.generated) >= req.params.max_tokens or full:
+            self._finish(req, "length")
+
+    def _text(self, req: Request) -> str:
+        return self.tokenizer.decode(req.generated) if self.tokenizer is not None else ""
+
+    def _finish(self, req: Request, reason: str, drop_last: bool = False) -> None:
+        if drop_last:
+            req.generated.pop()
+            req.text = self._text(req)
+        if req.emitted < len(req.text):
+            req.on_event(Event("token", text=req.text[req.emitted:]))
+            req.emitted = len(req.text)
+        row = self.rows.index(req)
+        # keep rows packed: the last decoding row fills the hole, the last row fills its place
+        if req.decoding:
+            self._swap(row, self._decoding_count() - 1)
+            row = self._decoding_count() - 1
+        self._swap(row, len(self.rows) - 1)
+        self.rows.pop()
+        req.on_event(Event("done", finish_reason=reason, usage=self._usage(req)))
+
+    def _swap(self, i: int, j: int) -> None:
+        if i != j:
+            self.cache.swap_rows(i, j)
+            self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
+
+    def _usage(self, req: Request) -> dict:
+        return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.generated),
+                "total_tokens": len(req.prompt) + len(req.generated), "loops_executed": req.loops}
+
+    # running
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def serve_forever(self) -> None:
+        """The engine thread: step while there is work, sleep until a submit wakes it."""
+        while True:
+            with self.lock:
+                if self.stopping and self.idle:
+                    return
+            if self.idle:
+                self.wakeup.wait(timeout=0.1)
+                self.wakeup.clear()
+                continue
+            self.step()
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Refuse new requests; finish (or cancel) the running ones, then stop serve_forever."""
+        with self.lock:
+            self.stopping = True
+            if cancel:
+                for req in [*self.rows, *self.waiting]:
+                    req.cancelled = True
+        self.wakeup.set()

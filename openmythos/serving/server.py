@@ -1,0 +1,224 @@
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn, the `serve` extra).
+
+POST /v1/completions (prompt: a string or a list of strings; stream: SSE ending in
+`data: [DONE]`; `n_loops` is our extension and `usage.loops_executed` reports the compute),
+GET /health, GET /v1/models. Every bad request gets a 4xx JSON error naming the field; a full
+queue answers 429; a client that disconnects frees its slot; SIGTERM drains in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
+
+from openmythos.serving.engine import Engine, Event, QueueFull, SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512  # cap on a request's max_tokens
+    max_body_bytes: int = 1 << 20
+    timeout_s: float = 120.0
+    max_batch_prompts: int = 16  # prompts in one request's list
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str | list[str]
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n_loops: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, v):  # strict mode would refuse `1` where JSON means 1.0
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must hold at least one prompt")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+
+
+def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError("serving needs a tokenizer to turn prompts into tokens")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=engine.serve_forever, name="openmythos-engine", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:  # uvicorn has stopped taking requests and drained the open ones (SIGTERM)
+            engine.shutdown(cancel=True)
+            await asyncio.to_thread(thread.join, 30)
+
+    app = FastAPI(title="OpenMythos", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"] if p != "body"]
+        field = ".".join(loc) or "body"
+        if first["type"] == "json_invalid":
+            return _error(400, f"malformed JSON: {first['msg']}", None)
+        if first["type"] == "extra_forbidden":
+            return _error(400, f"unknown field {field!r}", field)
+        return _error(400, f"invalid {field!r}: {first['msg']}", field)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            return _error(413, f"request body larger than {limits.max_body_bytes} bytes", None)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model",
+                                            "owned_by": "openmythos"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) > limits.max_batch_prompts:
+            return _error(400, f"at most {limits.max_batch_prompts} prompts per request", "prompt")
+        if body.max_tokens > limits.max_tokens:
+            return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}",
+                          "max_tokens")
+        if body.n_loops is not None and body.n_loops > engine.max_loops:
+            return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
+        if body.stream and len(prompts) > 1:
+            return _error(400, "stream supports a single prompt", "prompt")
+        encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+        for ids in encoded:
+            room = min(limits.max_prompt_tokens, engine.max_len - body.max_tokens)
+            if len(ids) > room:
+                return _error(400, f"prompt is {len(ids)} tokens; with max_tokens={body.max_tokens} "
+                                   f"at most {room} fit the context", "prompt")
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+                                top_k=body.top_k, top_p=body.top_p if body.top_p < 1 else None,
+                                stop=body.stops(), n_loops=body.n_loops, seed=body.seed)
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in prompts]
+        reqs = []
+        try:
+            for ids, q in zip(encoded, queues, strict=True):
+                reqs.append(engine.submit(ids, params, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
+        except QueueFull as e:
+            for r in reqs:
+                engine.cancel(r)
+            return _error(429, f"server busy: {e}", None)
+        except ValueError as e:
+            for r in reqs:
+                engine.cancel(r)
+            return _error(400, str(e), "prompt")
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            return StreamingResponse(_stream(engine, reqs[0], queues[0], request, cid, created,
+                                             model_name, limits.timeout_s),
+                                     media_type="text/event-stream")
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(_collect(q, request) for q in queues)), limits.timeout_s)
+        except asyncio.TimeoutError:
+            return _error(504, f"the completion did not finish within {limits.timeout_s} s", None)
+        finally:
+            for r in reqs:
+                engine.cancel(r)  # no-op for finished requests; frees slots on timeout/disconnect
+        if any(r is None for r in results):
+            return _error(499, "client closed the request", None)
+        usage = {k: sum(u[k] for _, _, u in results) for k in results[0][2]}
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                            for i, (text, reason, _) in enumerate(results)],
+                "usage": usage}
+
+    return app
+
+
+async def _collect(queue: asyncio.Queue[Event], request: Request) -> tuple[str, str, dict] | None:
+    parts = []
+    while True:
+        try:
+            ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+            continue
+        if ev.kind == "done":
+            return "".join(parts), ev.finish_reason, ev.usage
+        parts.append(ev.text)
+
+
+async def _stream(engine: Engine, req, queue: asyncio.Queue[Event], request: Request, cid: str,
+                  created: int, model_name: str, timeout_s: float) -> AsyncIterator[str]:
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                if await request.is_disconnected() or time.monotonic() >= deadline:
+                    return
+                continue
+            chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                     "choices": [{"index": 0, "text": ev.text, "logprobs": None,
+                                  "finish_reason": ev.finish_reason}]}
+            if ev.kind == "done":
+                chunk["usage"] = ev.usage
+                yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            yield f"data: {json.dumps(chunk)}\n\n"
+    finally:
+        engine.cancel(req)  # a client that went away frees its slot
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "openmythos",
+          limits: Limits | None = None) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(engine, model_name, limits), host=host, port=port,
+                timeout_graceful_shutdown=30, log_level="info")

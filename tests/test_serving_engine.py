@@ -1,0 +1,118 @@
+"""The engine: greedy requests give the same tokens alone or among others, slots are freed,
+chunked prefill is exact, per-request depth is honoured."""
+
+import torch
+
+from openmythos.data.tokenizer import ByteTokenizer
+from openmythos.serving import Engine, SamplingParams
+from tests.conftest import small_model
+
+
+def collect(engine, prompt, **params):
+    events = []
+    req = engine.submit(prompt, SamplingParams(**params), events.append)
+    return req, events
+
+
+def tokens(events):
+    return [e.token for e in events if e.kind == "token" and e.token is not None]
+
+
+def run_alone(model, prompt, **params):
+    engine = Engine(model, max_batch=1)
+    req, events = collect(engine, prompt, **params)
+    engine.run_until_idle()
+    return req.generated
+
+
+def test_greedy_is_the_same_alone_or_batched():
+    model = small_model(vocab_size=64)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 11, [3, 1, 4, 1, 5, 9, 2], [6, 6, 6]]
+    depths = [3, 1, 2, 3, 2]
+    budgets = [6, 9, 3, 7, 5]
+    engine = Engine(model, max_batch=3, prefill_chunk=4)
+    reqs = [collect(engine, p, max_tokens=m, temperature=0, n_loops=d)[0]
+            for p, d, m in zip(prompts, depths, budgets, strict=True)]
+    engine.run_until_idle()
+    for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
+        assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d)
+        assert len(req.generated) == m
+
+
+def test_engine_matches_generate():
+    model = small_model(vocab_size=64)
+    prompt = [5, 4, 3, 2, 1, 0, 9]
+    ref = model.generate(torch.tensor([prompt]), 8, temperature=0, n_loops=2)[0, len(prompt):].tolist()
+    assert run_alone(model, prompt, max_tokens=8, temperature=0, n_loops=2) == ref
+
+
+def test_slots_are_freed_after_many_requests():
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=4, max_queue=200, prefill_chunk=3)
+    done = []
+    for i in range(100):
+        engine.submit([1 + i % 50, 2, 3], SamplingParams(max_tokens=1 + i % 4, temperature=0,
+                                                          n_loops=1 + i % 3), done.append)
+    engine.run_until_idle()
+    finished = [e for e in done if e.kind == "done"]
+    assert len(finished) == 100 and all(e.finish_reason == "length" for e in finished)
+    assert engine.idle and engine.stats()["free_rows"] == 4
+
+
+def test_cancel_frees_the_slot():
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=1)
+    req, events = collect(engine, [1, 2, 3], max_tokens=20, temperature=0)
+    engine.step()
+    engine.cancel(req)
+    engine.step()
+    assert engine.idle and events[-1].finish_reason == "cancelled"
+
+
+def test_stop_strings_and_eos_with_a_tokenizer():
+    tok = ByteTokenizer()
+    model = small_model(vocab_size=tok.vocab_size)
+    engine = Engine(model, tokenizer=tok, max_batch=2)
+    free = run_alone(model, list(b"hello"), max_tokens=12, temperature=0)
+    text = tok.decode(free)
+    stop = text[3:5] if len(text) >= 5 else None
+    if stop:
+        req, events = collect(engine, list(b"hello"), max_tokens=12, temperature=0, stop=(stop,))
+        engine.run_until_idle()
+        streamed = "".join(e.text for e in events if e.kind == "token")
+        assert streamed == text[:text.index(stop)] and events[-1].finish_reason == "stop"
+    engine.eos = free[2]
+    req, events = collect(engine, list(b"hello"), max_tokens=12, temperature=0)
+    engine.run_until_idle()
+    assert req.generated == free[:free.index(free[2])] and events[-1].finish_reason == "stop"
+
+
+def test_loops_are_counted_per_request():
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=2)
+    shallow, ev1 = collect(engine, [1, 2], max_tokens=4, temperature=0, n_loops=1)
+    deep, ev2 = collect(engine, [1, 2], max_tokens=4, temperature=0, n_loops=3)
+    engine.run_until_idle()
+    # prompt positions plus every decoded token but the first (sampled from the prefill)
+    assert ev1[-1].usage["loops_executed"] == 1 * (2 + 3)
+    assert ev2[-1].usage["loops_executed"] == 3 * (2 + 3)
+
+
+def test_bad_requests_are_refused():
+    import pytest
+
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=1, max_queue=1)
+    with pytest.raises(ValueError, match="n_loops"):
+        engine.submit([1], SamplingParams(n_loops=99), print)
+    with pytest.raises(ValueError, match="context"):
+        engine.submit([1] * 60, SamplingParams(max_tokens=10), print)
+    with pytest.raises(ValueError, match="token id"):
+        engine.submit([64], SamplingParams(), print)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit([1], SamplingParams(temperature=-1), print)
+    from openmythos.serving import QueueFull
+
+    engine.submit([1], SamplingParams(), print)
+    with pytest.raises(QueueFull):
+        engine.submit([1], SamplingParams(), print)

@@ -1,0 +1,139 @@
+"""The HTTP server on loopback: completions, streaming, every bad request, back-pressure and a
+bounded load test."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from openmythos.data.tokenizer import ByteTokenizer
+from openmythos.serving import Engine
+from openmythos.serving.server import Limits, create_app
+from tests.conftest import small_model
+
+
+@pytest.fixture
+def app():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size, max_seq_len=64), tokenizer=tok,
+                    max_batch=4, max_queue=8)
+    return create_app(engine, "tiny", Limits(max_tokens=32, max_body_bytes=4096, timeout_s=30))
+
+
+async def _call(app, fn):
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await fn(client)
+
+
+def call(app, fn):
+    return asyncio.run(_call(app, fn))
+
+
+def test_completion_health_models(app):
+    async def go(client):
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "temperature": 0})
+        h = await client.get("/health")
+        m = await client.get("/v1/models")
+        return r, h, m
+
+    r, h, m = call(app, go)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5 and body["usage"]["loops_executed"] > 0
+    assert h.json()["status"] == "ok" and m.json()["data"][0]["id"] == "tiny"
+
+
+def test_list_of_prompts_and_n_loops(app):
+    async def go(client):
+        return await client.post("/v1/completions", json={"prompt": ["a", "bc"], "max_tokens": 3,
+                                                          "temperature": 0, "n_loops": 1})
+
+    body = call(app, go).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["loops_executed"] == (1 + 2) + 2 * 2  # prompts, then 2 decodes each
+
+
+def test_streaming_matches_the_plain_completion(app):
+    async def go(client):
+        plain = await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 6, "temperature": 0})
+        async with client.stream("POST", "/v1/completions", json={
+                "prompt": "ab", "max_tokens": 6, "temperature": 0, "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        return plain, lines
+
+    plain, lines = call(app, go)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain.json()["choices"][0]["text"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10_000}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n_loops": 0}, "n_loops"),
+    ({"prompt": "x", "n_loops": 500}, "n_loops"),
+    ({"prompt": "x", "bogus": 1}, "bogus"),
+    ({"prompt": "x" * 200, "max_tokens": 8}, "prompt"),
+])
+def test_bad_requests_name_the_field(app, payload, field):
+    r = call(app, lambda c: c.post("/v1/completions", json=payload))
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_malformed_json_and_oversized_body(app):
+    async def go(client):
+        bad = await client.post("/v1/completions", content=b"{not json",
+                                headers={"content-type": "application/json"})
+        big = await client.post("/v1/completions", content=b"{" + b" " * 5000 + b"}",
+                                headers={"content-type": "application/json"})
+        return bad, big
+
+    bad, big = call(app, go)
+    assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]["message"]
+    assert big.status_code == 413
+
+
+def test_back_pressure_answers_429():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1, max_queue=1)
+    app = create_app(engine, "tiny", Limits(max_tokens=32))
+
+    async def go(client):
+        reqs = [client.post("/v1/completions", json={"prompt": "x", "max_tokens": 30}) for _ in range(6)]
+        return await asyncio.gather(*reqs)
+
+    codes = [r.status_code for r in call(app, go)]
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+
+
+@pytest.mark.slow
+def test_bounded_load_has_no_server_errors(app):
+    async def go(client):
+        sem = asyncio.Semaphore(16)
+
+        async def one(i):
+            async with sem:
+                while True:  # a well-behaved client backs off on 429 (the time limit bounds it)
+                    r = await client.post("/v1/completions", json={
+                        "prompt": f"q{i}", "max_tokens": 1 + i % 8, "n_loops": 1 + i % 3,
+                        "temperature": 0})
+                    if r.status_code != 429:
+                        return r
+                    await asyncio.sleep(0.05)
+
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 300)
+
+    codes = [r.status_code for r in call(app, go)]
+    assert all(c < 500 for c in codes) and codes.count(200) == 200
