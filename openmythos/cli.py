@@ -4,6 +4,11 @@
     mythos eval --checkpoint DIR [--data PATH] [--n-loops 1,2,4,8,16]
     mythos generate --checkpoint DIR --prompt TEXT [--n-loops N --temperature T --top-k K ...]
     mythos info (--preset NAME | --checkpoint DIR) [--n-loops N --seq-len S]
+    mythos export-hf --checkpoint DIR --out DIR [--n-loops N]
+    mythos serve (--checkpoint DIR | --preset NAME --random-init) [--host --port --max-batch]
+    mythos experiment NAME [--smoke true] [--field value ...]
+
+eval, generate and info also take a directory written by export-hf as --checkpoint.
 
 Each subcommand is a typed function here or in the library (`train_command`, `evaluate`,
 `generate`, `info`); `main` only parses arguments and maps errors to exit codes.
@@ -12,11 +17,13 @@ Each subcommand is a typed function here or in the library (`train_command`, `ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -25,7 +32,9 @@ import torch
 from openmythos.config import MythosConfig, preset_names
 from openmythos.data import path_documents, tokenize_documents, unigram_loss
 from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth
+from openmythos.model import OpenMythos
 from openmythos.training import (
+    TrainConfig,
     TrainingDiverged,
     load_config,
     load_model,
@@ -66,7 +75,7 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
              ) -> dict[str, Any]:
     """Validation loss, perplexity and bits/byte at each depth, on the run's validation split or
     on the text file/folder `data`, next to the unigram baseline of the run's training split."""
-    model, tokenizer, cfg = load_model(checkpoint, resolve_device(device))
+    model, tokenizer, cfg = _load(checkpoint, device)
     bundle = prepare_data(cfg.data, tokenizer)
     val = bundle.val if data is None else tokenize_documents(path_documents(data), tokenizer,
                                                               cfg.data.cache_dir or None)
@@ -93,7 +102,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
              seed: int = 0, device: str = "auto", out: TextIO = sys.stdout) -> str:
     """Sample a continuation of `prompt`, writing it to `out` as it is produced."""
-    model, tokenizer, _ = load_model(checkpoint, resolve_device(device))
+    model, tokenizer, _ = _load(checkpoint, device)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     device_ = model.embed.weight.device
     g = torch.Generator(device_).manual_seed(seed)
@@ -121,7 +130,7 @@ def info(preset: str | None = None, checkpoint: str | None = None, n_loops: int 
     """Parameters, active parameters per token, FLOPs per token and KV-cache bytes per token."""
     if (preset is None) == (checkpoint is None):
         raise ValueError("give exactly one of --preset NAME or --checkpoint DIR")
-    cfg = MythosConfig.from_preset(preset) if preset else open_checkpoint(checkpoint).model_cfg
+    cfg = MythosConfig.from_preset(preset) if preset else _model_config(checkpoint)
     n = n_loops or cfg.max_loop_iters
     s = seq_len or cfg.max_seq_len
     result = {"source": preset or checkpoint, "params": cfg.num_params(),
@@ -134,6 +143,50 @@ def info(preset: str | None = None, checkpoint: str | None = None, n_loops: int 
         print(f"{key:<{width}}  {_human(value) if isinstance(value, int) else value}")
     print(json.dumps(result))
     return result
+
+
+def export_hf_command(checkpoint: str, out: str, n_loops: int | None = None) -> str:
+    """`mythos export-hf`: a training checkpoint as a Hugging Face model directory, for
+    AutoModelForCausalLM/AutoTokenizer/pipeline (after `import openmythos.hf`, or with
+    trust_remote_code=True where openmythos is not installed)."""
+    path = _hf().export_hf(checkpoint, out, n_loops)
+    print(f"wrote {path}")
+    return str(path)
+
+
+def is_hf_dir(path: str) -> bool:
+    """A directory written by `mythos export-hf`: its config.json names the openmythos model type."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "openmythos"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _hf():
+    try:
+        import openmythos.hf as hf
+    except ImportError as e:  # the hf extra is not installed
+        raise ValueError(str(e)) from e
+    return hf
+
+
+def _load(checkpoint: str, device: str):
+    """A training run or checkpoint directory, or a Hugging Face directory from export-hf (whose
+    TrainConfig, when it has none, is the quickstart's)."""
+    if not is_hf_dir(checkpoint):
+        return load_model(checkpoint, resolve_device(device))
+    model, tokenizer, cfg = _hf().load_pretrained(checkpoint, resolve_device(device))
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint!r} has no tokenizer (tokenizer_meta.json): export it with one")
+    return model, tokenizer, cfg or TrainConfig()
+
+
+def _model_config(checkpoint: str) -> MythosConfig:
+    if not is_hf_dir(checkpoint):
+        return open_checkpoint(checkpoint).model_cfg
+    saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    return MythosConfig.from_dict({f.name: saved[f.name] for f in dataclasses.fields(MythosConfig)
+                                   if f.name in saved})
 
 
 def _human(n: int) -> str:
@@ -151,6 +204,56 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def serve_command(checkpoint: str | None, preset: str | None, random_init: bool, host: str,
+                  port: int, max_batch: int, device: str = "auto") -> None:
+    """`mythos serve`: the OpenAI-compatible server over the continuous batching engine."""
+    from openmythos.data import ByteTokenizer
+    from openmythos.serving import Engine
+    from openmythos.serving.server import serve
+
+    if checkpoint:
+        model, tokenizer, _ = _load(checkpoint, device)
+        name = Path(checkpoint).name
+    else:
+        if not (preset and random_init):
+            raise ValueError("give --checkpoint DIR, or --preset NAME with --random-init")
+        tokenizer = ByteTokenizer()
+        cfg = MythosConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)
+        model, name = OpenMythos(cfg).to(resolve_device(device)), f"{preset}-random"
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint!r} holds no tokenizer, which serving needs")
+    serve(Engine(model, tokenizer, max_batch=max_batch), host, port, name)
+
+
+def experiment_command(name: str, overrides: dict[str, str]) -> dict:
+    """`mythos experiment NAME [--smoke] [--field value ...]`: see openmythos/experiments."""
+    from openmythos.experiments import EXPERIMENTS, run_experiment
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    config_cls = EXPERIMENTS[name][0]
+    types = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    fields = {}
+    for key, text in overrides.items():
+        if key not in types:
+            raise ValueError(f"experiment {name!r} has no field {key!r}; fields: {sorted(types)}")
+        fields[key] = json.loads(text) if "list" in str(types[key]) else _scalar(text, types[key])
+    payload = run_experiment(name, **fields)
+    print((Path(payload["config"]["out_dir"] or f"runs/experiments/{name}") / "report.md").read_text())
+    return payload
+
+
+def _scalar(text: str, typ) -> object:
+    name = str(typ)
+    if "bool" in name:
+        return text.lower() in ("1", "true", "yes")
+    if "int" in name:
+        return int(text)
+    if "float" in name:
+        return float(text)
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,13 +293,34 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint")
     i.add_argument("--n-loops", type=int, help="depth for FLOPs and KV bytes (default: max_loop_iters)")
     i.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max_seq_len)")
+
+    x = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
+    x.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
+    x.add_argument("--out", required=True, help="the directory to write")
+    x.add_argument("--n-loops", type=int, help="default generation depth (default: max_loop_iters)")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (the `serve` extra)")
+    src = sv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a run, checkpoint or export-hf directory")
+    src.add_argument("--preset", choices=preset_names())
+    sv.add_argument("--random-init", action="store_true", help="serve an untrained --preset model")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8)
+    sv.add_argument("--device", default="auto")
+
+    xp = sub.add_parser("experiment", help="reproduce a claim: depth-extrapolation, "
+                                           "param-efficiency, stability, act-pareto",
+                        epilog="fields of the experiment's config as --field value, e.g. "
+                               "--smoke true --scale 4 --out_dir runs/x")
+    xp.add_argument("name")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "experiment"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -209,6 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             generate(args.checkpoint, args.prompt, args.max_new_tokens, args.n_loops,
                      args.temperature, args.top_k or None, args.top_p, args.seed, args.device)
+        elif args.command == "export-hf":
+            export_hf_command(args.checkpoint, args.out, args.n_loops)
+        elif args.command == "serve":
+            serve_command(args.checkpoint, args.preset, args.random_init, args.host, args.port,
+                          args.max_batch, args.device)
+        elif args.command == "experiment":
+            experiment_command(args.name, {k.lstrip("-").replace("-", "_"): v
+                                           for k, v in zip(extra[::2], extra[1::2], strict=False)})
         else:
             info(args.preset, args.checkpoint, args.n_loops, args.seq_len)
     except ValueError as e:

@@ -23,9 +23,9 @@ def app():
 
 async def _call(app, fn):
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await fn(client)
+    async with app.router.lifespan_context(app), \
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await fn(client)
 
 
 def call(app, fn):

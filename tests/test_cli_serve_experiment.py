@@ -1,0 +1,34 @@
+"""`mythos experiment` and `mythos serve` through the command line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def mythos(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "openmythos.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_experiment_smoke_writes_its_report(tmp_path):
+    out = tmp_path / "exp"
+    done = mythos("experiment", "depth-extrapolation", "--smoke", "true", "--threads", "1",
+                  "--out_dir", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "# depth-extrapolation" in done.stdout
+    assert json.loads((out / "results.json").read_text())["config"]["smoke"] is True
+
+
+def test_experiment_errors_name_the_problem():
+    done = mythos("experiment", "nope")
+    assert done.returncode == 2 and "unknown experiment 'nope'" in done.stderr
+    done = mythos("experiment", "stability", "--stepz", "3")
+    assert done.returncode == 2 and "no field 'stepz'" in done.stderr
+
+
+def test_serve_needs_a_model():
+    done = mythos("serve", "--preset", "tiny")
+    assert done.returncode == 2 and "--random-init" in done.stderr
+    done = mythos("serve", "--checkpoint", str(Path("/nonexistent/run")))
+    assert done.returncode == 2
