@@ -211,6 +211,21 @@ def test_compiled_model_decodes_like_eager():
     assert torch.equal(model.generate(ids, 6, temperature=0), ref)
 
 
+@torch.no_grad()
+def test_compiled_model_with_ragged_halting_matches_eager():
+    # halted rows: the packed attention grid's size is data, so the body splits around it
+    _compile_counters()
+    model = small_model(halting="act")
+    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=2.0)
+    ids = torch.randint(0, 64, (3, 9))
+    ref = model(ids, n_loops=4)
+    assert ref.loops.min() < ref.loops.max()
+    model.compile_blocks(backend="aot_eager")
+    out = model(ids, n_loops=4)
+    assert torch.equal(out.loops, ref.loops)
+    assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_model_matches_eager():
     _compile_counters()

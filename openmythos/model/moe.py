@@ -56,11 +56,11 @@ class MoE(nn.Module):
             0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten()))
         # sort the N*K assignments by expert so that each expert's tokens form one contiguous slice
         order_M = idx_NK.flatten().argsort(stable=True)  # M = N*K
-        x_MD = x_ND[order_M // K]
+        inverse_M = order_M.argsort()
+        x_MD = _GatherRows.apply(x_ND, order_M // K, inverse_M, K)
         y_MD = _grouped_swiglu(x_MD, load_E, self.w_gate, self.w_up, self.w_down).to(x_ND.dtype)
-        # unsort with a gather (the inverse permutation), then weight and sum each token's K rows:
-        # a gather and a reduction parallelise, where index_add into N rows would not
-        y_NKD = y_MD[order_M.argsort()].view(N, K, -1)
+        # unsort (the inverse permutation), then weight and sum each token's K rows
+        y_NKD = _GatherRows.apply(y_MD, inverse_M, order_M, 1).view(N, K, -1)
         out_ND = (y_NKD * gates_NK.to(x_ND.dtype).unsqueeze(-1)).sum(1)
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
@@ -78,6 +78,26 @@ class MoE(nn.Module):
         """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
         load_E = load_E.to(self.router_bias.device, torch.float32)
         self.router_bias += self.bias_rate * torch.sign(load_E.mean() - load_E)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] for the dispatch permutations, with the backward written as a gather too:
+    grad[inverse] summed over each token's `group` copies. Autograd's own backward of an index is
+    an accumulating scatter, which the CPU runs on one thread."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, group: int):
+        ctx.save_for_backward(inverse)
+        ctx.group = group
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad = grad[inverse]
+        if ctx.group > 1:
+            grad = grad.view(-1, ctx.group, grad.shape[-1]).sum(1)
+        return grad, None, None, None
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
