@@ -22,15 +22,17 @@ COMMON = ["--model.dim", "64", "--model.n_heads", "2", "--model.kv_lora_rank", "
           "--eval.depth_max_tokens", "256"]
 
 
-def launch(out: Path, nproc: int, batch: int, steps: int, *extra: str) -> list[dict]:
+def launch(out: Path, nproc: int, batch: int, steps: int, *extra: str,
+           strategy: str = "ddp") -> list[dict]:
+    """Train under torchrun with `nproc` processes, or in one plain process (strategy "none")."""
     env = {**os.environ, "OPENMYTHOS_CACHE": str(out.parent / "cache"), "OMP_NUM_THREADS": "1"}
     train = ["-m", "openmythos.cli", "train", *COMMON, "--train.steps", str(steps),
              "--train.batch_size", str(batch), "--run.out_dir", str(out), *extra]
-    if nproc == 1:
+    if strategy == "none":
         cmd = [sys.executable, *train]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *train, "--dist.strategy", "ddp"]
+               f"--nproc_per_node={nproc}", *train, "--dist.strategy", strategy]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -42,19 +44,19 @@ def losses(records):
 
 
 def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    single = losses(launch(tmp_path / "single", 1, 4, 5))
+    single = losses(launch(tmp_path / "single", 1, 4, 5, strategy="none"))
     ddp = losses(launch(tmp_path / "ddp", 2, 2, 5))
     assert len(single) == len(ddp) == 5
     assert ddp == pytest.approx(single, abs=1e-5)
 
 
 def test_resume_across_world_sizes(tmp_path):
-    full = losses(launch(tmp_path / "full", 1, 4, 6, "--checkpoint.every", "3"))
+    full = losses(launch(tmp_path / "full", 1, 4, 6, "--checkpoint.every", "3", strategy="none"))
     two = launch(tmp_path / "two", 2, 2, 6, "--checkpoint.every", "3")
     assert losses(two) == pytest.approx(full, abs=1e-5)
     # saved by 2 processes at step 3, resumed by 1 with the same global batch (and the reverse)
     one = launch(tmp_path / "one", 1, 4, 6, "--checkpoint.resume",
-                 str(tmp_path / "two" / "checkpoints" / "step_00000003"))
+                 str(tmp_path / "two" / "checkpoints" / "step_00000003"), strategy="none")
     back = launch(tmp_path / "back", 2, 2, 6, "--checkpoint.resume",
                   str(tmp_path / "full" / "checkpoints" / "step_00000003"))
     assert losses(one)[-3:] == pytest.approx(full[3:], abs=1e-5)

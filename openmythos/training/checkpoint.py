@@ -2,12 +2,16 @@
 
     model.safetensors   weights and buffers (the MoE balancing bias included)
     trainer_state.pt    optimizer, step counters, every RNG (torch, numpy, python, data, loops)
+    dcp/                FSDP2 runs instead: model and optimizer state as torch.distributed.checkpoint
+                        shards, one file per rank; model.safetensors (the consolidated weights)
+                        is added to the run's final checkpoint only
     config.json         the TrainConfig and the resolved MythosConfig
     tokenizer/          the tokenizer the run trained with
     manifest.json       size and sha256 of every file above, written last
 
 A checkpoint is written into a hidden temporary directory, fsynced, and renamed into place, so a
-crash mid-write never leaves a directory that looks finished. The manifest is the proof of
+crash mid-write never leaves a directory that looks finished (for DCP every rank writes its shard
+into the same temporary directory, which needs a filesystem shared by all nodes). The manifest is the proof of
 completion: a step directory whose manifest is missing or disagrees with its files is rejected,
 and loading the newest checkpoint of a run falls back to the previous good one.
 """
@@ -24,8 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
 from openmythos.config import MythosConfig
 from openmythos.data import Tokenizer, load_tokenizer
@@ -41,6 +58,7 @@ STATE = "trainer_state.pt"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 MANIFEST = "manifest.json"
+SHARDED = "dcp"
 
 
 @dataclass
@@ -50,15 +68,74 @@ class Checkpoint:
     train_cfg: TrainConfig
     model_cfg: MythosConfig
 
+    @property
+    def sharded(self) -> bool:
+        """Written by an FSDP2 run: model and optimizer live in DCP shards."""
+        return (self.path / SHARDED).is_dir()
+
     def load_weights(self, model: OpenMythos) -> None:
-        try:
-            weights = load_file(self.path / WEIGHTS, device=str(model.embed.weight.device))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint weights {str(self.path / WEIGHTS)!r} are unreadable: {e}") from e
+        """Into a plain (unsharded) model; DCP shards are gathered here, in this process."""
+        if self.sharded and not (self.path / WEIGHTS).is_file():
+            state = {"model": get_model_state_dict(model)}
+            self._load_shards(state)
+            set_model_state_dict(model, state["model"])
+            return
+        weights = self._read_weights(str(model.embed.weight.device))
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
             raise ValueError(f"checkpoint {str(self.path)!r} does not match its model config: {e}") from e
+
+    def load_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Weights and optimizer state into a plain or FSDP2-sharded model, from a checkpoint
+        that holds DCP shards or whole tensors; DCP reshards, so the world size may differ."""
+        if self.sharded:
+            msd, osd = get_state_dict(model, optimizer)
+            saved = self._shard_keys()
+            # a parameter that never had a gradient (the ACT unit with halting off) has no
+            # optimizer state in the checkpoint: it keeps none (non-strict), as it had none; the
+            # model's keys are checked in _load_shards
+            osd["state"] = {name: v for name, v in osd["state"].items()
+                            if any(k.startswith(f"optim.state.{name}.") for k in saved)}
+            state = {"model": msd, "optim": osd}
+            self._load_shards(state)
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
+            return
+        whole = self.trainer_state()["optimizer"]
+        if not isinstance(model, FSDPModule):
+            self.load_weights(model)
+            optimizer.load_state_dict(whole)
+            return
+        # whole tensors into shards: rank 0 reads them and every rank takes its shard
+        main = dist.get_rank() == 0
+        weights = self._read_weights("cpu") if main else {}
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, weights, options=opts)
+        opts.strict = False  # parameters that never had a gradient have no optimizer state
+        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, whole) if main else {},
+                                 options=opts)
+
+    def _read_weights(self, device: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(self.path / WEIGHTS, device=device)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint weights {str(self.path / WEIGHTS)!r} are unreadable: {e}") from e
+
+    def _shard_keys(self) -> set[str]:
+        return set(dcp.FileSystemReader(self.path / SHARDED).read_metadata().state_dict_metadata)
+
+    def _load_shards(self, state: dict[str, Any]) -> None:
+        saved = self._shard_keys()
+        missing = sorted(k for k in state["model"] if f"model.{k}" not in saved)
+        if missing:
+            raise ValueError(f"checkpoint {str(self.path)!r} does not match its model config: "
+                             f"its shards lack {missing[:5]}")
+        try:
+            dcp.load(state, checkpoint_id=self.path / SHARDED)
+        except (CheckpointException, RuntimeError, OSError) as e:  # truncated or mis-shaped shards
+            raise ValueError(f"checkpoint shards {str(self.path / SHARDED)!r} are unreadable: "
+                             f"{e}") from e
 
     def trainer_state(self) -> dict[str, Any]:
         return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
@@ -69,15 +146,53 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: TrainConfig,
                     tokenizer: Tokenizer, state: dict[str, Any], keep: int) -> Path:
-    """Write `<run_dir>/checkpoints/step_<step>` atomically, then keep only the newest `keep`."""
+    """Write `<run_dir>/checkpoints/step_<step>` atomically, then keep only the newest `keep`.
+    One process writes it: the single-process and DDP layout (model.safetensors)."""
     root = Path(run_dir) / CHECKPOINTS
+    tmp = _new_tmp(root, step)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights)
+
+
+def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 train_cfg: TrainConfig, tokenizer: Tokenizer, state: dict[str, Any], keep: int,
+                 consolidate: bool = False) -> Path:
+    """The FSDP2 layout, written collectively by every rank: DCP shards of the model and the
+    optimizer in `dcp/`, plus (with `consolidate`) the whole weights as model.safetensors,
+    which `mythos eval` and `mythos generate` read. Rank 0 writes the rest and renames."""
+    root = Path(run_dir) / CHECKPOINTS
+    main = dist.get_rank() == 0
+    shared = [_new_tmp(root, step) if main else None]
+    dist.broadcast_object_list(shared, src=0)  # every rank writes into rank 0's directory
+    tmp = Path(shared[0])
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / SHARDED)
+    weights = None
+    if consolidate:  # collective: every rank sends its shards, rank 0 alone receives
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                       cpu_offload=True))
+    final = _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights) if main else None
+    shared = [final]
+    dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody reads it unfinished
+    return Path(shared[0])
+
+
+def _new_tmp(root: Path, step: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{STEP_PREFIX}{step:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{STEP_PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
+    return tmp
+
+
+def _finish(root: Path, tmp: Path, step: int, model: nn.Module, train_cfg: TrainConfig,
+            tokenizer: Tokenizer, state: dict[str, Any], keep: int,
+            weights: dict[str, torch.Tensor] | None) -> Path:
+    """Everything but the shards, then the manifest, fsync, and the rename that publishes it."""
+    final = root / f"{STEP_PREFIX}{step:08d}"
+    if weights is not None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
     torch.save(state, tmp / STATE)
     config = {"format": FORMAT_VERSION, "step": step, "train": train_cfg.to_dict(),
               "model": model.cfg.to_dict()}
@@ -87,7 +202,7 @@ def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: Trai
     manifest = {"format": FORMAT_VERSION, "step": step,
                 "files": {p.relative_to(tmp).as_posix(): _describe(p) for p in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    for p in [*files, tmp / MANIFEST]:
+    for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir())]:
         _fsync(p)
     _fsync(tmp)
     if final.exists():  # re-saving a step (Ctrl-C right after a periodic save): replace it
@@ -100,6 +215,17 @@ def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: Trai
     _fsync(root)
     _prune(root, keep)
     return final
+
+
+def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any]) -> dict[str, Any]:
+    """`optimizer.state_dict()` (parameters numbered in group order) keyed by parameter name
+    instead, the form `set_optimizer_state_dict` takes."""
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                             for g in state["param_groups"]]}
 
 
 def _describe(path: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ LOOP_SAMPLERS = ("fixed", "poisson", "lognormal-poisson")
 LOOP_PER = ("batch", "sequence")
 DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
-DIST_STRATEGIES = ("none", "ddp")
+DIST_STRATEGIES = ("none", "ddp", "fsdp")
 TOKENIZERS = ("bpe", "gpt2", "byte")
 
 
@@ -123,9 +123,12 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "none"  # "none": one process; "ddp": replicas under torchrun
+    strategy: str = "none"  # "none": one process; under torchrun "ddp" (replicas) or "fsdp" (FSDP2)
     activation_checkpointing: bool = False  # recompute each loop iteration in the backward pass
     compile: bool = False  # torch.compile the blocks and the loop body
+    # fsdp: free the looped block's gathered parameters between forward and backward (less
+    # memory, a second all-gather per micro-step); docs/distributed.md has the measurement
+    reshard_recurrent: bool = False
 
 
 SECTIONS: dict[str, type] = {
@@ -139,7 +142,8 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
 }
 # keys that may differ when resuming: they change where and how a run reports, not its numbers
-RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile", "run.out_dir", "run.progress", "run.log_every", "run.threads",
+RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile",
+                  "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every", "run.threads",
                   "checkpoint.resume", "checkpoint.every", "checkpoint.keep", "train.max_minutes")
 
 
@@ -164,6 +168,10 @@ class TrainConfig:
         _choice("loops.sampler", lo.sampler, LOOP_SAMPLERS)
         _choice("loops.per", lo.per, LOOP_PER)
         _choice("dist.strategy", self.dist.strategy, DIST_STRATEGIES)
+        if self.dist.strategy == "fsdp" and t.optimizer == "muon":
+            raise ValueError("train.optimizer='muon' does not work with dist.strategy='fsdp': Muon "
+                             "orthogonalises whole matrices and FSDP2 holds shards of them; use "
+                             "train.optimizer='adamw' or dist.strategy='ddp'")
         if d.tokenizer not in TOKENIZERS and not Path(d.tokenizer).expanduser().is_dir():
             raise ValueError(f"data.tokenizer={d.tokenizer!r} is neither one of {TOKENIZERS} "
                              "nor a directory holding a saved tokenizer")

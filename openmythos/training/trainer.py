@@ -51,14 +51,19 @@ from openmythos.training.checkpoint import (
     open_checkpoint,
     run_dir_of,
     save_checkpoint,
+    save_sharded,
 )
 from openmythos.training.config import RESUME_MUTABLE, DataConfig, TrainConfig, to_toml
 from openmythos.training.distributed import (
     DistEnv,
+    broadcast_full_weights,
     destroy_distributed,
+    gathered,
+    global_max,
     init_distributed,
     no_gradient_sync,
     parallelize,
+    per_rank,
 )
 from openmythos.training.loops import LoopSampler
 from openmythos.training.optim import build_optimizer, lr_at
@@ -151,7 +156,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
         self.device = resolve_device(cfg.run.device)
         if env is None:
-            env = init_distributed(self.device.type) if cfg.dist.strategy != "none" else DistEnv()
+            env = (init_distributed(self.device.type, cfg.dist.strategy)
+                   if cfg.dist.strategy != "none" else DistEnv())
         self.cfg, self.env = cfg, env
         ckpt = open_checkpoint(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if ckpt is not None:
@@ -172,13 +178,16 @@ class Trainer:
             raise ValueError(f"checkpoint {str(ckpt.path)!r} holds a different model: "
                              f"{ckpt.model_cfg} vs {mcfg}")
 
+        self.sharded = cfg.dist.strategy == "fsdp"
         torch.manual_seed(cfg.run.seed)
-        with torch.device(self.device):
+        # FSDP2 shards the model on the meta device and materialises only each rank's shards
+        with torch.device("meta" if self.sharded else self.device):
             self.model = OpenMythos(mcfg)
-        # the module a training step calls: the model itself, or its DDP replica
-        self.engine = parallelize(self.model, cfg.dist.strategy,
-                                  activation_checkpointing=cfg.dist.activation_checkpointing,
-                                  compile=cfg.dist.compile)
+        # the module a training step calls: the model itself (sharded in place), or its DDP replica
+        self.engine = parallelize(self.model, cfg.dist, device=self.device,
+                                  param_dtype=self.amp_dtype)
+        if self.sharded and ckpt is None:
+            self._broadcast_init(mcfg)
         self.optimizer = build_optimizer(self.model, cfg.train)
         # windows and depths have generators of their own: changing one never shifts the other
         self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
@@ -193,6 +202,18 @@ class Trainer:
             self._restore(ckpt)
 
     # setup
+    def _broadcast_init(self, mcfg: MythosConfig) -> None:
+        """Rank 0 initialises the whole model exactly as a single process would (same seed, same
+        device), and every rank takes its shard: a run's numbers do not depend on its world
+        size. The whole model must fit on rank 0's device once, at start-up."""
+        full = {}
+        if self.env.is_main:
+            torch.manual_seed(self.cfg.run.seed)
+            with torch.device(self.device):
+                full = OpenMythos(mcfg).state_dict()
+        broadcast_full_weights(self.model, full)
+        del full
+
     def _check_resume(self, ckpt: Checkpoint) -> None:
         """Refuse a resume that would not continue the same run. The world size may change as
         long as the global batch (batch_size x world_size) does not."""
@@ -231,9 +252,8 @@ class Trainer:
         return run_dir
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        ckpt.load_weights(self.model)
+        ckpt.load_training_state(self.model, self.optimizer)
         state = ckpt.trainer_state()
-        self.optimizer.load_state_dict(state["optimizer"])
         self.loops.load_state_dict(state["loops"])
         self.data_gen.set_state(state["rng"]["data"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -248,23 +268,34 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt.path, self.step)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights; the optimizer too unless DCP shards hold it."""
         np_state = np.random.get_state()
         rng = {"data": self.data_gen.get_state(), "torch": torch.get_rng_state(),
                "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
                "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"optimizer": self.optimizer.state_dict(), "loops": self.loops.state_dict(),
-                "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
-                "world_size": self.env.world_size,
-                "skipped": self.skipped, "bad_in_row": self.bad_in_row,
-                "train_time": self.train_time}
+        state = {"loops": self.loops.state_dict(),
+                 "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
+                 "world_size": self.env.world_size,
+                 "skipped": self.skipped, "bad_in_row": self.bad_in_row,
+                 "train_time": self.train_time}
+        if not self.sharded:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
-    def save(self) -> Path | None:
-        if not self.env.is_main or self.last_saved == self.step:
+    def save(self, final: bool = False) -> Path | None:
+        """A checkpoint of this step (once). Under FSDP2 every rank writes its shards, and the
+        final checkpoint also gets the consolidated weights for eval and generate."""
+        if self.last_saved == self.step or not (self.sharded or self.env.is_main):
             return None
-        path = save_checkpoint(self.run_dir, self.step, self.model, self.cfg, self.data.tokenizer,
-                               self.state_dict(), self.cfg.checkpoint.keep)
+        c = self.cfg.checkpoint
+        if self.sharded:
+            path = save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.cfg,
+                                self.data.tokenizer, self.state_dict(), c.keep, consolidate=final)
+        else:
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.cfg,
+                                   self.data.tokenizer, self.state_dict(), c.keep)
         self.last_saved = self.step
         return path
 
@@ -295,6 +326,7 @@ class Trainer:
             stats += torch.stack([ce, out.loops.float().mean(), out.state_norm,
                                   out.ponder_loss]).detach().float()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # under FSDP2 the norm is a replicated DTensor, computed over every rank's shards
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf))
         if self.env.world_size > 1:
             dist.all_reduce(load)  # every rank moves the router bias by the global load
@@ -314,12 +346,16 @@ class Trainer:
         self.tokens_seen += tokens
         dt = time.perf_counter() - t0
         self.train_time += dt
-        with torch.no_grad():
-            rho = model.spectral_radius()
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                "tokens": self.tokens_seen, "tok_per_s": tokens / dt, "loops": loops, "rho": rho,
-                "state_norm": state_norm, "load_entropy": _entropy(load), "ponder": ponder,
-                "skipped": self.skipped, "time": self.train_time}
+        with torch.no_grad():  # a sharded A gives each rank the max of its own shard
+            rho = global_max(model.spectral_radius(), self.env, self.device)
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": self.tokens_seen, "tok_per_s": tokens / dt, "loops": loops, "rho": rho,
+                  "state_norm": state_norm, "load_entropy": _entropy(load), "ponder": ponder,
+                  "skipped": self.skipped, "time": self.train_time}
+        if self.env.world_size > 1:  # the global load above, and each rank's own tokens/s
+            record["tok_per_s_rank"] = per_rank(tokens / self.env.world_size / dt, self.env,
+                                                self.device)
+        return record
 
     def _bad_step(self, loss: float, grad_norm: float) -> None:
         self.skipped += 1
@@ -382,12 +418,13 @@ class Trainer:
                     if metrics:
                         metrics.write(record)
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    val = self.evaluate(cfg.eval.max_tokens)
+                    with gathered(self.engine, cfg.dist.reshard_recurrent):
+                        val = self.evaluate(cfg.eval.max_tokens)
                     log.info("step %d: val loss %.4f", self.step, val)
                     if metrics:
                         metrics.write({"step": self.step, "val_loss": val})
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
+                    self.save(final=self.step == cfg.train.steps)
                 if stop.requested:
                     status = "interrupted"
                     break
@@ -396,10 +433,11 @@ class Trainer:
                                 self.step)
                     status = "time_limit"
                     break
-        checkpoint = self.save() or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
+        checkpoint = self.save(final=True) or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
         summary = self._summary(status, checkpoint)
         if status != "interrupted":
-            summary.update(self.final_eval())
+            with gathered(self.engine, cfg.dist.reshard_recurrent):
+                summary.update(self.final_eval())
         if main:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
             _plot(self.run_dir / METRICS, self.run_dir / "loss.png")
