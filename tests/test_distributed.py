@@ -1,5 +1,7 @@
-"""DDP on the CPU with gloo, 2 processes under torchrun: the same losses as one process with the
-global batch, and checkpoints that resume across world sizes."""
+"""DDP and FSDP2 on the CPU with gloo, 2 processes under torchrun: the same losses as one process
+with the global batch, and checkpoints (whole or DCP shards) that resume across world sizes and
+strategies. The single-process run and each strategy's 2-process run are shared by the tests of a
+module (they are the expensive part); every launch has a timeout."""
 
 import json
 import os
@@ -8,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from openmythos.training import TrainConfig, load_model, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -20,19 +26,20 @@ COMMON = ["--model.dim", "64", "--model.n_heads", "2", "--model.kv_lora_rank", "
           "--run.threads", "1", "--train.warmup_steps", "1", "--loops.mean", "2",
           "--eval.samples", "0", "--eval.depths", "[1]", "--eval.max_tokens", "256",
           "--eval.depth_max_tokens", "256"]
+STEPS, EVERY = 6, 3  # every run saves at step 3, the point the resumed runs continue from
 
 
-def launch(out: Path, nproc: int, batch: int, steps: int, *extra: str,
-           strategy: str = "ddp") -> list[dict]:
+def launch(out: Path, nproc: int, batch: int, *extra: str, strategy: str = "ddp",
+           steps: int = STEPS) -> list[dict]:
     """Train under torchrun with `nproc` processes, or in one plain process (strategy "none")."""
     env = {**os.environ, "OPENMYTHOS_CACHE": str(out.parent / "cache"), "OMP_NUM_THREADS": "1"}
-    train = ["-m", "openmythos.cli", "train", *COMMON, "--train.steps", str(steps),
-             "--train.batch_size", str(batch), "--run.out_dir", str(out), *extra]
+    train_args = ["-m", "openmythos.cli", "train", *COMMON, "--train.steps", str(steps),
+                  "--train.batch_size", str(batch), "--run.out_dir", str(out), *extra]
     if strategy == "none":
-        cmd = [sys.executable, *train]
+        cmd = [sys.executable, *train_args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *train, "--dist.strategy", strategy]
+               f"--nproc_per_node={nproc}", *train_args, "--dist.strategy", strategy]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -43,30 +50,101 @@ def losses(records):
     return [r["loss"] for r in records]
 
 
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    single = losses(launch(tmp_path / "single", 1, 4, 5, strategy="none"))
-    ddp = losses(launch(tmp_path / "ddp", 2, 2, 5))
-    assert len(single) == len(ddp) == 5
-    assert ddp == pytest.approx(single, abs=1e-5)
+def step_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step:08d}"
 
 
-def test_resume_across_world_sizes(tmp_path):
-    full = losses(launch(tmp_path / "full", 1, 4, 6, "--checkpoint.every", "3", strategy="none"))
-    two = launch(tmp_path / "two", 2, 2, 6, "--checkpoint.every", "3")
-    assert losses(two) == pytest.approx(full, abs=1e-5)
-    # saved by 2 processes at step 3, resumed by 1 with the same global batch (and the reverse)
-    one = launch(tmp_path / "one", 1, 4, 6, "--checkpoint.resume",
-                 str(tmp_path / "two" / "checkpoints" / "step_00000003"), strategy="none")
-    back = launch(tmp_path / "back", 2, 2, 6, "--checkpoint.resume",
-                  str(tmp_path / "full" / "checkpoints" / "step_00000003"))
-    assert losses(one)[-3:] == pytest.approx(full[3:], abs=1e-5)
-    assert losses(back)[-3:] == pytest.approx(full[3:], abs=1e-5)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (run dir, records), each run launched once, when a test first asks for it."""
+    root, done = tmp_path_factory.mktemp("dist"), {}
+    plans = {"single": (1, 4, "none"), "ddp": (2, 2, "ddp"), "fsdp": (2, 2, "fsdp")}
+
+    def get(name):
+        if name not in done:
+            nproc, batch, strategy = plans[name]
+            out = root / name
+            done[name] = out, launch(out, nproc, batch, "--checkpoint.every", str(EVERY),
+                                     strategy=strategy)
+        return done[name]
+    return get
 
 
-def test_a_different_global_batch_is_refused(tmp_path):
-    launch(tmp_path / "two", 2, 2, 2)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_global_batch(runs, strategy):
+    _, single = runs("single")
+    _, two = runs(strategy)
+    assert len(single) == len(two) == STEPS
+    assert losses(two) == pytest.approx(losses(single), abs=1e-5)
+    assert all(len(r["tok_per_s_rank"]) == 2 and min(r["tok_per_s_rank"]) > 0 for r in two)
+    assert [r["rho"] for r in two] == pytest.approx([r["rho"] for r in single], abs=1e-6)
+
+
+def test_fsdp_gradient_accumulation_matches_one_process(runs, tmp_path):
+    """2 ranks x 2 micro-batches of 1, reduce-scattered only on the last, = 1 process x 4."""
+    _, single = runs("single")
+    accum = launch(tmp_path / "accum", 2, 1, "--train.grad_accum", "2", strategy="fsdp")
+    assert losses(accum) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_fsdp_checkpoints_hold_shards_and_the_final_one_whole_weights(runs):
+    fsdp, _ = runs("fsdp")
+    single, _ = runs("single")
+    periodic, final = step_dir(fsdp, EVERY), step_dir(fsdp, STEPS)
+    shards = sorted(p.name for p in (periodic / "dcp").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    manifest = json.loads((periodic / "manifest.json").read_text())["files"]
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer_state.pt"} <= set(manifest)
+    assert not (periodic / "model.safetensors").exists()
+    # the final checkpoint's consolidated weights are the single-process run's weights
+    whole, reference = (load_file(step_dir(r, STEPS) / "model.safetensors") for r in (fsdp, single))
+    assert whole.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(whole[k], reference[k], atol=1e-5, rtol=0)
+    # eval/generate read a periodic checkpoint too: its shards are gathered in this process
+    sharded, _, _ = load_model(periodic)
+    plain, _, _ = load_model(step_dir(single, EVERY))
+    for (name, a), (_, b) in zip(sharded.state_dict().items(), plain.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    assert (final / "dcp" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_across_world_sizes(runs, tmp_path, strategy):
+    single, full = runs("single")
+    two, _ = runs(strategy)
+    # saved by 2 processes at step 3, resumed by 1 plain process with the same global batch
+    one = launch(tmp_path / "one", 1, 4, "--checkpoint.resume", str(step_dir(two, EVERY)),
+                 strategy="none")
+    # saved by 1 plain process, resumed by 2
+    back = launch(tmp_path / "back", 2, 2, "--checkpoint.resume", str(step_dir(single, EVERY)),
+                  strategy=strategy)
+    tail = losses(full)[EVERY:]
+    assert losses(one)[-EVERY:] == pytest.approx(tail, abs=1e-5)
+    assert losses(back)[-EVERY:] == pytest.approx(tail, abs=1e-5)
+    if strategy == "fsdp":  # 2 shards resharded into 1
+        solo = launch(tmp_path / "solo", 1, 4, "--checkpoint.resume", str(step_dir(two, EVERY)),
+                      strategy="fsdp")
+        assert losses(solo)[-EVERY:] == pytest.approx(tail, abs=1e-5)
+
+
+def test_a_different_global_batch_is_refused(runs, tmp_path):
+    two, _ = runs("ddp")
     env = {**os.environ, "OPENMYTHOS_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-m", "openmythos.cli", "train", *COMMON,
-                           "--train.steps", "2", "--train.batch_size", "2", "--checkpoint.resume",
-                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+                           "--train.steps", str(STEPS), "--train.batch_size", "2",
+                           "--checkpoint.resume", str(two)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "global batch" in done.stderr
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = TrainConfig().override({"dist.strategy": "fsdp", "run.out_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"dist.strategy='fsdp' needs a torchrun launch"):
+        train(cfg)
+
+
+def test_fsdp_with_muon_is_refused():
+    with pytest.raises(ValueError, match=r"train.optimizer='muon'.*dist.strategy='fsdp'"):
+        TrainConfig().override({"dist.strategy": "fsdp", "train.optimizer": "muon"})

@@ -132,7 +132,7 @@ class Checkpoint:
             raise ValueError(f"checkpoint {str(self.path)!r} does not match its model config: "
                              f"its shards lack {missing[:5]}")
         try:
-            dcp.load(state, checkpoint_id=self.path / SHARDED)
+            dcp.load(state, checkpoint_id=self.path / SHARDED, no_dist=not dist.is_initialized())
         except (CheckpointException, RuntimeError, OSError) as e:  # truncated or mis-shaped shards
             raise ValueError(f"checkpoint shards {str(self.path / SHARDED)!r} are unreadable: "
                              f"{e}") from e
