@@ -87,6 +87,18 @@ def test_fsdp_gradient_accumulation_matches_one_process(runs, tmp_path):
     assert losses(accum) == pytest.approx(losses(single), abs=1e-5)
 
 
+def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(runs, tmp_path):
+    """The 1b-gpu recipe's settings: bf16 parameters for compute, fp32 master weights."""
+    _, single = runs("single")
+    out = tmp_path / "bf16"
+    mixed = launch(out, 2, 2, "--run.dtype", "bf16", "--dist.activation_checkpointing", "true",
+                   strategy="fsdp")
+    assert losses(mixed) == pytest.approx(losses(single), abs=2e-2)
+    assert losses(mixed) != pytest.approx(losses(single), abs=1e-6)  # bf16 really was used
+    weights = load_file(step_dir(out, STEPS) / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
 def test_fsdp_checkpoints_hold_shards_and_the_final_one_whole_weights(runs):
     fsdp, _ = runs("fsdp")
     single, _ = runs("single")

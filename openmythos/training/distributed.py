@@ -89,7 +89,10 @@ def parallelize(model: OpenMythos, cfg: DistConfig, *, device: torch.device,
         if model.embed.weight.device.type != "meta":
             raise ValueError("dist.strategy='fsdp' shards a model built on the meta device "
                              f"(with torch.device('meta')), got one on {model.embed.weight.device}")
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # no input casting: it would rebuild the Context each block appends its MoE load and aux
+        # loss to, losing them; autocast (run.dtype) sets the compute dtype instead
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
         for block in [*model.prelude, *model.coda]:
             fully_shard(block, mp_policy=mp)
         fully_shard(model.recurrent, mp_policy=mp, reshard_after_forward=cfg.reshard_recurrent)
