@@ -159,6 +159,8 @@ class Trainer:
             env = (init_distributed(self.device.type, cfg.dist.strategy)
                    if cfg.dist.strategy != "none" else DistEnv())
         self.cfg, self.env = cfg, env
+        if not env.is_main:  # rank 0 alone reports; the other ranks speak only on errors
+            logging.getLogger("openmythos").setLevel(logging.ERROR)
         ckpt = open_checkpoint(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if ckpt is not None:
             self._check_resume(ckpt)
@@ -300,10 +302,20 @@ class Trainer:
         return path
 
     # one optimizer step
+    def _schedule_clock(self) -> float:
+        """Training seconds so far, for a schedule that ends at train.max_minutes; under
+        torch.distributed rank 0's clock, so that every rank steps with the same learning rate."""
+        t = self.cfg.train
+        if self.env.world_size == 1 or not (t.max_minutes and t.time_schedule):
+            return self.train_time
+        clock = torch.tensor([self.train_time], dtype=torch.float64, device=self.device)
+        dist.broadcast(clock, src=0)
+        return float(clock)
+
     def train_step(self) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         t0 = time.perf_counter()
-        lr = lr_at(self.step, cfg.train)
+        lr = lr_at(self.step, cfg.train, self._schedule_clock())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         B, T, accum = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
