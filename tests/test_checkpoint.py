@@ -130,3 +130,70 @@ def test_weights_that_do_not_fit_the_config_are_rejected(tmp_path):
     (other / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="does not match its model config"):
         load_model(other)
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-process gloo group, in this process: FSDP2 and DCP code paths without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_model(seed: int = 0):
+    from conftest import small_config
+
+    from openmythos.model import OpenMythos
+    from openmythos.training.config import DistConfig
+    from openmythos.training.distributed import broadcast_full_weights, parallelize
+
+    cfg = small_config(vocab_size=ByteTokenizer().vocab_size)
+    with torch.device("meta"):
+        model = OpenMythos(cfg)
+    parallelize(model, DistConfig(strategy="fsdp"), device=torch.device("cpu"))
+    reference = small_model(seed, vocab_size=cfg.vocab_size)
+    reference.moe.router_bias.fill_(0.25)
+    broadcast_full_weights(model, reference.state_dict())
+    return model, reference
+
+
+def test_sharded_checkpoints_round_trip_prune_and_verify(tmp_path, world_of_one):
+    from openmythos.training.checkpoint import SHARDED, save_sharded
+
+    model, reference = sharded_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (1, 2, 3):
+        path = save_sharded(tmp_path, step, model, optimizer, TrainConfig(), ByteTokenizer(),
+                            {"step": step}, keep=2, consolidate=step == 3)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["step_00000002",
+                                                                          "step_00000003"]
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    assert f"{SHARDED}/.metadata" in files and WEIGHTS in files
+    assert not (tmp_path / CHECKPOINTS / "step_00000002" / WEIGHTS).exists()
+    # the consolidated weights and the shards, read without a sharded model, are the reference
+    for ckpt in (path, tmp_path / CHECKPOINTS / "step_00000002"):
+        loaded, _, _ = load_model(ckpt)
+        for (name, a), (_, b) in zip(reference.state_dict().items(), loaded.state_dict().items(),
+                                     strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # a damaged shard fails the manifest, and the run falls back to the previous checkpoint
+    shard = next((path / SHARDED).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="truncated"):
+        assert find_checkpoint(tmp_path) == tmp_path / CHECKPOINTS / "step_00000002"
+
+
+def test_shards_of_another_model_are_refused(tmp_path, world_of_one):
+    from conftest import small_config
+
+    from openmythos.model import OpenMythos
+    from openmythos.training.checkpoint import save_sharded
+
+    model, _ = sharded_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = save_sharded(tmp_path, 1, model, optimizer, TrainConfig(), ByteTokenizer(), {}, keep=1)
+    deeper = OpenMythos(small_config(vocab_size=ByteTokenizer().vocab_size, coda_layers=2))
+    with pytest.raises(ValueError, match=r"does not match its model config: its shards lack \['coda.1"):
+        open_checkpoint(path).load_weights(deeper)
