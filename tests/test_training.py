@@ -211,6 +211,18 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
 
 
+def test_lr_follows_the_clock_when_the_time_limit_ends_the_run_first():
+    cfg = OptimConfig(steps=1000, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, max_minutes=1.0)
+    # 100 steps in 30 s: the clock (half the budget) is ahead of the steps (a tenth) and sets the
+    # decay, which reaches the floor at the time limit
+    assert lr_at(100, cfg, elapsed_s=30.0) == pytest.approx(0.55)
+    assert lr_at(200, cfg, elapsed_s=60.0) == pytest.approx(0.1)
+    # a run the clock does not cut short stays a pure function of the step (exact resume)
+    assert lr_at(500, cfg, elapsed_s=1.0) == lr_at(500, cfg)
+    by_steps = OptimConfig(**{**vars(cfg), "time_schedule": False})
+    assert lr_at(100, by_steps, elapsed_s=30.0) == lr_at(100, cfg)
+
+
 # loop sampling
 
 @pytest.mark.parametrize("sampler, mean", [("fixed", 4), ("poisson", 6), ("lognormal-poisson", 6)])

@@ -82,6 +82,7 @@ class OptimConfig:
     ponder_weight: float = 0.0  # ACT ponder cost in the loss; needs model.halting = "act"
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
     max_minutes: float = 8.0  # stop training after this long (then evaluate); 0 = no limit
+    time_schedule: bool = True  # the cosine ends at max_minutes when that comes before `steps`
 
 
 @dataclass

@@ -6,7 +6,8 @@
   0.2 * sqrt(max(rows, cols)) so that its RMS matches AdamW's (Liu et al. 2025, "Muon is Scalable
   for LLM Training"): the same learning rate and weight decay serve both halves.
 
-The schedule is linear warmup then cosine decay, a pure function of the step.
+The schedule is linear warmup then cosine decay over the steps, or over the time budget when
+that ends the run first (`lr_at`).
 """
 
 from __future__ import annotations
@@ -116,11 +117,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                              eps=cfg.eps, fused=device_type == "cuda" or None)
 
 
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio at
-    cfg.steps. A pure function of the step, so resuming needs no scheduler state."""
+def lr_at(step: int, cfg: OptimConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio.
+
+    The cosine ends at cfg.steps or, with cfg.max_minutes and cfg.time_schedule, at the time limit
+    when that comes first: once the elapsed training time is a larger fraction of max_minutes than
+    `step` is of `steps` (the time limit will stop the run first), the decay follows the clock. A
+    run that the time limit does not cut short (every test, any long GPU run) stays a pure function
+    of the step and resumes exactly; a time-limited one depends on the machine's speed.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.time_schedule and cfg.max_minutes:
+        by_time = elapsed_s / (60 * cfg.max_minutes)
+        if by_time > step / cfg.steps:
+            progress = by_time
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)

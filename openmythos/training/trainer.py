@@ -509,6 +509,8 @@ def _plot(metrics: Path, out: Path) -> None:
     except ImportError:
         log.info("matplotlib is not installed: no loss.png (pip install 'openmythos[plot]')")
         return
+    if not metrics.exists():  # a run stopped before its first logged step
+        return
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("val_loss", "validation")):
