@@ -1,13 +1,16 @@
 """Serving throughput on mixed traffic: sequential `generate`, static batching and the continuous
 depth-wise batching engine, side by side in one process on the same requests.
 
+Engine rows: `engine-fifo` admits waiting requests in arrival order, `engine` (the default
+policy) groups rows of like depth (see openmythos/serving/engine.py).
+
 Traffic: every request arrives at t = 0 with its own prompt length, output length and depth
 (n_loops). Static batching takes fixed batches in arrival order, left-pads them to the longest
 prompt, runs every token at the batch's deepest depth and decodes until its longest output is
 done. Tokens/s counts only the tokens each request asked for. Greedy decoding, halting off, so
 every request does exactly the work it asked for.
 
-    python benchmarks/serving.py [--preset tiny] [--requests 48] [--threads 2]
+    python benchmarks/serving.py [--preset tiny] [--requests 48] [--threads 2] [--rounds 3]
 
 Prints a table and a final JSON line.
 """
@@ -16,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
 
-import torch
+# before torch loads OpenMP: spin-waiting threads on a shared CPU run many times slower
+# (docs/performance.md, "This machine"); an explicit setting in the environment wins
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from openmythos import MythosConfig, OpenMythos
-from openmythos.serving import Engine, SamplingParams
+import torch  # noqa: E402
+
+from openmythos import MythosConfig, OpenMythos  # noqa: E402
+from openmythos.serving import Engine, SamplingParams  # noqa: E402
 
 
 def traffic(n: int, vocab: int, max_loops: int, seed: int) -> list[dict]:
@@ -53,9 +61,9 @@ def run_static(model, reqs, batch: int):
     return done, loops
 
 
-def run_engine(model, reqs, batch: int, max_loops: int):
+def run_engine(model, reqs, batch: int, max_loops: int, admission: str):
     engine = Engine(model, max_batch=batch, max_queue=len(reqs), max_loops=max_loops,
-                    max_len=model.cfg.max_seq_len)
+                    max_len=model.cfg.max_seq_len, admission=admission)
     start, done, usage = time.perf_counter(), {}, {}
 
     def on_event(i):
@@ -85,6 +93,7 @@ def main() -> None:
     ap.add_argument("--max-loops", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-sequential", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,30 +103,38 @@ def main() -> None:
     reqs = traffic(args.requests, cfg.vocab_size, args.max_loops, args.seed)
     useful = sum(r["max_tokens"] for r in reqs)
     # warm-up: one short request through each path
-    run_engine(model, reqs[:2], args.batch, args.max_loops)
+    run_engine(model, reqs[:2], args.batch, args.max_loops, "fifo")
     run_static(model, reqs[:2], args.batch)
-    results = {}
     runs = {"static": lambda: run_static(model, reqs, args.batch),
-            "engine": lambda: run_engine(model, reqs, args.batch, args.max_loops)}
+            "engine-fifo": lambda: run_engine(model, reqs, args.batch, args.max_loops, "fifo"),
+            "engine": lambda: run_engine(model, reqs, args.batch, args.max_loops, "depth")}
     if not args.skip_sequential:
         runs["sequential"] = lambda: run_sequential(model, reqs)
-    for name, fn in runs.items():
-        with torch.no_grad():
-            done, loops = fn()
-        wall = max(done)
-        results[name] = {"tok_per_s": useful / wall, "p50_s": percentile(done, 50),
-                         "p99_s": percentile(done, 99), "mean_loops": sum(loops) / len(loops),
-                         "wall_s": wall}
+    # the modes alternate, in an order that flips every round, so that a change in the machine's
+    # load hits them alike; each round's ratios compare runs minutes apart at most
+    rounds = {name: [] for name in runs}
+    for i in range(args.rounds):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            with torch.no_grad():
+                done, loops = runs[name]()
+            rounds[name].append({"tok_per_s": useful / max(done), "p50_s": percentile(done, 50),
+                                 "p99_s": percentile(done, 99), "mean_loops": sum(loops) / len(loops),
+                                 "wall_s": max(done)})
+    results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+               for name, rs in rounds.items()}
+    for name, rs in rounds.items():
+        results[name]["vs_static"] = statistics.median(
+            r["tok_per_s"] / s["tok_per_s"] for r, s in zip(rs, rounds["static"], strict=True))
     print(f"{args.preset}: {args.requests} requests, prompts 8-64, outputs 8-64, n_loops 2-{args.max_loops}, "
-          f"batch {args.batch}, {args.threads} threads")
-    print(f"{'mode':<11} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'loops':>6} {'vs static':>9}")
+          f"batch {args.batch}, {args.threads} threads, median of {args.rounds} rounds")
+    print(f"{'mode':<12} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'loops':>6} {'vs static':>9}")
     for name, r in results.items():
-        print(f"{name:<11} {r['tok_per_s']:>8.1f} {r['p50_s']:>8.2f} {r['p99_s']:>8.2f} "
-              f"{r['mean_loops']:>6.2f} {r['tok_per_s'] / results['static']['tok_per_s']:>8.2f}x")
+        print(f"{name:<12} {r['tok_per_s']:>8.1f} {r['p50_s']:>8.2f} {r['p99_s']:>8.2f} "
+              f"{r['mean_loops']:>6.2f} {r['vs_static']:>8.2f}x")
     print(json.dumps({"benchmark": "serving", "preset": args.preset, "requests": args.requests,
-                      "results": results,
-                      "engine_vs_static": results["engine"]["tok_per_s"] / results["static"]["tok_per_s"]}))
-
+                      "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+                      "results": results, "engine_vs_static": results["engine"]["vs_static"],
+                      "engine_fifo_vs_static": results["engine-fifo"]["vs_static"]}))
 
 if __name__ == "__main__":
     main()

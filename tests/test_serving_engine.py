@@ -39,6 +39,44 @@ def test_greedy_is_the_same_alone_or_batched():
         assert len(req.generated) == m
 
 
+def test_new_prompts_prefill_together_left_padded():
+    model = small_model(vocab_size=64)
+    prompts, depths = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 3, 5]], [3, 1, 2]
+    engine = Engine(model, max_batch=3, prefill_chunk=8)
+    reqs = [collect(engine, p, max_tokens=4, temperature=0, n_loops=d)[0]
+            for p, d in zip(prompts, depths, strict=True)]
+    engine.step()  # one padded prefill call for all three, then their first decode
+    assert [len(r.generated) for r in reqs] == [2, 2, 2]
+    assert engine.cache.has_padding
+    # loops count only real tokens: prompt positions at their depth, one decode each
+    assert [r.loops for r in reqs] == [d * (len(p) + 1) for p, d in zip(prompts, depths, strict=True)]
+    engine.run_until_idle()
+    for req, p, d in zip(reqs, prompts, depths, strict=True):
+        assert req.generated == run_alone(model, p, max_tokens=4, temperature=0, n_loops=d)
+
+
+def admission_order(admission):
+    """A long shallow request runs throughout; a deep one waits behind short shallow ones."""
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=2, admission=admission, admission_window=2)
+    budgets, depths = [20, 1, 1, 1, 1, 1], [1, 3, 1, 1, 1, 1]
+    reqs = [collect(engine, [1, 2], max_tokens=m, temperature=0, n_loops=d)[0]
+            for m, d in zip(budgets, depths, strict=True)]
+    picked, next_waiting = [], engine._next_waiting
+    engine._next_waiting = lambda: picked.append(next_waiting()) or picked[-1]
+    engine.run_until_idle()
+    return [reqs.index(r) for r in picked], reqs
+
+
+def test_depth_admission_groups_like_depths_but_never_without_bound():
+    order, reqs = admission_order("depth")
+    # the shallow ones join the shallow running row first; the deep one, passed over
+    # admission_window = 2 times, is taken next
+    assert order == [0, 2, 3, 1, 4, 5]
+    assert reqs[1].passed_over == 2
+    assert admission_order("fifo")[0] == [0, 1, 2, 3, 4, 5]
+
+
 def test_engine_matches_generate():
     model = small_model(vocab_size=64)
     prompt = [5, 4, 3, 2, 1, 0, 9]

@@ -108,7 +108,17 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # columns per row
-        self.has_padding = False
+        self._flags = {"has_padding": False}  # shared with narrow views: padding seen through one
+        # view (the engine's batched prefill) must make the whole cache read `valid`
+
+    @property
+    def has_padding(self) -> bool:
+        """Some row holds left padding, so attention must mask by `valid`."""
+        return self._flags["has_padding"]
+
+    @has_padding.setter
+    def has_padding(self, value: bool) -> None:
+        self._flags["has_padding"] = value
 
     @property
     def length(self) -> int:
@@ -129,7 +139,7 @@ class KVCache:
                                  for s in getattr(self, name)])
         view.valid, view.next_pos, view.lengths = (t.narrow(0, start, n) for t in
                                                    (self.valid, self.next_pos, self.lengths))
-        view.has_padding = self.has_padding
+        view._flags = self._flags
         return view
 
     def reset_rows(self, start: int, n: int) -> None:

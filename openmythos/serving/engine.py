@@ -10,6 +10,13 @@ and with ACT or the KL exit each token leaves the loop when its rule says so. Th
 runs on a compacted batch of the tokens still active at each depth (see model/recurrence.py),
 so a shallow request costs shallow compute even when it shares a step with a deep one.
 
+Admission (which waiting request takes a free row): a decode step costs about its deepest row's
+loops, whatever the others ask, so rows of like depth should share steps. With
+`admission="depth"` (the default) the engine takes, among the first `admission_window` waiting
+requests, the one whose depth is nearest the running batch's deepest; a request passed over
+`admission_window` times is taken next, so none waits without bound. `admission="fifo"` takes
+them in arrival order.
+
 The engine is synchronous and single-threaded; `serve_forever` runs it on a background thread
 for the HTTP server, which talks to it through `submit` and per-request callbacks.
 """
@@ -76,6 +83,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generator: torch.Generator | None = None
+    passed_over: int = 0  # times a later arrival was admitted first
 
     @property
     def decoding(self) -> bool:
@@ -85,12 +93,19 @@ class Request:
 class Engine:
     def __init__(self, model: OpenMythos, tokenizer: Tokenizer | None = None, max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 64, max_len: int | None = None,
-                 max_loops: int | None = None):
+                 max_loops: int | None = None, admission: str = "depth",
+                 admission_window: int | None = None):
+        if admission not in ("depth", "fifo"):
+            raise ValueError(f"admission must be 'depth' or 'fifo', got {admission!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = max_len or model.cfg.max_seq_len
         self.max_loops = max_loops or model.cfg.max_loop_iters
+        self.admission = admission
+        self.admission_window = admission_window or 4 * max_batch
+        if self.admission_window < 1:
+            raise ValueError(f"admission_window must be >= 1, got {admission_window!r}")
         self.cache = model.new_cache(max_batch, self.max_len, self.max_loops)
         self.rows: list[Request] = []  # rows[i] owns cache row i; decoding rows come first
         self.waiting: deque[Request] = deque()
@@ -156,28 +171,49 @@ class Engine:
     def _admit(self) -> None:
         with self.lock:
             while self.waiting and len(self.rows) < self.max_batch:
-                req = self.waiting.popleft()
-                row = len(self.rows)
-                self.cache.reset_rows(row, 1)
+                req = self._next_waiting()
+                self.waiting.remove(req)
+                self.cache.reset_rows(len(self.rows), 1)
                 self.rows.append(req)
+
+    def _next_waiting(self) -> Request:
+        window = list(itertools.islice(self.waiting, self.admission_window))
+        if self.admission == "fifo" or window[0].passed_over >= self.admission_window:
+            return window[0]
+        target = max((self._depth(r) for r in self.rows), default=self._depth(window[0]))
+        pick = min(range(len(window)), key=lambda i: abs(self._depth(window[i]) - target))
+        for req in window[:pick]:
+            req.passed_over += 1
+        return window[pick]
 
     def _decoding_count(self) -> int:
         return sum(r.decoding for r in self.rows)
 
     def _prefill(self) -> None:
-        """One chunk of the oldest unfinished prompt."""
+        """One chunk of prompt: the first of every newly admitted request, left-padded into one
+        call (a decode-sized call costs about as much as a one-row one: the weights dominate), or
+        else the next chunk of the oldest prompt still longer than a chunk."""
         d = self._decoding_count()
         if d == len(self.rows):
             return
-        row = d  # prefilling rows follow the decoding ones; take the first
-        req = self.rows[row]
-        chunk = req.prompt[req.prefilled:req.prefilled + self.prefill_chunk]
-        ids = torch.tensor([chunk], device=self.model.embed.weight.device)
-        out = self.model(ids, n_loops=self._depth(req), cache=self.cache.narrow(row, 1))
-        req.prefilled += len(chunk)
-        req.loops += int(out.loops.sum())
-        if req.decoding:  # the prompt is in; its row already borders the decoding rows
-            self._emit(req, self._sample(req, out.logits[0, -1:]))
+        fresh = list(itertools.takewhile(lambda r: r.prefilled == 0, self.rows[d:])) or [self.rows[d]]
+        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in fresh]
+        width = max(map(len, chunks))
+        device = self.model.embed.weight.device
+        ids = torch.tensor([[0] * (width - len(c)) + c for c in chunks], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], device=device)
+        depths = torch.tensor([self._depth(r) for r in fresh], device=device)
+        out = self.model(ids, n_loops=depths, cache=self.cache.narrow(d, len(fresh)),
+                         attention_mask=mask if width > min(map(len, chunks)) else None)
+        done = []
+        for i, (req, chunk) in enumerate(zip(fresh, chunks, strict=True)):
+            req.prefilled += len(chunk)
+            req.loops += int(out.loops[i, width - len(chunk):].sum())
+            if req.decoding:  # the prompt is in: move its row next to the decoding ones
+                self._swap(self.rows.index(req), d + len(done))
+                done.append((req, out.logits[i, -1:]))
+        for req, logits in done:
+            self._emit(req, self._sample(req, logits))
 
     def _decode(self) -> None:
         active = [r for r in self.rows if r.decoding]
