@@ -151,6 +151,15 @@ def gathered(module: nn.Module, reshard_recurrent: bool) -> Iterator[None]:
                     recurse=False)
 
 
+def any_rank(flags: list[bool], env: DistEnv, device: torch.device) -> list[bool]:
+    """Each flag, true if it is true on any rank."""
+    if env.world_size == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def global_max(value: float, env: DistEnv, device: torch.device) -> float:
     """The largest of one value per rank: rho(A) from a sharded A is each rank's local max."""
     if env.world_size == 1:

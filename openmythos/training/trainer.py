@@ -56,6 +56,7 @@ from openmythos.training.checkpoint import (
 from openmythos.training.config import RESUME_MUTABLE, DataConfig, TrainConfig, to_toml
 from openmythos.training.distributed import (
     DistEnv,
+    any_rank,
     broadcast_full_weights,
     destroy_distributed,
     gathered,
@@ -437,10 +438,15 @@ class Trainer:
                         metrics.write({"step": self.step, "val_loss": val})
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save(final=self.step == cfg.train.steps)
-                if stop.requested:
+                over_time = bool(cfg.train.max_minutes) and (
+                    time.perf_counter() - start > 60 * cfg.train.max_minutes)
+                # ranks see the signal and the clock at different steps: stop together, or the
+                # ones still training wait forever on the others' collectives
+                interrupted, over_time = any_rank([stop.requested, over_time], self.env, self.device)
+                if interrupted:
                     status = "interrupted"
                     break
-                if cfg.train.max_minutes and time.perf_counter() - start > 60 * cfg.train.max_minutes:
+                if over_time:
                     log.warning("train.max_minutes=%s reached at step %d", cfg.train.max_minutes,
                                 self.step)
                     status = "time_limit"
