@@ -93,8 +93,9 @@ class Checkpoint:
             msd, osd = get_state_dict(model, optimizer)
             saved = self._shard_keys()
             # a parameter that never had a gradient (the ACT unit with halting off) has no
-            # optimizer state in the checkpoint: it keeps none (non-strict), as it had none; the
-            # model's keys are checked in _load_shards
+            # optimizer state in the checkpoint: it keeps the empty state the fresh optimizer gave
+            # it (non-strict), and with no gradient it is never stepped. The model's keys are
+            # checked in _load_shards.
             osd["state"] = {name: v for name, v in osd["state"].items()
                             if any(k.startswith(f"optim.state.{name}.") for k in saved)}
             state = {"model": msd, "optim": osd}
