@@ -21,13 +21,18 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-import torch
+# Before torch loads OpenMP: threads that spin-wait for a descheduled partner made training 2.5x
+# and decoding far slower on a shared CPU (docs/performance.md). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from openmythos.config import MythosConfig, preset_names
 from openmythos.data import path_documents, tokenize_documents, unigram_loss
