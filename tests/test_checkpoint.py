@@ -195,5 +195,6 @@ def test_shards_of_another_model_are_refused(tmp_path, world_of_one):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     path = save_sharded(tmp_path, 1, model, optimizer, TrainConfig(), ByteTokenizer(), {}, keep=1)
     deeper = OpenMythos(small_config(vocab_size=ByteTokenizer().vocab_size, coda_layers=2))
-    with pytest.raises(ValueError, match=r"does not match its model config: its shards lack \['coda.1"):
+    with pytest.raises(ValueError, match=r"does not match its model config: its shards lack "
+                                         r"\['coda.1"):
         open_checkpoint(path).load_weights(deeper)

@@ -2,17 +2,17 @@
 
     model.safetensors   weights and buffers (the MoE balancing bias included)
     trainer_state.pt    optimizer, step counters, every RNG (torch, numpy, python, data, loops)
-    dcp/                FSDP2 runs instead: model and optimizer state as torch.distributed.checkpoint
-                        shards, one file per rank; model.safetensors (the consolidated weights)
-                        is added to the run's final checkpoint only
+    dcp/                FSDP2 runs instead: model and optimizer state as DCP shards
+                        (torch.distributed.checkpoint), one file per rank; model.safetensors,
+                        the consolidated weights, is added to the run's final checkpoint only
     config.json         the TrainConfig and the resolved MythosConfig
     tokenizer/          the tokenizer the run trained with
     manifest.json       size and sha256 of every file above, written last
 
 A checkpoint is written into a hidden temporary directory, fsynced, and renamed into place, so a
 crash mid-write never leaves a directory that looks finished (for DCP every rank writes its shard
-into the same temporary directory, which needs a filesystem shared by all nodes). The manifest is the proof of
-completion: a step directory whose manifest is missing or disagrees with its files is rejected,
+into the same temporary directory, which needs a filesystem shared by all nodes). The manifest is
+the proof of completion: a step directory whose manifest is missing or disagrees with its files is rejected,
 and loading the newest checkpoint of a run falls back to the previous good one.
 """
 
@@ -114,14 +114,15 @@ class Checkpoint:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights, options=opts)
         opts.strict = False  # parameters that never had a gradient have no optimizer state
-        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, whole) if main else {},
-                                 options=opts)
+        whole = _by_name(model, optimizer, whole) if main else {}
+        set_optimizer_state_dict(model, optimizer, whole, options=opts)
 
     def _read_weights(self, device: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(self.path / WEIGHTS, device=device)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint weights {str(self.path / WEIGHTS)!r} are unreadable: {e}") from e
+            raise ValueError(f"checkpoint weights {str(self.path / WEIGHTS)!r} are unreadable: "
+                             f"{e}") from e
 
     def _shard_keys(self) -> set[str]:
         return set(dcp.FileSystemReader(self.path / SHARDED).read_metadata().state_dict_metadata)
@@ -172,7 +173,9 @@ def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.op
     if consolidate:  # collective: every rank sends its shards, rank 0 alone receives
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                        cpu_offload=True))
-    final = _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights) if main else None
+    final = None
+    if main:
+        final = _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights)
     shared = [final]
     dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody reads it unfinished
     return Path(shared[0])

@@ -144,8 +144,9 @@ SECTIONS: dict[str, type] = {
 }
 # keys that may differ when resuming: they change where and how a run reports, not its numbers
 RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile",
-                  "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every", "run.threads",
-                  "checkpoint.resume", "checkpoint.every", "checkpoint.keep", "train.max_minutes")
+                  "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
+                  "run.threads", "checkpoint.resume", "checkpoint.every", "checkpoint.keep",
+                  "train.max_minutes")
 
 
 @dataclass

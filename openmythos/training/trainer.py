@@ -442,7 +442,8 @@ class Trainer:
                     time.perf_counter() - start > 60 * cfg.train.max_minutes)
                 # ranks see the signal and the clock at different steps: stop together, or the
                 # ones still training wait forever on the others' collectives
-                interrupted, over_time = any_rank([stop.requested, over_time], self.env, self.device)
+                interrupted, over_time = any_rank([stop.requested, over_time], self.env,
+                                                  self.device)
                 if interrupted:
                     status = "interrupted"
                     break
