@@ -50,8 +50,9 @@ def init_distributed(device_type: str, strategy: str = "ddp", timeout_s: float =
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError(f"dist.strategy={strategy!r} needs a torchrun launch "
-                         "(torchrun --nproc_per_node=N -m openmythos.cli train ...); "
-                         "RANK and WORLD_SIZE are not set")
+                         "(torchrun --nproc_per_node=N -m openmythos.cli train ...), but RANK and "
+                         "WORLD_SIZE are not set; train in this one process with "
+                         "--dist.strategy none (any checkpoint resumes either way)")
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", 0)))
     if device_type == "cuda":
