@@ -71,7 +71,8 @@ def train_command(config: str | None = None, resume: str | None = None,
     else:
         cfg = load_config(config, overrides)
     summary = train(cfg)
-    print(report(summary))
+    if int(os.environ.get("RANK", 0)) == 0:  # one report from a torchrun launch
+        print(report(summary))
     return summary
 
 
