@@ -6,8 +6,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from openmythos.data.tasks import KHopTask
 from openmythos.experiments import EXPERIMENTS, run_experiment
+from openmythos.experiments.depth_extrapolation import IGNORE, prefix_targets
 from openmythos.experiments.param_efficiency import effective_layers, fit_log_curve, fit_phi
 
 FIXTURE = str(Path(__file__).parent / "data" / "train_small.txt")
@@ -42,3 +45,11 @@ def test_unknown_experiment_and_field():
         run_experiment("nope")
     with pytest.raises(TypeError, match="stepz"):
         run_experiment("stability", stepz=3)
+
+
+def test_prefix_targets_follow_each_chain():
+    task = KHopTask(12, 3, seed=0)
+    ids, targets, hops = task.batch(64, 4, torch.Generator().manual_seed(0), width=8)
+    prefix = prefix_targets(task, ids)
+    assert torch.equal(prefix[:, -2], targets), "the last relation's prefix is the whole chain"
+    assert torch.equal((prefix != IGNORE).sum(1), hops), "one target per hop"

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from openmythos.experiments.common import Report, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, lm_run
+from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
+from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import load_model
 from openmythos.training.config import DataConfig, load_config
@@ -26,16 +26,17 @@ from openmythos.training.trainer import prepare_data
 @dataclass
 class ActParetoConfig(LMExperimentConfig):
     loops: int = 8
-    steps: int = 600
-    batch_size: int = 16
-    seq_len: int = 128
+    dim: int = 128  # the tiny preset at half width
+    steps: int = 500
+    batch_size: int = 8
+    seq_len: int = 64
     lr: float = 2e-3
     ponder_weight: float = 1e-3
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8])
     act_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 0.99])
     kl_thresholds: list[float] = field(default_factory=lambda: [3e-2, 1e-2, 3e-3, 1e-3])
     min_loops: int = 2
-    eval_tokens: int = 16384
+    eval_tokens: int = 8192
 
 
 @torch.no_grad()
@@ -67,13 +68,18 @@ def run(cfg: ActParetoConfig) -> dict:
         cfg.depths, cfg.act_thresholds, cfg.kl_thresholds = [1, 3], [0.5, 0.99], [1e-2]
     report = Report("act-pareto", cfg)
     steps = max(2, round(cfg.steps * cfg.scale))
+    width = {"dim": cfg.dim, "kv_lora_rank": cfg.dim // 4, "q_lora_rank": cfg.dim // 2,
+             "expert_dim": cfg.dim // 2}
+    # one training run; the budget holds back a fifth of the time for the evaluations below
+    budget = TimeBudget(cfg.budget_minutes, 1)
     with threads(cfg.threads):
-        out = lm_run(cfg, report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops},
-                     {"train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
+        out = lm_run(cfg, report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops, **width},
+                     {**corpus_split(cfg, report.out), "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                       "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
                       "train.ponder_weight": cfg.ponder_weight, "loops.mean": cfg.loops,
                       "loops.max": cfg.loops, "eval.depths": [cfg.loops],
-                      "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens})
+                      "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
+                     budget)
         model, tokenizer, _ = load_model(out["checkpoint"])
         data = prepare_data(lm_config_data(out), tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
@@ -89,7 +95,8 @@ def run(cfg: ActParetoConfig) -> dict:
             points.append({"rule": "kl", "setting": thr,
                            **evaluate(with_halting(model, halting="kl", kl_threshold=thr,
                                                    min_loops=cfg.min_loops), batches, cfg.loops)})
-    report.results = {"points": points, "train": {k: out.get(k) for k in ("val_loss", "train_time_s", "tok_per_s")}}
+    report.results = {"points": points, "train": {k: out.get(k) for k in
+                                                  ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}}
     full = next(p for p in points if p["rule"] == "fixed" and p["setting"] == max(cfg.depths))
     rows = [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"], p["val_loss"] - full["val_loss"],
              p["tok_per_s"], p["tok_per_s"] / full["tok_per_s"]] for p in points]
@@ -97,7 +104,7 @@ def run(cfg: ActParetoConfig) -> dict:
         ["exit rule", "setting", "mean loops", "val loss", "Δ loss vs full depth", "tokens/s",
          "speed vs full depth"], rows))
     report.add("Settings: fixed = n_loops; act = halting threshold (trained at "
-               f"{0.99}); kl = KL threshold in nats, at least {cfg.min_loops} loops. "
+               f"{model.cfg.act_threshold}); kl = KL threshold in nats, at least {cfg.min_loops} loops. "
                "The KL readout applies the final norm and LM head to the looped state directly "
                "(the coda is skipped), so the exit itself costs one vocabulary projection per loop.")
 

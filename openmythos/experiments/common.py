@@ -29,13 +29,15 @@ class ExperimentConfig:
     smoke: bool = False  # seconds-long run that exercises every code path and the report
     scale: float = 1.0  # multiplies training steps (and widths where the experiment says so)
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    budget_minutes: float = 14.0  # wall-clock cap on all training; 0 = none (scaled runs)
 
 
-def machine() -> dict[str, Any]:
+def machine(threads: int = 0) -> dict[str, Any]:
+    """Facts about this machine; `threads` is what the run used (0: torch's default)."""
     return {
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(), "load_average": os.getloadavg(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
@@ -86,15 +88,42 @@ class Report:
     def write(self) -> dict[str, Any]:
         wall = time.time() - self.started
         meta = {"experiment": self.name, "command": " ".join(["mythos", *sys.argv[1:]]),
-                "config": asdict(self.cfg), "wall_seconds": round(wall, 1), "machine": machine()}
+                "config": asdict(self.cfg), "wall_seconds": round(wall, 1), "machine": machine(self.cfg.threads)}
         payload = {**meta, "results": self.results}
         (self.out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         head = (f"# {self.name}\n\nCommand: `{meta['command']}` · seed {self.cfg.seed} · "
                 f"wall time {wall / 60:.1f} min · {meta['machine']['platform']}, "
-                f"{meta['machine']['threads']} threads, torch {torch.__version__}"
+                f"{meta['machine']['cpu_count']} cores, {meta['machine']['threads']} threads, "
+                f"load average {' / '.join(f'{x:.1f}' for x in meta['machine']['load_average'])} "
+                f"at the end, torch {torch.__version__}"
                 + (" · **smoke run: numbers are meaningless**" if self.cfg.smoke else "") + "\n")
         (self.out / "report.md").write_text("\n\n".join([head, *self.sections]) + "\n")
         return payload
+
+
+@dataclass
+class TimeBudget:
+    """Shares what is left of a wall-clock budget evenly among the runs still to go, holding back
+    the largest per-run overhead seen so far (setup, evaluation: time the cap does not stop), so
+    that an experiment ends in time on a slow or shared machine. A run cut short says so."""
+
+    minutes: float
+    runs: int
+    done: int = 0
+    overhead_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def next_minutes(self) -> float:
+        """Training minutes for the next run; 0 means no limit."""
+        if not self.minutes:
+            return 0.0
+        left = 60 * self.minutes - (time.perf_counter() - self.start)
+        guess = self.overhead_s if self.done else 0.2 * left / self.runs
+        return max(left / (self.runs - self.done) - guess, 5.0) / 60
+
+    def finished(self, wall_s: float, train_s: float) -> None:
+        self.done += 1
+        self.overhead_s = max(self.overhead_s, wall_s - train_s)
 
 
 @contextmanager

@@ -1,15 +1,17 @@
 """Language-model runs for the experiments: one `train()` call per model on the bundled corpus,
-with the experiment's overrides, and its logged metrics read back."""
+with the experiment's overrides, a share of its time budget, and its logged metrics read back."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openmythos.experiments.common import ExperimentConfig
+from openmythos.data.corpus import load_corpus
+from openmythos.experiments.common import ExperimentConfig, TimeBudget
 from openmythos.training.config import load_config
 from openmythos.training.trainer import METRICS, TrainingDiverged, train
 
@@ -18,24 +20,45 @@ from openmythos.training.trainer import METRICS, TrainingDiverged, train
 class LMExperimentConfig(ExperimentConfig):
     corpus: str = "sotu"  # a named corpus or a text file / folder (see `mythos train`)
     tokenizer: str = "bpe"  # "bpe" (8192, trained on the train split), "gpt2" or "byte"
+    val_chars: int = 100_000  # validate on this much of the held-out split; 0 = all of it
+
+
+def corpus_split(cfg: LMExperimentConfig, out: Path) -> dict[str, str]:
+    """Data overrides: train on the corpus's train split, validate on the first `val_chars`
+    characters of its held-out split. The trainer's final evaluation reads the whole validation
+    set, which for sotu takes longer than a short run's training."""
+    if not cfg.val_chars:
+        return {"data.corpus": cfg.corpus}
+    corpus = load_corpus(cfg.corpus)
+    train_dir, val_file = out / "data" / "train", out / "data" / "val.txt"
+    shutil.rmtree(train_dir, ignore_errors=True)
+    train_dir.mkdir(parents=True)
+    for i, doc in enumerate(corpus.train):
+        (train_dir / f"{i:05d}.txt").write_text(doc.text)
+    val_file.write_text("\n\n".join(d.text for d in corpus.val)[:cfg.val_chars])
+    return {"data.corpus": str(train_dir), "data.val_path": str(val_file)}
 
 
 def lm_run(cfg: LMExperimentConfig, out_dir: Path, model: dict[str, Any],
-           settings: dict[str, Any]) -> dict[str, Any]:
+           settings: dict[str, Any], budget: TimeBudget) -> dict[str, Any]:
     """Train one model; returns its summary plus `metrics` (the JSONL records) and `diverged`.
 
     `model` holds MythosConfig overrides of the tiny preset; `settings` holds dotted TrainConfig
-    overrides ("train.lr": 1e-3). A run that aborts on non-finite steps counts as diverged."""
+    overrides ("train.lr": 1e-3) including the data ones from `corpus_split`. A run that aborts on
+    non-finite steps counts as diverged; one cut short by the budget has status "time_limit"."""
     overrides = {f"model.{k}": v for k, v in model.items()}
     overrides.update({"run.out_dir": str(out_dir), "run.seed": cfg.seed, "run.progress": False,
-                      "run.threads": cfg.threads, "data.corpus": cfg.corpus,
-                      "data.tokenizer": cfg.tokenizer, "eval.samples": 0, **settings})
-    cfg = load_config(None, overrides)
+                      "run.threads": cfg.threads, "data.tokenizer": cfg.tokenizer,
+                      "eval.samples": 0, "train.max_minutes": budget.next_minutes(), **settings})
+    train_cfg = load_config(None, overrides)
     shutil.rmtree(out_dir, ignore_errors=True)  # an experiment rerun starts its models afresh
+    start = time.perf_counter()
     try:
-        summary, diverged = train(cfg), False
+        summary, diverged = train(train_cfg), False
     except TrainingDiverged as e:
         summary, diverged = {"error": str(e)}, True
+    wall = time.perf_counter() - start
+    budget.finished(wall, summary.get("train_time_s", wall))
     records = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines()
                if line.strip()] if (out_dir / METRICS).exists() else []
     return {**summary, "metrics": records, "diverged": diverged}

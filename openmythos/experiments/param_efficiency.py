@@ -18,18 +18,19 @@ import math
 from dataclasses import dataclass, field
 
 from openmythos.config import MythosConfig
-from openmythos.experiments.common import Report, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, lm_run
+from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
+from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 
 
 @dataclass
 class ParamEfficiencyConfig(LMExperimentConfig):
-    dense_layers: list[int] = field(default_factory=lambda: [3, 4, 6])
+    dense_layers: list[int] = field(default_factory=lambda: [3, 6])
     loops: list[int] = field(default_factory=lambda: [2, 4])
-    steps: int = 500
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 2e-3
+    dim: int = 128  # the tiny preset at half width, so that every model sees the same tokens in time
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 3e-3
 
 
 def fit_log_curve(layers: list[float], losses: list[float]) -> tuple[float, float]:
@@ -53,20 +54,19 @@ def fit_phi(loops: list[int], looped_layers: list[float]) -> float:
 
 def block_overrides(width: int) -> dict:
     half = (width * 4 // 3) // 2
-    return {"n_experts": 1, "n_experts_per_tok": 1, "n_shared_experts": 1, "expert_dim": half,
-            "halting": "none"}
+    return {"dim": width, "kv_lora_rank": width // 4, "q_lora_rank": width // 2, "n_experts": 1,
+            "n_experts_per_tok": 1, "n_shared_experts": 1, "expert_dim": half, "halting": "none"}
 
 
 def run(cfg: ParamEfficiencyConfig) -> dict:
     if cfg.smoke:
         cfg.dense_layers, cfg.loops, cfg.steps, cfg.seq_len, cfg.batch_size = [3, 4], [2], 2, 32, 2
     report = Report("param-efficiency", cfg)
-    base = MythosConfig.from_preset("tiny")
-    block = block_overrides(base.dim)
+    block = block_overrides(cfg.dim)
     steps = max(2, round(cfg.steps * cfg.scale))
-    settings = {"train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
+    settings = {**corpus_split(cfg, report.out), "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                 "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
-                "eval.max_tokens": 32768, "eval.depth_max_tokens": 8192 if cfg.smoke else 32768,
+                "eval.max_tokens": 8192, "eval.depth_max_tokens": 4096,
                 "eval.depths": [1], "loops.max": max([*cfg.loops, 1])}
     runs = []
     with threads(cfg.threads):
@@ -79,16 +79,18 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
             runs.append(("looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
                                                "max_loop_iters": r}))
         rows, results = [], []
+        budget = TimeBudget(cfg.budget_minutes, len(runs))
         for kind, layers, r, model in runs:
             name = f"{kind}-{layers}" if kind == "dense" else f"looped-1x{r}"
             out = lm_run(cfg, report.out / name, model,
-                         {**settings, "loops.mean": r, "eval.n_loops": r})
+                         {**settings, "loops.mean": r, "eval.n_loops": r}, budget)
             mcfg = MythosConfig.from_preset("tiny", **model)
             flops = mcfg.flops_per_token(r, cfg.seq_len)
             results.append({"name": name, "kind": kind, "layers": layers, "loops": r,
                             "params": mcfg.num_params(), "flops_per_token": flops,
                             "val_loss": out.get("val_loss", math.nan),
-                            "train_time_s": out.get("train_time_s"), "tokens": out.get("tokens_seen")})
+                            "train_time_s": out.get("train_time_s"), "tokens": out.get("tokens_seen"),
+                            "status": out.get("status")})
     dense = [x for x in results if x["kind"] == "dense"]
     looped = [x for x in results if x["kind"] == "looped"]
     a, b = fit_log_curve([x["layers"] for x in dense], [x["val_loss"] for x in dense])
@@ -98,10 +100,12 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
     report.results = {"runs": results, "dense_fit": {"a": a, "b": b}, "phi": phi}
     for x in results:
         rows.append([x["name"], x["params"], x["layers"], x["loops"], x["flops_per_token"],
-                     x["val_loss"], x.get("effective_layers", "")])
+                     x["tokens"], x["val_loss"], x.get("effective_layers", "")])
+    cut = [x["name"] for x in results if x["status"] == "time_limit"]
     report.add("## Validation loss at equal training tokens\n\n" + markdown_table(
-        ["model", "params", "layer passes", "loops", "train FLOPs/token", "val loss (nats/token)",
-         "effective unique layers"], rows))
+        ["model", "params", "layer passes", "loops", "train FLOPs/token", "train tokens",
+         "val loss (nats/token)", "effective unique layers"], rows)
+        + (f"\n\n**Cut short by the time budget, so not at equal tokens:** {', '.join(cut)}." if cut else ""))
     verdict = ("the dense models did not improve with depth at this budget, so phi is undefined"
                if b >= 0 else
                f"phi = {phi:.2f} (a loop is worth r^{phi:.2f} unique layers; the literature reports ~0.46)")

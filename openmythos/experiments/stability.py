@@ -2,7 +2,8 @@
 against an unconstrained learned A ("free") and a plain residual recurrence ("additive", A = 1),
 across a learning-rate sweep on the bundled corpus.
 
-A run counts as diverged when it aborts on non-finite steps or ends above its starting loss.
+A run counts as diverged when it aborts on non-finite steps, or when its last tenth of logged
+steps averages above its first logged loss (it ended worse than it started).
 """
 
 from __future__ import annotations
@@ -10,20 +11,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from openmythos.experiments.common import Report, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, lm_run
+from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
+from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 
 INJECTIONS = ("lti", "free", "additive")
 
 
 @dataclass
 class StabilityConfig(LMExperimentConfig):
-    lrs: list[float] = field(default_factory=lambda: [2e-3, 8e-3, 3e-2])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 4e-3, 1.6e-2, 6.4e-2, 0.256])
     injections: list[str] = field(default_factory=lambda: list(INJECTIONS))
     loops: int = 8
-    steps: int = 150
+    dim: int = 128  # the tiny preset at half width: instability shows early, so go for steps
+    steps: int = 100
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int = 32
+    val_chars: int = 50_000
 
 
 def run(cfg: StabilityConfig) -> dict:
@@ -35,52 +38,72 @@ def run(cfg: StabilityConfig) -> dict:
     report = Report("stability", cfg)
     steps = max(3, round(cfg.steps * cfg.scale))
     results = []
+    budget = TimeBudget(cfg.budget_minutes, len(cfg.injections) * len(cfg.lrs))
+    data = corpus_split(cfg, report.out)
+    width = {"dim": cfg.dim, "kv_lora_rank": cfg.dim // 4, "q_lora_rank": cfg.dim // 2,
+             "expert_dim": cfg.dim // 2}
     with threads(cfg.threads):
         for injection in cfg.injections:
             for lr in cfg.lrs:
                 name = f"{injection}-lr{lr:g}"
                 out = lm_run(cfg, report.out / name,
-                    {"injection": injection, "halting": "none", "max_loop_iters": cfg.loops},
-                    {"train.steps": steps, "train.lr": lr, "train.batch_size": cfg.batch_size,
+                    {"injection": injection, "halting": "none", "max_loop_iters": cfg.loops, **width},
+                    {**data, "train.steps": steps, "train.lr": lr, "train.batch_size": cfg.batch_size,
                      "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
                      "loops.mean": cfg.loops, "loops.max": cfg.loops, "run.log_every": 1,
                      "run.dtype": "fp32", "train.max_bad_steps": 3, "eval.max_tokens": 16384,
-                     "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096})
+                     "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096}, budget)
                 trace = [r for r in out["metrics"] if "loss" in r]
+                tail = trace[-max(1, len(trace) // 10):]
                 first = trace[0]["loss"] if trace else math.nan
-                last = trace[-1]["loss"] if trace else math.nan
+                last = sum(r["loss"] for r in tail) / len(tail) if trace else math.nan
                 diverged = out["diverged"] or not math.isfinite(last) or last > first
                 results.append({
                     "name": name, "injection": injection, "lr": lr, "diverged": diverged,
+                    "steps": out.get("steps", len(trace)), "status": out.get("status", "diverged"),
                     "first_loss": first, "final_loss": last, "val_loss": out.get("val_loss", math.nan),
                     "max_rho": max((r["rho"] for r in trace), default=math.nan),
                     "max_state_norm": max((r["state_norm"] for r in trace), default=math.nan),
                     "trace": [{k: r[k] for k in ("step", "loss", "rho", "state_norm")} for r in trace],
                 })
     report.results = {"runs": results}
-    rows = [[r["injection"], r["lr"], "yes" if r["diverged"] else "no", r["final_loss"],
-             r["val_loss"], r["max_rho"], r["max_state_norm"]] for r in results]
+    # runs cut short by the time budget are compared where all of them still were
+    common = min((r["trace"][-1]["step"] for r in results if r["trace"]), default=0)
+
+    def norm_at(r: dict) -> float:
+        return next((t["state_norm"] for t in r["trace"] if t["step"] >= common), math.nan)
+
+    rows = [[r["injection"], r["lr"], "yes" if r["diverged"] else "no", r["steps"], r["final_loss"],
+             r["val_loss"], r["max_rho"], norm_at(r), r["max_state_norm"]] for r in results]
     report.add("## Runs\n\n" + markdown_table(
-        ["injection", "lr", "diverged", "final train loss", "val loss", "max rho(A)",
-         "max state norm"], rows))
+        ["injection", "lr", "diverged", "steps", "final train loss", "val loss", "max rho(A)",
+         f"state norm at step {common}", "max state norm"], rows))
     summary = []
     for injection in cfg.injections:
         runs = [r for r in results if r["injection"] == injection]
         frac = sum(r["diverged"] for r in runs) / len(runs)
-        summary.append([injection, f"{frac:.0%}", min(r["final_loss"] for r in runs)])
+        finite = [r["final_loss"] for r in runs if math.isfinite(r["final_loss"])]
+        summary.append([injection, f"{frac:.0%}", min(finite, default=math.nan),
+                        max(norm_at(r) for r in runs)])
     report.add("## Diverged fraction\n\n" + markdown_table(
-        ["injection", "diverged", "best final train loss"], summary))
+        ["injection", "diverged", "best final train loss", f"largest state norm at step {common}"],
+        summary))
 
     def draw(fig):
-        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+        colours = dict(zip(INJECTIONS, ("tab:blue", "tab:red", "tab:orange"), strict=True))
         for r in results:
+            shade = 0.35 + 0.65 * cfg.lrs.index(r["lr"]) / max(1, len(cfg.lrs) - 1)
             steps_ = [t["step"] for t in r["trace"]]
-            ax1.plot(steps_, [t["loss"] for t in r["trace"]], lw=0.8, label=r["name"])
-            ax2.plot(steps_, [t["rho"] for t in r["trace"]], lw=0.8, label=r["name"])
-        ax1.set(xlabel="step", ylabel="train loss", yscale="log")
-        ax2.set(xlabel="step", ylabel="rho(A)")
-        ax2.axhline(1.0, color="k", lw=0.5, ls=":")
-        ax1.legend(fontsize=6)
+            for ax, key in zip(axes, ("loss", "rho", "state_norm"), strict=True):
+                ax.plot(steps_, [t[key] for t in r["trace"]], lw=0.8, alpha=shade,
+                        color=colours[r["injection"]], label=r["name"])
+        axes[0].set(xlabel="step", ylabel="train loss")
+        axes[1].set(xlabel="step", ylabel="rho(A)")
+        axes[1].axhline(1.0, color="k", lw=0.5, ls=":")
+        axes[2].set(xlabel="step", ylabel="hidden-state norm", yscale="log")
+        axes[0].legend(fontsize=5)
 
-    report.figure("stability.png", draw, "Training loss and rho(A) per run")
+    report.figure("stability.png", draw, "Training loss, rho(A) and hidden-state norm per run "
+                  "(colour: injection; darker: higher learning rate)")
     return report.write()
