@@ -2,7 +2,7 @@
 
 Models train on chains of at most K hops and are tested on held-out chains of 1..2K hops at
 1..4x the training depth. Compared: fixed-depth training, random-depth training with truncated
-backprop (Huginn-style lognormal-Poisson depths per sequence), ACT halting, a dense model with
+backprop (Huginn-style lognormal-Poisson depths per step), ACT halting, a dense model with
 the same parameters (the same network at one loop) and a dense model with the same compute
 (as many unique layers as the looped model runs).
 """
@@ -39,7 +39,7 @@ class DepthExtrapolationConfig(ExperimentConfig):
     dim: int = 64
     attn_type: str = "gqa"  # "mla" is the full architecture; GQA is faster at this size on a CPU
     n_experts: int = 1  # routed experts (top-min(2, n)), plus one shared expert
-    steps: int = 1000
+    steps: int = 700
     batch_size: int = 128
     lr: float = 3e-3
     prefix_loss: bool = True  # also teach every chain prefix (see `prefix_targets`)
@@ -63,7 +63,7 @@ def variants(cfg: DepthExtrapolationConfig) -> list[Variant]:
     extra = cfg.train_loops + 1  # prelude + coda layers that, with one pass, match the looped compute
     return [
         Variant("fixed", f"looped, trained at exactly {cfg.train_loops} loops"),
-        Variant("random", "looped, lognormal-Poisson depth per sequence, truncated backprop",
+        Variant("random", "looped, lognormal-Poisson depth per step, truncated backprop",
                 random_depth=True),
         Variant("act", "looped with ACT halting and a ponder cost", halting="act"),
         Variant("dense-params", "the same network at one loop (same parameters)", loops=1),
@@ -91,8 +91,12 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
     optim = OptimConfig(steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.0)
     opt = build_optimizer(model, optim)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # one depth per step, never too shallow for the longest training chain. Per-sequence depths
+    # are not used: with truncated backprop the model starts gradients at the batch's deepest
+    # depth minus the window, so shallower sequences would get none.
     sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=cfg.train_loops,
-                                      per="sequence", max=3 * cfg.train_loops), cfg.seed + 1)
+                                      per="batch", min=cfg.train_hops, max=3 * cfg.train_loops),
+                          cfg.seed + 1)
     depth = v.loops or cfg.train_loops
     losses = []
     model.train()
