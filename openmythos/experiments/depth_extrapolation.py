@@ -236,6 +236,11 @@ def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_gr
                "long-chain accuracy by more than 2 points. One-hop queries are the facts "
                "themselves and are all taught (a chain is only answerable if its facts were); from "
                "two hops on, every test chain is one the model never saw.")
+    grid_rows = [[name, n, *(r["accuracy"][n][k] for k in range(1, max_hops + 1))]
+                 for name, r in results.items() for n in r["accuracy"]]
+    report.add("## Accuracy by hops and test-time loops\n\n" + markdown_table(
+        ["variant", "loops", *(f"{k} hop{'s' if k > 1 else ''}" for k in range(1, max_hops + 1))],
+        grid_rows))
     report.add("## Variants\n\n" + "\n".join(f"- **{k}**: {r['description']}" for k, r in results.items()))
     looped = [k for k, r in results.items() if len(r["accuracy"]) > 1]
 
