@@ -24,10 +24,10 @@ from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 
 @dataclass
 class ParamEfficiencyConfig(LMExperimentConfig):
-    dense_layers: list[int] = field(default_factory=lambda: [3, 6])
+    dense_layers: list[int] = field(default_factory=lambda: [3, 4, 6])
     loops: list[int] = field(default_factory=lambda: [2, 4])
     dim: int = 128  # the tiny preset at half width, so that every model sees the same tokens in time
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 8
     seq_len: int = 64
     lr: float = 3e-3
