@@ -181,6 +181,26 @@ def test_truncated_backprop_through_depth():
     assert (g_last[:2] == 0).all() and g_last[2].abs().sum() > 0 and g_full[0].abs().sum() > 0
 
 
+def test_truncated_backprop_with_per_sequence_depths_matches_each_sequence_alone():
+    # each sequence backpropagates through its own last k loops, also when it stops long before
+    # the deepest one (it used to stop inside the no-grad prefix and get no gradient at all)
+    model = small_model().train()
+    ids = torch.randint(0, 64, (3, 5))
+    depths = [1, 6, 3]
+    params = [model.recurrent.lora.scale.weight, model.embed.weight]
+
+    def grads(ids, n_loops):
+        model.zero_grad()
+        model(ids, n_loops=n_loops, backprop_loops=2).logits.square().sum().backward()
+        return [p.grad.clone() for p in params]
+
+    batched = grads(ids, torch.tensor(depths))
+    alone = [grads(ids[b:b + 1], d) for b, d in enumerate(depths)]
+    for g, *g_rows in zip(batched, *alone, strict=True):
+        assert_close(g, sum(g_rows), atol=1e-5, rtol=1e-4)
+    assert alone[0][0].abs().sum() > 0  # the depth-1 sequence trains the looped block
+
+
 def test_kl_exit_stops_when_predictions_settle():
     model = small_model(halting="kl", kl_threshold=1e9, min_loops=2)  # any drift counts as settled
     out = model(torch.randint(0, 64, (2, 5)), n_loops=6)

@@ -247,6 +247,10 @@ class RecurrentBlock(nn.Module):
         if kl and readout is None:
             raise ValueError("halting='kl' needs a readout from states to logits")
         first_grad = depth - backprop_loops if backprop_loops else 0
+        grad_from = None  # per-sequence depths: each row backpropagates through its own last loops
+        if backprop_loops and limit is not None:
+            grad_from = limit - backprop_loops
+            first_grad = int(grad_from.min())
         kv = None  # the rolling keys of the previous loop, without a cache
 
         def slot(t: int):
@@ -272,6 +276,10 @@ class RecurrentBlock(nn.Module):
         for t in range(depth):
             with torch.no_grad() if t < first_grad else nullcontext():
                 h_t, e_t = _take(h, rows), _take(e, rows)
+                if grad_from is not None and t > 0 and torch.is_grad_enabled():
+                    # a row whose window starts at t or later: the state its earlier loops left
+                    # enters as a constant, as after the no-grad loops of a single depth
+                    h_t = torch.where((_take(grad_from, rows) >= t).unsqueeze(-1), h_t.detach(), h_t)
                 if slots is not None and t > 0 and rows is not None:
                     # halted rows keep their latest entry in this loop's slot
                     slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols)
