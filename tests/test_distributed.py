@@ -23,7 +23,9 @@ COMMON = ["--model.dim", "64", "--model.n_heads", "2", "--model.kv_lora_rank", "
           "--model.expert_dim", "32", "--model.max_loop_iters", "2", "--model.halting", "none",
           "--data.corpus", FIXTURE, "--data.tokenizer", "byte", "--data.seq_len", "32",
           "--run.dtype", "fp32", "--run.progress", "false", "--run.log_every", "1",
-          "--run.threads", "1", "--train.warmup_steps", "1", "--loops.mean", "2",
+          "--run.threads", "1", "--train.warmup_steps", "1", "--train.max_minutes", "0",
+          "--loops.sampler", "fixed", "--loops.mean", "2",  # pinned: not the quickstart's
+          "--train.optimizer", "adamw",  # the quickstart's Muon needs whole matrices, not shards
           "--eval.samples", "0", "--eval.depths", "[1]", "--eval.max_tokens", "256",
           "--eval.depth_max_tokens", "256"]
 STEPS, EVERY = 6, 3  # every run saves at step 3, the point the resumed runs continue from
@@ -153,7 +155,8 @@ def test_a_different_global_batch_is_refused(runs, tmp_path):
 
 def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    cfg = TrainConfig().override({"dist.strategy": "fsdp", "run.out_dir": str(tmp_path)})
+    cfg = TrainConfig().override({"dist.strategy": "fsdp", "train.optimizer": "adamw",
+                                  "run.out_dir": str(tmp_path)})
     with pytest.raises(ValueError, match=r"dist.strategy='fsdp' needs a torchrun launch"):
         train(cfg)
 

@@ -35,6 +35,7 @@ def tiny_overrides(tmp_path: Path, **extra) -> dict:
         "run.log_every": 1, "data.corpus": str(TEXT), "data.tokenizer": "byte",
         "data.seq_len": 32, "data.cache_dir": str(tmp_path / "cache"), "train.steps": 12,
         "train.batch_size": 4, "train.warmup_steps": 2, "train.lr": 3e-3, "model.dim": 32,
+        "train.optimizer": "adamw", "loops.sampler": "fixed",
         "model.n_heads": 2, "model.max_seq_len": 64, "model.max_loop_iters": 2,
         "model.halting": "none", "model.n_experts": 4, "model.expert_dim": 16,
         "model.kv_lora_rank": 16, "model.q_lora_rank": 0, "model.qk_rope_head_dim": 8,
