@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEER_PYTHON = HERE / ".venv-open-mythos" / "bin" / "python"
 SEQ_LEN, PEER_BATCH, PEER_LR, PEER_WARMUP = 256, 16, 2e-3, 20
-DEPTHS = (1, 2, 4, 8)
+DEPTHS = (1, 2, 4, 8, 16)
 DEPTH_TOKENS = 65536  # validation tokens per depth, in windows spread over the split
 # the peer's tiny MLA config: dim 256, 4 loops, and the rest as our `tiny` preset
 PEER_CONFIG = dict(
@@ -224,7 +224,7 @@ def table(ours: dict, peer: dict | None, data: dict, minutes: float) -> str:
     if peer:
         ratio = bpb(ours["val_loss"], bpt) / bpb(peer["val_loss"], bpt)
         lines.append(f"bits/byte ratio ours / peer: {ratio:.3f} "
-                     f"({(1 - ratio) * 100:+.1f} % lower; the target is at least 10 % lower)")
+                     f"({(1 - ratio) * 100:.1f} % lower; the target is at least 10 % lower)")
     return "\n".join(lines)
 
 
