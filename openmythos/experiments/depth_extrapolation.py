@@ -39,7 +39,7 @@ class DepthExtrapolationConfig(ExperimentConfig):
     dim: int = 64
     attn_type: str = "gqa"  # "mla" is the full architecture; GQA is faster at this size on a CPU
     n_experts: int = 1  # routed experts (top-min(2, n)), plus one shared expert
-    steps: int = 700
+    steps: int = 1600
     batch_size: int = 128
     lr: float = 3e-3
     prefix_loss: bool = True  # also teach every chain prefix (see `prefix_targets`)
