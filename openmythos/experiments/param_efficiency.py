@@ -119,7 +119,6 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
                 pts = sorted((x[key], x["val_loss"]) for x in results if x["kind"] == kind)
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker, label=kind)
-            ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("validation loss (nats/token)")
             ax.legend()
