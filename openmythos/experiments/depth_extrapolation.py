@@ -18,8 +18,13 @@ from tqdm.auto import tqdm
 
 from openmythos.config import MythosConfig
 from openmythos.data.tasks import KHopTask
-from openmythos.experiments.common import (ExperimentConfig, Report, TimeBudget, markdown_table,
-                                           threads)
+from openmythos.experiments.common import (
+    ExperimentConfig,
+    Report,
+    TimeBudget,
+    markdown_table,
+    threads,
+)
 from openmythos.model import OpenMythos
 from openmythos.training.config import LoopsConfig, OptimConfig
 from openmythos.training.loops import LoopSampler
