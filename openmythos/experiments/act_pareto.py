@@ -76,7 +76,8 @@ def run(cfg: ActParetoConfig) -> dict:
         out = lm_run(cfg, report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops, **width},
                      {**corpus_split(cfg, report.out), "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                       "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
-                      "train.ponder_weight": cfg.ponder_weight, "loops.mean": cfg.loops,
+                      "train.ponder_weight": cfg.ponder_weight,
+                      "run.dtype": "bf16",  # as in the measured run "loops.mean": cfg.loops,
                       "loops.max": cfg.loops, "eval.depths": [cfg.loops],
                       "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
                      budget)

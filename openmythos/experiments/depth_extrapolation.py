@@ -93,12 +93,11 @@ def model_config(cfg: DepthExtrapolationConfig, task: KHopTask, v: Variant, widt
 def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConfig, v: Variant,
                   width: int, steps: int, minutes: float = 0.0) -> list[float]:
     """Train losses per step; stops early once `minutes` (0 = no limit) have passed."""
-    optim = OptimConfig(steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.0)
+    optim = OptimConfig(optimizer="muon", steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.0)
     opt = build_optimizer(model, optim)
     gen = torch.Generator().manual_seed(cfg.seed)
-    # one depth per step, never too shallow for the longest training chain. Per-sequence depths
-    # are not used: with truncated backprop the model starts gradients at the batch's deepest
-    # depth minus the window, so shallower sequences would get none.
+    # one depth per step, never too shallow for the longest training chain (the measured runs
+    # used per-step depths, from before per-sequence truncated backprop was fixed)
     sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=cfg.train_loops,
                                       per="batch", min=cfg.train_hops, max=3 * cfg.train_loops),
                           cfg.seed + 1)

@@ -47,6 +47,9 @@ def lm_run(cfg: LMExperimentConfig, out_dir: Path, model: dict[str, Any],
     overrides ("train.lr": 1e-3) including the data ones from `corpus_split`. A run that aborts on
     non-finite steps counts as diverged; one cut short by the budget has status "time_limit"."""
     overrides = {f"model.{k}": v for k, v in model.items()}
+    # the experiments' own training settings, not the quickstart's (Muon, random depth): a
+    # fixed n_loops and AdamW, so that an lr sweep and a depth mean what they say
+    overrides.update({"train.optimizer": "adamw", "loops.sampler": "fixed", "run.dtype": "fp32"})
     overrides.update({"run.out_dir": str(out_dir), "run.seed": cfg.seed, "run.progress": False,
                       "run.threads": cfg.threads, "data.tokenizer": cfg.tokenizer,
                       "eval.samples": 0, "train.max_minutes": budget.next_minutes(), **settings})
