@@ -136,6 +136,8 @@ def test_resume_across_world_sizes(runs, tmp_path, strategy):
     back = launch(tmp_path / "back", 2, 2, "--checkpoint.resume", str(step_dir(single, EVERY)),
                   strategy=strategy)
     tail = losses(full)[EVERY:]
+    # the resumed runs train only the steps after the checkpoint (a fresh run would match too)
+    assert [r["step"] for r in one] == [r["step"] for r in back] == list(range(EVERY + 1, STEPS + 1))
     assert losses(one)[-EVERY:] == pytest.approx(tail, abs=1e-5)
     assert losses(back)[-EVERY:] == pytest.approx(tail, abs=1e-5)
     if strategy == "fsdp":  # 2 shards resharded into 1

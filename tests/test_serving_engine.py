@@ -14,10 +14,6 @@ def collect(engine, prompt, **params):
     return req, events
 
 
-def tokens(events):
-    return [e.token for e in events if e.kind == "token" and e.token is not None]
-
-
 def run_alone(model, prompt, **params):
     engine = Engine(model, max_batch=1)
     req, events = collect(engine, prompt, **params)

@@ -202,8 +202,7 @@ class Engine:
         device = self.model.embed.weight.device
         ids = torch.tensor([[0] * (width - len(c)) + c for c in chunks], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], device=device)
-        depths = torch.tensor([self._depth(r) for r in fresh], device=device)
-        out = self.model(ids, n_loops=depths, cache=self.cache.narrow(d, len(fresh)),
+        out = self.model(ids, n_loops=self._depths(fresh), cache=self.cache.narrow(d, len(fresh)),
                          attention_mask=mask if width > min(map(len, chunks)) else None)
         done = []
         for i, (req, chunk) in enumerate(zip(fresh, chunks, strict=True)):
@@ -222,14 +221,20 @@ class Engine:
         n = len(active)
         device = self.model.embed.weight.device
         last = torch.tensor([[r.generated[-1]] for r in active], device=device)
-        depths = torch.tensor([self._depth(r) for r in active], device=device)
-        out = self.model(last, n_loops=depths, cache=self.cache.narrow(0, n))
-        for i, req in enumerate(active):
-            req.loops += int(out.loops[i].sum())
+        out = self.model(last, n_loops=self._depths(active), cache=self.cache.narrow(0, n))
+        for i, (req, loops) in enumerate(zip(active, out.loops.sum(1).tolist(), strict=True)):
+            req.loops += loops
             self._emit(req, self._sample(req, out.logits[i, -1:]))
 
     def _depth(self, req: Request) -> int:
         return req.params.n_loops or self.model.cfg.max_loop_iters
+
+    def _depths(self, reqs: list[Request]) -> int | torch.Tensor:
+        """One int when every row asks the same depth: the loop then runs without bookkeeping."""
+        depths = [self._depth(r) for r in reqs]
+        if len(set(depths)) == 1:
+            return depths[0]
+        return torch.tensor(depths, device=self.model.embed.weight.device)
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         p = req.params

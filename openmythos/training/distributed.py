@@ -112,16 +112,18 @@ def broadcast_full_weights(model: nn.Module, full: dict[str, torch.Tensor]) -> N
 def no_gradient_sync(module: nn.Module, inner_step: bool) -> AbstractContextManager:
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on the inner micro-steps of
     gradient accumulation; the last micro-step synchronises the accumulated gradients."""
-    if inner_step and isinstance(module, DistributedDataParallel):
+    if not inner_step:
+        return nullcontext()
+    if isinstance(module, DistributedDataParallel):
         return module.no_sync()
     if isinstance(module, FSDPModule):
-        return _fsdp_gradient_sync(module, not inner_step)
+        return _fsdp_no_sync(module)
     return nullcontext()
 
 
 @contextmanager
-def _fsdp_gradient_sync(module: FSDPModule, sync: bool) -> Iterator[None]:
-    module.set_requires_gradient_sync(sync)
+def _fsdp_no_sync(module: FSDPModule) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
     try:
         yield
     finally:
