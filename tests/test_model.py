@@ -32,6 +32,18 @@ def test_autocast_matches_fp32():
     assert_close(out.float(), ref, atol=0.05, rtol=0.05)
 
 
+def test_bf16_head_matches_fp32_and_keeps_the_outer_autocast():
+    model = small_model()
+    ids = torch.randint(0, 64, (2, 12))
+    ref = model(ids)
+    out = model(ids, head_dtype=torch.bfloat16)
+    assert out.logits.dtype == torch.bfloat16  # only the head: the rest of the step stays fp32
+    assert_close(out.state_norm, ref.state_norm, atol=0, rtol=0)
+    assert_close(out.logits.float(), ref.logits, atol=0.05, rtol=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # no head_dtype: the outer autocast holds
+        assert model(ids).logits.dtype == torch.bfloat16
+
+
 def test_fp16_forward_is_finite():
     out = small_model().to(torch.float16)(torch.randint(0, 64, (1, 8))).logits
     assert torch.isfinite(out).all()

@@ -277,6 +277,7 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
 @pytest.mark.parametrize("overrides, message", [
     ({"train.steps": "many"}, "'train.steps' expects int"),
     ({"loops.sampler": "gaussian"}, "loops.sampler='gaussian' is not one of"),
+    ({"run.head_dtype": "fp8"}, "run.head_dtype='fp8' is not one of"),
     ({"model.n_heads": 3}, r"\[model\] MythosConfig.dim=256 must be divisible by n_heads=3"),
     ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds model.max_seq_len"),
     ({"train.ponder_weight": 0.01, "model.halting": "none"}, "needs model.halting='act'"),

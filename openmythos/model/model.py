@@ -10,6 +10,7 @@ device initialises itself.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -97,10 +98,13 @@ class OpenMythos(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | torch.Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-                backprop_loops: int | None = None) -> MythosOutput:
+                backprop_loops: int | None = None,
+                head_dtype: torch.dtype | None = None) -> MythosOutput:
         """input_ids (B, T) int64. attention_mask (B, T): 1 for tokens, 0 for (left) padding.
         n_loops: an int (default cfg.max_loop_iters, may exceed it) or a (B,) tensor of depths.
-        backprop_loops: only the last k loops get gradients (truncated backprop through depth)."""
+        backprop_loops: only the last k loops get gradients (truncated backprop through depth).
+        head_dtype: run the output head's matmul under autocast to this dtype (e.g. bf16 on a
+        CPU with bf16 matrix units, where the vocab-wide head is the largest matmul of a step)."""
         B, T = self._check_inputs(input_ids, cache, attention_mask)
         n_loops = self._check_loops(n_loops, B, cache)
         if backprop_loops is not None and (not isinstance(backprop_loops, int) or backprop_loops < 1):
@@ -116,7 +120,9 @@ class OpenMythos(nn.Module):
             x = layer(x, ctx, cache.coda[i] if cache else None)
         if cache is not None:
             cache.lengths += T
-        logits = self.norm(x) @ self.embed.weight.T
+        x = self.norm(x)
+        with torch.autocast(x.device.type, head_dtype) if head_dtype else nullcontext():
+            logits = x @ self.embed.weight.T
         return MythosOutput(logits, torch.stack(ctx.aux_losses).sum(), ponder, loops,
                             torch.stack(ctx.expert_loads).sum(0), state_norm)
 

@@ -113,6 +113,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run on hardware units here: a bf16 GPU, or a CPU with AMX or
+    AVX512-BF16 (elsewhere the CPU emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
     """The recipe's model with the tokenizer's vocabulary (a larger, padded vocab may be set)."""
     vocab = cfg.model.overrides.get("vocab_size", tokenizer.vocab_size)
@@ -167,6 +176,10 @@ class Trainer:
             self._check_resume(ckpt)
         self.run_dir = self._run_dir(ckpt)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
+        head = cfg.run.head_dtype
+        if head == "auto":
+            head = "bf16" if has_fast_bf16(self.device) else "fp32"
+        self.head_dtype = torch.bfloat16 if head == "bf16" else None
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
 
@@ -331,7 +344,8 @@ class Trainer:
             n_loops = self.loops.sample(B, self.env.rank, self.env.world_size)
             with no_gradient_sync(self.engine, inner_step=micro < accum - 1):
                 with autocast(self.device.type, self.amp_dtype):
-                    out = self.engine(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None)
+                    out = self.engine(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None,
+                                      head_dtype=self.head_dtype)
                 ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
                 loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
                 (loss / accum).backward()
