@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,6 +51,7 @@ from openmythos.training import (
     resolve_device,
     train,
 )
+from openmythos.training.config import coerce
 
 log = logging.getLogger("openmythos")
 
@@ -240,26 +242,15 @@ def experiment_command(name: str, overrides: dict[str, str]) -> dict:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     config_cls = EXPERIMENTS[name][0]
-    types = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    types = typing.get_type_hints(config_cls)
     fields = {}
     for key, text in overrides.items():
         if key not in types:
             raise ValueError(f"experiment {name!r} has no field {key!r}; fields: {sorted(types)}")
-        fields[key] = json.loads(text) if "list" in str(types[key]) else _scalar(text, types[key])
+        fields[key] = coerce(key, text, types[key])
     payload = run_experiment(name, **fields)
     print((Path(payload["config"]["out_dir"] or f"runs/experiments/{name}") / "report.md").read_text())
     return payload
-
-
-def _scalar(text: str, typ) -> object:
-    name = str(typ)
-    if "bool" in name:
-        return text.lower() in ("1", "true", "yes")
-    if "int" in name:
-        return int(text)
-    if "float" in name:
-        return float(text)
-    return text
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import torch
 
 from openmythos.data import PackedTokens
 from openmythos.training import LoopSampler, TrainConfig, Trainer, TrainingDiverged, train
-from openmythos.training.config import LoopsConfig, OptimConfig, load_config, to_toml
+from openmythos.training.config import LoopsConfig, OptimConfig, coerce, load_config, to_toml
 from openmythos.training.optim import build_optimizer, lr_at, orthogonalise, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +285,20 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
 def test_invalid_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("text, typ, value", [
+    ("1,2,4", list[int], [1, 2, 4]), ("[0.5, 1]", list[float], [0.5, 1.0]),
+    ("mla, gqa", list[str], ["mla", "gqa"]), ("true", bool, True), ("3", float, 3.0),
+])
+def test_command_line_values_are_coerced_to_the_field_type(text, typ, value):
+    assert coerce("key", text, typ) == value and type(coerce("key", text, typ)) is type(value)
+
+
+@pytest.mark.parametrize("text, typ", [("1,x", list[float]), ("yes", bool), ("2.5", int)])
+def test_a_value_of_the_wrong_type_names_the_key(text, typ):
+    with pytest.raises(ValueError, match="config key 'key' expects .*got"):
+        coerce("key", text, typ)
 
 
 def test_unknown_key_in_a_toml_file(tmp_path):

@@ -269,12 +269,12 @@ class TrainConfig:
             if section not in SECTIONS or not name or "." in name:
                 _unknown(key)
             if section == "model":
-                model[name] = _coerce(key, value, _model_field_type(key, name))
+                model[name] = coerce(key, value, _model_field_type(key, name))
             else:
                 hints = typing.get_type_hints(SECTIONS[section])
                 if name not in hints:
                     _unknown(key)
-                sections[section][name] = _coerce(key, value, hints[name])
+                sections[section][name] = coerce(key, value, hints[name])
         preset = model.pop("preset")
         built = {name: SECTIONS[name](**table) for name, table in sections.items()}
         return TrainConfig(model=ModelSection(str(preset), model), **built)
@@ -364,24 +364,33 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
+def coerce(key: str, value: Any, typ: Any) -> Any:
+    """A TOML or command-line value (a string) as a field of type `typ`: bool, int, float, str or
+    a list of one of them ("1,2,4" or "[1, 2, 4]"); a mismatch names the key and the value."""
+    item = typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
     if isinstance(value, str) and typ is not str:
         value = _parse_scalar(value)
-        if typ == list[int] and isinstance(value, str):  # --eval.depths 1,2,4
-            value = [_parse_scalar(v) for v in value.split(",")]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        list[int]: isinstance(value, list) and all(type(v) is int for v in value),
-    }.get(typ)
+        if item is not None and isinstance(value, str):  # --eval.depths 1,2,4
+            value = [_parse_scalar(v.strip()) for v in value.split(",")]
+    if item is None:
+        ok = _is_a(value, typ)
+    else:
+        ok = isinstance(value, list) and all(_is_a(v, item) for v in value)
     if ok is None:
         raise TypeError(f"config key {key!r} has an unsupported type {typ}")
     if not ok:
         raise ValueError(f"config key {key!r} expects {getattr(typ, '__name__', typ)}, "
                          f"got {value!r}")
+    if item is float:
+        return [float(v) for v in value]
     return float(value) if typ is float else value
+
+
+def _is_a(value: Any, typ: Any) -> bool | None:
+    """Whether a parsed value fits a scalar type; None for a type the configs do not use."""
+    exact_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {bool: isinstance(value, bool), str: isinstance(value, str), float: exact_number,
+            int: exact_number and isinstance(value, int)}.get(typ)
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
