@@ -42,7 +42,7 @@ def test_round_trip(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     ckpt = open_checkpoint(path)
     assert ckpt.step == 5
-    assert torch.equal(ckpt.trainer_state()["rng"], torch.Generator().manual_seed(5).get_state())
+    assert torch.equal(ckpt.trainer_state["rng"], torch.Generator().manual_seed(5).get_state())
 
 
 def test_keeps_the_newest_k_and_sweeps_crashed_writes(tmp_path):

@@ -109,16 +109,29 @@ def test_stop_strings_and_eos_with_a_tokenizer():
     engine = Engine(model, tokenizer=tok, max_batch=2)
     free = run_alone(model, list(b"hello"), max_tokens=12, temperature=0)
     text = tok.decode(free)
-    stop = text[3:5] if len(text) >= 5 else None
-    if stop:
-        req, events = collect(engine, list(b"hello"), max_tokens=12, temperature=0, stop=(stop,))
-        engine.run_until_idle()
-        streamed = "".join(e.text for e in events if e.kind == "token")
-        assert streamed == text[:text.index(stop)] and events[-1].finish_reason == "stop"
+    assert len(text) >= 5
+    stop = text[3:5]
+    req, events = collect(engine, list(b"hello"), max_tokens=12, temperature=0, stop=(stop,))
+    engine.run_until_idle()
+    streamed = "".join(e.text for e in events if e.kind == "token")
+    assert streamed == text[:text.index(stop)] and events[-1].finish_reason == "stop"
     engine.eos = free[2]
     req, events = collect(engine, list(b"hello"), max_tokens=12, temperature=0)
     engine.run_until_idle()
     assert req.generated == free[:free.index(free[2])] and events[-1].finish_reason == "stop"
+
+
+def test_streamed_text_keeps_characters_split_over_tokens_whole():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    want = "naïve ✓ 東京, done"
+    script = iter(want.encode())  # one byte per token: the multi-byte characters span tokens
+    engine._sample = lambda req, logits: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=len(want.encode()), temperature=0)
+    engine.run_until_idle()
+    pieces = [e.text for e in events if e.kind == "token"]
+    assert "".join(pieces) == want and not any("\ufffd" in p for p in pieces)
+    assert req.text == tok.decode(req.generated) == want
 
 
 def test_loops_are_counted_per_request():

@@ -79,6 +79,8 @@ class Request:
     loops: int = 0  # loops executed, summed over every position this request ran
     emitted: int = 0  # characters of the completion already sent
     text: str = ""
+    settled: str = ""  # the text of generated[:settled_tokens], which later tokens cannot change
+    settled_tokens: int = 0
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -241,20 +243,20 @@ class Engine:
         return int(sample(logits, p.temperature, p.top_k, p.top_p, req.generator)[0])
 
     def _emit(self, req: Request, token: int) -> None:
-        req.generated.append(token)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         if token == self.eos:
-            return self._finish(req, "stop", drop_last=True)
+            return self._finish(req, "stop")
+        req.generated.append(token)
         text = self._text(req)
         for s in req.params.stop:
             if s and s in text:
                 req.text = text[:text.index(s)]
                 return self._finish(req, "stop")
         req.text = text
-        # hold back a tail that could still grow into a stop string
+        # hold back a tail that could still grow into a stop string, and an unfinished character
         hold = max((len(s) - 1 for s in req.params.stop), default=0)
-        visible = len(text) - hold
+        visible = min(len(text) - hold, len(req.settled))
         if visible > req.emitted:
             req.on_event(Event("token", text=text[req.emitted:visible], token=token))
             req.emitted = visible
@@ -265,12 +267,18 @@ class Engine:
             self._finish(req, "length")
 
     def _text(self, req: Request) -> str:
-        return self.tokenizer.decode(req.generated) if self.tokenizer is not None else ""
+        """The completion so far, decoding only the tokens since the last whole character (a
+        byte-level token can end inside a UTF-8 character), so each token costs O(1)."""
+        if self.tokenizer is None:
+            return ""
+        tail = self.tokenizer.decode(req.generated[req.settled_tokens:])
+        if tail.endswith("\ufffd"):  # an unfinished character: decode these tokens again later
+            return req.settled + tail
+        req.settled += tail
+        req.settled_tokens = len(req.generated)
+        return req.settled
 
-    def _finish(self, req: Request, reason: str, drop_last: bool = False) -> None:
-        if drop_last:
-            req.generated.pop()
-            req.text = self._text(req)
+    def _finish(self, req: Request, reason: str) -> None:
         if req.emitted < len(req.text):
             req.on_event(Event("token", text=req.text[req.emitted:]))
             req.emitted = len(req.text)

@@ -24,6 +24,7 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ class Checkpoint:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
             return
-        whole = self.trainer_state()["optimizer"]
+        whole = self.trainer_state["optimizer"]
         if not isinstance(model, FSDPModule):
             self.load_weights(model)
             optimizer.load_state_dict(whole)
@@ -139,7 +140,9 @@ class Checkpoint:
             raise ValueError(f"checkpoint shards {str(self.path / SHARDED)!r} are unreadable: "
                              f"{e}") from e
 
+    @cached_property
     def trainer_state(self) -> dict[str, Any]:
+        """Optimizer, counters and RNGs, read once (a resume consults them three times)."""
         return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
 
     def tokenizer(self) -> Tokenizer:

@@ -235,7 +235,7 @@ class Trainer:
         long as the global batch (batch_size x world_size) does not."""
         cfg = self.cfg
         changed = ckpt.train_cfg.diff(cfg, ignore=(*RESUME_MUTABLE, "train.batch_size"))
-        saved_world = ckpt.trainer_state().get("world_size", 1)
+        saved_world = ckpt.trainer_state.get("world_size", 1)
         saved_batch = ckpt.train_cfg.train.batch_size * saved_world
         if saved_batch != cfg.train.batch_size * self.env.world_size:
             changed.append(f"global batch (train.batch_size x world size): {saved_batch} -> "
@@ -269,7 +269,7 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         ckpt.load_training_state(self.model, self.optimizer)
-        state = ckpt.trainer_state()
+        state = ckpt.trainer_state
         self.loops.load_state_dict(state["loops"])
         self.data_gen.set_state(state["rng"]["data"])
         torch.set_rng_state(state["rng"]["torch"])
