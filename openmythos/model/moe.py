@@ -56,7 +56,8 @@ class MoE(nn.Module):
             0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten()))
         # sort the N*K assignments by expert so that each expert's tokens form one contiguous slice
         order_M = idx_NK.flatten().argsort(stable=True)  # M = N*K
-        inverse_M = order_M.argsort()
+        positions_M = torch.arange(len(order_M), device=order_M.device)
+        inverse_M = torch.empty_like(order_M).scatter_(0, order_M, positions_M)  # not a 2nd sort
         x_MD = _GatherRows.apply(x_ND, order_M // K, inverse_M, K)
         y_MD = _grouped_swiglu(x_MD, load_E, self.w_gate, self.w_up, self.w_down).to(x_ND.dtype)
         # unsort (the inverse permutation), then weight and sum each token's K rows

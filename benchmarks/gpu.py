@@ -1,0 +1,165 @@
+"""The GPU run of the performance issue, as one prepared script: bf16 training, prefill and decode
+speed with model FLOPs utilisation, on the medium config and on the 1b preset at fewer loops.
+
+    python benchmarks/gpu.py                                # on a CUDA device (~5 min on an H200)
+    python benchmarks/gpu.py --models medium-mla --repeats 5
+    python benchmarks/gpu.py --device cpu --smoke           # the same code on a toy model
+
+- **Training**: forward + cross-entropy + backward + fused AdamW under bf16 autocast (fp32
+  parameters and optimizer state), halting off so that every loop runs.
+- **Attention**: every forward runs under `sdpa_kernel(FLASH_ATTENTION)`, so a shape the flash
+  kernel cannot take raises instead of silently falling back to the math kernel (training and
+  prefill; a decode step's single query attends through the kernel SDPA picks).
+- **MFU**: tokens/s x `cfg.flops_per_token(seq_len)` against the `--peak-tflops` figure (790, the
+  issue's H200 bf16 figure) and against a bf16 matmul peak measured in the same run.
+- **Prefill and decode** in bf16 weights and cache; decode: a 32-token prompt, then greedy tokens at batch 1 and 8, `n_loops = max_loop_iters`.
+- **Memory**: the device's peak allocation per section (peak RSS on the CPU).
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.speed import MEDIUM, peak_rss_mb  # noqa: E402
+from openmythos import MythosConfig, OpenMythos  # noqa: E402
+from openmythos.generation import stream  # noqa: E402
+
+MODELS = {  # name -> (config, training batch, sequence length)
+    "medium-mla": (MythosConfig(**MEDIUM, halting="none"), 64, 256),
+    "medium-gqa": (MythosConfig(**{**MEDIUM, "attn_type": "gqa", "n_kv_heads": 2},
+                                halting="none"), 64, 256),
+    # the 1b preset with 4 loops instead of 16, which fits one GPU with room to spare
+    "1b-4loops": (MythosConfig.from_preset("1b", max_loop_iters=4, halting="none"), 8, 2048),
+}
+SMOKE = (MythosConfig(vocab_size=256, dim=64, n_heads=4, n_kv_heads=4, max_seq_len=128,
+                      max_loop_iters=2, n_experts=4, n_experts_per_tok=2, expert_dim=32,
+                      kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                      v_head_dim=8, halting="none"), 2, 32)
+PROMPT = 32
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+
+
+def matmul_tflops(device: torch.device, n: int, repeats: int) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, device, 2, repeats) / 1e12
+
+
+def measure(cfg: MythosConfig, batch: int, seq: int, device: torch.device, args) -> dict:
+    torch.manual_seed(0)
+    model = OpenMythos(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(ids[:, :-1]).logits
+        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {"params": sum(p.numel() for p in model.parameters()),
+           "active_params": cfg.active_params_per_token(), "batch": batch, "seq_len": seq,
+           "n_loops": cfg.max_loop_iters}
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        reset_peak(device)
+        out["train_tok_s"] = batch * seq / median_seconds(train_step, device, args.warmup,
+                                                          args.repeats)
+        out["train_peak_mb"] = peak_mb(device)
+    opt.state.clear()
+    model = model.to(torch.bfloat16).eval()  # inference: bf16 weights and KV cache
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            dt = median_seconds(lambda: model(ids[:, :-1], cache=model.new_cache(batch, seq)),
+                                device, args.warmup, args.repeats)
+        out["prefill_tok_s"] = batch * seq / dt
+        for b in (1, 8):  # one query per step: SDPA picks its kernel (MLA decode reads the latent)
+            dt = median_seconds(lambda b=b: list(stream(model, ids[:b, :PROMPT], args.new_tokens,
+                                                        temperature=0)), device, 1, args.repeats)
+            out[f"decode_b{b}_tok_s"] = b * args.new_tokens / dt  # whole calls, prompt included
+    flops = cfg.flops_per_token(seq_len=seq)
+    out["train_tflops"] = out["train_tok_s"] * flops / 1e12
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {list(MODELS)}")
+    ap.add_argument("--smoke", action="store_true", help="one toy model, for testing the script")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--matmul-n", type=int, default=8192)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but CUDA is not available; use --device cpu --smoke to test the script")
+    models = {"smoke": SMOKE} if args.smoke else {}
+    for name in [] if args.smoke else args.models.split(","):
+        if name not in MODELS:
+            sys.exit(f"--models: unknown model {name!r}; choose from {list(MODELS)}")
+        models[name] = MODELS[name]
+    measured_peak = matmul_tflops(device, 256 if args.smoke else args.matmul_n, args.repeats)
+    results = {name: measure(cfg, b, t, device, args) for name, (cfg, b, t) in models.items()}
+    for r in results.values():
+        r["mfu_vs_nominal"] = r["train_tflops"] / args.peak_tflops
+        r["mfu_vs_measured"] = r["train_tflops"] / measured_peak
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{device_name}, torch {torch.__version__}, bf16 autocast, flash SDPA; bf16 matmul peak "
+          f"measured {measured_peak:.0f} TFLOP/s, nominal {args.peak_tflops:.0f}")
+    cols = ["params", "active_params", "batch", "seq_len", "n_loops", "train_tok_s", "train_tflops",
+            "mfu_vs_nominal", "mfu_vs_measured", "train_peak_mb", "prefill_tok_s",
+            "decode_b1_tok_s", "decode_b8_tok_s"]
+    print("| measure | " + " | ".join(results) + " |")
+    print("|---" * (len(results) + 1) + "|")
+    for col in cols:
+        cells = [f"{r[col]:.1%}" if col.startswith("mfu") else f"{r[col]:,.1f}" if isinstance(
+            r[col], float) else f"{r[col]:,}" for r in results.values()]
+        print(f"| {col} | " + " | ".join(cells) + " |")
+    print(json.dumps({"benchmark": "gpu", "device": device_name, "torch": torch.__version__,
+                      "peak_tflops_nominal": args.peak_tflops,
+                      "peak_tflops_measured": measured_peak, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

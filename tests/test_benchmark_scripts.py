@@ -1,0 +1,38 @@
+"""The GPU benchmark's prepared script runs end to end (on the CPU, on a toy model), so that it
+works the first time a GPU is lent."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_measures_every_section_on_a_toy_model():
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--smoke",
+                           "--warmup", "0", "--repeats", "1", "--new-tokens", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    smoke = summary["results"]["smoke"]
+    for key in ("train_tok_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s",
+                "train_peak_mb", "mfu_vs_measured"):
+        assert smoke[key] > 0, key
+    assert "| train_tok_s |" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine would run the real benchmark")
+def test_gpu_script_refuses_a_missing_device():
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cuda"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--device cuda but CUDA is not available" in done.stderr
+
+
+def test_gpu_script_names_an_unknown_model():
+    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--models",
+                           "medium-mlx"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "unknown model 'medium-mlx'" in done.stderr
