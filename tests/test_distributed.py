@@ -22,7 +22,8 @@ COMMON = ["--model.dim", "64", "--model.n_heads", "2", "--model.kv_lora_rank", "
           "--model.q_lora_rank", "32", "--model.qk_nope_head_dim", "16", "--model.v_head_dim", "16",
           "--model.expert_dim", "32", "--model.max_loop_iters", "2", "--model.halting", "none",
           "--data.corpus", FIXTURE, "--data.tokenizer", "byte", "--data.seq_len", "32",
-          "--run.dtype", "fp32", "--run.progress", "false", "--run.log_every", "1",
+          "--run.dtype", "fp32", "--run.head_dtype", "fp32",  # exact comparisons: no bf16 head
+          "--run.progress", "false", "--run.log_every", "1",
           "--run.threads", "1", "--train.lr", "2e-3", "--train.warmup_steps", "1",
           "--train.max_minutes", "0",
           "--loops.sampler", "fixed", "--loops.mean", "2",  # pinned: not the quickstart's

@@ -44,6 +44,33 @@ def test_bf16_head_matches_fp32_and_keeps_the_outer_autocast():
         assert model(ids).logits.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("head_dtype, tol", [(None, 1e-5), (torch.bfloat16, 2e-2)])
+def test_loss_from_targets_matches_logits_and_cross_entropy(head_dtype, tol):
+    """The chunked head + cross-entropy (no logits) against the plain path, loss and gradients."""
+    model = small_model()
+    ids, targets = torch.randint(0, 64, (5, 64)), torch.randint(0, 64, (5, 64))  # > 1 chunk
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss = torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten())
+    ref = grads(ref_loss)
+    out = model(ids, targets=targets, head_dtype=head_dtype)
+    assert out.logits is None and out.loss.dtype == torch.float32
+    assert_close(out.loss, ref_loss, atol=tol, rtol=tol)
+    got = grads(out.loss)
+    assert got.keys() == ref.keys()
+    for name in ref:  # relative error of each whole gradient
+        assert (got[name] - ref[name]).norm() <= tol * ref[name].norm(), name
+
+
+def test_targets_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"targets must be int64 of shape \(2, 12\)"):
+        small_model()(torch.randint(0, 64, (2, 12)), targets=torch.randint(0, 64, (2, 11)))
+
+
 def test_fp16_forward_is_finite():
     out = small_model().to(torch.float16)(torch.randint(0, 64, (1, 8))).logits
     assert torch.isfinite(out).all()

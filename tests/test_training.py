@@ -126,7 +126,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
         calls[0] += 1
         out = forward(*args, **kwargs)
         if calls[0] == 2:
-            out.logits = out.logits * float("nan")
+            out.loss = out.loss * float("nan")
         return out
 
     trainer.model.forward = nan_on_second_call

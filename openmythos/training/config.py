@@ -43,10 +43,11 @@ class RunConfig:
     # fp32: on the CPU, bf16 autocast made the tiny model's step slower (casts cost more than the
     # small matmuls gain); GPU recipes set "bf16"
     dtype: str = "fp32"
-    # autocast dtype of the output head's matmul in training steps (the logits; evaluation keeps
-    # fp32). "auto" picks bf16 where bf16 matmuls run on hardware units (AMX / AVX512-BF16 CPUs,
-    # bf16 GPUs), else fp32: the 8192-way head is the largest matmul of a tiny model's step, and
-    # bf16 made a quickstart step 1.15x faster on a Sapphire Rapids core
+    # dtype of the output head's matmuls in training steps (the loss is computed with the head,
+    # chunk by chunk, never materialising the logits; evaluation stays fp32). "auto" picks bf16
+    # where bf16 matmuls run on hardware units (AMX / AVX512-BF16 CPUs, bf16 GPUs), else fp32:
+    # the 8192-way head is the largest matmul of a tiny model's step (measured in
+    # docs/performance.md)
     head_dtype: str = "auto"
     # torch intra-op threads; 0 keeps torch's default (one per core). The quickstart uses 1: on a
     # busy 2-core machine, two OpenMP threads that spin-wait on each other ran 2-3x slower

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -345,8 +344,8 @@ class Trainer:
             with no_gradient_sync(self.engine, inner_step=micro < accum - 1):
                 with autocast(self.device.type, self.amp_dtype):
                     out = self.engine(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None,
-                                      head_dtype=self.head_dtype)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                                      targets=y, head_dtype=self.head_dtype)
+                ce = out.loss
                 loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
                 (loss / accum).backward()
             load += out.expert_load
