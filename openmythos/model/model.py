@@ -140,15 +140,17 @@ class OpenMythos(nn.Module):
         if targets.shape != x.shape[:2] or targets.dtype != torch.long:
             raise ValueError(f"targets must be int64 of shape {tuple(x.shape[:2])}, got "
                              f"{targets.dtype} {tuple(targets.shape)}")
-        weight = self.embed.weight
-        if head_dtype is not None:
-            x, weight = x.to(head_dtype), weight.to(head_dtype)
+        # the head runs in head_dtype, else in the weight's dtype, whatever an outer autocast says
+        dtype = head_dtype or self.embed.weight.dtype
+        x, weight = x.to(dtype), self.embed.weight.to(dtype)
         # 256-row chunks were the fastest on a CPU core; "balanced" sums the head's gradient over
         # chunks in fp32 when the matmuls run in bf16. Per-token losses, averaged in fp32: the
         # op returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %
         chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=256, acc_policy="balanced")
-        return F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), reduction="none",
-                                      options=chunks).float().mean()
+        with torch.autocast(x.device.type, enabled=False):
+            losses = F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(),
+                                            reduction="none", options=chunks)
+        return losses.float().mean()
 
     def _context(self, input_ids: torch.Tensor, cache: KVCache | None,
                  attention_mask: torch.Tensor | None) -> Context:
