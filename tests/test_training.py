@@ -12,7 +12,13 @@ import torch
 from openmythos.data import PackedTokens
 from openmythos.training import LoopSampler, TrainConfig, Trainer, TrainingDiverged, train
 from openmythos.training.config import LoopsConfig, OptimConfig, coerce, load_config, to_toml
-from openmythos.training.optim import build_optimizer, lr_at, orthogonalise, param_groups
+from openmythos.training.optim import (
+    MuonAdamW,
+    build_optimizer,
+    lr_at,
+    orthogonalise,
+    param_groups,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "train_small.txt"
@@ -180,6 +186,23 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
     assert "recurrent.block.ffn.w_gate" in muon and "embed.weight" not in muon
     assert "recurrent.act.halt.weight" not in muon  # a (1, dim) row is a vector, not a matrix
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_muon_optimizers_adamw_half_is_torchs_adamw():
+    def run(make):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+        opt = make(param_groups(model, 0.1))  # no group flagged muon: all of it AdamW
+        for step in range(3):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return list(model.parameters())
+
+    ours = run(lambda groups: MuonAdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
+    ref = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(40, 100), (100, 40), (3, 16, 64)])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from openmythos.model.recurrence import AdditiveInjection, FreeInjection, LTIInjection
 from openmythos.training.config import OptimConfig
@@ -78,11 +79,13 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> None:
         assert closure is None, "MuonAdamW does not re-evaluate the loss"
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                (self._muon if group["muon"] else self._adamw)(p, group, self.state[p])
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                for p in params:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    self._muon(p, group, self.state[p])
+            elif params:
+                self._adamw(params, group)
 
     @staticmethod
     def _muon(p: torch.Tensor, group: dict, state: dict) -> None:
@@ -93,18 +96,18 @@ class MuonAdamW(torch.optim.Optimizer):
         update = orthogonalise(nesterov, group["ns_steps"]).to(p.dtype)
         p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
 
-    @staticmethod
-    def _adamw(p: torch.Tensor, group: dict, state: dict) -> None:
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's own AdamW update (decoupled weight decay included) on one group."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                             exp_avg_sq=torch.zeros_like(p))
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+              [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
+              beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=False)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
