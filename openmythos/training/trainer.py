@@ -116,7 +116,7 @@ def has_fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run on hardware units here: a bf16 GPU, or a CPU with AMX or
     AVX512-BF16 (elsewhere the CPU emulates bf16, slower than fp32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
     return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
