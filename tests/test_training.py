@@ -19,6 +19,7 @@ from openmythos.training.optim import (
     orthogonalise,
     param_groups,
 )
+from openmythos.training.trainer import has_fast_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "train_small.txt"
@@ -165,6 +166,13 @@ def test_bad_input_gives_clear_errors(tmp_path, overrides, message):
 
 
 # optimizer and schedule
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16", "auto"])
+def test_head_dtype_setting(tmp_path, setting):
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path, **{"run.head_dtype": setting})))
+    bf16 = setting == "bf16" or (setting == "auto" and has_fast_bf16(torch.device("cpu")))
+    assert trainer.head_dtype == (torch.bfloat16 if bf16 else None)
+
 
 def test_no_weight_decay_on_norms_embeddings_and_injection(tmp_path):
     model = Trainer(load_config(None, tiny_overrides(tmp_path))).model
