@@ -5,14 +5,16 @@ speed with model FLOPs utilisation, on the medium config and on the 1b preset at
     python benchmarks/gpu.py --models medium-mla --repeats 5
     python benchmarks/gpu.py --device cpu --smoke           # the same code on a toy model
 
-- **Training**: forward + cross-entropy + backward + fused AdamW under bf16 autocast (fp32
-  parameters and optimizer state), halting off so that every loop runs.
+- **Training**: the trainer's step (forward, the chunked head + cross-entropy, backward) and a
+  fused AdamW step under bf16 autocast (fp32 parameters and optimizer state), halting off so
+  that every loop runs.
 - **Attention**: every forward runs under `sdpa_kernel(FLASH_ATTENTION)`, so a shape the flash
   kernel cannot take raises instead of silently falling back to the math kernel (training and
   prefill; a decode step's single query attends through the kernel SDPA picks).
 - **MFU**: tokens/s x `cfg.flops_per_token(seq_len)` against the `--peak-tflops` figure (790, the
   issue's H200 bf16 figure) and against a bf16 matmul peak measured in the same run.
-- **Prefill and decode** in bf16 weights and cache; decode: a 32-token prompt, then greedy tokens at batch 1 and 8, `n_loops = max_loop_iters`.
+- **Prefill and decode** in bf16 weights and cache; decode: a 32-token prompt, then greedy
+  tokens at batch 1 and 8, `n_loops = max_loop_iters`.
 - **Memory**: the device's peak allocation per section (peak RSS on the CPU).
 
 Prints a table, then one JSON line.
@@ -28,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,10 +89,10 @@ def measure(cfg: MythosConfig, batch: int, seq: int, device: torch.device, args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
-    def train_step():
+    def train_step():  # the trainer's step: the loss from the head in chunks, no logits
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(ids[:, :-1]).logits
-        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            loss = model(ids[:, :-1], targets=ids[:, 1:], head_dtype=torch.bfloat16).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -11,6 +11,7 @@ done. Tokens/s counts only the tokens each request asked for. Greedy decoding, h
 every request does exactly the work it asked for.
 
     python benchmarks/serving.py [--preset tiny] [--requests 48] [--threads 2] [--rounds 3]
+    python benchmarks/serving.py --profile --threads 1     # where the engine's time goes
 
 Prints a table and a final JSON line.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -85,6 +87,51 @@ def percentile(xs, q):
     return statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else xs[0]
 
 
+def profile(model, reqs, batch: int, max_loops: int) -> dict:
+    """Static batching, then the engine, each under cProfile: where the engine's time goes, and
+    what a perfect packing of rows by depth could reach on this machine, from the fewest decode
+    steps and loop-steps it would need and the measured cost of each."""
+    import cProfile
+    import pstats
+
+    deepest = []  # loops run by each decode step: its deepest row's
+    depths = Engine._depths
+
+    def spy(engine, rows):
+        d = depths(engine, rows)
+        if all(r.decoding for r in rows):  # a decode step, not a prefill
+            deepest.append(int(d.max()) if torch.is_tensor(d) else d)
+        return d
+
+    def profiled(run):
+        prof = cProfile.Profile()
+        with torch.no_grad():
+            prof.enable()
+            seconds = max(run()[0])
+            prof.disable()
+        return seconds, {func: (calls, cumulative) for (_, _, func), (_, calls, _, cumulative, _)
+                         in pstats.Stats(prof).stats.items()}
+
+    static_s, _ = profiled(lambda: run_static(model, reqs, batch))
+    Engine._depths = spy
+    try:
+        engine_s, by_name = profiled(lambda: run_engine(model, reqs, batch, max_loops, "depth"))
+    finally:
+        Engine._depths = depths
+    steps, decode_s = by_name["_decode"]
+    loop_s = by_name["_step"][1] / by_name["_step"][0]  # one pass of the looped block
+    fixed_s = (decode_s - sum(deepest) * loop_s) / steps  # the rest of a decode step
+    ideal_steps = math.ceil(sum(r["max_tokens"] for r in reqs) / batch)
+    ideal_loop_steps = sum(r["n_loops"] * r["max_tokens"] for r in reqs) / batch
+    prefill_s = by_name["_prefill"][1]
+    ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s + prefill_s
+    return {"static_s": static_s, "engine_s": engine_s, "engine_vs_static": static_s / engine_s,
+            "decode_steps": steps, "decode_loop_steps": sum(deepest), "decode_s": decode_s,
+            "prefill_s": prefill_s, "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
+            "ideal_decode_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
+            "ideal_engine_s": ideal_s, "ideal_vs_static": static_s / ideal_s}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small"])
@@ -95,6 +142,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: one static and one profiled engine run, and the packing bound")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -105,6 +154,13 @@ def main() -> None:
     # warm-up: one short request through each path
     run_engine(model, reqs[:2], args.batch, args.max_loops, "fifo")
     run_static(model, reqs[:2], args.batch)
+    if args.profile:
+        result = profile(model, reqs, args.batch, args.max_loops)
+        for key, value in result.items():
+            print(f"{key:<20} {value:,.2f}")
+        print(json.dumps({"benchmark": "serving-profile", "preset": args.preset,
+                          "requests": args.requests, "batch": args.batch, **result}))
+        return
     runs = {"static": lambda: run_static(model, reqs, args.batch),
             "engine-fifo": lambda: run_engine(model, reqs, args.batch, args.max_loops, "fifo"),
             "engine": lambda: run_engine(model, reqs, args.batch, args.max_loops, "depth")}

@@ -10,7 +10,6 @@ device initialises itself.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +106,9 @@ class OpenMythos(nn.Module):
         backprop_loops: only the last k loops get gradients (truncated backprop through depth).
         targets (B, T) int64: return the mean cross-entropy as `loss` and no logits, computed in
         chunks of rows so that the (B*T, vocab) logits never exist (torch's chunked
-        linear_cross_entropy: 2-3x faster than logits + cross_entropy on a CPU, and the memory
-        of a vocab-wide head, 100k entries in the large presets, stays one chunk's).
+        linear_cross_entropy: with a bf16 head 2.5x faster than fp32 logits + cross_entropy on
+        an AMX CPU core, benchmarks/head_loss.py; and the memory of a vocab-wide head, 100k
+        entries in the large presets, stays one chunk's).
         head_dtype: the output head's matmuls in this dtype (e.g. bf16 on a CPU with bf16
         matrix units, where the vocab-wide head is the largest matmul of a step)."""
         B, T = self._check_inputs(input_ids, cache, attention_mask)
@@ -126,13 +126,13 @@ class OpenMythos(nn.Module):
             x = layer(x, ctx, cache.coda[i] if cache else None)
         if cache is not None:
             cache.lengths += T
-        x = self.norm(x)
-        logits, loss = None, None
+        x, logits, loss = self.norm(x), None, None
         if targets is not None:
             loss = self._loss(x, targets, head_dtype)
+        elif head_dtype is not None:
+            logits = x.to(head_dtype) @ self.embed.weight.to(head_dtype).T
         else:
-            with torch.autocast(x.device.type, head_dtype) if head_dtype else nullcontext():
-                logits = x @ self.embed.weight.T
+            logits = x @ self.embed.weight.T
         return MythosOutput(logits, torch.stack(ctx.aux_losses).sum(), ponder, loops,
                             torch.stack(ctx.expert_loads).sum(0), state_norm, loss)
 
