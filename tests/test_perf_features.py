@@ -226,6 +226,55 @@ def test_compiled_model_with_ragged_halting_matches_eager():
     assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
 
 
+def _decode_logits(model, ragged: bool, steps: int = 5) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill two prompts (left-padded together, or each into its own rows so that the rows hold
+    different lengths, as the serving engine leaves them), then decode `steps` fixed tokens."""
+    cache = model.new_cache(2, 16)
+    if ragged:
+        model(torch.tensor([[1, 2, 3, 4, 5]]), n_loops=3, cache=cache.narrow(0, 1))
+        model(torch.tensor([[6, 7]]), n_loops=3, cache=cache.narrow(1, 1))
+    else:
+        model(torch.tensor([[1, 2, 3, 4, 5], [0, 0, 0, 6, 7]]), n_loops=3, cache=cache,
+              attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]))
+    tokens = torch.randint(0, 64, (2, steps), generator=torch.Generator().manual_seed(3))
+    logits = [model(tokens[:, i:i + 1], n_loops=3, cache=cache).logits for i in range(steps)]
+    state = [t for s in cache.prelude + cache.loops + cache.coda for t in s.tensors]
+    return torch.cat(logits, 1), [*state, cache.valid, cache.next_pos, cache.lengths]
+
+
+@pytest.mark.parametrize("attn_type,policy", [("mla", "per_loop"), ("gqa", "ring")])
+@pytest.mark.parametrize("ragged", [False, True])
+@torch.no_grad()
+def test_compiled_decode_step_is_one_graph_and_matches_eager(attn_type, policy, ragged):
+    counters = _compile_counters()
+    model = small_model(attn_type=attn_type, kv_cache_policy=policy)
+    ref, ref_state = _decode_logits(model, ragged)
+    # fullgraph: the whole step (prelude, every loop, coda, head) or an error
+    model.compile_decode(backend="aot_eager", fullgraph=True)
+    got, state = _decode_logits(model, ragged)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1  # every decode step, one graph; prefill eager
+    assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(state, ref_state, strict=True):
+        assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_compile_decode_refuses_data_dependent_halting():
+    with pytest.raises(ValueError, match="halting='act'"):
+        small_model(halting="act").compile_decode()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_compiled_decode_generates_like_eager():
+    _compile_counters()
+    model = small_model()
+    ids = [[1, 2, 3, 4, 5], [6, 7]]
+    ref = model.generate(ids, 8, temperature=0)
+    model.compile_decode()  # inductor, with its C++ wrapper on the CPU
+    assert torch.equal(model.generate(ids, 8, temperature=0), ref)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_model_matches_eager():
     _compile_counters()

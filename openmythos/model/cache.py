@@ -42,13 +42,15 @@ class KVSlot:
                cols: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Write this step's entries and return the visible prefix [0, start + T). With ragged
         rows (`cols`, each row's own first column) start is the largest of them."""
-        for buf, x in zip(self.tensors, new, strict=True):
-            if rows is None and cols is None:
+        if rows is None and cols is None:
+            for buf, x in zip(self.tensors, new, strict=True):
                 buf[:, start:start + T] = x
-            else:
-                if rows is None:
-                    rows, x = _all_rows(buf.shape[0], T, buf.device), x.flatten(0, 1)
-                buf[_rows_to_coords(rows, T, start, cols)] = x
+        else:
+            if rows is None:  # every row, each at its own column
+                rows, new = _all_rows(new[0].shape[0], T, new[0].device), [x.flatten(0, 1) for x in new]
+            coords = _rows_to_coords(rows, T, start, cols)
+            for buf, x in zip(self.tensors, new, strict=True):
+                buf[coords] = x
         return [buf[:, :start + T] for buf in self.tensors]
 
     def copy_new_tokens(self, other: KVSlot, start: int, T: int,

@@ -10,6 +10,7 @@ device initialises itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ class OpenMythos(nn.Module):
         self.recurrent = RecurrentBlock(cfg)
         self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.compiled_decode: Callable | None = None  # set by compile_decode()
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -90,6 +92,25 @@ class OpenMythos(nn.Module):
         self.recurrent.compiled_step = torch.compile(self.recurrent._step, **compile_kwargs)
         return self
 
+    def compile_decode(self, **compile_kwargs) -> OpenMythos:
+        """Opt-in torch.compile of the whole decode step as one graph (gpt-fast style): every
+        forward call with a cache, one token per row, an int depth and no gradients runs it, so
+        the ~150 operator dispatches per loop become a few fused kernels (on a GPU,
+        `mode="reduce-overhead"` also replays it as a CUDA graph). Needs halting="none": ACT and
+        the KL exit decide on the host whether to run the next loop. Each depth and shape
+        compiles on first use (after a second shape, torch makes the shape dynamic); the
+        prompt's prefill stays eager. On the CPU, inductor emits a C++ wrapper (cpp_wrapper)
+        unless `options` says otherwise. Returns self; tokens match the eager model's
+        (tests/test_perf_features.py)."""
+        if self.cfg.halting != "none":
+            raise ValueError(f"compile_decode needs halting='none' (a fixed depth per call), "
+                             f"got halting={self.cfg.halting!r}")
+        if self.embed.weight.device.type == "cpu" and compile_kwargs.get("backend", "inductor") == "inductor":
+            # C++ wrapper code instead of Python between the kernels: ~1.2-1.5x on CPU decode
+            compile_kwargs["options"] = {"cpp_wrapper": True, **compile_kwargs.get("options", {})}
+        self.compiled_decode = torch.compile(self._decode, **compile_kwargs)
+        return self
+
     def update_router_bias(self, expert_load: torch.Tensor) -> None:
         self.moe.update_bias(expert_load)
 
@@ -115,7 +136,33 @@ class OpenMythos(nn.Module):
         n_loops = self._check_loops(n_loops, B, cache)
         if backprop_loops is not None and (not isinstance(backprop_loops, int) or backprop_loops < 1):
             raise ValueError(f"backprop_loops must be a positive integer or None, got {backprop_loops!r}")
+        if (self.compiled_decode is not None and cache is not None and T == 1 and attention_mask is None
+                and isinstance(n_loops, int) and targets is None and not torch.is_grad_enabled()):
+            return self.compiled_decode(input_ids, n_loops, cache, head_dtype)
         ctx = self._context(input_ids, cache, attention_mask)
+        return self._forward(input_ids, ctx, n_loops, cache, backprop_loops, targets, head_dtype)
+
+    def _decode(self, input_ids: torch.Tensor, n_loops: int, cache: KVCache,
+                head_dtype: torch.dtype | None) -> MythosOutput:
+        """One new token per row, attending over the cache's whole preallocated length through
+        its `valid` mask: every shape is fixed and nothing reads a value back to the host, so
+        torch.compile traces the whole step (prelude, every loop, coda, head) as one graph
+        (compile_decode). Rows may hold different lengths (each writes at its own column)."""
+        B = input_ids.shape[0]
+        cols = cache.lengths.clone()
+        cache.valid[torch.arange(B, device=cols.device), cols] = True
+        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
+        cos, sin = rope_angles(cache.next_pos.unsqueeze(1), rope_dim, self.cfg.rope_theta)
+        cache.next_pos += 1
+        # start = max_len - 1: the slots hand back their whole buffer, masked by `valid`
+        ctx = Context(B, 1, cache.max_len - 1, cos, sin, cache.valid.view(B, 1, 1, -1), False,
+                      0.0, cols)
+        return self._forward(input_ids, ctx, n_loops, cache, None, None, head_dtype)
+
+    def _forward(self, input_ids: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
+                 cache: KVCache | None, backprop_loops: int | None, targets: torch.Tensor | None,
+                 head_dtype: torch.dtype | None) -> MythosOutput:
+        T = input_ids.shape[1]
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):
             x = layer(x, ctx, cache.prelude[i] if cache else None)

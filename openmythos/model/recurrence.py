@@ -132,7 +132,9 @@ class DepthLoRA(nn.Module):
 
 def loop_embedding(t: int, dim: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """Sinusoidal embedding of the loop index on the first `width` of `dim` channels."""
-    return _loop_embedding(t, dim, width, like.dtype, like.device)
+    # torch.compile traces the function itself (a constant in the graph), not the cache around it
+    build = _loop_embedding.__wrapped__ if torch.compiler.is_compiling() else _loop_embedding
+    return build(t, dim, width, like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=1024)
