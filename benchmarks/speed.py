@@ -18,6 +18,8 @@ Sections (`--sections`, comma-separated, or `all`):
   prefill    batch 8 x 256 into a fresh KV cache, no grad
   decode     a 32-token prompt then 64 greedy tokens at batch 1 and 8, n_loops = max_loop_iters;
              tokens/s counts the 63 single-token steps after the prompt
+  decode_compiled  the same, ours with the whole decode step compiled (compile_decode, inductor),
+             the peer eager as shipped (it has no compiled decode)
   kv         KV-cache bytes per token, measured from each implementation's cache
   halting    ours only: ACT on, threshold -> mean loops -> tokens/s (prefill, batch-8 decode)
   memory     ours only: peak training memory against n_loops, plain / per-loop checkpointing /
@@ -60,7 +62,7 @@ ATTN = {"mla": dict(attn_type="mla"), "gqa": dict(attn_type="gqa", n_kv_heads=2)
 TRAIN_B, TRAIN_T = 8, 256
 PREFILL_B, PREFILL_T = 8, 256
 PROMPT, NEW_TOKENS = 32, 64
-CORE_SECTIONS = ("train", "bf16", "prefill", "decode", "kv")
+CORE_SECTIONS = ("train", "bf16", "prefill", "decode", "decode_compiled", "kv")
 OURS_ONLY = ("halting", "memory", "compile", "cachepolicy")
 
 
@@ -243,16 +245,33 @@ def section_prefill(model: Model, args) -> dict:
     return dict(tok_s=PREFILL_B * PREFILL_T / statistics.median(times), times=times)
 
 
-def section_decode(model: Model, args) -> dict:
+def section_decode(model: Model, args, batches=(1, 8), warmup: int | None = None) -> dict:
     import torch
 
     model.net.eval()
+    warmup = args.warmup if warmup is None else warmup
+    out = {}
+    for B in batches:
+        prompt = torch.randint(0, model.cfg.vocab_size, (B, PROMPT))
+        times = [model.decode(prompt, NEW_TOKENS) for _ in range(warmup + args.repeats)]
+        times = times[warmup:]
+        out[f"b{B}"] = dict(tok_s=B * (NEW_TOKENS - 1) / statistics.median(times), times=times)
+    return out
+
+
+def section_decode_compiled(model: Model, args) -> dict:
+    """Ours with the whole decode step compiled (`compile_decode()`, inductor); the peer has no
+    such path and decodes eagerly, as in `decode`. Each batch size compiles afresh in its
+    warm-up run (static shapes), so no timed run includes compilation."""
+    if model.impl == "peer":
+        return section_decode(model, args)
+    import torch._dynamo
+
     out = {}
     for B in (1, 8):
-        prompt = torch.randint(0, model.cfg.vocab_size, (B, PROMPT))
-        times = [model.decode(prompt, NEW_TOKENS) for _ in range(args.warmup + args.repeats)]
-        times = times[args.warmup:]
-        out[f"b{B}"] = dict(tok_s=B * (NEW_TOKENS - 1) / statistics.median(times), times=times)
+        torch._dynamo.reset()
+        model.net.compile_decode()
+        out.update(section_decode(model, args, batches=(B,), warmup=max(args.warmup, 1)))
     return out
 
 
@@ -282,6 +301,7 @@ def worker(args) -> dict:
     fn = {
         "train": section_train, "bf16": lambda m, a: section_train(m, a, amp=True),
         "prefill": section_prefill, "decode": section_decode, "kv": section_kv,
+        "decode_compiled": section_decode_compiled,
         "halting": section_halting, "memory": section_memory, "compile": section_compile,
         "cachepolicy": section_cachepolicy,
     }[args.section]
@@ -751,11 +771,13 @@ def print_tables(summary: dict, peaks: dict, args) -> None:
                                   f"cfg.num_params() = {s['num_params']}")
             elif section == "prefill":
                 line(key, "prefill tok/s", g(o, "tok_s"), g(pr, "tok_s"), rt.get("tok_s"))
-            elif section == "decode":
+            elif section in ("decode", "decode_compiled"):
+                tag = "decode" if section == "decode" else "decode, ours compiled,"
                 for b in ("b1", "b8"):
-                    line(key, f"decode tok/s batch {b[1:]}", g(o, b, "tok_s"), g(pr, b, "tok_s"),
+                    line(key, f"{tag} tok/s batch {b[1:]}", g(o, b, "tok_s"), g(pr, b, "tok_s"),
                          rt.get(b))
-                line(key, "decode peak RSS MB", g(o, "peak_rss_mb"), g(pr, "peak_rss_mb"))
+                if section == "decode":
+                    line(key, "decode peak RSS MB", g(o, "peak_rss_mb"), g(pr, "peak_rss_mb"))
             elif section == "kv":
                 line(key, "KV bytes/token/(layer,loop)", g(o, "bytes_per_token_layer"),
                      g(pr, "bytes_per_token_layer"), rt.get("kv_bytes"))

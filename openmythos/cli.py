@@ -108,9 +108,13 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: int | None = None,
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-             seed: int = 0, device: str = "auto", out: TextIO = sys.stdout) -> str:
-    """Sample a continuation of `prompt`, writing it to `out` as it is produced."""
+             seed: int = 0, device: str = "auto", out: TextIO = sys.stdout,
+             compile: bool = False) -> str:
+    """Sample a continuation of `prompt`, writing it to `out` as it is produced. compile: run
+    the decode step as one torch.compile graph (OpenMythos.compile_decode)."""
     model, tokenizer, _ = _load(checkpoint, device)
+    if compile:
+        model.compile_decode()
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     device_ = model.embed.weight.device
     g = torch.Generator(device_).manual_seed(seed)
@@ -283,6 +287,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the whole decode step (torch.compile; the first token waits for "
+                        "it, the rest run faster: needs a model trained with halting none)")
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
     src = i.add_mutually_exclusive_group(required=True)
@@ -329,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      args.device)
         elif args.command == "generate":
             generate(args.checkpoint, args.prompt, args.max_new_tokens, args.n_loops,
-                     args.temperature, args.top_k or None, args.top_p, args.seed, args.device)
+                     args.temperature, args.top_k or None, args.top_p, args.seed, args.device,
+                     compile=args.compile)
         elif args.command == "export-hf":
             export_hf_command(args.checkpoint, args.out, args.n_loops)
         elif args.command == "serve":

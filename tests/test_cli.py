@@ -1,6 +1,7 @@
 """`mythos` end to end, through `python -m openmythos.cli` subprocesses: train -> eval -> generate
 -> info, Ctrl-C and resume; and, in-process, the error messages a user sees."""
 
+import io
 import json
 import os
 import signal
@@ -81,6 +82,14 @@ def test_generate_streams_a_continuation(run_dir):
     out = mythos("generate", "--checkpoint", str(run_dir), "--prompt", "Fellow-Citizens",
                  "--max-new-tokens", "12", "--temperature", "0").stdout
     assert out.startswith("Fellow-Citizens") and len(out) > len("Fellow-Citizens")
+
+
+@pytest.mark.slow
+def test_generate_with_a_compiled_decode_step_writes_the_same_text(run_dir):
+    from openmythos.cli import generate
+
+    kwargs = dict(prompt="Fellow-Citizens", max_new_tokens=12, temperature=0, out=io.StringIO())
+    assert generate(str(run_dir), compile=True, **kwargs) == generate(str(run_dir), **kwargs)
 
 
 def test_info_for_a_preset_and_a_checkpoint(run_dir):

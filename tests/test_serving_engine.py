@@ -1,6 +1,7 @@
 """The engine: greedy requests give the same tokens alone or among others, slots are freed,
 chunked prefill is exact, per-request depth is honoured."""
 
+import pytest
 import torch
 
 from openmythos.data.tokenizer import ByteTokenizer
@@ -21,8 +22,9 @@ def run_alone(model, prompt, **params):
     return req.generated
 
 
-def test_greedy_is_the_same_alone_or_batched():
-    model = small_model(vocab_size=64)
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+def test_greedy_is_the_same_alone_or_batched(attn_type):
+    model = small_model(vocab_size=64, attn_type=attn_type)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 11, [3, 1, 4, 1, 5, 9, 2], [6, 6, 6]]
     depths = [3, 1, 2, 3, 2]
     budgets = [6, 9, 3, 7, 5]

@@ -95,10 +95,9 @@ class OpenMythos(nn.Module):
     def compile_decode(self, **compile_kwargs) -> OpenMythos:
         """Opt-in torch.compile of the whole decode step as one graph (gpt-fast style): every
         forward call with a cache, one token per row, an int depth and no gradients runs it, so
-        the ~150 operator dispatches per loop become a few fused kernels (on a GPU,
-        `mode="reduce-overhead"` also replays it as a CUDA graph). Needs halting="none": ACT and
-        the KL exit decide on the host whether to run the next loop. Each depth and shape
-        compiles on first use (after a second shape, torch makes the shape dynamic); the
+        the ~150 operator dispatches per loop become a few fused kernels. Needs halting="none":
+        ACT and the KL exit decide on the host whether to run the next loop. Each depth and
+        shape compiles on first use (after a second shape, torch makes the shape dynamic); the
         prompt's prefill stays eager. On the CPU, inductor emits a C++ wrapper (cpp_wrapper)
         unless `options` says otherwise. Returns self; tokens match the eager model's
         (tests/test_perf_features.py)."""
