@@ -162,6 +162,49 @@ def test_per_sequence_depths_match_separate_runs():
     assert batched.loops.tolist() == [[1] * 7, [4] * 7, [2] * 7]
 
 
+@pytest.mark.parametrize("attn_type,policy", [("mla", "per_loop"), ("gqa", "ring")])
+@pytest.mark.parametrize("ragged", [False, True])
+@torch.no_grad()
+def test_deepest_first_depths_run_on_a_prefix_and_match_the_compacted_path(attn_type, policy, ragged):
+    # per-sequence depths that never grow along the batch run each loop densely on the sequences
+    # still looping; the same sequences in another order take the compacted path (row gathers):
+    # the logits and every cache entry agree
+    model = small_model(attn_type=attn_type, kv_cache_policy=policy, kv_cache_ring=2)
+    depths, lengths = torch.tensor([5, 3, 3, 1]), [6, 2, 4, 3]
+    prompts = [torch.randint(0, 64, (n,)) for n in lengths]
+    tokens = torch.randint(0, 64, (4, 2))
+
+    def run(order):
+        cache, calls = model.new_cache(4, 12, 5), []
+        if ragged:  # each prompt into its own row: the rows hold different lengths
+            for row, b in enumerate(order):
+                model(prompts[b][None], n_loops=int(depths[b]), cache=cache.narrow(row, 1))
+            logits = []
+        else:  # left-padded together
+            ids = torch.stack([torch.cat([torch.zeros(6 - lengths[b], dtype=torch.long), prompts[b]])
+                               for b in order])
+            mask = (torch.arange(6) >= 6 - torch.tensor(lengths)[order].unsqueeze(1)).long()
+            logits = [model(ids, n_loops=depths[order], cache=cache, attention_mask=mask).logits[:, -1:]]
+        hook = model.recurrent.block.register_forward_pre_hook(
+            lambda m, a: calls.append((a[0].shape[0], a[3] is None)))
+        logits += [model(tokens[order, i:i + 1], n_loops=depths[order], cache=cache).logits
+                   for i in range(2)]
+        hook.remove()
+        state = [t for s in cache.prelude + cache.loops + cache.coda for t in s.tensors]
+        return torch.cat(logits, 1), [*state, cache.valid, cache.next_pos, cache.lengths], calls
+
+    logits, state, calls = run([0, 1, 2, 3])
+    order = [2, 0, 3, 1]
+    back = torch.tensor(order).argsort()
+    shuffled, shuffled_state, shuffled_calls = run(order)
+    assert_close(logits, shuffled[back], atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(state, shuffled_state, strict=True):
+        assert_close(mine, theirs[back], atol=1e-5, rtol=1e-5)
+    # the last decode step: every loop dense on the first 4, 3, 3, 1, 1 sequences
+    assert calls[-5:] == [(4, True), (3, True), (3, True), (1, True), (1, True)]
+    assert not any(dense for _, dense in shuffled_calls[-4:])  # the compacted path gathers rows
+
+
 def test_truncated_backprop_through_depth():
     model = small_model().train()
     ids = torch.randint(0, 64, (2, 6))

@@ -31,7 +31,10 @@ def test_greedy_is_the_same_alone_or_batched(attn_type):
     engine = Engine(model, max_batch=3, prefill_chunk=4)
     reqs = [collect(engine, p, max_tokens=m, temperature=0, n_loops=d)[0]
             for p, d, m in zip(prompts, depths, budgets, strict=True)]
-    engine.run_until_idle()
+    while not engine.idle:
+        engine.step()
+        decoding = [engine._depth(r) for r in engine.rows if r.decoding]
+        assert decoding == sorted(decoding, reverse=True)  # deepest first: loops run on a prefix
     for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
         assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d)
         assert len(req.generated) == m

@@ -46,6 +46,14 @@ class Context:
         """The same call with empty MoE statistics: one loop's block records into its own."""
         return dataclasses.replace(self, expert_loads=[], aux_losses=[])
 
+    def narrow(self, b: int) -> Context:
+        """The first b sequences of the call (sharing its MoE statistics)."""
+        if b == self.B:
+            return self
+        mask = None if self.mask is None else self.mask[:b]
+        cols = None if self.cols is None else self.cols[:b]
+        return dataclasses.replace(self, B=b, cos=self.cos[:b], sin=self.sin[:b], mask=mask, cols=cols)
+
     def rope(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
             return self.cos, self.sin

@@ -53,6 +53,10 @@ class KVSlot:
                 buf[coords] = x
         return [buf[:, :start + T] for buf in self.tensors]
 
+    def narrow(self, start: int, n: int) -> KVSlot:
+        """Rows [start, start + n), sharing this slot's storage."""
+        return KVSlot([t.narrow(0, start, n) for t in self.tensors])
+
     def copy_new_tokens(self, other: KVSlot, start: int, T: int,
                         cols: torch.Tensor | None = None) -> None:
         """Give halted tokens their latest entry: copy the new columns from the shallower slot."""
@@ -137,8 +141,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.batch_size, view.max_len, view.n_loops = n, self.max_len, self.n_loops
         for name in ("prelude", "loops", "coda"):
-            setattr(view, name, [KVSlot([t.narrow(0, start, n) for t in s.tensors])
-                                 for s in getattr(self, name)])
+            setattr(view, name, [s.narrow(start, n) for s in getattr(self, name)])
         view.valid, view.next_pos, view.lengths = (t.narrow(0, start, n) for t in
                                                    (self.valid, self.next_pos, self.lengths))
         view._flags = self._flags
@@ -149,9 +152,10 @@ class KVCache:
         for t in (self.valid, self.next_pos, self.lengths):
             t[start:start + n] = 0
 
-    def swap_rows(self, i: int, j: int) -> None:
+    def move_rows(self, src: list[int], dst: list[int]) -> None:
+        """Row src[i] becomes row dst[i], for every i at once (a permutation of a few rows)."""
         for t in self._row_state():
-            t[[i, j]] = t[[j, i]]
+            t[dst] = t[src]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()

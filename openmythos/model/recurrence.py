@@ -266,6 +266,10 @@ class RecurrentBlock(nn.Module):
             self._fill_deeper(slots, depth - 1, depth, ctx)
             steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
             return h.view(B, T, D), steps, torch.zeros((), device=h.device)
+        if not (act or kl or grad_from is not None):
+            depths = n_loops.tolist()
+            if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
+                return self._deepest_first(h, e, ctx, depths, slot, slots)
 
         prev_logp = None  # (N, V) log-probabilities read at the previous loop, for the KL exit
         out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
@@ -316,6 +320,27 @@ class RecurrentBlock(nn.Module):
                 rows = live
         self._fill_deeper(slots, t, depth, ctx)
         return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
+
+    def _deepest_first(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depths: list[int],
+                       slot: Callable, slots: list | None):
+        """Per-sequence depths that never grow along the batch (the serving engine keeps its rows
+        so): the sequences still looping at loop t are the first b of the batch, so each loop runs
+        densely on that prefix (h[:b * T], the first b rows of ctx and of the cache), with no
+        gathers, while the finished ones carry their entries into the loop's slot as they would
+        on the compacted path."""
+        B, T, D = ctx.B, ctx.T, h.shape[-1]
+        kv = None
+        for t in range(depths[0]):
+            b = sum(d > t for d in depths)
+            if slots is not None and t > 0 and b < B:  # finished sequences keep their latest entry
+                cols = None if ctx.cols is None else ctx.cols[b:]
+                slot(t).narrow(b, B - b).copy_new_tokens(slot(t - 1).narrow(b, B - b), ctx.start, T, cols)
+            live = slot(t) if slots is None or b == B else slot(t).narrow(0, b)
+            h_t, kv = self._run_step(t, h[:b * T], e[:b * T], kv, ctx.narrow(b), live, None)
+            h = h_t if b == B else torch.cat((h_t, h[b * T:]))
+        self._fill_deeper(slots, depths[0] - 1, depths[0], ctx)
+        steps = torch.tensor(depths, device=h.device).repeat_interleave(T).view(B, T)
+        return h.view(B, T, D), steps, torch.zeros((), device=h.device)
 
     @staticmethod
     def _fill_deeper(slots: list | None, t: int, depth: int, ctx: Context) -> None:

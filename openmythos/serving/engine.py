@@ -2,7 +2,9 @@
 
 Across requests (continuous batching): requests join and leave between steps. Each running
 request owns one row of a preallocated KV cache; rows are kept packed, decoding rows first,
-so every model call runs on a contiguous view of the cache, never a copy. A long prompt is
+so every model call runs on a contiguous view of the cache, never a copy. Decoding rows are
+kept deepest first: at every loop the rows still looping are then a prefix of the batch, and
+the looped block runs on it densely, with no gathers (see RecurrentBlock._deepest_first). A long prompt is
 prefilled in chunks, one chunk per step, so it never stalls the requests that are decoding.
 
 Inside a step (depth-wise batching): every request decodes at its own depth (a per-row n_loops),
@@ -177,6 +179,7 @@ class Engine:
                 self.waiting.remove(req)
                 self.cache.reset_rows(len(self.rows), 1)
                 self.rows.append(req)
+        self._arrange()
 
     def _next_waiting(self) -> Request:
         window = list(itertools.islice(self.waiting, self.admission_window))
@@ -198,21 +201,22 @@ class Engine:
         d = self._decoding_count()
         if d == len(self.rows):
             return
-        fresh = list(itertools.takewhile(lambda r: r.prefilled == 0, self.rows[d:])) or [self.rows[d]]
+        first = next((i for i in range(d, len(self.rows)) if self.rows[i].prefilled == 0), d)
+        fresh = self.rows[first:] if self.rows[first].prefilled == 0 else [self.rows[d]]
         chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in fresh]
         width = max(map(len, chunks))
         device = self.model.embed.weight.device
         ids = torch.tensor([[0] * (width - len(c)) + c for c in chunks], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], device=device)
-        out = self.model(ids, n_loops=self._depths(fresh), cache=self.cache.narrow(d, len(fresh)),
+        out = self.model(ids, n_loops=self._depths(fresh), cache=self.cache.narrow(first, len(fresh)),
                          attention_mask=mask if width > min(map(len, chunks)) else None)
         done = []
         for i, (req, chunk) in enumerate(zip(fresh, chunks, strict=True)):
             req.prefilled += len(chunk)
             req.loops += int(out.loops[i, width - len(chunk):].sum())
-            if req.decoding:  # the prompt is in: move its row next to the decoding ones
-                self._swap(self.rows.index(req), d + len(done))
+            if req.decoding:  # the prompt is in: its row moves in among the decoding ones
                 done.append((req, out.logits[i, -1:]))
+        self._arrange()
         for req, logits in done:
             self._emit(req, self._sample(req, logits))
 
@@ -282,19 +286,25 @@ class Engine:
         if req.emitted < len(req.text):
             req.on_event(Event("token", text=req.text[req.emitted:]))
             req.emitted = len(req.text)
-        row = self.rows.index(req)
-        # keep rows packed: the last decoding row fills the hole, the last row fills its place
-        if req.decoding:
-            self._swap(row, self._decoding_count() - 1)
-            row = self._decoding_count() - 1
-        self._swap(row, len(self.rows) - 1)
-        self.rows.pop()
+        self._arrange(gone=req)
         req.on_event(Event("done", finish_reason=reason, usage=self._usage(req)))
 
-    def _swap(self, i: int, j: int) -> None:
-        if i != j:
-            self.cache.swap_rows(i, j)
-            self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
+    def _arrange(self, gone: Request | None = None) -> None:
+        """Put the rows (less `gone`, whose row is freed) in the order the steps need, moving
+        the cache rows of those that change place: decoding rows deepest first, then prompts
+        being prefilled oldest first, then newly admitted ones, deepest first (a prefix again
+        for their shared first chunk)."""
+        order = sorted((r for r in self.rows if r is not gone), key=self._rank)
+        src = [self.rows.index(r) for r in order]
+        moved = [i for i, s in enumerate(src) if s != i]
+        if moved:
+            self.cache.move_rows([src[i] for i in moved], moved)
+        self.rows = order
+
+    def _rank(self, req: Request) -> tuple[int, int]:
+        if req.decoding:
+            return 0, -self._depth(req)
+        return (1, req.id) if req.prefilled else (2, -self._depth(req))
 
     def _usage(self, req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.generated),
