@@ -56,11 +56,10 @@ def test_new_prompts_prefill_together_left_padded():
         assert req.generated == run_alone(model, p, max_tokens=4, temperature=0, n_loops=d)
 
 
-def admission_order(admission):
-    """A long shallow request runs throughout; a deep one waits behind short shallow ones."""
+def admission_order(admission, depths, budgets):
+    """One row: the order in which the waiting requests (all there at t = 0) are taken."""
     model = small_model(vocab_size=64)
-    engine = Engine(model, max_batch=2, admission=admission, admission_window=2)
-    budgets, depths = [20, 1, 1, 1, 1, 1], [1, 3, 1, 1, 1, 1]
+    engine = Engine(model, max_batch=1, admission=admission, admission_window=2)
     reqs = [collect(engine, [1, 2], max_tokens=m, temperature=0, n_loops=d)[0]
             for m, d in zip(budgets, depths, strict=True)]
     picked, next_waiting = [], engine._next_waiting
@@ -69,13 +68,14 @@ def admission_order(admission):
     return [reqs.index(r) for r in picked], reqs
 
 
-def test_depth_admission_groups_like_depths_but_never_without_bound():
-    order, reqs = admission_order("depth")
-    # the shallow ones join the shallow running row first; the deep one, passed over
-    # admission_window = 2 times, is taken next
-    assert order == [0, 2, 3, 1, 4, 5]
-    assert reqs[1].passed_over == 2
-    assert admission_order("fifo")[0] == [0, 1, 2, 3, 4, 5]
+def test_depth_admission_takes_the_deepest_but_never_waits_without_bound():
+    order, reqs = admission_order("depth", depths=[1, 3, 3, 3], budgets=[1, 1, 1, 1])
+    # the deep ones go first; the shallow one, passed over admission_window = 2 times, is next
+    assert order == [1, 2, 0, 3]
+    assert reqs[0].passed_over == 2
+    # among equal depths the longest goes first
+    assert admission_order("depth", depths=[2, 2], budgets=[1, 5])[0] == [1, 0]
+    assert admission_order("fifo", depths=[1, 3, 3, 3], budgets=[1, 1, 1, 1])[0] == [0, 1, 2, 3]
 
 
 def test_engine_matches_generate():

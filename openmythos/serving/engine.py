@@ -15,7 +15,9 @@ so a shallow request costs shallow compute even when it shares a step with a dee
 Admission (which waiting request takes a free row): a decode step costs about its deepest row's
 loops, whatever the others ask, so rows of like depth should share steps. With
 `admission="depth"` (the default) the engine takes, among the first `admission_window` waiting
-requests, the one whose depth is nearest the running batch's deepest; a request passed over
+requests, the deepest, the one asking the most tokens among equals: the deep requests run
+together first and the shallow ones follow, riding along as the last deep rows finish (the
+longest first, so the short ones fill the gaps at the end). A request passed over
 `admission_window` times is taken next, so none waits without bound. `admission="fifo"` takes
 them in arrival order.
 
@@ -185,8 +187,7 @@ class Engine:
         window = list(itertools.islice(self.waiting, self.admission_window))
         if self.admission == "fifo" or window[0].passed_over >= self.admission_window:
             return window[0]
-        target = max((self._depth(r) for r in self.rows), default=self._depth(window[0]))
-        pick = min(range(len(window)), key=lambda i: abs(self._depth(window[i]) - target))
+        pick = max(range(len(window)), key=lambda i: (self._depth(window[i]), window[i].params.max_tokens))
         for req in window[:pick]:
             req.passed_over += 1
         return window[pick]
