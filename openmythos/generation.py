@@ -78,7 +78,8 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     model.eval()
     try:
         cache = model.new_cache(B, total, n_loops if isinstance(n_loops, int) else int(max(n_loops)))
-        logits = model(ids.to(device), n_loops=n_loops, cache=cache, attention_mask=mask).logits
+        logits = model(ids.to(device), n_loops=n_loops, cache=cache, attention_mask=mask,
+                       logits_to_keep=1).logits
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             token = sample(logits[:, -1], temperature, top_k, top_p, generator)

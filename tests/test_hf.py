@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.testing import assert_close
 
 os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"  # read at import
 pytest.importorskip("transformers", minversion="4.55",
@@ -89,6 +90,8 @@ def test_logits_round_trip_exact(exported):
             for m in (None, mask):
                 want = model(ids, n_loops=n_loops, attention_mask=m).logits
                 assert torch.equal(loaded(ids, n_loops=n_loops, attention_mask=m).logits, want)
+                last = loaded(ids, n_loops=n_loops, attention_mask=m, logits_to_keep=1).logits
+                assert_close(last, want[:, -1:])
 
 
 @pytest.mark.parametrize("attn_type,halting", [("mla", "none"), ("gqa", "none"), ("mla", "act")])
@@ -311,3 +314,5 @@ def test_bad_calls():
         hf.generate(ids, max_new_tokens=2, n_loops=2, past_key_values=OpenMythosCache(3))
     with pytest.raises(ValueError, match="n_loops"):
         hf.generate(ids, max_new_tokens=2, n_loops=0)
+    with pytest.raises(ValueError, match="logits_to_keep=1 with labels"):
+        hf(ids, labels=ids, logits_to_keep=1)

@@ -71,6 +71,18 @@ def test_targets_of_the_wrong_shape_are_refused():
         small_model()(torch.randint(0, 64, (2, 12)), targets=torch.randint(0, 64, (2, 11)))
 
 
+@pytest.mark.parametrize("keep", [1, 3, 12, 20])
+def test_logits_to_keep_gives_the_last_positions(keep):
+    model = small_model()
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    full = model(ids, attention_mask=mask).logits
+    kept = model(ids, attention_mask=mask, logits_to_keep=keep).logits
+    assert kept.shape == (2, min(keep, 12), 64)
+    assert_close(kept, full[:, -keep:])
+
+
 def test_fp16_forward_is_finite():
     out = small_model().to(torch.float16)(torch.randint(0, 64, (1, 8))).logits
     assert torch.isfinite(out).all()
@@ -116,6 +128,10 @@ BAD_INPUTS = [
     (lambda m: m(torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 3)),
      ValueError, "attention_mask"),
     (lambda m: m.new_cache(1, 100), ValueError, "max_len=100"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), logits_to_keep=-1), ValueError, "logits_to_keep"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), logits_to_keep=1.5), ValueError, "logits_to_keep"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), logits_to_keep=1,
+                 targets=torch.zeros(1, 2, dtype=torch.long)), ValueError, "logits_to_keep=1 with targets"),
     (lambda m: m("hello"), TypeError, "input_ids"),
 ]
 

@@ -164,16 +164,20 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None,
                 return_dict: bool | None = None,
                 inputs_embeds: torch.Tensor | None = None,
+                logits_to_keep: int = 0,
                 **kwargs: Any):
         """input_ids (B, T); attention_mask (B, T) or, with a cache, (B, cached + T): 1 for tokens,
         0 for left padding. labels (B, T): next-token targets are labels shifted left by one,
         -100 ignored. n_loops: default the cache's depth, else max_loop_iters.
-        use_cache (default False without a cache): store keys in `cache`, creating one if None."""
+        use_cache (default False without a cache): store keys in `cache`, creating one if None.
+        logits_to_keep: logits for the last k positions only (0: all; generate asks for 1)."""
         unknown = sorted(set(kwargs) - set(_PLUMBING))
         if unknown:
             raise TypeError(f"OpenMythosForCausalLM.forward got unexpected arguments {unknown}")
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise ValueError("OpenMythos returns neither attentions nor hidden states")
+        if labels is not None and logits_to_keep:
+            raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every position")
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("OpenMythos takes input_ids (inputs_embeds are not supported)")
         if cache is None:
@@ -189,7 +193,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             kv = cache.storage(self.model, *input_ids.shape)
             attention_mask = _new_token_mask(attention_mask, kv.length, input_ids.shape[1])
 
-        out = self.model(input_ids, n_loops=n_loops, cache=kv, attention_mask=attention_mask)
+        out = self.model(input_ids, n_loops=n_loops, cache=kv, attention_mask=attention_mask,
+                         logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=out.logits, labels=labels,
@@ -207,13 +212,13 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                       past_key_values: OpenMythosCache | None = None,
                                       attention_mask: torch.Tensor | None = None,
                                       use_cache: bool = True, n_loops: int | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
+                                      logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
         # generate passes the whole sequence every step; the cache knows how much of it it holds
         cache = cache if cache is not None else past_key_values
         if cache is not None and use_cache:
             input_ids = input_ids[:, cache.get_seq_length():]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
-                "use_cache": use_cache, "n_loops": n_loops}
+                "use_cache": use_cache, "n_loops": n_loops, "logits_to_keep": logits_to_keep}
 
     def generate(self, *args: Any, n_loops: int | None = None, **kwargs: Any):
         """transformers' generate, at the depth `n_loops` of this call, else the generation

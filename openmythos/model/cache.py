@@ -131,10 +131,6 @@ class KVCache:
         """Columns written: every row's, or the longest row's once rows are ragged."""
         return int(self.lengths.max())
 
-    def _row_state(self) -> list[torch.Tensor]:
-        slots = [t for s in self.prelude + self.loops + self.coda for t in s.tensors]
-        return [*slots, self.valid, self.next_pos, self.lengths]
-
     def narrow(self, start: int, n: int) -> KVCache:
         """Rows [start, start + n) as a cache of their own that shares this one's storage: the
         serving engine runs each step on a contiguous view, never a copy."""
@@ -153,8 +149,13 @@ class KVCache:
             t[start:start + n] = 0
 
     def move_rows(self, src: list[int], dst: list[int]) -> None:
-        """Row src[i] becomes row dst[i], for every i at once (a permutation of a few rows)."""
-        for t in self._row_state():
+        """Row src[i] becomes row dst[i], for every i at once (a permutation of a few rows).
+        Entries move only up to the longest moving row: past a row's length, `valid` hides them."""
+        n = int(self.lengths[src].max())
+        for s in self.prelude + self.loops + self.coda:
+            for t in s.tensors:
+                t[dst, :n] = t[src, :n]
+        for t in (self.valid, self.next_pos, self.lengths):
             t[dst] = t[src]
 
     def nbytes(self) -> int:

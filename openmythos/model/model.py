@@ -121,7 +121,7 @@ class OpenMythos(nn.Module):
     def forward(self, input_ids: torch.Tensor, n_loops: int | torch.Tensor | None = None,
                 cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
                 backprop_loops: int | None = None, targets: torch.Tensor | None = None,
-                head_dtype: torch.dtype | None = None) -> MythosOutput:
+                head_dtype: torch.dtype | None = None, logits_to_keep: int = 0) -> MythosOutput:
         """input_ids (B, T) int64. attention_mask (B, T): 1 for tokens, 0 for (left) padding.
         n_loops: an int (default cfg.max_loop_iters, may exceed it) or a (B,) tensor of depths.
         backprop_loops: only the last k loops get gradients (truncated backprop through depth).
@@ -131,8 +131,15 @@ class OpenMythos(nn.Module):
         an AMX CPU core, benchmarks/head_loss.py; and the memory of a vocab-wide head, 100k
         entries in the large presets, stays one chunk's).
         head_dtype: the output head's matmuls in this dtype (e.g. bf16 on a CPU with bf16
-        matrix units, where the vocab-wide head is the largest matmul of a step)."""
+        matrix units, where the vocab-wide head is the largest matmul of a step).
+        logits_to_keep: the head runs on the last k positions only (0: every position), as in
+        transformers; a prefill that samples the next token needs 1."""
         B, T = self._check_inputs(input_ids, cache, attention_mask)
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be a non-negative integer (0 keeps every position), "
+                             f"got {logits_to_keep!r}")
+        if logits_to_keep and targets is not None:
+            raise ValueError(f"logits_to_keep={logits_to_keep} with targets: the loss covers every position")
         n_loops = self._check_loops(n_loops, B, cache)
         if backprop_loops is not None and (not isinstance(backprop_loops, int) or backprop_loops < 1):
             raise ValueError(f"backprop_loops must be a positive integer or None, got {backprop_loops!r}")
@@ -140,7 +147,8 @@ class OpenMythos(nn.Module):
                 and isinstance(n_loops, int) and targets is None and not torch.is_grad_enabled()):
             return self.compiled_decode(input_ids, n_loops, cache, head_dtype)
         ctx = self._context(input_ids, cache, attention_mask)
-        return self._forward(input_ids, ctx, n_loops, cache, backprop_loops, targets, head_dtype)
+        return self._forward(input_ids, ctx, n_loops, cache, backprop_loops, targets, head_dtype,
+                             logits_to_keep)
 
     def _decode(self, input_ids: torch.Tensor, n_loops: int, cache: KVCache,
                 head_dtype: torch.dtype | None) -> MythosOutput:
@@ -161,7 +169,7 @@ class OpenMythos(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
                  cache: KVCache | None, backprop_loops: int | None, targets: torch.Tensor | None,
-                 head_dtype: torch.dtype | None) -> MythosOutput:
+                 head_dtype: torch.dtype | None, logits_to_keep: int = 0) -> MythosOutput:
         T = input_ids.shape[1]
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):
@@ -173,7 +181,7 @@ class OpenMythos(nn.Module):
             x = layer(x, ctx, cache.coda[i] if cache else None)
         if cache is not None:
             cache.lengths += T
-        x, logits, loss = self.norm(x), None, None
+        x, logits, loss = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x), None, None
         if targets is not None:
             loss = self._loss(x, targets, head_dtype)
         elif head_dtype is not None:

@@ -210,7 +210,7 @@ class Engine:
         ids = torch.tensor([[0] * (width - len(c)) + c for c in chunks], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], device=device)
         out = self.model(ids, n_loops=self._depths(fresh), cache=self.cache.narrow(first, len(fresh)),
-                         attention_mask=mask if width > min(map(len, chunks)) else None)
+                         attention_mask=mask if width > min(map(len, chunks)) else None, logits_to_keep=1)
         done = []
         for i, (req, chunk) in enumerate(zip(fresh, chunks, strict=True)):
             req.prefilled += len(chunk)
