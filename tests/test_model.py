@@ -83,6 +83,51 @@ def test_logits_to_keep_gives_the_last_positions(keep):
     assert_close(kept, full[:, -keep:])
 
 
+@pytest.mark.parametrize("attn_type,policy", [("mla", "per_loop"), ("gqa", "ring"), ("mla", "ring")])
+@torch.no_grad()
+def test_a_packed_call_matches_each_row_alone(attn_type, policy):
+    # rows of different lengths each take a different number of new tokens (one for a decoding
+    # row, a chunk for one being prefilled) at their own depth, in one left-padded call: the
+    # logits and every cache entry are those of each row's own call
+    model = small_model(attn_type=attn_type, kv_cache_policy=policy, kv_cache_ring=2)
+    cached = [torch.randint(0, 64, (n,)) for n in (5, 2, 0)]
+    new = [torch.randint(0, 64, (n,)) for n in (1, 3, 4)]
+    depths = [3, 2, 4]
+
+    def cache():
+        c = model.new_cache(3, 16, 4, packed=True)
+        for b, ids in enumerate(cached):
+            if len(ids):
+                model(ids[None], n_loops=depths[b], cache=c.narrow(b, 1))
+        return c
+
+    together, alone = cache(), cache()
+    ids = torch.stack([torch.cat([torch.zeros(4 - len(x), dtype=torch.long), x]) for x in new])
+    mask = (torch.arange(4) >= 4 - torch.tensor([len(x) for x in new]).unsqueeze(1)).long()
+    out = model(ids, n_loops=torch.tensor(depths), cache=together, attention_mask=mask, logits_to_keep=1)
+    ref = [model(x[None], n_loops=d, cache=alone.narrow(b, 1), logits_to_keep=1).logits
+           for b, (x, d) in enumerate(zip(new, depths, strict=True))]
+    assert_close(out.logits, torch.cat(ref), atol=1e-5, rtol=1e-5)
+    assert out.loops.tolist() == [[0, 0, 0, 3], [0, 2, 2, 2], [4, 4, 4, 4]]  # padding runs nothing
+    for mine, theirs in zip(together.prelude + together.loops + together.coda,
+                            alone.prelude + alone.loops + alone.coda, strict=True):
+        for a, b in zip(mine.tensors, theirs.tensors, strict=True):
+            assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name in ("valid", "next_pos", "lengths"):
+        assert torch.equal(getattr(together, name), getattr(alone, name)), name
+    assert together.lengths.tolist() == [6, 5, 4]  # padding took no columns
+
+
+def test_a_packed_call_refuses_what_it_cannot_place():
+    model = small_model()
+    cache = model.new_cache(2, 8, packed=True)
+    model(torch.tensor([[1, 2, 3]]), cache=cache.narrow(0, 1))  # rows now hold 3 and 0 tokens
+    with pytest.raises(ValueError, match="left padding"):
+        model(torch.tensor([[1, 2], [3, 4]]), cache=cache, attention_mask=torch.tensor([[1, 0], [1, 1]]))
+    with pytest.raises(ValueError, match="a row would hold 9 tokens > cache max_len=8"):
+        model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+
+
 def test_fp16_forward_is_finite():
     out = small_model().to(torch.float16)(torch.randint(0, 64, (1, 8))).logits
     assert torch.isfinite(out).all()

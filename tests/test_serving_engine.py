@@ -22,9 +22,9 @@ def run_alone(model, prompt, **params):
     return req.generated
 
 
-@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
-def test_greedy_is_the_same_alone_or_batched(attn_type):
-    model = small_model(vocab_size=64, attn_type=attn_type)
+@pytest.mark.parametrize("attn_type,policy", [("mla", "per_loop"), ("gqa", "per_loop"), ("mla", "ring")])
+def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
+    model = small_model(vocab_size=64, attn_type=attn_type, kv_cache_policy=policy, kv_cache_ring=2)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 11, [3, 1, 4, 1, 5, 9, 2], [6, 6, 6]]
     depths = [3, 1, 2, 3, 2]
     budgets = [6, 9, 3, 7, 5]
@@ -40,20 +40,38 @@ def test_greedy_is_the_same_alone_or_batched(attn_type):
         assert len(req.generated) == m
 
 
-def test_new_prompts_prefill_together_left_padded():
+def test_a_step_is_one_packed_call_mixing_decode_and_prefill_chunks():
     model = small_model(vocab_size=64)
-    prompts, depths = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 3, 5]], [3, 1, 2]
-    engine = Engine(model, max_batch=3, prefill_chunk=8)
+    prompts, depths = [[1, 2], [3] * 9, [4, 5, 6]], [2, 3, 1]
+    engine = Engine(model, max_batch=3, prefill_chunk=4)
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(args[0].shape), with_kwargs=True)
     reqs = [collect(engine, p, max_tokens=4, temperature=0, n_loops=d)[0]
             for p, d in zip(prompts, depths, strict=True)]
-    engine.step()  # one padded prefill call for all three, then their first decode
-    assert [len(r.generated) for r in reqs] == [2, 2, 2]
-    assert engine.cache.has_padding
-    # loops count only real tokens: prompt positions at their depth, one decode each
-    assert [r.loops for r in reqs] == [d * (len(p) + 1) for p, d in zip(prompts, depths, strict=True)]
+    engine.step()  # every prompt's first chunk, left-padded into one call
+    assert calls == [(3, 4)] and [len(r.generated) for r in reqs] == [1, 0, 1]
+    engine.step()  # two decoded tokens and the long prompt's second chunk, in one call
+    assert calls[1:] == [(3, 4)] and [len(r.generated) for r in reqs] == [2, 0, 2]
+    # padding takes no cache columns: each row holds just its own tokens; the decoding rows
+    # come first, deepest first, then the prompt still being prefilled
+    assert [engine.rows.index(r) for r in reqs] == [0, 2, 1]
+    assert engine.cache.lengths.tolist() == [3, 4, 8]
+    # loops count only real tokens: prompt positions at their depth, plus what was decoded
+    assert [r.loops for r in reqs] == [2 * 3, 3 * 8, 1 * 4]
     engine.run_until_idle()
     for req, p, d in zip(reqs, prompts, depths, strict=True):
         assert req.generated == run_alone(model, p, max_tokens=4, temperature=0, n_loops=d)
+
+
+def test_a_short_prompt_beside_a_long_one_can_fill_the_context():
+    # left padding used to take cache columns, so the short request ran out of them mid-way
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=2, max_len=40)
+    done = []
+    engine.submit([1, 2], SamplingParams(max_tokens=38, temperature=0), done.append)
+    engine.submit([3] * 30, SamplingParams(max_tokens=4, temperature=0), done.append)
+    engine.run_until_idle()
+    assert [e.usage["completion_tokens"] for e in done if e.kind == "done"] == [4, 38]
 
 
 def admission_order(admission, depths, budgets):

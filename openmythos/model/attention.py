@@ -39,6 +39,7 @@ class Context:
     is_causal: bool
     dropout: float = 0.0
     cols: torch.Tensor | None = None  # (B,) each row's first new column, when rows are ragged
+    tokens: torch.Tensor | None = None  # flat (B*T) indices of the real tokens of a packed call
     expert_loads: list[torch.Tensor] = field(default_factory=list)  # (E,) per MoE call
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 

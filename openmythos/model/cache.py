@@ -12,8 +12,12 @@ Tokens that halt early: a token that leaves the loop after loop t still has to b
 tokens that run deeper. Its entry in every deeper loop's slot is its latest computed entry (the one
 from loop t), copied, never recomputed. So halting saves compute in decode as well as in prefill.
 
-Positions live inside the cache: `length` counts written columns (shared by the batch, prompts are
-left-padded), `valid` marks real tokens and `next_pos` is each row's next RoPE position.
+Positions live inside the cache: `lengths` counts each row's written columns, `valid` marks real
+tokens and `next_pos` is each row's next RoPE position. Left padding takes columns of its own
+(marked not valid), unless the cache is `packed`: then a row holds only its real tokens, rows
+grow apart, and every call with padding or ragged rows runs on its real tokens alone (the
+serving engine, whose steps mix one decoded token for some rows with a chunk of prompt for
+others).
 """
 
 from __future__ import annotations
@@ -57,14 +61,16 @@ class KVSlot:
         """Rows [start, start + n), sharing this slot's storage."""
         return KVSlot([t.narrow(0, start, n) for t in self.tensors])
 
-    def copy_new_tokens(self, other: KVSlot, start: int, T: int,
-                        cols: torch.Tensor | None = None) -> None:
-        """Give halted tokens their latest entry: copy the new columns from the shallower slot."""
+    def copy_new_tokens(self, other: KVSlot, start: int, T: int, cols: torch.Tensor | None = None,
+                        rows: torch.Tensor | None = None) -> None:
+        """Give halted tokens their latest entry: copy the new columns from the shallower slot
+        (only those of `rows`, the real tokens of a packed call, when given)."""
         for dst, src in zip(self.tensors, other.tensors, strict=True):
-            if cols is None:
+            if cols is None and rows is None:
                 dst[:, start:start + T] = src[:, start:start + T]
             else:
-                coords = _rows_to_coords(_all_rows(dst.shape[0], T, dst.device), T, start, cols)
+                every = _all_rows(dst.shape[0], T, dst.device) if rows is None else rows
+                coords = _rows_to_coords(every, T, start, cols)
                 dst[coords] = src[coords]
 
 
@@ -91,7 +97,8 @@ class KVCache:
     """Preallocated KV cache for prefill, chunked prefill and decode."""
 
     def __init__(self, cfg, batch_size: int, max_len: int, n_loops: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 packed: bool = False):
         n_loops = cfg.max_loop_iters if n_loops is None else n_loops
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("n_loops", n_loops)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -107,7 +114,7 @@ class KVCache:
             return KVSlot([torch.zeros(batch_size, max_len, *s, dtype=dtype, device=device)
                            for s in shapes])
 
-        self.batch_size, self.max_len, self.n_loops = batch_size, max_len, n_loops
+        self.batch_size, self.max_len, self.n_loops, self.packed = batch_size, max_len, n_loops, packed
         self.prelude = [slot() for _ in range(cfg.prelude_layers)]
         self.loops = [slot() for _ in range(cfg.kv_cache_loop_slots(n_loops))]
         self.coda = [slot() for _ in range(cfg.coda_layers)]
@@ -135,7 +142,7 @@ class KVCache:
         """Rows [start, start + n) as a cache of their own that shares this one's storage: the
         serving engine runs each step on a contiguous view, never a copy."""
         view = object.__new__(KVCache)
-        view.batch_size, view.max_len, view.n_loops = n, self.max_len, self.n_loops
+        view.batch_size, view.max_len, view.n_loops, view.packed = n, self.max_len, self.n_loops, self.packed
         for name in ("prelude", "loops", "coda"):
             setattr(view, name, [s.narrow(start, n) for s in getattr(self, name)])
         view.valid, view.next_pos, view.lengths = (t.narrow(0, start, n) for t in

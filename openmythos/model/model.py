@@ -65,10 +65,10 @@ class OpenMythos(nn.Module):
         return self.recurrent.block.ffn
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
-                  n_loops: int | None = None) -> KVCache:
+                  n_loops: int | None = None, packed: bool = False) -> KVCache:
         p = self.embed.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, n_loops,
-                       dtype=p.dtype, device=p.device)
+                       dtype=p.dtype, device=p.device, packed=packed)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Logits read directly from a looped state (the coda skipped): the KL exit's probe."""
@@ -170,16 +170,25 @@ class OpenMythos(nn.Module):
     def _forward(self, input_ids: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
                  cache: KVCache | None, backprop_loops: int | None, targets: torch.Tensor | None,
                  head_dtype: torch.dtype | None, logits_to_keep: int = 0) -> MythosOutput:
-        T = input_ids.shape[1]
-        x = self.embed(input_ids)
+        B, T = input_ids.shape
+        x, rows = self.embed(input_ids), ctx.tokens  # rows: a packed call's real tokens
+        if rows is not None:
+            x = x.flatten(0, 1)[rows]
         for i, layer in enumerate(self.prelude):
-            x = layer(x, ctx, cache.prelude[i] if cache else None)
+            x = layer(x, ctx, cache.prelude[i] if cache else None, rows)
+        if rows is not None:  # the recurrence takes the (B, T) grid and runs on ctx.tokens
+            x = x.new_zeros(B * T, x.shape[-1]).index_copy(0, rows, x).view(B, T, -1)
         x, loops, ponder = self.recurrent(x, x, ctx, n_loops, cache.loops if cache else None,
                                           backprop_loops, self.readout)
+        if rows is not None:
+            x = x.flatten(0, 1)[rows]
         state_norm = x.detach().float().norm(dim=-1).mean()
         for i, layer in enumerate(self.coda):
-            x = layer(x, ctx, cache.coda[i] if cache else None)
-        if cache is not None:
+            x = layer(x, ctx, cache.coda[i] if cache else None, rows)
+        if rows is not None:  # padding positions read a zero state
+            x = x.new_zeros(B * T, x.shape[-1]).index_copy(0, rows, x).view(B, T, -1)
+            cache.lengths.index_add_(0, rows // T, torch.ones_like(rows))
+        elif cache is not None:
             cache.lengths += T
         x, logits, loss = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x), None, None
         if targets is not None:
@@ -211,6 +220,8 @@ class OpenMythos(nn.Module):
                  attention_mask: torch.Tensor | None) -> Context:
         B, T = input_ids.shape
         device = input_ids.device
+        if self._packs(cache, T, attention_mask):
+            return self._packed_context(input_ids, cache, attention_mask)
         start, cols = 0, None
         if cache is not None:
             shortest, start = cache.lengths.aminmax()
@@ -247,6 +258,46 @@ class OpenMythos(nn.Module):
         cos, sin = rope_angles(positions, rope_dim, self.cfg.rope_theta)
         return Context(B, T, start, cos, sin, mask, is_causal, self.cfg.dropout, cols)
 
+    @staticmethod
+    def _packs(cache: KVCache | None, T: int, attention_mask: torch.Tensor | None) -> bool:
+        """Whether the call runs packed: several new tokens per row, into ragged rows or with
+        left padding into a packed cache."""
+        if cache is None or T == 1:
+            return False
+        ragged = int(cache.lengths.min()) != cache.length
+        return ragged or (cache.packed and attention_mask is not None and not bool(attention_mask.all()))
+
+    def _packed_context(self, input_ids: torch.Tensor, cache: KVCache,
+                        attention_mask: torch.Tensor | None) -> Context:
+        """A call that writes only its real tokens, each row after its own written columns: row
+        b's n_b tokens, left-padded to T, go to columns lengths[b] .. lengths[b] + n_b - 1. The
+        layers run on the real tokens alone (ctx.tokens), as compacted rows, so a step can decode
+        one token for some rows and prefill a chunk of prompt for others."""
+        B, T = input_ids.shape
+        new_valid = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                     else attention_mask.to(device=input_ids.device, dtype=torch.bool))
+        if bool((new_valid[:, 1:] < new_valid[:, :-1]).any()):
+            raise ValueError("attention_mask must be left padding (0s, then 1s, in every row) "
+                             "when rows hold different lengths or the cache is packed")
+        n = new_valid.sum(1)
+        longest = int((cache.lengths + n).max())
+        if longest > cache.max_len:
+            raise ValueError(f"cache overflow: a row would hold {longest} tokens > cache "
+                             f"max_len={cache.max_len}")
+        cols = cache.lengths - (T - n)  # the column of grid position 0 (padding writes nothing)
+        tokens = new_valid.flatten().nonzero().squeeze(1)
+        b, t = tokens // T, tokens % T
+        cache.valid[b, cols[b] + t] = True
+        positions = cache.next_pos.unsqueeze(1) + (new_valid.long().cumsum(1) - 1).clamp(min=0)
+        cache.next_pos += n
+        start = int(cols.max())  # start + T = the longest row's new length
+        q_col = cols.unsqueeze(1) + torch.arange(T, device=cols.device)
+        k_idx = torch.arange(start + T, device=cols.device)
+        mask = (k_idx <= q_col.unsqueeze(-1)) & cache.valid[:, None, :start + T]  # (B, T, S)
+        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
+        cos, sin = rope_angles(positions, rope_dim, self.cfg.rope_theta)
+        return Context(B, T, start, cos, sin, mask.unsqueeze(1), False, self.cfg.dropout, cols, tokens)
+
     def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -261,21 +312,19 @@ class OpenMythos(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.cfg.vocab_size})")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)} like the new input_ids, "
+                             f"got {tuple(attention_mask.shape)}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
+        if self._packs(cache, T, attention_mask):
+            return B, T  # each row's own length is checked by _packed_context
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + T} (cached {start} + new {T}) exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
-        if cache is not None:
-            if T > 1 and int(cache.lengths.min()) != start:
-                raise ValueError(f"cache rows hold different lengths (ragged, as the serving "
-                                 f"engine leaves them): feed one token at a time, got T={T}")
-            if cache.batch_size != B:
-                raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
-            if start + T > cache.max_len:
-                raise ValueError(f"cache overflow: {start} cached + {T} new tokens > cache max_len={cache.max_len}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask must have shape {(B, T)} like the new input_ids, "
-                             f"got {tuple(attention_mask.shape)}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"cache overflow: {start} cached + {T} new tokens > cache max_len={cache.max_len}")
         return B, T
 
     def _check_loops(self, n_loops, B: int, cache: KVCache | None) -> int | torch.Tensor:

@@ -258,7 +258,8 @@ class RecurrentBlock(nn.Module):
         def slot(t: int):
             return None if slots is None else slots[t % len(slots)]
 
-        if not (act or kl or limit is not None):
+        packed = ctx.tokens is not None  # only the real tokens of a packed call run
+        if not (act or kl or limit is not None or packed):
             # every row runs exactly `depth` loops: no bookkeeping and no host syncs at all
             for t in range(depth):
                 with torch.no_grad() if t < first_grad else nullcontext():
@@ -266,7 +267,7 @@ class RecurrentBlock(nn.Module):
             self._fill_deeper(slots, depth - 1, depth, ctx)
             steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
             return h.view(B, T, D), steps, torch.zeros((), device=h.device)
-        if not (act or kl or grad_from is not None):
+        if not (act or kl or grad_from is not None or packed):
             depths = n_loops.tolist()
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
                 return self._deepest_first(h, e, ctx, depths, slot, slots)
@@ -276,8 +277,8 @@ class RecurrentBlock(nn.Module):
         cum = torch.zeros(N, device=h.device)
         ponder = torch.zeros(N, device=h.device)
         steps = torch.zeros(N, device=h.device, dtype=torch.long)
-        live = torch.arange(N, device=h.device)
-        rows = None  # None: every row is live, with no gathers at all
+        live = ctx.tokens if packed else torch.arange(N, device=h.device)
+        rows = ctx.tokens  # None: every row is live, with no gathers at all
 
         for t in range(depth):
             with torch.no_grad() if t < first_grad else nullcontext():
@@ -286,9 +287,11 @@ class RecurrentBlock(nn.Module):
                     # a row whose window starts at t or later: the state its earlier loops left
                     # enters as a constant, as after the no-grad loops of a single depth
                     h_t = torch.where((_take(grad_from, rows) >= t).unsqueeze(-1), h_t.detach(), h_t)
-                if slots is not None and t > 0 and rows is not None:
-                    # halted rows keep their latest entry in this loop's slot
-                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols)
+                if slots is not None and 0 < t < len(slots) and rows is not None:
+                    # halted rows keep their latest entry in this loop's slot (in a ring, only in
+                    # the slots they have not written this call: a sequence's cache must not
+                    # depend on how deep the others in its batch run)
+                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols, ctx.tokens)
                 h_t, kv = self._run_step(t, h_t, e_t, kv, ctx, slot(t), rows)
 
                 stop = torch.full_like(steps if rows is None else rows, t == depth - 1, dtype=torch.bool)
@@ -332,7 +335,7 @@ class RecurrentBlock(nn.Module):
         kv = None
         for t in range(depths[0]):
             b = sum(d > t for d in depths)
-            if slots is not None and t > 0 and b < B:  # finished sequences keep their latest entry
+            if slots is not None and 0 < t < len(slots) and b < B:  # finished: their latest entry
                 cols = None if ctx.cols is None else ctx.cols[b:]
                 slot(t).narrow(b, B - b).copy_new_tokens(slot(t - 1).narrow(b, B - b), ctx.start, T, cols)
             live = slot(t) if slots is None or b == B else slot(t).narrow(0, b)
@@ -351,4 +354,4 @@ class RecurrentBlock(nn.Module):
         last = max(depth, len(slots)) - 1
         for deeper in range(t + 1, t + 1 + min(len(slots) - 1, last - t)):
             slots[deeper % len(slots)].copy_new_tokens(slots[(deeper - 1) % len(slots)], ctx.start,
-                                                      ctx.T, ctx.cols)
+                                                      ctx.T, ctx.cols, ctx.tokens)

@@ -1,11 +1,14 @@
 """A continuous depth-wise batching engine.
 
 Across requests (continuous batching): requests join and leave between steps. Each running
-request owns one row of a preallocated KV cache; rows are kept packed, decoding rows first,
-so every model call runs on a contiguous view of the cache, never a copy. Decoding rows are
-kept deepest first: at every loop the rows still looping are then a prefix of the batch, and
-the looped block runs on it densely, with no gathers (see RecurrentBlock._deepest_first). A long prompt is
-prefilled in chunks, one chunk per step, so it never stalls the requests that are decoding.
+request owns one row of a preallocated, packed KV cache (a row holds just its own tokens); rows
+are kept in order, decoding rows first, so every model call runs on a contiguous view of the
+cache, never a copy. Each step is one model call for every running request: the next token of
+each decoding one and the next chunk of each prompt being prefilled, so a long prompt never
+stalls the requests that are decoding, and a new prompt shares the step's weight reads instead
+of costing a call of its own. Decoding rows are kept deepest first: in a pure decode step the
+rows still looping at each depth are then a prefix of the batch, and the looped block runs on
+it densely, with no gathers (see RecurrentBlock._deepest_first).
 
 Inside a step (depth-wise batching): every request decodes at its own depth (a per-row n_loops),
 and with ACT or the KL exit each token leaves the loop when its rule says so. The looped block
@@ -112,7 +115,7 @@ class Engine:
         self.admission_window = admission_window or 4 * max_batch
         if self.admission_window < 1:
             raise ValueError(f"admission_window must be >= 1, got {admission_window!r}")
-        self.cache = model.new_cache(max_batch, self.max_len, self.max_loops)
+        self.cache = model.new_cache(max_batch, self.max_len, self.max_loops, packed=True)
         self.rows: list[Request] = []  # rows[i] owns cache row i; decoding rows come first
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
@@ -160,11 +163,10 @@ class Engine:
     # the engine's side
     @torch.no_grad()
     def step(self) -> None:
-        """Admit, prefill one chunk, decode one token for every decoding request."""
+        """Admit, then advance every running request by one call (see _advance)."""
         self._retire()
         self._admit()
-        self._prefill()
-        self._decode()
+        self._advance()
 
     def _retire(self) -> None:
         for req in [r for r in self.rows if r.cancelled]:
@@ -192,46 +194,34 @@ class Engine:
             req.passed_over += 1
         return window[pick]
 
-    def _decoding_count(self) -> int:
-        return sum(r.decoding for r in self.rows)
-
-    def _prefill(self) -> None:
-        """One chunk of prompt: the first of every newly admitted request, left-padded into one
-        call (a decode-sized call costs about as much as a one-row one: the weights dominate), or
-        else the next chunk of the oldest prompt still longer than a chunk."""
-        d = self._decoding_count()
-        if d == len(self.rows):
+    def _advance(self) -> None:
+        """One model call for every running request: a decoding one feeds its last token, any
+        other the next chunk of its prompt (at most prefill_chunk tokens), left-padded to the
+        widest. The cache is packed, so padding takes no columns and the layers run on the real
+        tokens alone: a prompt shares the step (and each weight read) with the decoding rows
+        instead of costing a call of its own. With no prompt in flight the step is a plain
+        decode step, its rows deepest first."""
+        if not self.rows:
             return
-        first = next((i for i in range(d, len(self.rows)) if self.rows[i].prefilled == 0), d)
-        fresh = self.rows[first:] if self.rows[first].prefilled == 0 else [self.rows[d]]
-        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in fresh]
-        width = max(map(len, chunks))
+        rows = list(self.rows)
+        feeds = [[r.generated[-1]] if r.decoding else r.prompt[r.prefilled:r.prefilled + self.prefill_chunk]
+                 for r in rows]
+        width = max(map(len, feeds))
         device = self.model.embed.weight.device
-        ids = torch.tensor([[0] * (width - len(c)) + c for c in chunks], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], device=device)
-        out = self.model(ids, n_loops=self._depths(fresh), cache=self.cache.narrow(first, len(fresh)),
-                         attention_mask=mask if width > min(map(len, chunks)) else None, logits_to_keep=1)
-        done = []
-        for i, (req, chunk) in enumerate(zip(fresh, chunks, strict=True)):
-            req.prefilled += len(chunk)
-            req.loops += int(out.loops[i, width - len(chunk):].sum())
-            if req.decoding:  # the prompt is in: its row moves in among the decoding ones
-                done.append((req, out.logits[i, -1:]))
-        self._arrange()
-        for req, logits in done:
-            self._emit(req, self._sample(req, logits))
-
-    def _decode(self) -> None:
-        active = [r for r in self.rows if r.decoding]
-        if not active:
-            return
-        n = len(active)
-        device = self.model.embed.weight.device
-        last = torch.tensor([[r.generated[-1]] for r in active], device=device)
-        out = self.model(last, n_loops=self._depths(active), cache=self.cache.narrow(0, n))
-        for i, (req, loops) in enumerate(zip(active, out.loops.sum(1).tolist(), strict=True)):
+        ids = torch.tensor([[0] * (width - len(f)) + f for f in feeds], device=device)
+        mask = None
+        if min(map(len, feeds)) < width:
+            mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feeds], device=device)
+        out = self.model(ids, n_loops=self._depths(rows), cache=self.cache.narrow(0, len(rows)),
+                         attention_mask=mask, logits_to_keep=1)
+        for req, feed, loops in zip(rows, feeds, out.loops.sum(1).tolist(), strict=True):
             req.loops += loops
-            self._emit(req, self._sample(req, out.logits[i, -1:]))
+            if not req.decoding:
+                req.prefilled += len(feed)
+        self._arrange()  # a prompt that is in joins the decoding rows
+        for i, req in enumerate(rows):
+            if req.decoding:  # its next token: after the last of its prompt or of its output
+                self._emit(req, self._sample(req, out.logits[i, -1:]))
 
     def _depth(self, req: Request) -> int:
         return req.params.n_loops or self.model.cfg.max_loop_iters
@@ -292,9 +282,8 @@ class Engine:
 
     def _arrange(self, gone: Request | None = None) -> None:
         """Put the rows (less `gone`, whose row is freed) in the order the steps need, moving
-        the cache rows of those that change place: decoding rows deepest first, then prompts
-        being prefilled oldest first, then newly admitted ones, deepest first (a prefix again
-        for their shared first chunk)."""
+        the cache rows of those that change place: decoding rows deepest first, then the prompts
+        still being prefilled."""
         order = sorted((r for r in self.rows if r is not gone), key=self._rank)
         src = [self.rows.index(r) for r in order]
         moved = [i for i, s in enumerate(src) if s != i]
@@ -302,10 +291,8 @@ class Engine:
             self.cache.move_rows([src[i] for i in moved], moved)
         self.rows = order
 
-    def _rank(self, req: Request) -> tuple[int, int]:
-        if req.decoding:
-            return 0, -self._depth(req)
-        return (1, req.id) if req.prefilled else (2, -self._depth(req))
+    def _rank(self, req: Request) -> tuple[bool, int]:
+        return not req.decoding, -self._depth(req)
 
     def _usage(self, req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.generated),
