@@ -89,18 +89,18 @@ def percentile(xs, q):
 
 def profile(model, reqs, batch: int, max_loops: int) -> dict:
     """Static batching, then the engine, each under cProfile: where the engine's time goes, and
-    what a perfect packing of rows by depth could reach on this machine, from the fewest steps
-    and loop-steps it would need and the measured cost of each."""
+    what a perfect packing of rows by depth could reach on this machine, from the fewest decode
+    steps and loop-steps it would need and the measured cost of each."""
     import cProfile
     import pstats
 
-    deepest, mixed = [], []  # per engine step: its deepest row's loops; whether a prompt ran
+    deepest = []  # loops run by each decode step: its deepest row's
     depths = Engine._depths
 
     def spy(engine, rows):
         d = depths(engine, rows)
-        deepest.append(int(d.max()) if torch.is_tensor(d) else d)
-        mixed.append(not all(r.decoding for r in rows))
+        if all(r.decoding for r in rows):  # a decode step, not a prefill
+            deepest.append(int(d.max()) if torch.is_tensor(d) else d)
         return d
 
     def profiled(run):
@@ -118,16 +118,17 @@ def profile(model, reqs, batch: int, max_loops: int) -> dict:
         engine_s, by_name = profiled(lambda: run_engine(model, reqs, batch, max_loops, "depth"))
     finally:
         Engine._depths = depths
-    steps, steps_s = by_name["_advance"]
+    steps, decode_s = by_name["_decode"]
     loop_s = by_name["_step"][1] / by_name["_step"][0]  # one pass of the looped block
-    fixed_s = (steps_s - sum(deepest) * loop_s) / steps  # the rest of a step, prompts included
+    fixed_s = (decode_s - sum(deepest) * loop_s) / steps  # the rest of a decode step
     ideal_steps = math.ceil(sum(r["max_tokens"] for r in reqs) / batch)
     ideal_loop_steps = sum(r["n_loops"] * r["max_tokens"] for r in reqs) / batch
-    ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s
+    prefill_s = by_name["_prefill"][1]
+    ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s + prefill_s
     return {"static_s": static_s, "engine_s": engine_s, "engine_vs_static": static_s / engine_s,
-            "steps": steps, "steps_with_prompts": sum(mixed), "loop_steps": sum(deepest),
-            "steps_s": steps_s, "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
-            "ideal_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
+            "decode_steps": steps, "decode_loop_steps": sum(deepest), "decode_s": decode_s,
+            "prefill_s": prefill_s, "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
+            "ideal_decode_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
             "ideal_engine_s": ideal_s, "ideal_vs_static": static_s / ideal_s}
 
 

@@ -40,24 +40,25 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
         assert len(req.generated) == m
 
 
-def test_a_step_is_one_packed_call_mixing_decode_and_prefill_chunks():
+def test_prompts_prefill_in_one_packed_call_beside_the_decode_call():
     model = small_model(vocab_size=64)
     prompts, depths = [[1, 2], [3] * 9, [4, 5, 6]], [2, 3, 1]
     engine = Engine(model, max_batch=3, prefill_chunk=4)
     calls = []
-    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(args[0].shape), with_kwargs=True)
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(args[0].shape)),
+                                with_kwargs=True)
     reqs = [collect(engine, p, max_tokens=4, temperature=0, n_loops=d)[0]
             for p, d in zip(prompts, depths, strict=True)]
-    engine.step()  # every prompt's first chunk, left-padded into one call
-    assert calls == [(3, 4)] and [len(r.generated) for r in reqs] == [1, 0, 1]
-    engine.step()  # two decoded tokens and the long prompt's second chunk, in one call
-    assert calls[1:] == [(3, 4)] and [len(r.generated) for r in reqs] == [2, 0, 2]
+    engine.step()  # every prompt's first chunk, left-padded into one call; then a decode call
+    assert calls == [(3, 4), (2, 1)] and [len(r.generated) for r in reqs] == [2, 0, 2]
+    engine.step()  # the long prompt's second chunk, and a decode call
+    assert calls[2:] == [(1, 4), (2, 1)] and [len(r.generated) for r in reqs] == [3, 0, 3]
     # padding takes no cache columns: each row holds just its own tokens; the decoding rows
     # come first, deepest first, then the prompt still being prefilled
     assert [engine.rows.index(r) for r in reqs] == [0, 2, 1]
-    assert engine.cache.lengths.tolist() == [3, 4, 8]
+    assert engine.cache.lengths.tolist() == [4, 5, 8]
     # loops count only real tokens: prompt positions at their depth, plus what was decoded
-    assert [r.loops for r in reqs] == [2 * 3, 3 * 8, 1 * 4]
+    assert [r.loops for r in reqs] == [2 * 4, 3 * 8, 1 * 5]
     engine.run_until_idle()
     for req, p, d in zip(reqs, prompts, depths, strict=True):
         assert req.generated == run_alone(model, p, max_tokens=4, temperature=0, n_loops=d)

@@ -3,12 +3,11 @@
 Across requests (continuous batching): requests join and leave between steps. Each running
 request owns one row of a preallocated, packed KV cache (a row holds just its own tokens); rows
 are kept in order, decoding rows first, so every model call runs on a contiguous view of the
-cache, never a copy. Each step is one model call for every running request: the next token of
-each decoding one and the next chunk of each prompt being prefilled, so a long prompt never
-stalls the requests that are decoding, and a new prompt shares the step's weight reads instead
-of costing a call of its own. Decoding rows are kept deepest first: in a pure decode step the
-rows still looping at each depth are then a prefix of the batch, and the looped block runs on
-it densely, with no gathers (see RecurrentBlock._deepest_first).
+cache, never a copy. A step is two calls: one advances every prompt being prefilled by a chunk
+(so a long prompt never stalls the requests that are decoding), one decodes a token for every
+decoding request. Decoding rows are kept deepest first: the rows still looping at each depth
+are then a prefix of the batch, and the looped block runs on it densely, with no gathers (see
+RecurrentBlock._deepest_first).
 
 Inside a step (depth-wise batching): every request decodes at its own depth (a per-row n_loops),
 and with ACT or the KL exit each token leaves the loop when its rule says so. The looped block
@@ -163,10 +162,12 @@ class Engine:
     # the engine's side
     @torch.no_grad()
     def step(self) -> None:
-        """Admit, then advance every running request by one call (see _advance)."""
+        """Admit, advance every prompt being prefilled by one chunk, decode one token for every
+        decoding request."""
         self._retire()
         self._admit()
-        self._advance()
+        self._prefill()
+        self._decode()
 
     def _retire(self) -> None:
         for req in [r for r in self.rows if r.cancelled]:
@@ -194,34 +195,45 @@ class Engine:
             req.passed_over += 1
         return window[pick]
 
-    def _advance(self) -> None:
-        """One model call for every running request: a decoding one feeds its last token, any
-        other the next chunk of its prompt (at most prefill_chunk tokens), left-padded to the
-        widest. The cache is packed, so padding takes no columns and the layers run on the real
-        tokens alone: a prompt shares the step (and each weight read) with the decoding rows
-        instead of costing a call of its own. With no prompt in flight the step is a plain
-        decode step, its rows deepest first."""
-        if not self.rows:
+    def _prefill(self) -> None:
+        """One call that advances every prompt still being prefilled by its next chunk (at most
+        prefill_chunk tokens), left-padded to the widest: the cache is packed, so padding takes
+        no columns and the layers run on the real tokens alone. A prompt that is in gives its
+        request's first token. (The decoding rows run in a call of their own: one call mixing
+        both measured slower on the CPU, docs/serving.md.)"""
+        d = sum(r.decoding for r in self.rows)
+        rows = self.rows[d:]
+        if not rows:
             return
-        rows = list(self.rows)
-        feeds = [[r.generated[-1]] if r.decoding else r.prompt[r.prefilled:r.prefilled + self.prefill_chunk]
-                 for r in rows]
+        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in rows]
+        out = self._call(chunks, rows, d)
+        for req, chunk, loops in zip(rows, chunks, out.loops.sum(1).tolist(), strict=True):
+            req.prefilled += len(chunk)
+            req.loops += loops
+        self._arrange()  # a prompt that is in joins the decoding rows
+        for i, req in enumerate(rows):
+            if req.decoding:
+                self._emit(req, self._sample(req, out.logits[i, -1:]))
+
+    def _decode(self) -> None:
+        """One token for every decoding request, its rows deepest first (see RecurrentBlock)."""
+        rows = [r for r in self.rows if r.decoding]
+        if rows:
+            out = self._call([[r.generated[-1]] for r in rows], rows, 0)
+            for i, (req, loops) in enumerate(zip(rows, out.loops.sum(1).tolist(), strict=True)):
+                req.loops += loops
+                self._emit(req, self._sample(req, out.logits[i, -1:]))
+
+    def _call(self, feeds: list[list[int]], rows: list[Request], first: int):
+        """The model on cache rows [first, first + len(rows)): each row's new tokens, left-padded."""
         width = max(map(len, feeds))
         device = self.model.embed.weight.device
         ids = torch.tensor([[0] * (width - len(f)) + f for f in feeds], device=device)
         mask = None
         if min(map(len, feeds)) < width:
             mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feeds], device=device)
-        out = self.model(ids, n_loops=self._depths(rows), cache=self.cache.narrow(0, len(rows)),
-                         attention_mask=mask, logits_to_keep=1)
-        for req, feed, loops in zip(rows, feeds, out.loops.sum(1).tolist(), strict=True):
-            req.loops += loops
-            if not req.decoding:
-                req.prefilled += len(feed)
-        self._arrange()  # a prompt that is in joins the decoding rows
-        for i, req in enumerate(rows):
-            if req.decoding:  # its next token: after the last of its prompt or of its output
-                self._emit(req, self._sample(req, out.logits[i, -1:]))
+        return self.model(ids, n_loops=self._depths(rows), cache=self.cache.narrow(first, len(rows)),
+                          attention_mask=mask, logits_to_keep=1)
 
     def _depth(self, req: Request) -> int:
         return req.params.n_loops or self.model.cfg.max_loop_iters
