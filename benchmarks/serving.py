@@ -125,7 +125,12 @@ def profile(model, reqs, batch: int, max_loops: int) -> dict:
     ideal_loop_steps = sum(r["n_loops"] * r["max_tokens"] for r in reqs) / batch
     prefill_s = by_name["_prefill"][1]
     ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s + prefill_s
+    # static batching: each batch decodes until its longest output, every row at its deepest depth
+    groups = [reqs[i:i + batch] for i in range(0, len(reqs), batch)]
+    static_steps = [(max(r["max_tokens"] for r in g) - 1, max(r["n_loops"] for r in g)) for g in groups]
     return {"static_s": static_s, "engine_s": engine_s, "engine_vs_static": static_s / engine_s,
+            "static_decode_steps": sum(n for n, _ in static_steps),
+            "static_loop_steps": sum(n * d for n, d in static_steps),
             "decode_steps": steps, "decode_loop_steps": sum(deepest), "decode_s": decode_s,
             "prefill_s": prefill_s, "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
             "ideal_decode_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
