@@ -200,7 +200,7 @@ class Engine:
         prefill_chunk tokens), left-padded to the widest: the cache is packed, so padding takes
         no columns and the layers run on the real tokens alone. A prompt that is in gives its
         request's first token. (The decoding rows run in a call of their own: one call mixing
-        both measured slower on the CPU, docs/serving.md.)"""
+        both measured slower on the CPU, docs/performance.md "Serving".)"""
         d = sum(r.decoding for r in self.rows)
         rows = self.rows[d:]
         if not rows:
