@@ -134,7 +134,7 @@ class OpenMythos(nn.Module):
         matrix units, where the vocab-wide head is the largest matmul of a step).
         logits_to_keep: the head runs on the last k positions only (0: every position), as in
         transformers; a prefill that samples the next token needs 1."""
-        B, T = self._check_inputs(input_ids, cache, attention_mask)
+        B, T, packed = self._check_inputs(input_ids, cache, attention_mask)
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative integer (0 keeps every position), "
                              f"got {logits_to_keep!r}")
@@ -146,7 +146,7 @@ class OpenMythos(nn.Module):
         if (self.compiled_decode is not None and cache is not None and T == 1 and attention_mask is None
                 and isinstance(n_loops, int) and targets is None and not torch.is_grad_enabled()):
             return self.compiled_decode(input_ids, n_loops, cache, head_dtype)
-        ctx = self._context(input_ids, cache, attention_mask)
+        ctx = self._context(input_ids, cache, attention_mask, packed)
         return self._forward(input_ids, ctx, n_loops, cache, backprop_loops, targets, head_dtype,
                              logits_to_keep)
 
@@ -159,8 +159,7 @@ class OpenMythos(nn.Module):
         B = input_ids.shape[0]
         cols = cache.lengths.clone()
         cache.valid[torch.arange(B, device=cols.device), cols] = True
-        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
-        cos, sin = rope_angles(cache.next_pos.unsqueeze(1), rope_dim, self.cfg.rope_theta)
+        cos, sin = self._rope(cache.next_pos.unsqueeze(1))
         cache.next_pos += 1
         # start = max_len - 1: the slots hand back their whole buffer, masked by `valid`
         ctx = Context(B, 1, cache.max_len - 1, cos, sin, cache.valid.view(B, 1, 1, -1), False,
@@ -216,23 +215,27 @@ class OpenMythos(nn.Module):
                                             reduction="none", options=chunks)
         return losses.float().mean()
 
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
+        return rope_angles(positions, rope_dim, self.cfg.rope_theta)
+
     def _context(self, input_ids: torch.Tensor, cache: KVCache | None,
-                 attention_mask: torch.Tensor | None) -> Context:
+                 attention_mask: torch.Tensor | None, packed: bool) -> Context:
         B, T = input_ids.shape
         device = input_ids.device
-        if self._packs(cache, T, attention_mask):
-            return self._packed_context(input_ids, cache, attention_mask)
+        new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+                     else attention_mask.to(device=device, dtype=torch.bool))
+        base = cache.next_pos if cache else torch.zeros(B, dtype=torch.long, device=device)
+        positions = base.unsqueeze(1) + (new_valid.long().cumsum(1) - 1).clamp(min=0)
+        if packed:
+            return self._packed_context(cache, new_valid, positions)
         start, cols = 0, None
         if cache is not None:
             shortest, start = cache.lengths.aminmax()
             start = int(start)
             if int(shortest) != start:  # ragged rows (the serving engine): one token each
                 cols = cache.lengths.clone()
-        new_valid = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
-                     else attention_mask.to(device=device, dtype=torch.bool))
         padded = attention_mask is not None and not bool(new_valid.all())
-        base = cache.next_pos if cache else torch.zeros(B, dtype=torch.long, device=device)
-        positions = base.unsqueeze(1) + (new_valid.long().cumsum(1) - 1).clamp(min=0)
         if cache is not None:
             if cols is None:
                 cache.valid[:, start:start + T] = new_valid
@@ -254,8 +257,7 @@ class OpenMythos(nn.Module):
             # a padding query may see only itself: a row with no visible key would give NaN
             mask = (k_idx <= q_idx) & (valid.unsqueeze(1) | (k_idx == q_idx))
             mask, is_causal = mask.unsqueeze(1), False
-        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
-        cos, sin = rope_angles(positions, rope_dim, self.cfg.rope_theta)
+        cos, sin = self._rope(positions)
         return Context(B, T, start, cos, sin, mask, is_causal, self.cfg.dropout, cols)
 
     @staticmethod
@@ -267,15 +269,13 @@ class OpenMythos(nn.Module):
         ragged = int(cache.lengths.min()) != cache.length
         return ragged or (cache.packed and attention_mask is not None and not bool(attention_mask.all()))
 
-    def _packed_context(self, input_ids: torch.Tensor, cache: KVCache,
-                        attention_mask: torch.Tensor | None) -> Context:
+    def _packed_context(self, cache: KVCache, new_valid: torch.Tensor,
+                        positions: torch.Tensor) -> Context:
         """A call that writes only its real tokens, each row after its own written columns: row
         b's n_b tokens, left-padded to T, go to columns lengths[b] .. lengths[b] + n_b - 1. The
         layers run on the real tokens alone (ctx.tokens), as compacted rows, so a step can decode
         one token for some rows and prefill a chunk of prompt for others."""
-        B, T = input_ids.shape
-        new_valid = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
-                     else attention_mask.to(device=input_ids.device, dtype=torch.bool))
+        B, T = new_valid.shape
         if bool((new_valid[:, 1:] < new_valid[:, :-1]).any()):
             raise ValueError("attention_mask must be left padding (0s, then 1s, in every row) "
                              "when rows hold different lengths or the cache is packed")
@@ -288,17 +288,16 @@ class OpenMythos(nn.Module):
         tokens = new_valid.flatten().nonzero().squeeze(1)
         b, t = tokens // T, tokens % T
         cache.valid[b, cols[b] + t] = True
-        positions = cache.next_pos.unsqueeze(1) + (new_valid.long().cumsum(1) - 1).clamp(min=0)
         cache.next_pos += n
         start = int(cols.max())  # start + T = the longest row's new length
         q_col = cols.unsqueeze(1) + torch.arange(T, device=cols.device)
         k_idx = torch.arange(start + T, device=cols.device)
         mask = (k_idx <= q_col.unsqueeze(-1)) & cache.valid[:, None, :start + T]  # (B, T, S)
-        rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
-        cos, sin = rope_angles(positions, rope_dim, self.cfg.rope_theta)
+        cos, sin = self._rope(positions)
         return Context(B, T, start, cos, sin, mask.unsqueeze(1), False, self.cfg.dropout, cols, tokens)
 
-    def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int]:
+    def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int, bool]:
+        """Returns B, T and whether the call runs packed."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -318,14 +317,14 @@ class OpenMythos(nn.Module):
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
         if self._packs(cache, T, attention_mask):
-            return B, T  # each row's own length is checked by _packed_context
+            return B, T, True  # each row's own length is checked by _packed_context
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + T} (cached {start} + new {T}) exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"cache overflow: {start} cached + {T} new tokens > cache max_len={cache.max_len}")
-        return B, T
+        return B, T, False
 
     def _check_loops(self, n_loops, B: int, cache: KVCache | None) -> int | torch.Tensor:
         if n_loops is None:
