@@ -84,15 +84,22 @@ def test_logits_to_keep_gives_the_last_positions(keep):
 
 
 @pytest.mark.parametrize("attn_type,policy", [("mla", "per_loop"), ("gqa", "ring"), ("mla", "ring")])
+@pytest.mark.parametrize("depths", [[3, 2, 4], [4, 3, 2]], ids=["gathered", "deepest_first"])
 @torch.no_grad()
-def test_a_packed_call_matches_each_row_alone(attn_type, policy):
+def test_a_packed_call_matches_each_row_alone(attn_type, policy, depths, monkeypatch):
     # rows of different lengths each take a different number of new tokens (one for a decoding
     # row, a chunk for one being prefilled) at their own depth, in one left-padded call: the
-    # logits and every cache entry are those of each row's own call
+    # logits and every cache entry are those of each row's own call. Depths that never grow
+    # along the batch run each loop on a prefix of the real tokens (RecurrentBlock._deepest_first)
     model = small_model(attn_type=attn_type, kv_cache_policy=policy, kv_cache_ring=2)
     cached = [torch.randint(0, 64, (n,)) for n in (5, 2, 0)]
     new = [torch.randint(0, 64, (n,)) for n in (1, 3, 4)]
-    depths = [3, 2, 4]
+    prefixes = []  # real tokens the looped block ran on, per loop of the packed call
+    step = model.recurrent._step
+    monkeypatch.setattr(model.recurrent, "_step", lambda h, *a: prefixes.append(len(h)) or step(h, *a))
+    dense = []
+    deepest_first = model.recurrent._deepest_first
+    monkeypatch.setattr(model.recurrent, "_deepest_first", lambda *a: dense.append(1) or deepest_first(*a))
 
     def cache():
         c = model.new_cache(3, 16, 4, packed=True)
@@ -104,11 +111,17 @@ def test_a_packed_call_matches_each_row_alone(attn_type, policy):
     together, alone = cache(), cache()
     ids = torch.stack([torch.cat([torch.zeros(4 - len(x), dtype=torch.long), x]) for x in new])
     mask = (torch.arange(4) >= 4 - torch.tensor([len(x) for x in new]).unsqueeze(1)).long()
+    prefixes.clear()
     out = model(ids, n_loops=torch.tensor(depths), cache=together, attention_mask=mask, logits_to_keep=1)
+    live = [sum(len(x) for x, d in zip(new, depths, strict=True) if d > t) for t in range(4)]
+    assert prefixes == live  # halted tokens leave the loop either way
+    assert len(dense) == (depths == sorted(depths, reverse=True))
     ref = [model(x[None], n_loops=d, cache=alone.narrow(b, 1), logits_to_keep=1).logits
            for b, (x, d) in enumerate(zip(new, depths, strict=True))]
     assert_close(out.logits, torch.cat(ref), atol=1e-5, rtol=1e-5)
-    assert out.loops.tolist() == [[0, 0, 0, 3], [0, 2, 2, 2], [4, 4, 4, 4]]  # padding runs nothing
+    # padding runs nothing
+    assert out.loops.tolist() == [[0, 0, 0, d] if i == 0 else [0, d, d, d] if i == 1 else [d] * 4
+                                  for i, d in enumerate(depths)]
     for mine, theirs in zip(together.prelude + together.loops + together.coda,
                             alone.prelude + alone.loops + alone.coda, strict=True):
         for a, b in zip(mine.tensors, theirs.tensors, strict=True):

@@ -40,7 +40,7 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
         assert len(req.generated) == m
 
 
-def test_prompts_prefill_in_one_packed_call_beside_the_decode_call():
+def test_prompts_prefill_in_the_decode_call_packed_and_deepest_first():
     model = small_model(vocab_size=64)
     prompts, depths = [[1, 2], [3] * 9, [4, 5, 6]], [2, 3, 1]
     engine = Engine(model, max_batch=3, prefill_chunk=4)
@@ -49,16 +49,18 @@ def test_prompts_prefill_in_one_packed_call_beside_the_decode_call():
                                 with_kwargs=True)
     reqs = [collect(engine, p, max_tokens=4, temperature=0, n_loops=d)[0]
             for p, d in zip(prompts, depths, strict=True)]
-    engine.step()  # every prompt's first chunk, left-padded into one call; then a decode call
-    assert calls == [(3, 4), (2, 1)] and [len(r.generated) for r in reqs] == [2, 0, 2]
-    engine.step()  # the long prompt's second chunk, and a decode call
-    assert calls[2:] == [(1, 4), (2, 1)] and [len(r.generated) for r in reqs] == [3, 0, 3]
-    # padding takes no cache columns: each row holds just its own tokens; the decoding rows
-    # come first, deepest first, then the prompt still being prefilled
-    assert [engine.rows.index(r) for r in reqs] == [0, 2, 1]
-    assert engine.cache.lengths.tolist() == [4, 5, 8]
+    engine.step()  # every prompt's first chunk, left-padded into one call
+    assert calls == [(3, 4)] and [len(r.generated) for r in reqs] == [1, 0, 1]
+    engine.step()  # the long prompt's second chunk beside a token for each of the others
+    assert calls[1:] == [(3, 4)] and [len(r.generated) for r in reqs] == [2, 0, 2]
+    # the rows are deepest first, whether decoding or not; padding takes no cache columns:
+    # each row holds just its own tokens
+    assert [engine.rows.index(r) for r in reqs] == [1, 0, 2]
+    assert engine.cache.lengths.tolist() == [8, 3, 4]
     # loops count only real tokens: prompt positions at their depth, plus what was decoded
-    assert [r.loops for r in reqs] == [2 * 4, 3 * 8, 1 * 5]
+    assert [r.loops for r in reqs] == [2 * 3, 3 * 8, 1 * 4]
+    engine.step()  # the prompt's last token: every row takes one token, a plain ragged call
+    assert calls[2:] == [(3, 1)] and [len(r.generated) for r in reqs] == [3, 1, 3]
     engine.run_until_idle()
     for req, p, d in zip(reqs, prompts, depths, strict=True):
         assert req.generated == run_alone(model, p, max_tokens=4, temperature=0, n_loops=d)

@@ -5,7 +5,8 @@ Shapes: B batch, T new tokens, S visible keys (cached prefix + new), H query hea
 rows. A layer takes either dense x (B, T, D) or compacted rows x (n, D) with `rows` indexing the
 flattened (B*T) grid: the looped block passes only tokens that have not halted. Projections run
 on the rows; only the score/softmax core sees a grid, (B', n_max): the B' sequences that still
-have live tokens, each with its live queries packed to the left.
+have live tokens, each with its live queries packed to the left. The real tokens of a packed
+call, all of them (ctx.tokens), use the call's own left-padded (B, T) grid and mask instead.
 
 Kernels: the fused (flash) SDPA kernel wherever it applies. GQA passes its key heads unrepeated
 (enable_gqa); MLA's narrower value head is zero-padded to the query/key width, which the fused
@@ -40,6 +41,7 @@ class Context:
     dropout: float = 0.0
     cols: torch.Tensor | None = None  # (B,) each row's first new column, when rows are ragged
     tokens: torch.Tensor | None = None  # flat (B*T) indices of the real tokens of a packed call
+    row_ends: list[int] | None = None  # a packed call's real tokens in rows 0..b, for each b
     expert_loads: list[torch.Tensor] = field(default_factory=list)  # (E,) per MoE call
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
@@ -53,7 +55,11 @@ class Context:
             return self
         mask = None if self.mask is None else self.mask[:b]
         cols = None if self.cols is None else self.cols[:b]
-        return dataclasses.replace(self, B=b, cos=self.cos[:b], sin=self.sin[:b], mask=mask, cols=cols)
+        tokens, ends = self.tokens, self.row_ends
+        if ends is not None:  # row b's tokens are the next ones in the flat list
+            tokens, ends = tokens[:ends[b - 1]], ends[:b]
+        return dataclasses.replace(self, B=b, cos=self.cos[:b], sin=self.sin[:b], mask=mask, cols=cols,
+                                   tokens=tokens, row_ends=ends)
 
     def rope(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
@@ -70,6 +76,11 @@ class _Attention(nn.Module):
         reads key head h // (H / Hk)). Returns q's layout with v's dim."""
         if rows is None:
             return self._core(q, k, v, ctx.mask, ctx.is_causal, ctx.start, scale, ctx)
+        if rows is ctx.tokens:  # every real token of a packed call: its own left-padded grid
+            grid = q.new_zeros(ctx.B * ctx.T, *q.shape[1:]).index_copy_(0, rows, q)
+            out = self._core(grid.view(ctx.B, ctx.T, *q.shape[1:]), k, v, ctx.mask, False, ctx.start,
+                             scale, ctx)
+            return out.flatten(0, 1)[rows]
         # Compacted rows: pack each sequence's live queries to the left of a (B', n_max) grid,
         # B' the sequences with a live token and n_max the most live tokens in one of them, so
         # the score core shrinks with the live rows instead of staying (B, T). Rows are sorted,
@@ -234,7 +245,10 @@ class MLAttention(_Attention):
         w = self.kv_up.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]
         q = torch.cat([torch.einsum("...hn,hnr->...hr", q_nope, w_uk), q_rope], dim=-1)
-        # one key/value head shared by all query heads: the cached latent itself, read in place
+        # one key/value head shared by all query heads: the cached latent itself, read in place.
+        # The value is its first `rank` columns; passing the whole row, as wide as the key, lets
+        # SDPA take its fused kernel (it wants one head dim for q, k and v) instead of the math
+        # fallback, and the extra outputs are dropped
         latent = latent.unsqueeze(2)
-        out = self._attend(q, latent, latent[..., :self.rank], ctx, rows, self.scale)
+        out = self._attend(q, latent, latent, ctx, rows, self.scale)[..., :self.rank]
         return torch.einsum("...hr,hvr->...hv", out, w_uv)

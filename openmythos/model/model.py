@@ -10,6 +10,7 @@ device initialises itself.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -293,8 +294,10 @@ class OpenMythos(nn.Module):
         q_col = cols.unsqueeze(1) + torch.arange(T, device=cols.device)
         k_idx = torch.arange(start + T, device=cols.device)
         mask = (k_idx <= q_col.unsqueeze(-1)) & cache.valid[:, None, :start + T]  # (B, T, S)
+        mask |= ~new_valid.unsqueeze(-1) & (k_idx == 0)  # padding sees a key: no NaN in its row
         cos, sin = self._rope(positions)
-        return Context(B, T, start, cos, sin, mask.unsqueeze(1), False, self.cfg.dropout, cols, tokens)
+        return Context(B, T, start, cos, sin, mask.unsqueeze(1), False, self.cfg.dropout, cols, tokens,
+                       list(itertools.accumulate(n.tolist())))
 
     def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int, bool]:
         """Returns B, T and whether the call runs packed."""

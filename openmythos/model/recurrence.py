@@ -267,8 +267,8 @@ class RecurrentBlock(nn.Module):
             self._fill_deeper(slots, depth - 1, depth, ctx)
             steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
             return h.view(B, T, D), steps, torch.zeros((), device=h.device)
-        if not (act or kl or grad_from is not None or packed):
-            depths = n_loops.tolist()
+        if not (act or kl or grad_from is not None):
+            depths = [depth] * B if limit is None else n_loops.tolist()
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
                 return self._deepest_first(h, e, ctx, depths, slot, slots)
 
@@ -330,20 +330,31 @@ class RecurrentBlock(nn.Module):
         so): the sequences still looping at loop t are the first b of the batch, so each loop runs
         densely on that prefix (h[:b * T], the first b rows of ctx and of the cache), with no
         gathers, while the finished ones carry their entries into the loop's slot as they would
-        on the compacted path."""
+        on the compacted path. A packed call runs on its real tokens alone, where row b's tokens
+        follow row b - 1's: the prefix is then the first ctx.row_ends[b - 1] tokens."""
         B, T, D = ctx.B, ctx.T, h.shape[-1]
+        tokens, ends = ctx.tokens, ctx.row_ends or [T * (b + 1) for b in range(B)]
+        if tokens is not None:
+            h, e = h[tokens], e[tokens]
         kv = None
         for t in range(depths[0]):
             b = sum(d > t for d in depths)
+            n = ends[b - 1]
             if slots is not None and 0 < t < len(slots) and b < B:  # finished: their latest entry
                 cols = None if ctx.cols is None else ctx.cols[b:]
-                slot(t).narrow(b, B - b).copy_new_tokens(slot(t - 1).narrow(b, B - b), ctx.start, T, cols)
+                rest = None if tokens is None else tokens[n:] - b * T
+                slot(t).narrow(b, B - b).copy_new_tokens(slot(t - 1).narrow(b, B - b), ctx.start, T,
+                                                          cols, rest)
             live = slot(t) if slots is None or b == B else slot(t).narrow(0, b)
-            h_t, kv = self._run_step(t, h[:b * T], e[:b * T], kv, ctx.narrow(b), live, None)
-            h = h_t if b == B else torch.cat((h_t, h[b * T:]))
+            sub = ctx.narrow(b)
+            h_t, kv = self._run_step(t, h[:n], e[:n], kv, sub, live, sub.tokens)
+            h = h_t if b == B else torch.cat((h_t, h[n:]))
         self._fill_deeper(slots, depths[0] - 1, depths[0], ctx)
-        steps = torch.tensor(depths, device=h.device).repeat_interleave(T).view(B, T)
-        return h.view(B, T, D), steps, torch.zeros((), device=h.device)
+        steps = torch.tensor(depths, device=h.device).repeat_interleave(T)
+        if tokens is not None:  # back on the (B, T) grid, where padding ran no loops
+            h = h.new_zeros(B * T, D).index_copy_(0, tokens, h)
+            steps = torch.zeros_like(steps).index_copy_(0, tokens, steps[tokens])
+        return h.view(B, T, D), steps.view(B, T), torch.zeros((), device=h.device)
 
     @staticmethod
     def _fill_deeper(slots: list | None, t: int, depth: int, ctx: Context) -> None:

@@ -1,12 +1,12 @@
 """A continuous depth-wise batching engine.
 
 Across requests (continuous batching): requests join and leave between steps. Each running
-request owns one row of a preallocated, packed KV cache (a row holds just its own tokens); rows
-are kept in order, decoding rows first, so every model call runs on a contiguous view of the
-cache, never a copy. A step is two calls: one advances every prompt being prefilled by a chunk
-(so a long prompt never stalls the requests that are decoding), one decodes a token for every
-decoding request. Decoding rows are kept deepest first: the rows still looping at each depth
-are then a prefix of the batch, and the looped block runs on it densely, with no gathers (see
+request owns one row of a preallocated, packed KV cache (a row holds just its own tokens), so
+every model call runs on a contiguous view of the cache, never a copy. A step is one call: the
+next token of every decoding request and the next chunk of every prompt being prefilled, so a
+long prompt never stalls the requests that are decoding and a new one rides along with them.
+Rows are kept deepest first: the rows still looping at each depth are then a prefix of the
+batch, and the looped block runs on it densely, with no gathers (see
 RecurrentBlock._deepest_first).
 
 Inside a step (depth-wise batching): every request decodes at its own depth (a per-row n_loops),
@@ -115,7 +115,7 @@ class Engine:
         if self.admission_window < 1:
             raise ValueError(f"admission_window must be >= 1, got {admission_window!r}")
         self.cache = model.new_cache(max_batch, self.max_len, self.max_loops, packed=True)
-        self.rows: list[Request] = []  # rows[i] owns cache row i; decoding rows come first
+        self.rows: list[Request] = []  # rows[i] owns cache row i; deepest first
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
@@ -162,12 +162,11 @@ class Engine:
     # the engine's side
     @torch.no_grad()
     def step(self) -> None:
-        """Admit, advance every prompt being prefilled by one chunk, decode one token for every
-        decoding request."""
+        """Admit, then one call: a token for every decoding request, a chunk of every prompt
+        being prefilled."""
         self._retire()
         self._admit()
-        self._prefill()
-        self._decode()
+        self._advance()
 
     def _retire(self) -> None:
         for req in [r for r in self.rows if r.cancelled]:
@@ -195,44 +194,36 @@ class Engine:
             req.passed_over += 1
         return window[pick]
 
-    def _prefill(self) -> None:
-        """One call that advances every prompt still being prefilled by its next chunk (at most
-        prefill_chunk tokens), left-padded to the widest: the cache is packed, so padding takes
-        no columns and the layers run on the real tokens alone. A prompt that is in gives its
-        request's first token. (The decoding rows run in a call of their own: one call mixing
-        both measured slower on the CPU, docs/performance.md "Serving".)"""
-        d = sum(r.decoding for r in self.rows)
-        rows = self.rows[d:]
+    def _advance(self) -> None:
+        """One model call for every running request: a decoding one feeds its last token, any
+        other the next chunk of its prompt (at most prefill_chunk tokens), left-padded to the
+        widest. The cache is packed, so padding takes no columns and the layers run on the real
+        tokens alone; the rows are deepest first, so each loop runs on a prefix of them (see
+        RecurrentBlock._deepest_first), and a prompt shares the step's loops, and their weight
+        reads, with the decoding rows instead of paying for loops of its own."""
+        rows = list(self.rows)
         if not rows:
             return
-        chunks = [r.prompt[r.prefilled:r.prefilled + self.prefill_chunk] for r in rows]
-        out = self._call(chunks, rows, d)
-        for req, chunk, loops in zip(rows, chunks, out.loops.sum(1).tolist(), strict=True):
-            req.prefilled += len(chunk)
+        feeds = [[r.generated[-1]] if r.decoding else r.prompt[r.prefilled:r.prefilled + self.prefill_chunk]
+                 for r in rows]
+        out = self._call(feeds, rows)
+        for req, feed, loops in zip(rows, feeds, out.loops.sum(1).tolist(), strict=True):
             req.loops += loops
-        self._arrange()  # a prompt that is in joins the decoding rows
+            if not req.decoding:
+                req.prefilled += len(feed)
         for i, req in enumerate(rows):
-            if req.decoding:
+            if req.decoding:  # its next token: after the last of its prompt or of its output
                 self._emit(req, self._sample(req, out.logits[i, -1:]))
 
-    def _decode(self) -> None:
-        """One token for every decoding request, its rows deepest first (see RecurrentBlock)."""
-        rows = [r for r in self.rows if r.decoding]
-        if rows:
-            out = self._call([[r.generated[-1]] for r in rows], rows, 0)
-            for i, (req, loops) in enumerate(zip(rows, out.loops.sum(1).tolist(), strict=True)):
-                req.loops += loops
-                self._emit(req, self._sample(req, out.logits[i, -1:]))
-
-    def _call(self, feeds: list[list[int]], rows: list[Request], first: int):
-        """The model on cache rows [first, first + len(rows)): each row's new tokens, left-padded."""
+    def _call(self, feeds: list[list[int]], rows: list[Request]):
+        """The model on the running rows: each row's new tokens, left-padded."""
         width = max(map(len, feeds))
         device = self.model.embed.weight.device
         ids = torch.tensor([[0] * (width - len(f)) + f for f in feeds], device=device)
         mask = None
         if min(map(len, feeds)) < width:
             mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in feeds], device=device)
-        return self.model(ids, n_loops=self._depths(rows), cache=self.cache.narrow(first, len(rows)),
+        return self.model(ids, n_loops=self._depths(rows), cache=self.cache.narrow(0, len(rows)),
                           attention_mask=mask, logits_to_keep=1)
 
     def _depth(self, req: Request) -> int:
@@ -293,18 +284,14 @@ class Engine:
         req.on_event(Event("done", finish_reason=reason, usage=self._usage(req)))
 
     def _arrange(self, gone: Request | None = None) -> None:
-        """Put the rows (less `gone`, whose row is freed) in the order the steps need, moving
-        the cache rows of those that change place: decoding rows deepest first, then the prompts
-        still being prefilled."""
-        order = sorted((r for r in self.rows if r is not gone), key=self._rank)
+        """Put the rows (less `gone`, whose row is freed) deepest first, moving the cache rows of
+        those that change place."""
+        order = sorted((r for r in self.rows if r is not gone), key=lambda r: -self._depth(r))
         src = [self.rows.index(r) for r in order]
         moved = [i for i, s in enumerate(src) if s != i]
         if moved:
             self.cache.move_rows([src[i] for i in moved], moved)
         self.rows = order
-
-    def _rank(self, req: Request) -> tuple[bool, int]:
-        return not req.decoding, -self._depth(req)
 
     def _usage(self, req: Request) -> dict:
         return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.generated),
