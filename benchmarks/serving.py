@@ -89,18 +89,17 @@ def percentile(xs, q):
 
 def profile(model, reqs, batch: int, max_loops: int) -> dict:
     """Static batching, then the engine, each under cProfile: where the engine's time goes, and
-    what a perfect packing of rows by depth could reach on this machine, from the fewest decode
-    steps and loop-steps it would need and the measured cost of each."""
+    a rough bound on what a perfect packing of rows by depth could reach on this machine, from
+    the fewest steps and loop-steps it would need and the measured cost of each."""
     import cProfile
     import pstats
 
-    deepest = []  # loops run by each decode step: its deepest row's
+    deepest = []  # loops run by each step: its deepest row's
     depths = Engine._depths
 
     def spy(engine, rows):
         d = depths(engine, rows)
-        if all(r.decoding for r in rows):  # a decode step, not a prefill
-            deepest.append(int(d.max()) if torch.is_tensor(d) else d)
+        deepest.append(int(d.max()) if torch.is_tensor(d) else d)
         return d
 
     def profiled(run):
@@ -118,22 +117,22 @@ def profile(model, reqs, batch: int, max_loops: int) -> dict:
         engine_s, by_name = profiled(lambda: run_engine(model, reqs, batch, max_loops, "depth"))
     finally:
         Engine._depths = depths
-    steps, decode_s = by_name["_decode"]
+    steps, step_s = by_name["_advance"]
     loop_s = by_name["_step"][1] / by_name["_step"][0]  # one pass of the looped block
-    fixed_s = (decode_s - sum(deepest) * loop_s) / steps  # the rest of a decode step
+    fixed_s = (step_s - sum(deepest) * loop_s) / steps  # the rest of a step
+    # every request's prompt rides in a step as well: a step per output token, less the first
     ideal_steps = math.ceil(sum(r["max_tokens"] for r in reqs) / batch)
     ideal_loop_steps = sum(r["n_loops"] * r["max_tokens"] for r in reqs) / batch
-    prefill_s = by_name["_prefill"][1]
-    ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s + prefill_s
+    ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s
     # static batching: each batch decodes until its longest output, every row at its deepest depth
     groups = [reqs[i:i + batch] for i in range(0, len(reqs), batch)]
     static_steps = [(max(r["max_tokens"] for r in g) - 1, max(r["n_loops"] for r in g)) for g in groups]
     return {"static_s": static_s, "engine_s": engine_s, "engine_vs_static": static_s / engine_s,
             "static_decode_steps": sum(n for n, _ in static_steps),
             "static_loop_steps": sum(n * d for n, d in static_steps),
-            "decode_steps": steps, "decode_loop_steps": sum(deepest), "decode_s": decode_s,
-            "prefill_s": prefill_s, "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
-            "ideal_decode_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
+            "steps": steps, "loop_steps": sum(deepest), "steps_s": step_s,
+            "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
+            "ideal_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
             "ideal_engine_s": ideal_s, "ideal_vs_static": static_s / ideal_s}
 
 
