@@ -131,6 +131,22 @@ def test_a_packed_call_matches_each_row_alone(attn_type, policy, depths, monkeyp
     assert together.lengths.tolist() == [6, 5, 4]  # padding took no columns
 
 
+@torch.no_grad()
+def test_a_row_with_no_new_token_sits_out_a_packed_call():
+    model = small_model()
+    together, alone = (model.new_cache(2, 16, packed=True) for _ in range(2))
+    for cache in (together, alone):
+        for b, n in enumerate((3, 5)):
+            model(torch.arange(1, n + 1)[None], cache=cache.narrow(b, 1))
+    ids, mask = torch.tensor([[7, 8, 9], [0, 0, 0]]), torch.tensor([[1, 1, 1], [0, 0, 0]])
+    out = model(ids, cache=together, attention_mask=mask, logits_to_keep=1)
+    ref = model(ids[:1], cache=alone.narrow(0, 1), logits_to_keep=1)
+    assert_close(out.logits[:1], ref.logits, atol=1e-5, rtol=1e-5)
+    assert out.loops[1].tolist() == [0, 0, 0] and together.lengths.tolist() == [6, 5]
+    for mine, theirs in zip(together.loops, alone.loops, strict=True):
+        assert_close(mine.tensors[0], theirs.tensors[0], atol=1e-5, rtol=1e-5)
+
+
 def test_a_packed_call_refuses_what_it_cannot_place():
     model = small_model()
     cache = model.new_cache(2, 8, packed=True)

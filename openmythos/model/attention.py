@@ -6,7 +6,8 @@ rows. A layer takes either dense x (B, T, D) or compacted rows x (n, D) with `ro
 flattened (B*T) grid: the looped block passes only tokens that have not halted. Projections run
 on the rows; only the score/softmax core sees a grid, (B', n_max): the B' sequences that still
 have live tokens, each with its live queries packed to the left. The real tokens of a packed
-call, all of them (ctx.tokens), use the call's own left-padded (B, T) grid and mask instead.
+call, all of them (ctx.tokens), attend in two parts instead: each row's last token, then the
+others of the rows that take several (see PackedRows).
 
 Kernels: the fused (flash) SDPA kernel wherever it applies. GQA passes its key heads unrepeated
 (enable_gqa); MLA's narrower value head is zero-padded to the query/key width, which the fused
@@ -16,6 +17,8 @@ kernel needs; absorbed MLA folds the heads into query rows against the one share
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +28,45 @@ from torch import nn
 from openmythos.config import MythosConfig
 from openmythos.model.cache import KVSlot
 from openmythos.model.layers import RMSNorm, apply_rope
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where the real tokens of a packed call sit, for attention. Rows are left-padded to T, so
+    each row's last token is in the grid's last column: those attend as a (B, 1) batch. The other
+    tokens, of the rows taking more than one (prompts being prefilled), fill a (M, T - 1) grid
+    of just those M rows, so a row decoding one token never pads out to a prompt's width."""
+
+    ends: list[int]  # real tokens in rows 0..b, for each b: row b's follow row b - 1's
+    last: torch.Tensor  # position in the token list of each nonempty row's last token
+    rows: torch.Tensor | None  # those rows; None when every row has a token
+    multi: torch.Tensor  # (M,) the rows with more than one token
+    other: torch.Tensor  # positions of their other tokens in the token list
+    cell: torch.Tensor  # each one's cell in the flattened (M, T - 1) grid
+    sizes: list[tuple[int, int, int]]  # for the first b rows: (nonempty rows, M, other tokens)
+
+    @staticmethod
+    def build(counts: list[int], T: int, device: torch.device) -> PackedRows:
+        ends = list(itertools.accumulate(counts))
+        last, rows, multi, other, cell, sizes = [], [], [], [], [], [(0, 0, 0)]
+        for b, (end, n) in enumerate(zip(ends, counts, strict=True)):
+            if n:
+                last.append(end - 1)
+                rows.append(b)
+            if n > 1:  # tokens at columns T - n .. T - 2 of grid row len(multi)
+                other += range(end - n, end - 1)
+                cell += range(len(multi) * (T - 1) + T - n, len(multi) * (T - 1) + T - 1)
+                multi.append(b)
+            sizes.append((len(rows), len(multi), len(other)))
+        as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+        return PackedRows(ends, as_tensor(last), None if len(rows) == len(counts) else as_tensor(rows),
+                          as_tensor(multi), as_tensor(other), as_tensor(cell), sizes)
+
+    def narrow(self, b: int) -> PackedRows:
+        """The first b rows."""
+        n, m, k = self.sizes[b]
+        return PackedRows(self.ends[:b], self.last[:n], None if self.rows is None else self.rows[:n],
+                          self.multi[:m], self.other[:k], self.cell[:k], self.sizes[:b + 1])
 
 
 @dataclass
@@ -41,7 +83,7 @@ class Context:
     dropout: float = 0.0
     cols: torch.Tensor | None = None  # (B,) each row's first new column, when rows are ragged
     tokens: torch.Tensor | None = None  # flat (B*T) indices of the real tokens of a packed call
-    row_ends: list[int] | None = None  # a packed call's real tokens in rows 0..b, for each b
+    packed: PackedRows | None = None  # where those tokens sit
     expert_loads: list[torch.Tensor] = field(default_factory=list)  # (E,) per MoE call
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
@@ -55,11 +97,11 @@ class Context:
             return self
         mask = None if self.mask is None else self.mask[:b]
         cols = None if self.cols is None else self.cols[:b]
-        tokens, ends = self.tokens, self.row_ends
-        if ends is not None:  # row b's tokens are the next ones in the flat list
-            tokens, ends = tokens[:ends[b - 1]], ends[:b]
+        tokens, packed = self.tokens, self.packed
+        if packed is not None:  # row b's tokens are the next ones in the flat list
+            tokens, packed = tokens[:packed.ends[b - 1]], packed.narrow(b)
         return dataclasses.replace(self, B=b, cos=self.cos[:b], sin=self.sin[:b], mask=mask, cols=cols,
-                                   tokens=tokens, row_ends=ends)
+                                   tokens=tokens, packed=packed)
 
     def rope(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
@@ -76,11 +118,8 @@ class _Attention(nn.Module):
         reads key head h // (H / Hk)). Returns q's layout with v's dim."""
         if rows is None:
             return self._core(q, k, v, ctx.mask, ctx.is_causal, ctx.start, scale, ctx)
-        if rows is ctx.tokens:  # every real token of a packed call: its own left-padded grid
-            grid = q.new_zeros(ctx.B * ctx.T, *q.shape[1:]).index_copy_(0, rows, q)
-            out = self._core(grid.view(ctx.B, ctx.T, *q.shape[1:]), k, v, ctx.mask, False, ctx.start,
-                             scale, ctx)
-            return out.flatten(0, 1)[rows]
+        if rows is ctx.tokens and ctx.packed is not None:
+            return self._attend_packed(q, k, v, ctx, scale)
         # Compacted rows: pack each sequence's live queries to the left of a (B', n_max) grid,
         # B' the sequences with a live token and n_max the most live tokens in one of them, so
         # the score core shrinks with the live rows instead of staying (B, T). Rows are sorted,
@@ -104,6 +143,26 @@ class _Attention(nn.Module):
             mask[..., 0] = True
             mask = mask.index_put((b, j), row_mask).unsqueeze(1)
         return self._core(q, k, v, mask, False, ctx.start, scale, ctx)[b, j]
+
+    def _attend_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
+                       scale: float) -> torch.Tensor:
+        """Every real token of a packed call, q (n, H, d), laid out as ctx.packed says."""
+        p = ctx.packed
+        k_last, v_last, mask = k, v, ctx.mask[:, :, -1:]
+        if p.rows is not None:  # rows without a new token sit out
+            k_last, v_last, mask = k[p.rows], v[p.rows], mask[p.rows]
+        out_last = self._core(q[p.last].unsqueeze(1), k_last, v_last, mask, False, ctx.start, scale,
+                              ctx)[:, 0]
+        if not len(p.multi):  # one token per row: already in token order
+            return out_last
+        out = out_last.new_empty(q.shape[0], *out_last.shape[1:])
+        out[p.last] = out_last
+        M, T = len(p.multi), ctx.T
+        grid = q.new_zeros(M * (T - 1), *q.shape[1:]).index_copy_(0, p.cell, q[p.other])
+        rest = self._core(grid.view(M, T - 1, *q.shape[1:]), k[p.multi], v[p.multi],
+                          ctx.mask[p.multi, :, :-1], False, ctx.start, scale, ctx)
+        out[p.other] = rest.flatten(0, 1)[p.cell]
+        return out
 
     def _core(self, q, k, v, mask, is_causal: bool, start: int, scale: float, ctx: Context):
         if k.shape[2] == 1 < q.shape[2]:

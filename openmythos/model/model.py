@@ -10,7 +10,6 @@ device initialises itself.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmythos.config import MythosConfig
-from openmythos.model.attention import Context
+from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
 from openmythos.model.layers import RMSNorm, rope_angles
@@ -297,7 +296,7 @@ class OpenMythos(nn.Module):
         mask |= ~new_valid.unsqueeze(-1) & (k_idx == 0)  # padding sees a key: no NaN in its row
         cos, sin = self._rope(positions)
         return Context(B, T, start, cos, sin, mask.unsqueeze(1), False, self.cfg.dropout, cols, tokens,
-                       list(itertools.accumulate(n.tolist())))
+                       PackedRows.build(n.tolist(), T, cols.device))
 
     def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int, bool]:
         """Returns B, T and whether the call runs packed."""

@@ -331,9 +331,10 @@ class RecurrentBlock(nn.Module):
         densely on that prefix (h[:b * T], the first b rows of ctx and of the cache), with no
         gathers, while the finished ones carry their entries into the loop's slot as they would
         on the compacted path. A packed call runs on its real tokens alone, where row b's tokens
-        follow row b - 1's: the prefix is then the first ctx.row_ends[b - 1] tokens."""
+        follow row b - 1's: the prefix is then the first ctx.packed.ends[b - 1] tokens."""
         B, T, D = ctx.B, ctx.T, h.shape[-1]
-        tokens, ends = ctx.tokens, ctx.row_ends or [T * (b + 1) for b in range(B)]
+        tokens = ctx.tokens
+        ends = [T * (b + 1) for b in range(B)] if tokens is None else ctx.packed.ends
         if tokens is not None:
             h, e = h[tokens], e[tokens]
         kv = None
