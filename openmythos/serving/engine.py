@@ -190,15 +190,6 @@ class Engine:
         if self.admission == "fifo" or window[0].passed_over >= self.admission_window:
             return window[0]
         pick = max(range(len(window)), key=lambda i: (self._depth(window[i]), window[i].params.max_tokens))
-        if self.rows and len(self.waiting) <= self.max_batch:
-            # at most a batch's worth waits: the last wave, whose longest request sets how long
-            # the batch drains. Start the longest first (of those whose loops ride within the
-            # running rows' deepest), so that it overlaps the running rows instead of running
-            # alone at the end
-            deepest = max(map(self._depth, self.rows))
-            riders = [i for i, r in enumerate(window) if self._depth(r) <= deepest]
-            if riders:
-                pick = max(riders, key=lambda i: (window[i].params.max_tokens, self._depth(window[i])))
         for req in window[:pick]:
             req.passed_over += 1
         return window[pick]
