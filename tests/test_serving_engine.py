@@ -33,8 +33,8 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
             for p, d, m in zip(prompts, depths, budgets, strict=True)]
     while not engine.idle:
         engine.step()
-        decoding = [engine._depth(r) for r in engine.rows if r.decoding]
-        assert decoding == sorted(decoding, reverse=True)  # deepest first: loops run on a prefix
+        depths_now = [engine._depth(r) for r in engine.rows]
+        assert depths_now == sorted(depths_now, reverse=True)  # deepest first: loops run on a prefix
     for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
         assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d)
         assert len(req.generated) == m

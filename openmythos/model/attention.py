@@ -11,7 +11,8 @@ others of the rows that take several (see PackedRows).
 
 Kernels: the fused (flash) SDPA kernel wherever it applies. GQA passes its key heads unrepeated
 (enable_gqa); MLA's narrower value head is zero-padded to the query/key width, which the fused
-kernel needs; absorbed MLA folds the heads into query rows against the one shared latent head.
+kernel needs; absorbed MLA folds the heads into query rows against the one shared latent head,
+whose whole row serves as the value too (the outputs past kv_lora_rank are dropped).
 """
 
 from __future__ import annotations
