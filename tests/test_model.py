@@ -97,9 +97,10 @@ def test_a_packed_call_matches_each_row_alone(attn_type, policy, depths, monkeyp
     prefixes = []  # real tokens the looped block ran on, per loop of the packed call
     step = model.recurrent._step
     monkeypatch.setattr(model.recurrent, "_step", lambda h, *a: prefixes.append(len(h)) or step(h, *a))
-    dense = []
+    took_prefixes = []  # calls that ran on the deepest-first path
     deepest_first = model.recurrent._deepest_first
-    monkeypatch.setattr(model.recurrent, "_deepest_first", lambda *a: dense.append(1) or deepest_first(*a))
+    monkeypatch.setattr(model.recurrent, "_deepest_first",
+                        lambda *a: took_prefixes.append(1) or deepest_first(*a))
 
     def cache():
         c = model.new_cache(3, 16, 4, packed=True)
@@ -115,13 +116,12 @@ def test_a_packed_call_matches_each_row_alone(attn_type, policy, depths, monkeyp
     out = model(ids, n_loops=torch.tensor(depths), cache=together, attention_mask=mask, logits_to_keep=1)
     live = [sum(len(x) for x, d in zip(new, depths, strict=True) if d > t) for t in range(4)]
     assert prefixes == live  # halted tokens leave the loop either way
-    assert len(dense) == (depths == sorted(depths, reverse=True))
+    assert len(took_prefixes) == (depths == sorted(depths, reverse=True))
     ref = [model(x[None], n_loops=d, cache=alone.narrow(b, 1), logits_to_keep=1).logits
            for b, (x, d) in enumerate(zip(new, depths, strict=True))]
     assert_close(out.logits, torch.cat(ref), atol=1e-5, rtol=1e-5)
-    # padding runs nothing
-    assert out.loops.tolist() == [[0, 0, 0, d] if i == 0 else [0, d, d, d] if i == 1 else [d] * 4
-                                  for i, d in enumerate(depths)]
+    assert out.loops.tolist() == [[0] * (4 - len(x)) + [d] * len(x)  # padding runs nothing
+                                  for x, d in zip(new, depths, strict=True)]
     for mine, theirs in zip(together.prelude + together.loops + together.coda,
                             alone.prelude + alone.loops + alone.coda, strict=True):
         for a, b in zip(mine.tensors, theirs.tensors, strict=True):
