@@ -40,6 +40,25 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
         assert len(req.generated) == m
 
 
+@pytest.mark.parametrize("halting", ["act", "kl"])
+def test_greedy_is_the_same_alone_or_batched_when_tokens_halt(halting):
+    # each token leaves the loop when its rule says so, in steps that mix prompts and decoding
+    # rows (a packed call once ran the KL exit on a mislaid (tokens, vocab) buffer and crashed)
+    model = small_model(vocab_size=64, halting=halting, act_threshold=0.5, kl_threshold=1e-3,
+                        min_loops=1)
+    with torch.no_grad():
+        model.recurrent.act.halt.weight.normal_(0, 1.0)  # ragged ACT exits
+    prompts, depths, budgets = [[1, 2, 3, 4, 5], [7, 8], [9] * 11, [6, 6, 6]], [3, 1, 2, 3], [6, 9, 3, 5]
+    engine = Engine(model, max_batch=3, prefill_chunk=4)
+    reqs = [collect(engine, p, max_tokens=m, temperature=0, n_loops=d)[0]
+            for p, d, m in zip(prompts, depths, budgets, strict=True)]
+    engine.run_until_idle()
+    for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
+        assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d)
+    # some positions stopped before their request's depth
+    assert sum(r.loops for r in reqs) < sum((len(p) + m - 1) * d for p, d, m in zip(prompts, depths, budgets))
+
+
 def test_prompts_prefill_in_the_decode_call_packed_and_deepest_first():
     model = small_model(vocab_size=64)
     prompts, depths = [[1, 2], [3] * 9, [4, 5, 6]], [2, 3, 1]

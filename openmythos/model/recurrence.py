@@ -307,11 +307,13 @@ class RecurrentBlock(nn.Module):
                 else:
                     if kl:
                         logp = torch.log_softmax(readout(h_t).float(), dim=-1)
-                        if prev_logp is not None:
+                        if t > 0:
                             # KL(p_t || p_{t-1}): the prediction stopped moving, so stop looping
                             drift = (logp.exp() * (logp - _take(prev_logp, rows))).sum(-1)
                             stop |= (drift < self.cfg.kl_threshold) & (t + 1 >= self.cfg.min_loops)
-                        prev_logp = _put(prev_logp, rows, logp) if prev_logp is not None else logp
+                        if prev_logp is None and rows is not None:  # a packed call: on the grid
+                            prev_logp = logp.new_zeros(N, logp.shape[-1])
+                        prev_logp = _put(prev_logp, rows, logp)
                     out = out.index_put((live[stop],), h_t[stop])
                 h = _put(h, rows, h_t)
                 steps = _add(steps, rows, 1)
