@@ -155,6 +155,8 @@ def test_a_packed_call_refuses_what_it_cannot_place():
         model(torch.tensor([[1, 2], [3, 4]]), cache=cache, attention_mask=torch.tensor([[1, 0], [1, 1]]))
     with pytest.raises(ValueError, match="a row would hold 9 tokens > cache max_len=8"):
         model(torch.ones(2, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="marks no real token"):
+        model(torch.ones(2, 2, dtype=torch.long), cache=cache, attention_mask=torch.zeros(2, 2))
 
 
 def test_fp16_forward_is_finite():

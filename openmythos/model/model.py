@@ -280,6 +280,8 @@ class OpenMythos(nn.Module):
             raise ValueError("attention_mask must be left padding (0s, then 1s, in every row) "
                              "when rows hold different lengths or the cache is packed")
         n = new_valid.sum(1)
+        if not bool(n.any()):
+            raise ValueError("attention_mask marks no real token: a packed call needs at least one")
         longest = int((cache.lengths + n).max())
         if longest > cache.max_len:
             raise ValueError(f"cache overflow: a row would hold {longest} tokens > cache "
