@@ -94,7 +94,7 @@ def test_logits_round_trip_exact(exported):
                 assert_close(last, want[:, -1:])
 
 
-@pytest.mark.parametrize("attn_type,halting", [("mla", "none"), ("gqa", "none"), ("mla", "act")])
+@pytest.mark.parametrize("attn_type,halting", [("mla", "none"), ("gqa", "none"), ("mla", "act"), ("gqa", "kl")])
 def test_greedy_generate_matches_ours(attn_type, halting):
     # max_seq_len 160 and a 60-token prompt make the cache grow past its first 64-column block
     model = tiny_model(attn_type=attn_type, halting=halting, max_seq_len=160)
