@@ -1,6 +1,8 @@
 """The engine: greedy requests give the same tokens alone or among others, slots are freed,
 chunked prefill is exact, per-request depth is honoured."""
 
+import random
+
 import pytest
 import torch
 
@@ -56,7 +58,8 @@ def test_greedy_is_the_same_alone_or_batched_when_tokens_halt(halting):
     for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
         assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d)
     # some positions stopped before their request's depth
-    assert sum(r.loops for r in reqs) < sum((len(p) + m - 1) * d for p, d, m in zip(prompts, depths, budgets))
+    asked = sum((len(p) + m - 1) * d for p, d, m in zip(prompts, depths, budgets, strict=True))
+    assert sum(r.loops for r in reqs) < asked
 
 
 def test_prompts_prefill_in_the_decode_call_packed_and_deepest_first():
@@ -208,3 +211,26 @@ def test_bad_requests_are_refused():
     engine.submit([1], SamplingParams(), print)
     with pytest.raises(QueueFull):
         engine.submit([1], SamplingParams(), print)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_random_traffic_is_served_as_each_request_alone(seed):
+    # random prompts, depths, budgets, batch sizes and chunk sizes under every halting rule and
+    # cache policy: each request's greedy tokens are those of its own run
+    rng = random.Random(seed)
+    for trial in range(6):
+        model = small_model(seed=trial, vocab_size=64, halting=rng.choice(["none", "act", "kl"]),
+                            attn_type=rng.choice(["mla", "gqa"]), kv_cache_policy=rng.choice(["per_loop", "ring"]),
+                            kv_cache_ring=2, act_threshold=0.5, kl_threshold=1e-3, min_loops=1)
+        with torch.no_grad():
+            model.recurrent.act.halt.weight.normal_(0, 1.0)
+        n = rng.randint(2, 7)
+        prompts = [[rng.randrange(64) for _ in range(rng.randint(1, 14))] for _ in range(n)]
+        depths, budgets = [rng.randint(1, 3) for _ in range(n)], [rng.randint(1, 9) for _ in range(n)]
+        engine = Engine(model, max_batch=rng.randint(1, 4), prefill_chunk=rng.randint(1, 6))
+        reqs = [collect(engine, p, max_tokens=m, temperature=0, n_loops=d)[0]
+                for p, d, m in zip(prompts, depths, budgets, strict=True)]
+        engine.run_until_idle()
+        for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
+            assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d), (trial, p, d)
