@@ -152,9 +152,10 @@ class _Attention(nn.Module):
         k_last, v_last, mask = k, v, ctx.mask[:, :, -1:]
         if p.rows is not None:  # rows without a new token sit out
             k_last, v_last, mask = k[p.rows], v[p.rows], mask[p.rows]
-        out_last = self._core(q[p.last].unsqueeze(1), k_last, v_last, mask, False, ctx.start, scale,
-                              ctx)[:, 0]
-        if not len(p.multi):  # one token per row: already in token order
+        one_each = not len(p.multi)  # one token per nonempty row: q is already in row order
+        out_last = self._core((q if one_each else q[p.last]).unsqueeze(1), k_last, v_last, mask,
+                              False, ctx.start, scale, ctx)[:, 0]
+        if one_each:
             return out_last
         out = out_last.new_empty(q.shape[0], *out_last.shape[1:])
         out[p.last] = out_last
