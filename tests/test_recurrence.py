@@ -78,7 +78,7 @@ def test_zoh_and_euler_gains():
 
 def constant_states(model):
     """Make every loop's state exactly 1, so the output is the sum of the ACT weights."""
-    model.recurrent.injection.forward = lambda h, e, out: torch.ones_like(h)
+    model.recurrent.injection.forward = lambda h, e, out, coefficients=None: torch.ones_like(h)
 
 
 @pytest.mark.parametrize("n_loops", [1, 2, 3, 7])

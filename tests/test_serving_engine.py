@@ -174,7 +174,7 @@ def test_streamed_text_keeps_characters_split_over_tokens_whole():
     engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
     want = "naïve ✓ 東京, done"
     script = iter(want.encode())  # one byte per token: the multi-byte characters span tokens
-    engine._sample = lambda req, logits: next(script)
+    engine._sample = lambda req, logits, greedy: next(script)
     req, events = collect(engine, list(b"hi"), max_tokens=len(want.encode()), temperature=0)
     engine.run_until_idle()
     pieces = [e.text for e in events if e.kind == "token"]

@@ -58,10 +58,10 @@ class MoE(nn.Module):
         order_M = idx_NK.flatten().argsort(stable=True)  # M = N*K
         positions_M = torch.arange(len(order_M), device=order_M.device)
         inverse_M = torch.empty_like(order_M).scatter_(0, order_M, positions_M)  # not a 2nd sort
-        x_MD = _GatherRows.apply(x_ND, order_M // K, inverse_M, K)
+        x_MD = _gather_rows(x_ND, order_M // K, inverse_M, K)
         y_MD = _grouped_swiglu(x_MD, load_E, self.w_gate, self.w_up, self.w_down).to(x_ND.dtype)
         # unsort (the inverse permutation), then weight and sum each token's K rows
-        y_NKD = _GatherRows.apply(y_MD, inverse_M, order_M, 1).view(N, K, -1)
+        y_NKD = _gather_rows(y_MD, inverse_M, order_M, 1).view(N, K, -1)
         out_ND = (y_NKD * gates_NK.to(x_ND.dtype).unsqueeze(-1)).sum(1)
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
@@ -99,6 +99,14 @@ class _GatherRows(torch.autograd.Function):
         if ctx.group > 1:
             grad = grad.view(-1, ctx.group, grad.shape[-1]).sum(1)
         return grad, None, None, None
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, group: int) -> torch.Tensor:
+    """x[index]; through _GatherRows only when a gradient will flow back (a Function call costs
+    more than the gather itself at decode sizes)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherRows.apply(x, index, inverse, group)
+    return x[index]
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

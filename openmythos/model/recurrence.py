@@ -29,7 +29,20 @@ from openmythos.model.cache import RollingKV
 from openmythos.model.layers import RMSNorm
 
 
-class LTIInjection(nn.Module):
+class _Injection(nn.Module):
+    """h <- A*h + B*e + out with diagonal A and B (D,) from `coefficients`, which the loop
+    computes once per call and hands to every loop, instead of rebuilding them at each one."""
+
+    def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
+                coefficients: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        a, b = self.coefficients(h.dtype) if coefficients is None else coefficients
+        return torch.addcmul(torch.addcmul(out, a, h), b, e)
+
+
+class LTIInjection(_Injection):
     def __init__(self, dim: int, discretisation: str = "euler"):
         super().__init__()
         self.discretisation = discretisation
@@ -60,11 +73,11 @@ class LTIInjection(nn.Module):
         z = torch.exp(self._log_rate(dtype))
         return dt * (-torch.expm1(-z) / z) * self.B.float()
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.decay(h.dtype).to(h.dtype) * h + self.gain(h.dtype).to(h.dtype) * e + out
+    def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decay(dtype).to(dtype), self.gain(dtype).to(dtype)
 
 
-class FreeInjection(nn.Module):
+class FreeInjection(_Injection):
     """Ablation: an unconstrained learned diagonal A (rho(A) may exceed 1)."""
 
     def __init__(self, dim: int):
@@ -79,11 +92,11 @@ class FreeInjection(nn.Module):
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.A.float()
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.A.to(h.dtype) * h + self.B.to(h.dtype) * e + out
+    def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A.to(dtype), self.B.to(dtype)
 
 
-class AdditiveInjection(nn.Module):
+class AdditiveInjection(_Injection):
     """Ablation: a plain residual recurrence, A = 1."""
 
     def __init__(self, dim: int):
@@ -96,11 +109,11 @@ class AdditiveInjection(nn.Module):
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.ones_like(self.B, dtype=torch.float32)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return h + self.B.to(h.dtype) * e + out
+    def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones_like(self.B, dtype=dtype), self.B.to(dtype)
 
 
-def build_injection(cfg: MythosConfig) -> nn.Module:
+def build_injection(cfg: MythosConfig) -> _Injection:
     if cfg.injection == "lti":
         return LTIInjection(cfg.dim, cfg.discretisation)
     return {"free": FreeInjection, "additive": AdditiveInjection}[cfg.injection](cfg.dim)
@@ -193,13 +206,14 @@ class RecurrentBlock(nn.Module):
         self.compiled_step: Callable | None = None
 
     def _step(self, h_t: torch.Tensor, e_t: torch.Tensor, emb_t: torch.Tensor,
-              scale_t: torch.Tensor, kv_in: list[torch.Tensor] | None, ctx: Context, slot,
-              rows: torch.Tensor | None):
+              scale_t: torch.Tensor, coefficients: tuple[torch.Tensor, torch.Tensor],
+              kv_in: list[torch.Tensor] | None, ctx: Context, slot, rows: torch.Tensor | None):
         """One loop on the live rows: h_t, e_t (n, D) -> the new h_t (n, D).
 
         A pure function of its inputs, so that activation checkpointing can rerun it and
         torch.compile traces one graph for every loop: the loop index enters only through its
-        embedding emb_t (D,) and LoRA scale scale_t (rank,), the rolling keys come in as kv_in
+        embedding emb_t (D,) and LoRA scale scale_t (rank,), the injection's A and B (built once
+        per call) come in as `coefficients`, the rolling keys come in as kv_in
         and go out as kv_out, and the MoE statistics are returned rather than appended to ctx.
         """
         D = h_t.shape[-1]
@@ -209,13 +223,13 @@ class RecurrentBlock(nn.Module):
         kv = RollingKV(kv_in) if slot is None else slot
         local = ctx.fork()
         y = self.block(x, local, kv, rows).reshape(-1, D)
-        h_t = self.injection(h_t, e_t, y + self.lora(y, scale_t))
+        h_t = self.injection(h_t, e_t, y + self.lora(y, scale_t), coefficients)
         kv_out = kv.tensors if slot is None else None
         return h_t, kv_out, local.expert_loads[0], local.aux_losses[0]
 
-    def _run_step(self, t, h_t, e_t, kv_in, ctx, slot, rows):
+    def _run_step(self, t, h_t, e_t, coefficients, kv_in, ctx, slot, rows):
         emb_t = loop_embedding(t, h_t.shape[-1], self.cfg.loop_embed_dim, h_t)
-        args = (h_t, e_t, emb_t, self.lora.loop_scale(t),
+        args = (h_t, e_t, emb_t, self.lora.loop_scale(t), coefficients,
                 # the first loop of the rolling buffer ignores kv_in: do not keep it alive
                 kv_in if rows is not None else None, ctx, slot, rows)
         step = self.compiled_step or self._step
@@ -254,6 +268,7 @@ class RecurrentBlock(nn.Module):
             grad_from = limit - backprop_loops
             first_grad = int(grad_from.min())
         kv = None  # the rolling keys of the previous loop, without a cache
+        coefficients = self.injection.coefficients(h.dtype)
 
         def slot(t: int):
             return None if slots is None else slots[t % len(slots)]
@@ -263,14 +278,14 @@ class RecurrentBlock(nn.Module):
             # every row runs exactly `depth` loops: no bookkeeping and no host syncs at all
             for t in range(depth):
                 with torch.no_grad() if t < first_grad else nullcontext():
-                    h, kv = self._run_step(t, h, e, kv, ctx, slot(t), None)
+                    h, kv = self._run_step(t, h, e, coefficients, kv, ctx, slot(t), None)
             self._fill_deeper(slots, depth - 1, depth, ctx)
             steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
             return h.view(B, T, D), steps, torch.zeros((), device=h.device)
         if not (act or kl or grad_from is not None):
             depths = [depth] * B if limit is None else n_loops.tolist()
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
-                return self._deepest_first(h, e, ctx, depths, slot, slots)
+                return self._deepest_first(h, e, ctx, depths, slot, slots, coefficients)
 
         prev_logp = None  # (N, V) log-probabilities read at the previous loop, for the KL exit
         out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
@@ -292,7 +307,7 @@ class RecurrentBlock(nn.Module):
                     # the slots they have not written this call: a sequence's cache must not
                     # depend on how deep the others in its batch run)
                     slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols, ctx.tokens)
-                h_t, kv = self._run_step(t, h_t, e_t, kv, ctx, slot(t), rows)
+                h_t, kv = self._run_step(t, h_t, e_t, coefficients, kv, ctx, slot(t), rows)
 
                 stop = torch.full_like(steps if rows is None else rows, t == depth - 1, dtype=torch.bool)
                 if limit is not None:
@@ -327,7 +342,7 @@ class RecurrentBlock(nn.Module):
         return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
 
     def _deepest_first(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depths: list[int],
-                       slot: Callable, slots: list | None):
+                       slot: Callable, slots: list | None, coefficients: tuple[torch.Tensor, torch.Tensor]):
         """Per-sequence depths that never grow along the batch (the serving engine keeps its rows
         so): the sequences still looping at loop t are the first b of the batch, so each loop runs
         densely on that prefix (h[:b * T], the first b rows of ctx and of the cache), with no
@@ -350,7 +365,7 @@ class RecurrentBlock(nn.Module):
                                                           cols, rest)
             live = slot(t) if slots is None or b == B else slot(t).narrow(0, b)
             sub = ctx.narrow(b)
-            h_t, kv = self._run_step(t, h[:n], e[:n], kv, sub, live, sub.tokens)
+            h_t, kv = self._run_step(t, h[:n], e[:n], coefficients, kv, sub, live, sub.tokens)
             h = h_t if b == B else torch.cat((h_t, h[n:]))
         self._fill_deeper(slots, depths[0] - 1, depths[0], ctx)
         steps = torch.tensor(depths, device=h.device).repeat_interleave(T)

@@ -211,9 +211,11 @@ class Engine:
             req.loops += loops
             if not req.decoding:
                 req.prefilled += len(feed)
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()  # every greedy row's token in one op
         for i, req in enumerate(rows):
             if req.decoding:  # its next token: after the last of its prompt or of its output
-                self._emit(req, self._sample(req, out.logits[i, -1:]))
+                self._emit(req, self._sample(req, logits[i:i + 1], greedy[i]))
 
     def _call(self, feeds: list[list[int]], rows: list[Request]):
         """The model on the running rows: each row's new tokens, left-padded."""
@@ -236,8 +238,11 @@ class Engine:
             return depths[0]
         return torch.tensor(depths, device=self.model.embed.weight.device)
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+    def _sample(self, req: Request, logits: torch.Tensor, greedy: int) -> int:
+        """The row's next token from its logits (1, V); `greedy`, their argmax, at temperature 0."""
         p = req.params
+        if p.temperature == 0:
+            return greedy
         return int(sample(logits, p.temperature, p.top_k, p.top_p, req.generator)[0])
 
     def _emit(self, req: Request, token: int) -> None:
