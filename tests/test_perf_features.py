@@ -2,6 +2,8 @@
 truncated-backprop memory, the opt-in torch.compile path and the kernels behind them (the MoE
 custom op, the zero-padded value head for the fused attention kernel)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,6 +138,42 @@ def test_ring_cache_with_halting_keeps_halted_tokens_latest_entry():
     b, t = (out.loops == 1).nonzero()[0].tolist()
     for a, c in zip(cache.loops[0].tensors, cache.loops[1].tensors, strict=True):
         assert_close(a[b, t], c[b, t])
+
+
+@pytest.mark.parametrize("policy", ["ring", "per_loop"])
+@pytest.mark.parametrize("exits", ["all_after_two_loops", "ragged"])
+@torch.no_grad()
+def test_halting_sequences_keep_the_cache_they_would_have_alone(policy, exits):
+    # With ACT, a sequence's cache entries (hence its later tokens) must not depend on how deep
+    # the others in its batch ran. "all_after_two_loops": every token halts at loop 1, the first
+    # sequence by its depth of 2 and the second by ACT within a depth of 3, so the batch's loop
+    # stops early; "ragged": strong halting weights stop tokens at different loops while other
+    # sequences run on past the ring's length.
+    model = small_model(halting="act", act_threshold=0.5, kv_cache_policy=policy, kv_cache_ring=2)
+    if exits == "all_after_two_loops":  # p = 0.3 at every loop: the sum reaches 0.5 at loop 1
+        model.recurrent.act.halt.weight.zero_()
+        model.recurrent.act.halt.bias.fill_(math.log(0.3 / 0.7))
+        depths = torch.tensor([2, 3, 1])
+    else:
+        torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.5)
+        model.recurrent.act.halt.bias.fill_(-2.0)
+        depths = torch.tensor([6, 3, 6])
+    prompts, steps = torch.randint(0, 64, (3, 5)), torch.randint(0, 64, (3, 2))
+
+    def run(rows):
+        cache = model.new_cache(len(rows), 16, 6)
+        loops = model(prompts[rows], n_loops=depths[rows], cache=cache).loops
+        logits = [model(steps[rows, i:i + 1], n_loops=depths[rows], cache=cache).logits for i in range(2)]
+        return loops, torch.cat(logits, 1), cache
+
+    loops, logits, cache = run([0, 1, 2])
+    last = loops.amax(1) - 1
+    assert last.min() < last.max() or (last == 1).all()  # sequences stop at different loops
+    for b in range(3):
+        _, alone, own = run([b])
+        assert_close(logits[b], alone[0], atol=1e-5, rtol=1e-5)
+        for mine, theirs in zip(cache.loops, own.loops, strict=True):
+            assert_close(mine.tensors[0][b], theirs.tensors[0][0], atol=1e-5, rtol=1e-5)
 
 
 # ---- kernels

@@ -338,7 +338,7 @@ class RecurrentBlock(nn.Module):
             if bool(stop.any()):
                 live = live[~stop]
                 rows = live
-        self._fill_deeper(slots, t, depth, ctx)
+        self._fill_halted(slots, steps.view(B, T), n_loops, t, ctx)
         return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
 
     def _deepest_first(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depths: list[int],
@@ -373,6 +373,29 @@ class RecurrentBlock(nn.Module):
             h = h.new_zeros(B * T, D).index_copy_(0, tokens, h)
             steps = torch.zeros_like(steps).index_copy_(0, tokens, steps[tokens])
         return h.view(B, T, D), steps.view(B, T), torch.zeros((), device=h.device)
+
+    @staticmethod
+    def _fill_halted(slots: list | None, steps: torch.Tensor, n_loops: int | torch.Tensor, t: int,
+                     ctx: Context) -> None:
+        """_fill_deeper once a loop that lets tokens halt is over (after loop t), for each sequence
+        as if it had run alone: its own loop would have ended at its last loop s and filled loops
+        s + 1 .. s + min(R - 1, max(d, R) - 1 - s), d its depth. The loop above already filled
+        these at every loop below R, so what is left starts past both s and min(t, R - 1). Filled
+        by the batch's last loop and depth instead, a ring would overwrite entries that a sequence
+        wrote this call with ones of another loop, depending on how deep the others ran."""
+        if slots is None:
+            return
+        R, (B, T) = len(slots), steps.shape
+        ran = (steps.amax(1) - 1).tolist()  # -1: a row with no real token in a packed call
+        depths = [n_loops] * B if isinstance(n_loops, int) else n_loops.tolist()
+        spans = [(max(s, min(t, R - 1)) + 1, s + min(R - 1, max(d, R) - 1 - s)) if s >= 0 else (1, 0)
+                 for s, d in zip(ran, depths, strict=True)]
+        real = ctx.tokens if ctx.tokens is not None else torch.arange(B * T, device=steps.device)
+        for u in range(1, t + R):  # every span lies in [1, t + R - 1]
+            filled = [a <= u <= b for a, b in spans]
+            if any(filled):
+                rows = real[torch.tensor(filled, device=real.device)[real // T]]
+                slots[u % R].copy_new_tokens(slots[(u - 1) % R], ctx.start, T, ctx.cols, rows)
 
     @staticmethod
     def _fill_deeper(slots: list | None, t: int, depth: int, ctx: Context) -> None:
