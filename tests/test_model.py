@@ -147,6 +147,24 @@ def test_a_row_with_no_new_token_sits_out_a_packed_call():
         assert_close(mine.tensors[0], theirs.tensors[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@torch.no_grad()
+def test_the_deepest_row_may_sit_out_a_packed_call(attn_type):
+    # depths [3, 1] never grow along the batch, but row 0 takes no token: it runs no loop, and
+    # row 1 gets what its own call gives
+    model = small_model(attn_type=attn_type)
+    together, alone = (model.new_cache(2, 16, 3, packed=True) for _ in range(2))
+    for cache in (together, alone):
+        model(torch.tensor([[1, 2], [3, 4]]), n_loops=torch.tensor([3, 1]), cache=cache)
+    out = model(torch.tensor([[0, 0], [0, 5]]), n_loops=torch.tensor([3, 1]), cache=together,
+                attention_mask=torch.tensor([[0, 0], [0, 1]]), logits_to_keep=1)
+    ref = model(torch.tensor([[5]]), n_loops=1, cache=alone.narrow(1, 1), logits_to_keep=1)
+    assert_close(out.logits[1:], ref.logits, atol=1e-5, rtol=1e-5)
+    assert out.loops.tolist() == [[0, 0], [0, 1]] and together.lengths.tolist() == [2, 3]
+    for mine, theirs in zip(together.loops, alone.loops, strict=True):
+        assert_close(mine.tensors[0], theirs.tensors[0], atol=1e-5, rtol=1e-5)
+
+
 def test_a_packed_call_refuses_what_it_cannot_place():
     model = small_model()
     cache = model.new_cache(2, 8, packed=True)
