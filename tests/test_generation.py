@@ -70,10 +70,14 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(sample(logits, 1.0, top_p=0.9, generator=g).tolist()) == {0, 1}
     assert set(sample(logits, 1.0, top_k=1000, generator=g).tolist()) <= {0, 1, 2}
     assert (sample(logits, 0.0) == 0).all()
+    # a temperature too small to divide by samples the argmax, its limit, instead of NaN
+    assert (sample(logits, 1e-45, generator=g) == 0).all()
 
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
     (dict(top_k=0), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),

@@ -2,6 +2,7 @@
 chunked prefill is exact, per-request depth is honoured."""
 
 import random
+import threading
 
 import pytest
 import torch
@@ -193,24 +194,75 @@ def test_loops_are_counted_per_request():
     assert ev2[-1].usage["loops_executed"] == 3 * (2 + 3)
 
 
-def test_bad_requests_are_refused():
-    import pytest
+@pytest.mark.parametrize("prompt,params,needle", [
+    ([1], dict(n_loops=99), "n_loops"),
+    ([1], dict(n_loops=True), "n_loops"),
+    ([1], dict(max_tokens=True), "max_tokens"),
+    ([1] * 60, dict(max_tokens=10), "context"),
+    ([64], {}, "token id"),
+    ([1.0, 2.0], {}, "integer token ids"),
+    ([1], dict(temperature=-1), "temperature"),
+    ([1], dict(temperature=float("nan")), "temperature"),
+    ([1], dict(seed=2**64), "seed"),
+    ([1], dict(seed=-1), "seed"),
+])
+def test_bad_requests_are_refused(prompt, params, needle):
+    engine = Engine(small_model(vocab_size=64), max_batch=1)
+    with pytest.raises(ValueError, match=needle):
+        engine.submit(prompt, SamplingParams(**params), print)
+    assert engine.idle
 
-    model = small_model(vocab_size=64)
-    engine = Engine(model, max_batch=1, max_queue=1)
-    with pytest.raises(ValueError, match="n_loops"):
-        engine.submit([1], SamplingParams(n_loops=99), print)
-    with pytest.raises(ValueError, match="context"):
-        engine.submit([1] * 60, SamplingParams(max_tokens=10), print)
-    with pytest.raises(ValueError, match="token id"):
-        engine.submit([64], SamplingParams(), print)
-    with pytest.raises(ValueError, match="temperature"):
-        engine.submit([1], SamplingParams(temperature=-1), print)
+
+@pytest.mark.parametrize("name", ["max_batch", "max_queue", "prefill_chunk"])
+def test_bad_engine_settings_are_refused(name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+        Engine(small_model(vocab_size=64), **{name: 0})
+
+
+def test_a_full_queue_pushes_back():
     from openmythos.serving import QueueFull
 
+    engine = Engine(small_model(vocab_size=64), max_batch=1, max_queue=1)
     engine.submit([1], SamplingParams(), print)
     with pytest.raises(QueueFull):
         engine.submit([1], SamplingParams(), print)
+
+
+def test_the_default_depth_stays_within_the_engines_max_loops():
+    model = small_model(vocab_size=64, max_loop_iters=3)
+    engine = Engine(model, max_batch=1, max_loops=2)
+    req, events = collect(engine, [1, 2], max_tokens=2, temperature=0)
+    engine.run_until_idle()
+    assert events[-1].finish_reason == "length" and req.loops == 2 * (2 + 1)
+
+
+def test_a_failed_step_ends_its_requests_and_the_engine_serves_on(monkeypatch):
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=2)
+    forward = type(model).forward
+    failures = iter([RuntimeError("injected")])
+
+    def flaky(self, *args, **kwargs):
+        for error in failures:  # the first call only
+            raise error
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", flaky)
+    thread = threading.Thread(target=engine.serve_forever)
+    thread.start()
+    try:
+        first, second = threading.Event(), threading.Event()
+        _, failed = collect(engine, [1, 2], max_tokens=3, temperature=0)
+        engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0), lambda ev: ev.kind == "done" and first.set())
+        assert first.wait(30)
+        _, served = collect(engine, [3, 4], max_tokens=3, temperature=0)
+        engine.submit([5], SamplingParams(max_tokens=1), lambda ev: ev.kind == "done" and second.set())
+        assert second.wait(30)
+    finally:
+        engine.shutdown()
+        thread.join(30)
+    assert failed[-1].finish_reason == "error"
+    assert served[-1].finish_reason == "length" and len([e for e in served if e.kind == "token"]) == 3
 
 
 @pytest.mark.slow

@@ -85,6 +85,8 @@ def test_streaming_matches_the_plain_completion(app):
     ({"prompt": "x", "n_loops": 500}, "n_loops"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({"prompt": "x" * 200, "max_tokens": 8}, "prompt"),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "seed": -1}, "seed"),
 ])
 def test_bad_requests_name_the_field(app, payload, field):
     r = call(app, lambda c: c.post("/v1/completions", json=payload))
@@ -103,6 +105,104 @@ def test_malformed_json_and_oversized_body(app):
     bad, big = call(app, go)
     assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]["message"]
     assert big.status_code == 413
+
+
+def test_a_chunked_body_past_the_limit_is_refused(app):
+    async def chunks():  # no Content-Length: the size shows only as the body streams in
+        for _ in range(5):
+            yield b" " * 1000
+
+    async def go(client):
+        big = await client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        small = await client.post("/v1/completions", content=_one(b'{"prompt": "hi", "max_tokens": 2}'),
+                                  headers={"content-type": "application/json"})
+        return big, small
+
+    big, small = call(app, go)
+    assert "content-length" not in big.request.headers
+    assert big.status_code == 413 and "4096 bytes" in big.json()["error"]["message"]
+    assert small.status_code == 200, small.text
+
+
+async def _one(data: bytes):
+    yield data
+
+
+def test_max_tokens_beyond_the_context_names_max_tokens():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size, max_seq_len=64), tokenizer=tok, max_batch=1)
+    r = call(create_app(engine, "tiny", Limits(max_tokens=512)),
+             lambda c: c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 100}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert "context of 64 tokens" in r.json()["error"]["message"]
+
+
+def test_an_engine_failure_is_a_500_and_the_server_serves_on(monkeypatch):
+    tok = ByteTokenizer()
+    model = small_model(vocab_size=tok.vocab_size, max_seq_len=64)
+    engine = Engine(model, tokenizer=tok, max_batch=1)
+    app = create_app(engine, "tiny", Limits(max_tokens=8, timeout_s=30))
+    forward, failures = type(model).forward, iter([RuntimeError("injected")] * 2)
+
+    def flaky(self, *args, **kwargs):
+        for error in failures:
+            raise error
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", flaky)
+
+    async def go(client):
+        plain = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        async with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 2,
+                                                                   "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        after = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        return plain, lines, after
+
+    plain, lines, after = call(app, go)
+    assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+    assert json.loads(lines[0][6:])["error"]["type"] == "server_error" and lines[-1] == "data: [DONE]"
+    assert after.status_code == 200, after.text
+
+
+def test_a_stream_past_its_deadline_says_so():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size, max_seq_len=64), tokenizer=tok, max_batch=1)
+    app = create_app(engine, "tiny", Limits(max_tokens=32, timeout_s=0.0))
+
+    async def go(client):
+        async with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 30,
+                                                                   "stream": True}) as r:
+            return [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+    lines = call(app, go)
+    assert "did not finish within" in json.loads(lines[-2][6:])["error"]["message"]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_a_client_gone_mid_completion_is_noticed_while_tokens_keep_coming():
+    from openmythos.serving.engine import Event
+    from openmythos.serving.server import _collect
+
+    class Gone:
+        async def is_disconnected(self):
+            return True
+
+    async def go():
+        queue = asyncio.Queue()
+
+        async def feed():  # a token every 10 ms, never a gap long enough to time out on
+            while True:
+                queue.put_nowait(Event("token", text="x"))
+                await asyncio.sleep(0.01)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            return await asyncio.wait_for(_collect(queue, Gone()), 5)
+        finally:
+            feeder.cancel()
+
+    assert asyncio.run(go()) is None
 
 
 def test_back_pressure_answers_429():

@@ -30,6 +30,7 @@ for the HTTP server, which talks to it through `submit` and per-request callback
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -39,8 +40,10 @@ from dataclasses import dataclass, field
 import torch
 
 from openmythos.data.tokenizer import Tokenizer
-from openmythos.generation import check_sampling, sample
+from openmythos.generation import check_sampling, is_greedy, sample
 from openmythos.model import OpenMythos
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -54,15 +57,21 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()
-    n_loops: int | None = None  # None: the model's max_loop_iters
+    n_loops: int | None = None  # None: the model's max_loop_iters, at most the engine's max_loops
     seed: int | None = None
 
     def validate(self, max_loops: int) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.n_loops is not None and not (isinstance(self.n_loops, int) and 1 <= self.n_loops <= max_loops):
+        if self.n_loops is not None and not (_is_int(self.n_loops) and 1 <= self.n_loops <= max_loops):
             raise ValueError(f"n_loops must be an integer in [1, {max_loops}], got {self.n_loops!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -70,7 +79,7 @@ class Event:
     kind: str  # "token" or "done"
     text: str = ""
     token: int | None = None
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" on "done"
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" on "done"
     usage: dict | None = None
 
 
@@ -105,11 +114,15 @@ class Engine:
                  admission_window: int | None = None):
         if admission not in ("depth", "fifo"):
             raise ValueError(f"admission must be 'depth' or 'fifo', got {admission!r}")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = max_len or model.cfg.max_seq_len
         self.max_loops = max_loops or model.cfg.max_loop_iters
+        self.default_loops = min(model.cfg.max_loop_iters, self.max_loops)  # a request without n_loops
         self.admission = admission
         self.admission_window = admission_window or 4 * max_batch
         if self.admission_window < 1:
@@ -132,6 +145,8 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the context of {self.max_len} tokens")
         vocab = self.model.cfg.vocab_size
+        if not all(map(_is_int, prompt)):
+            raise ValueError("prompt must hold integer token ids")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt holds a token id outside [0, {vocab})")
         req = Request(list(prompt), params, on_event)
@@ -229,7 +244,7 @@ class Engine:
                           attention_mask=mask, logits_to_keep=1)
 
     def _depth(self, req: Request) -> int:
-        return req.params.n_loops or self.model.cfg.max_loop_iters
+        return req.params.n_loops or self.default_loops
 
     def _depths(self, reqs: list[Request]) -> int | torch.Tensor:
         """One int when every row asks the same depth: the loop then runs without bookkeeping."""
@@ -241,7 +256,7 @@ class Engine:
     def _sample(self, req: Request, logits: torch.Tensor, greedy: int) -> int:
         """The row's next token from its logits (1, V); `greedy`, their argmax, at temperature 0."""
         p = req.params
-        if p.temperature == 0:
+        if is_greedy(p.temperature):
             return greedy
         return int(sample(logits, p.temperature, p.top_k, p.top_p, req.generator)[0])
 
@@ -317,7 +332,13 @@ class Engine:
                 self.wakeup.wait(timeout=0.1)
                 self.wakeup.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a failed step ends the requests it ran, not the engine
+                log.exception("engine step failed: ending its %d requests with an error", len(self.rows))
+                for req in self.rows:
+                    req.on_event(Event("done", finish_reason="error", usage=self._usage(req)))
+                self.rows = []
 
     def shutdown(self, cancel: bool = False) -> None:
         """Refuse new requests; finish (or cancel) the running ones, then stop serve_forever."""

@@ -47,7 +47,7 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n_loops: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -65,9 +65,46 @@ class CompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
     kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param}}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param), status_code=status)
+
+
+ENGINE_FAILED = "the engine failed while running this request (see the server log)"
+
+
+class _BodyLimit:
+    """413 for a request body over `limit` bytes, whether Content-Length declares it or a chunked
+    upload streams it: the body is read here, never past the limit, then handed on."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = declared is not None and (not declared.isdigit() or int(declared) > self.limit)
+        chunks, size, more = [], 0, not too_big
+        while more and not too_big:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more, too_big = message.get("more_body", False), size > self.limit
+        if too_big:
+            return await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():  # the body once, then the client's own messages (disconnects)
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | None = None) -> FastAPI:
@@ -87,6 +124,7 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             await asyncio.to_thread(thread.join, 30)
 
     app = FastAPI(title="OpenMythos", lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -102,13 +140,6 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            return _error(413, f"request body larger than {limits.max_body_bytes} bytes", None)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -127,6 +158,9 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
         if body.max_tokens > limits.max_tokens:
             return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}",
                           "max_tokens")
+        if body.max_tokens >= engine.max_len:
+            return _error(400, f"max_tokens={body.max_tokens} leaves no room for a prompt in the context "
+                               f"of {engine.max_len} tokens", "max_tokens")
         if body.n_loops is not None and body.n_loops > engine.max_loops:
             return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
         if body.stream and len(prompts) > 1:
@@ -169,6 +203,8 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
                 engine.cancel(r)  # no-op for finished requests; frees slots on timeout/disconnect
         if any(r is None for r in results):
             return _error(499, "client closed the request", None)
+        if any(reason == "error" for _, reason, _ in results):
+            return _error(500, ENGINE_FAILED)
         usage = {k: sum(u[k] for _, _, u in results) for k in results[0][2]}
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
@@ -179,13 +215,17 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
 
 
 async def _collect(queue: asyncio.Queue[Event], request: Request) -> tuple[str, str, dict] | None:
-    parts = []
+    parts, checked = [], time.monotonic()
     while True:
         try:
             ev = await asyncio.wait_for(queue.get(), timeout=0.5)
         except asyncio.TimeoutError:
+            ev = None
+        if time.monotonic() - checked >= 0.5:  # every half second, whether tokens arrive or not
             if await request.is_disconnected():
                 return None
+            checked = time.monotonic()
+        if ev is None:
             continue
         if ev.kind == "done":
             return "".join(parts), ev.finish_reason, ev.usage
@@ -200,9 +240,15 @@ async def _stream(engine: Engine, req, queue: asyncio.Queue[Event], request: Req
             try:
                 ev = await asyncio.wait_for(queue.get(), timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             except asyncio.TimeoutError:
-                if await request.is_disconnected() or time.monotonic() >= deadline:
+                if await request.is_disconnected():
+                    return
+                if time.monotonic() >= deadline:
+                    yield _sse_error(504, f"the completion did not finish within {timeout_s} s")
                     return
                 continue
+            if ev.finish_reason == "error":
+                yield _sse_error(500, ENGINE_FAILED)
+                return
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                      "choices": [{"index": 0, "text": ev.text, "logprobs": None,
                                   "finish_reason": ev.finish_reason}]}
@@ -214,6 +260,11 @@ async def _stream(engine: Engine, req, queue: asyncio.Queue[Event], request: Req
             yield f"data: {json.dumps(chunk)}\n\n"
     finally:
         engine.cancel(req)  # a client that went away frees its slot
+
+
+def _sse_error(status: int, message: str) -> str:
+    """An error in a stream that has already answered 200: an error event, then the end."""
+    return f"data: {json.dumps(_error_body(status, message))}\n\ndata: [DONE]\n\n"
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "openmythos",
