@@ -51,6 +51,7 @@ from openmythos.training import (
     resolve_device,
     train,
 )
+from openmythos.training.checkpoint import run_dir_of
 from openmythos.training.config import coerce
 
 log = logging.getLogger("openmythos")
@@ -69,7 +70,10 @@ def train_command(config: str | None = None, resume: str | None = None,
     if resume is not None:
         overrides["checkpoint.resume"] = resume
     if resume is not None and config is None:
-        cfg = open_checkpoint(resume).train_cfg.override(overrides)
+        ckpt = open_checkpoint(resume)
+        # the run goes on where its checkpoint lies now (the folder may have moved), unless told
+        overrides.setdefault("run.out_dir", str(run_dir_of(ckpt)))
+        cfg = ckpt.train_cfg.override(overrides)
     else:
         cfg = load_config(config, overrides)
     summary = train(cfg)

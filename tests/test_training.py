@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     ({"data.corpus": "{tmp}/empty.txt"}, "holds no non-empty"),
     ({"model.vocab_size": 100}, "smaller than the byte tokenizer's vocab_size 258"),
     ({"checkpoint.resume": "{tmp}/nowhere"}, "does not exist"),
+    ({"data.tokenizer": "{tmp}/no-tokenizer"}, "neither one of"),
 ])
 def test_bad_input_gives_clear_errors(tmp_path, overrides, message):
     (tmp_path / "file").write_text("a file, not a directory")
@@ -163,6 +165,30 @@ def test_bad_input_gives_clear_errors(tmp_path, overrides, message):
     overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
     with pytest.raises(ValueError, match=message):
         train(load_config(None, tiny_overrides(tmp_path, **overrides)))
+
+
+def test_a_moved_run_resumes_where_it_lies_without_its_tokenizer_folder(tmp_path):
+    # a run named like a checkpoint (step_...), trained with a saved tokenizer folder, stopped
+    # after step 3 by a crash that cut its last metrics line short, then moved, its tokenizer
+    # folder deleted: it resumes into its new place and its checkpoints load
+    from openmythos.cli import train_command
+    from openmythos.data import get_tokenizer
+    from openmythos.training import load_model
+
+    get_tokenizer("byte").save(tmp_path / "tok")
+    first, moved = tmp_path / "step_up_lr", tmp_path / "moved" / "step_up_lr"
+    train(load_config(None, tiny_overrides(tmp_path, **{
+        "run.out_dir": str(first), "data.tokenizer": str(tmp_path / "tok"), "train.steps": 6,
+        "checkpoint.every": 3})))
+    shutil.rmtree(first / "checkpoints" / "step_00000006")
+    with (first / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')
+    shutil.move(first, moved)
+    shutil.rmtree(tmp_path / "tok")
+    assert train_command(resume=str(moved))["status"] == "completed"
+    assert not first.exists() and (moved / "checkpoints" / "step_00000006").is_dir()
+    assert [step for step, *_ in losses(moved)] == list(range(1, 7))
+    assert load_model(moved)[1].name == "byte"
 
 
 # optimizer and schedule

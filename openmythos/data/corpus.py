@@ -325,7 +325,7 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
     return float(-(val_counts * log_p).sum() / len(val_tokens))
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
     try:
@@ -408,6 +408,6 @@ def tokenize_documents(
         "n_documents": len(docs),
     }
     # The stream goes first and the metadata last, so the metadata marks a complete entry.
-    _atomic_write(path, lambda f: np.save(f, tokens))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(path, lambda f: np.save(f, tokens))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return load_tokens(path, tokenizer)

@@ -255,9 +255,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _is_step_name(name: str) -> bool:
+    return name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit()
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Finished-looking step directories, newest first."""
-    dirs = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[len(STEP_PREFIX):].isdigit()]
+    dirs = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and _is_step_name(p.name)]
     return sorted(dirs, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
 
 
@@ -300,7 +304,9 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"checkpoint path {str(path)!r} does not exist")
-    if (path / MANIFEST).is_file() or path.name.startswith(STEP_PREFIX):
+    # a checkpoint itself: its manifest, or a step_N folder whose save was cut short (verify then
+    # names what is missing); not a run folder whose name merely starts with step_
+    if (path / MANIFEST).is_file() or _is_step_name(path.name):
         verify(path)
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path

@@ -191,9 +191,6 @@ class TrainConfig:
             raise ValueError("train.optimizer='muon' does not work with dist.strategy='fsdp': Muon "
                              "orthogonalises whole matrices and FSDP2 holds shards of them; use "
                              "train.optimizer='adamw' or dist.strategy='ddp'")
-        if d.tokenizer not in TOKENIZERS and not Path(d.tokenizer).expanduser().is_dir():
-            raise ValueError(f"data.tokenizer={d.tokenizer!r} is neither one of {TOKENIZERS} "
-                             "nor a directory holding a saved tokenizer")
         for key, value in (("run.log_every", r.log_every), ("data.seq_len", d.seq_len),
                            ("data.vocab_size", d.vocab_size), ("train.steps", t.steps),
                            ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),

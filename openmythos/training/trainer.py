@@ -36,6 +36,7 @@ from openmythos.data import (
     train_bpe,
     unigram_loss,
 )
+from openmythos.data.corpus import atomic_write
 from openmythos.evaluation import (
     autocast,
     bits_per_byte,
@@ -52,7 +53,7 @@ from openmythos.training.checkpoint import (
     save_checkpoint,
     save_sharded,
 )
-from openmythos.training.config import RESUME_MUTABLE, DataConfig, TrainConfig, to_toml
+from openmythos.training.config import RESUME_MUTABLE, TOKENIZERS, DataConfig, TrainConfig, to_toml
 from openmythos.training.distributed import (
     DistEnv,
     any_rank,
@@ -173,6 +174,11 @@ class Trainer:
         ckpt = open_checkpoint(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if ckpt is not None:
             self._check_resume(ckpt)
+        elif cfg.data.tokenizer not in TOKENIZERS and not Path(cfg.data.tokenizer).expanduser().is_dir():
+            # checked here, not in the config: a checkpoint carries its own copy of the tokenizer,
+            # so loading one must not depend on the folder it was first read from
+            raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} is neither one of {TOKENIZERS} "
+                             "nor a directory holding a saved tokenizer")
         self.run_dir = self._run_dir(ckpt)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
         head = cfg.run.head_dtype
@@ -510,9 +516,16 @@ class _Metrics:
     def __init__(self, path: Path, keep_until: int):
         self.path = path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= keep_until]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a line cut short by a crash mid-write
+                    log.warning("%s: dropping a line that is not JSON: %.80r", path, line)
+                    continue
+                if record is not None and record["step"] <= keep_until:
+                    kept.append(line + "\n")
+            atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
