@@ -232,8 +232,19 @@ def test_corpus_errors(tmp_path):
         split_by_hash(docs, val_fraction=1.5)
     with pytest.raises(ValueError, match="at least 2"):
         split_by_hash(docs[:1])
-    with pytest.raises(ValueError, match="'short'"):
+    with pytest.raises(ValueError, match="'short' has no line break or space near its last 5%"):
         split_tail(Document("short", "one line only"))
+
+
+@pytest.mark.parametrize("text", [
+    "line of words\n" * 2000,  # cut at a line break
+    "A title\n" + "one long paragraph of words " * 1000,  # no line break near the end: a space
+])
+def test_one_document_splits_near_the_fraction_asked_for(text):
+    train, val = split_tail(Document("doc", text), val_fraction=0.05)
+    assert train[0].text + val[0].text == text
+    assert 0.04 <= len(val[0].text) / len(text) <= 0.08
+    assert train[0].text[-1] in "\n "
 
 
 @pytest.mark.parametrize(
