@@ -212,6 +212,36 @@ def _human(n: int) -> str:
     return f"{n:,}"
 
 
+def _count(least: int) -> typing.Callable[[str], int]:
+    """An argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+    return parse
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    """["--smoke", "--scale=4", "--out_dir", "x"] -> {"smoke": "true", "scale": "4", "out_dir": "x"}:
+    a flag with no value is a true boolean."""
+    out, i = {}, 0
+    while i < len(args):
+        if not args[i].startswith("--"):
+            raise ValueError(f"expected --field [value], got {args[i]!r}")
+        key, eq, value = args[i][2:].partition("=")
+        if not eq:
+            bare = i + 1 == len(args) or args[i + 1].startswith("--")
+            value = "true" if bare else args[i + 1]
+            i += not bare
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -277,8 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="a text file or folder to evaluate on (default: the run's "
                                   "validation split)")
     e.add_argument("--n-loops", type=_int_list, help="depths, e.g. 1,2,4,8,16 (default: the run's)")
-    e.add_argument("--max-tokens", type=int, default=0, help="evaluate about N tokens, in windows spread over the data")
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--max-tokens", type=_count(0), default=0,
+                   help="evaluate about N tokens, in windows spread over the data (0: all)")
+    e.add_argument("--batch-size", type=_count(1))
     e.add_argument("--device", default="auto")
 
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
@@ -299,13 +330,13 @@ def _parser() -> argparse.ArgumentParser:
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=preset_names())
     src.add_argument("--checkpoint")
-    i.add_argument("--n-loops", type=int, help="depth for FLOPs and KV bytes (default: max_loop_iters)")
-    i.add_argument("--seq-len", type=int, help="context for attention FLOPs (default: max_seq_len)")
+    i.add_argument("--n-loops", type=_count(1), help="depth for FLOPs and KV bytes (default: max_loop_iters)")
+    i.add_argument("--seq-len", type=_count(1), help="context for attention FLOPs (default: max_seq_len)")
 
     x = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
     x.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
     x.add_argument("--out", required=True, help="the directory to write")
-    x.add_argument("--n-loops", type=int, help="default generation depth (default: max_loop_iters)")
+    x.add_argument("--n-loops", type=_count(1), help="default generation depth (default: max_loop_iters)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (the `serve` extra)")
     src = sv.add_mutually_exclusive_group(required=True)
@@ -314,13 +345,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--random-init", action="store_true", help="serve an untrained --preset model")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=8)
+    sv.add_argument("--max-batch", type=_count(1), default=8)
     sv.add_argument("--device", default="auto")
 
     xp = sub.add_parser("experiment", help="reproduce a claim: depth-extrapolation, "
                                            "param-efficiency, stability, act-pareto",
                         epilog="fields of the experiment's config as --field value, e.g. "
-                               "--smoke true --scale 4 --out_dir runs/x")
+                               "--smoke --scale 4 --out_dir runs/x (a bare flag is true)")
     xp.add_argument("name")
     return p
 
@@ -348,8 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_command(args.checkpoint, args.preset, args.random_init, args.host, args.port,
                           args.max_batch, args.device)
         elif args.command == "experiment":
-            experiment_command(args.name, {k.lstrip("-").replace("-", "_"): v
-                                           for k, v in zip(extra[::2], extra[1::2], strict=False)})
+            experiment_command(args.name, _flags(extra))
         else:
             info(args.preset, args.checkpoint, args.n_loops, args.seq_len)
     except ValueError as e:

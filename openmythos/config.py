@@ -9,6 +9,7 @@ new fields whose defaults are documented next to them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -83,6 +84,11 @@ class MythosConfig:
                      "qk_nope_head_dim"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
                    getattr(self, name), "must be a non-negative integer")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":  # compared below: a string would fail with a bare TypeError
+                _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+                       and math.isfinite(value), f.name, value, "must be a finite number")
         _choice(self, "attn_type", ATTN_TYPES)
         _choice(self, "router_score", ROUTER_SCORES)
         _choice(self, "injection", INJECTIONS)

@@ -121,6 +121,26 @@ def test_user_errors_are_one_clear_line(args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["info", "--preset", "tiny", "--n-loops", "-2"], "--n-loops: expected an integer >= 1, got -2"),
+    (["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len: expected an integer >= 1, got 0"),
+    (["eval", "--checkpoint", "x", "--max-tokens", "-5"], "--max-tokens: expected an integer >= 0, got -5"),
+])
+def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_experiment_flags_take_a_value_or_stand_alone():
+    from openmythos.cli import _flags
+
+    assert _flags(["--smoke", "--scale=4", "--out-dir", "x", "--lr", "-1"]) == {
+        "smoke": "true", "scale": "4", "out_dir": "x", "lr": "-1"}
+    with pytest.raises(ValueError, match="expected --field"):
+        _flags(["smoke"])
+
+
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, run_dir):
     steps = 150

@@ -73,6 +73,8 @@ def test_unknown_field_suggests_the_closest():
     ("halting", "sometimes", "halting='sometimes'"),
     ("injection", "magic", "injection='magic'"),
     ("expert_dim", 2.5, "expert_dim=2.5"),
+    ("dropout", "0.1", "dropout='0.1' must be a finite number"),
+    ("rope_theta", float("inf"), "rope_theta=inf must be a finite number"),
 ])
 def test_validation_names_field_and_value(field, value, needle):
     overrides = {"n_experts": 8, field: value}

@@ -338,6 +338,8 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
     ({"model.n_heads": 3}, r"\[model\] MythosConfig.dim=256 must be divisible by n_heads=3"),
     ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds model.max_seq_len"),
     ({"train.ponder_weight": 0.01, "model.halting": "none"}, "needs model.halting='act'"),
+    ({"loops.mean": "inf"}, "loops.mean=inf must be a finite number"),
+    ({"train.lr": "inf"}, "train.lr=inf must be a finite number"),
 ])
 def test_invalid_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -347,6 +349,7 @@ def test_invalid_values_are_rejected(overrides, message):
 @pytest.mark.parametrize("text, typ, value", [
     ("1,2,4", list[int], [1, 2, 4]), ("[0.5, 1]", list[float], [0.5, 1.0]),
     ("mla, gqa", list[str], ["mla", "gqa"]), ("true", bool, True), ("3", float, 3.0),
+    ("4", list[int], [4]), (4, list[int], [4]),
 ])
 def test_command_line_values_are_coerced_to_the_field_type(text, typ, value):
     assert coerce("key", text, typ) == value and type(coerce("key", text, typ)) is type(value)

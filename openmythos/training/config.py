@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -206,6 +207,13 @@ class TrainConfig:
                            ("eval.depth_max_tokens", e.depth_max_tokens),
                            ("eval.samples", e.samples), ("eval.temperature", e.temperature)):
             _check(value >= 0, key, value, "must be >= 0")
+        for name, cls in SECTIONS.items():
+            if name == "model":
+                continue
+            for f in fields(cls):
+                value = getattr(getattr(self, name), f.name)
+                if f.type == "float":  # inf would pass every range check below
+                    _check(math.isfinite(value), f"{name}.{f.name}", value, "must be a finite number")
         _check(t.lr > 0, "train.lr", t.lr, "must be positive")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
         _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
@@ -370,6 +378,8 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
         value = _parse_scalar(value)
         if item is not None and isinstance(value, str):  # --eval.depths 1,2,4
             value = [_parse_scalar(v.strip()) for v in value.split(",")]
+    if item is not None and not isinstance(value, list):  # --eval.depths 4
+        value = [value]
     if item is None:
         ok = _is_a(value, typ)
     else:
