@@ -285,8 +285,8 @@ class RecurrentBlock(nn.Module):
         if not (act or kl or grad_from is not None):
             depths = [depth] * B if limit is None else n_loops.tolist()
             if packed:  # a row without a new token runs no loop
-                depths = [d if end > prev else 0
-                          for d, prev, end in zip(depths, [0, *ctx.packed.ends], ctx.packed.ends, strict=False)]
+                ends = ctx.packed.ends
+                depths = [d if end > prev else 0 for d, prev, end in zip(depths, [0, *ends[:-1]], ends, strict=True)]
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
                 return self._deepest_first(h, e, ctx, depths, slot, slots, coefficients)
 
