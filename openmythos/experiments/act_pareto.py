@@ -77,10 +77,13 @@ def run(cfg: ActParetoConfig) -> dict:
                      {**corpus_split(cfg, report.out), "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                       "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
                       "train.ponder_weight": cfg.ponder_weight,
-                      "run.dtype": "bf16",  # as in the measured run "loops.mean": cfg.loops,
-                      "loops.max": cfg.loops, "eval.depths": [cfg.loops],
+                      "run.dtype": "bf16",  # as in the measured run
+                      "loops.mean": cfg.loops, "loops.max": cfg.loops, "eval.depths": [cfg.loops],
                       "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
                      budget)
+        if out.get("diverged"):
+            raise ValueError(f"act-pareto: training diverged at lr={cfg.lr} ({out['error']}); "
+                             "try a smaller --lr")
         model, tokenizer, _ = load_model(out["checkpoint"])
         data = prepare_data(lm_config_data(out), tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),

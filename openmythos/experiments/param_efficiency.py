@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from openmythos.config import MythosConfig
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
 from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
+from openmythos.training import open_checkpoint
 
 
 @dataclass
@@ -61,6 +61,12 @@ def block_overrides(width: int) -> dict:
 def run(cfg: ParamEfficiencyConfig) -> dict:
     if cfg.smoke:
         cfg.dense_layers, cfg.loops, cfg.steps, cfg.seq_len, cfg.batch_size = [3, 4], [2], 2, 32, 2
+    if len(set(cfg.dense_layers)) < 2 or min(cfg.dense_layers) < 1:
+        raise ValueError(f"param-efficiency: dense_layers={cfg.dense_layers} needs two or more "
+                         "different positive depths, to fit loss against depth")
+    if not cfg.loops or min(cfg.loops) < 2:
+        raise ValueError(f"param-efficiency: loops={cfg.loops} needs loop counts >= 2 (one loop "
+                         "is a dense model)")
     report = Report("param-efficiency", cfg)
     block = block_overrides(cfg.dim)
     steps = max(2, round(cfg.steps * cfg.scale))
@@ -84,10 +90,11 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
             name = f"{kind}-{layers}" if kind == "dense" else f"looped-1x{r}"
             out = lm_run(cfg, report.out / name, model,
                          {**settings, "loops.mean": r, "eval.n_loops": r}, budget)
-            mcfg = MythosConfig.from_preset("tiny", **model)
-            flops = mcfg.flops_per_token(r, cfg.seq_len)
+            # the model as trained, with the tokenizer's vocabulary (none if it diverged)
+            mcfg = open_checkpoint(out["checkpoint"]).model_cfg if "checkpoint" in out else None
             results.append({"name": name, "kind": kind, "layers": layers, "loops": r,
-                            "params": mcfg.num_params(), "flops_per_token": flops,
+                            "params": mcfg.num_params() if mcfg else math.nan,
+                            "flops_per_token": mcfg.flops_per_token(r, cfg.seq_len) if mcfg else math.nan,
                             "val_loss": out.get("val_loss", math.nan),
                             "train_time_s": out.get("train_time_s"), "tokens": out.get("tokens_seen"),
                             "status": out.get("status")})

@@ -184,6 +184,13 @@ def _put(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> tor
     return value if rows is None else x.index_put((rows,), value)
 
 
+def _constant_where(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x, detached where mask (broadcast over x's trailing dims) is True."""
+    if mask is None:
+        return x
+    return torch.where(mask.view(*mask.shape, *[1] * (x.dim() - mask.dim())), x.detach(), x)
+
+
 def _add(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor | int) -> torch.Tensor:
     if rows is None:
         return x + value
@@ -301,22 +308,22 @@ class RecurrentBlock(nn.Module):
         for t in range(depth):
             with torch.no_grad() if t < first_grad else nullcontext():
                 h_t, e_t = _take(h, rows), _take(e, rows)
-                if grad_from is not None and t > 0 and torch.is_grad_enabled():
-                    # a row whose window starts at t or later: the state its earlier loops left
-                    # enters as a constant, as after the no-grad loops of a single depth
-                    h_t = torch.where((_take(grad_from, rows) >= t).unsqueeze(-1), h_t.detach(), h_t)
                 if slots is not None and 0 < t < len(slots) and rows is not None:
                     # halted rows keep their latest entry in this loop's slot (in a ring, only in
                     # the slots they have not written this call: a sequence's cache must not
                     # depend on how deep the others in its batch run)
                     slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols, ctx.tokens)
                 h_t, kv = self._run_step(t, h_t, e_t, coefficients, kv, ctx, slot(t), rows)
+                early = None  # rows whose backprop window starts after this loop
+                if grad_from is not None and torch.is_grad_enabled():
+                    early = _take(grad_from, rows) > t
+                    h_t, kv = self._before_window(early, grad_from.view(B, T)[:, 0] > t, h_t, kv, ctx)
 
                 stop = torch.full_like(steps if rows is None else rows, t == depth - 1, dtype=torch.bool)
                 if limit is not None:
                     stop |= _take(limit, rows) == t + 1
                 if act:
-                    p, c = self.act(h_t), _take(cum, rows)
+                    p, c = _constant_where(early, self.act(h_t)), _take(cum, rows)
                     stop |= c + p >= self.cfg.act_threshold
                     w = torch.where(stop, 1.0 - c, p)
                     out = _add(out, rows, w.unsqueeze(-1) * h_t.float())
@@ -324,7 +331,7 @@ class RecurrentBlock(nn.Module):
                     ponder = _put(ponder, rows, torch.where(stop, t + 1 + (1.0 - c), 0.0))
                 else:
                     if kl:
-                        logp = torch.log_softmax(readout(h_t).float(), dim=-1)
+                        logp = _constant_where(early, torch.log_softmax(readout(h_t).float(), dim=-1))
                         if t > 0:
                             # KL(p_t || p_{t-1}): the prediction stopped moving, so stop looping
                             drift = (logp.exp() * (logp - _take(prev_logp, rows))).sum(-1)
@@ -343,6 +350,21 @@ class RecurrentBlock(nn.Module):
                 rows = live
         self._fill_halted(slots, steps.view(B, T), n_loops, t, ctx)
         return out.to(h.dtype).view(B, T, D), steps.view(B, T), ponder.mean()
+
+    @staticmethod
+    def _before_window(early: torch.Tensor, early_seqs: torch.Tensor, h_t: torch.Tensor,
+                       kv: list[torch.Tensor] | None, ctx: Context):
+        """Truncated backprop with per-sequence depths: the rows (and sequences) whose window
+        starts after this loop hand on nothing to backpropagate through, as they would alone:
+        their state, rolling keys and (via _constant_where) halting probability and readout
+        enter later loops as constants. The loop's balance loss, one scalar over every row it
+        ran, cannot be split, so a loop that ran such rows leaves it out."""
+        if not bool(early.any()):
+            return h_t, kv
+        if kv is not None:
+            kv = [_constant_where(early_seqs.view(-1, *[1] * (x.dim() - 1)), x) for x in kv]
+        ctx.aux_losses[-1] = ctx.aux_losses[-1].detach()
+        return _constant_where(early.unsqueeze(-1), h_t), kv
 
     def _deepest_first(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depths: list[int],
                        slot: Callable, slots: list | None, coefficients: tuple[torch.Tensor, torch.Tensor]):
