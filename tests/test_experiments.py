@@ -53,3 +53,31 @@ def test_prefix_targets_follow_each_chain():
     prefix = prefix_targets(task, ids)
     assert torch.equal(prefix[:, -2], targets), "the last relation's prefix is the whole chain"
     assert torch.equal((prefix != IGNORE).sum(1), hops), "one target per hop"
+
+
+def test_act_pareto_trains_at_its_loop_count_and_names_a_divergence(tmp_path, monkeypatch):
+    from openmythos.experiments import act_pareto
+
+    seen = {}
+
+    def diverging_run(cfg, out_dir, model, settings, budget):
+        seen.update(model=model, settings=settings)
+        return {"error": "3 non-finite steps in a row", "metrics": [], "diverged": True}
+
+    monkeypatch.setattr(act_pareto, "lm_run", diverging_run)
+    cfg = act_pareto.ActParetoConfig(loops=5, out_dir=str(tmp_path), corpus=FIXTURE, tokenizer="byte")
+    with pytest.raises(ValueError, match="training diverged at lr=0.002"):
+        act_pareto.run(cfg)
+    assert seen["model"]["max_loop_iters"] == 5
+    assert seen["settings"]["loops.mean"] == 5 and seen["settings"]["loops.max"] == 5
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"dense_layers": [4]}, "two or more different positive depths"),
+    ({"dense_layers": [4, 4]}, "two or more different positive depths"),
+    ({"loops": [1, 2]}, "loop counts >= 2"),
+    ({"loops": []}, "loop counts >= 2"),
+])
+def test_param_efficiency_refuses_what_it_cannot_fit_before_training(fields, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_experiment("param-efficiency", out_dir=str(tmp_path), corpus=FIXTURE, tokenizer="byte", **fields)
