@@ -83,3 +83,15 @@ def test_cache_positions_are_tracked_inside():
     model(torch.randint(0, 64, (1, 5)), n_loops=3, cache=cache)
     model(torch.randint(0, 64, (1, 1)), n_loops=3, cache=cache)
     assert cache.length == 6 and cache.next_pos.tolist() == [6]
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_attention_dropout_applies_with_one_key_head_too(n_kv_heads):
+    # a single key head takes a kernel without dropout at inference; training must not take it
+    model = small_model(attn_type="gqa", n_kv_heads=n_kv_heads, dropout=0.5)
+    attn, ids, x = model.prelude[0].attn, torch.randint(0, 64, (1, 8)), torch.randn(1, 8, 64)
+    ctx = model._context(ids, None, None, False)
+    attn.eval()
+    plain = attn(x, ctx, None)
+    attn.train()
+    assert not torch.allclose(attn(x, ctx, None), plain)

@@ -66,9 +66,22 @@ def test_loss_from_targets_matches_logits_and_cross_entropy(head_dtype, tol):
         assert (got[name] - ref[name]).norm() <= tol * ref[name].norm(), name
 
 
-def test_targets_of_the_wrong_shape_are_refused():
+def test_ignored_targets_leave_their_positions_out():
+    model = small_model()
+    ids, targets = torch.randint(0, 64, (3, 20)), torch.randint(0, 64, (3, 20))
+    targets[:, :7] = -100  # as in torch's cross_entropy and transformers' labels
+    ref = torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten())
+    assert_close(model(ids, targets=targets).loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_of_the_wrong_shape_or_ids_are_refused():
+    model, ids = small_model(), torch.randint(0, 64, (2, 12))
     with pytest.raises(ValueError, match=r"targets must be int64 of shape \(2, 12\)"):
-        small_model()(torch.randint(0, 64, (2, 12)), targets=torch.randint(0, 64, (2, 11)))
+        model(ids, targets=torch.randint(0, 64, (2, 11)))
+    with pytest.raises(ValueError, match=r"targets contains token id 64, outside \[0, vocab_size=64\)"):
+        model(ids, targets=torch.full((2, 12), 64))
+    with pytest.raises(ValueError, match="leave every position out"):
+        model(ids, targets=torch.full((2, 12), -100))
 
 
 @pytest.mark.parametrize("keep", [1, 3, 12, 20])
@@ -227,6 +240,12 @@ BAD_INPUTS = [
     (lambda m: m(torch.zeros(1, 2, dtype=torch.long), logits_to_keep=1,
                  targets=torch.zeros(1, 2, dtype=torch.long)), ValueError, "logits_to_keep=1 with targets"),
     (lambda m: m("hello"), TypeError, "input_ids"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.uint8)), TypeError, "dtype torch.uint8"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), attention_mask=[[1, 1]]), TypeError, "attention_mask"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), n_loops=torch.tensor([True])), ValueError, "n_loops"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), backprop_loops=True), ValueError, "backprop_loops"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), head_dtype=torch.int64), ValueError, "head_dtype"),
+    (lambda m: m(torch.zeros(1, 2, dtype=torch.long), head_dtype="bf16"), ValueError, "head_dtype"),
 ]
 
 

@@ -167,9 +167,10 @@ class _Attention(nn.Module):
         return out
 
     def _core(self, q, k, v, mask, is_causal: bool, start: int, scale: float, ctx: Context):
-        if k.shape[2] == 1 < q.shape[2]:
+        dropout = ctx.dropout if self.training else 0.0
+        if k.shape[2] == 1 < q.shape[2] and not dropout:  # the shared-key path has no dropout
             return _sdpa_shared_kv(q, k, v, mask, is_causal, scale, start)
-        return _sdpa(q, k, v, mask, is_causal, scale, ctx.dropout if self.training else 0.0)
+        return _sdpa(q, k, v, mask, is_causal, scale, dropout)
 
 
 def _sdpa(q, k, v, mask, is_causal: bool, scale: float, dropout: float) -> torch.Tensor:

@@ -25,6 +25,8 @@ from openmythos.model.layers import RMSNorm, rope_angles
 from openmythos.model.moe import MoE
 from openmythos.model.recurrence import RecurrentBlock
 
+IGNORE_INDEX = -100  # a target that leaves its position out of the loss, as in torch and transformers
+
 
 @dataclass
 class MythosOutput:
@@ -141,7 +143,10 @@ class OpenMythos(nn.Module):
         if logits_to_keep and targets is not None:
             raise ValueError(f"logits_to_keep={logits_to_keep} with targets: the loss covers every position")
         n_loops = self._check_loops(n_loops, B, cache)
-        if backprop_loops is not None and (not isinstance(backprop_loops, int) or backprop_loops < 1):
+        if head_dtype is not None and not (isinstance(head_dtype, torch.dtype) and head_dtype.is_floating_point):
+            raise ValueError(f"head_dtype must be a floating-point torch.dtype, got {head_dtype!r}")
+        if backprop_loops is not None and (not isinstance(backprop_loops, int) or isinstance(backprop_loops, bool)
+                                           or backprop_loops < 1):
             raise ValueError(f"backprop_loops must be a positive integer or None, got {backprop_loops!r}")
         if (self.compiled_decode is not None and cache is not None and T == 1 and attention_mask is None
                 and isinstance(n_loops, int) and targets is None and not torch.is_grad_enabled()):
@@ -203,6 +208,13 @@ class OpenMythos(nn.Module):
         if targets.shape != x.shape[:2] or targets.dtype != torch.long:
             raise ValueError(f"targets must be int64 of shape {tuple(x.shape[:2])}, got "
                              f"{targets.dtype} {tuple(targets.shape)}")
+        kept = targets != IGNORE_INDEX
+        bad = targets[kept & ((targets < 0) | (targets >= self.cfg.vocab_size))]
+        if bad.numel():
+            raise ValueError(f"targets contains token id {int(bad[0])}, outside [0, vocab_size="
+                             f"{self.cfg.vocab_size}) (use {IGNORE_INDEX} to leave a position out)")
+        if not bool(kept.any()):
+            raise ValueError(f"targets leave every position out ({IGNORE_INDEX})")
         # the head runs in head_dtype, else in the weight's dtype, whatever an outer autocast says
         dtype = head_dtype or self.embed.weight.dtype
         x, weight = x.to(dtype), self.embed.weight.to(dtype)
@@ -211,9 +223,9 @@ class OpenMythos(nn.Module):
         # op returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %
         chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=256, acc_policy="balanced")
         with torch.autocast(x.device.type, enabled=False):
-            losses = F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(),
-                                            reduction="none", options=chunks)
-        return losses.float().mean()
+            losses = F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), reduction="none",
+                                            ignore_index=IGNORE_INDEX, options=chunks)
+        return losses.float().sum() / kept.sum()  # the mean over the positions kept
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
@@ -304,8 +316,10 @@ class OpenMythos(nn.Module):
         """Returns B, T and whether the call runs packed."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold int64 (or int32) token ids, got dtype {input_ids.dtype}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -334,7 +348,7 @@ class OpenMythos(nn.Module):
         if n_loops is None:
             n_loops = self.cfg.max_loop_iters
         if isinstance(n_loops, torch.Tensor):
-            if n_loops.dtype.is_floating_point or n_loops.shape != (B,) or int(n_loops.min()) < 1:
+            if n_loops.dtype not in (torch.int64, torch.int32) or n_loops.shape != (B,) or int(n_loops.min()) < 1:
                 raise ValueError(f"n_loops as a tensor must be ({B},) positive integers, got {n_loops!r}")
             deepest = int(n_loops.max())
         elif isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1:
