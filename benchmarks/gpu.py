@@ -15,7 +15,7 @@ speed with model FLOPs utilisation, on the medium config and on the 1b preset at
   issue's H200 bf16 figure) and against a bf16 matmul peak measured in the same run.
 - **Prefill and decode** in bf16 weights and cache; decode: a 32-token prompt, then greedy
   tokens at batch 1 and 8, `n_loops = max_loop_iters`.
-- **Memory**: the device's peak allocation per section (peak RSS on the CPU).
+- **Memory**: the device's peak allocation in the training section (peak RSS on the CPU).
 
 Prints a table, then one JSON line.
 """

@@ -187,7 +187,9 @@ def register_missing_flop_formulas() -> None:
         return 2 * sdpa_cpu(query_shape, key_shape, value_shape)
 
     def grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs):
-        return 2 * a_shape[0] * a_shape[1] * b_shape[-1] if len(b_shape) == 3 else \
+        # a 2-D operand's rows each belong to one group (the forward, and the weight gradient
+        # (K, M) x (M, N) -> (E, K, N)): 2 x M x K x N in all; 3-D x 3-D is a plain batched mm
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1] if len(a_shape) == 2 else \
             2 * math.prod(out_shape) * a_shape[-1]
 
     extra = {

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from openmythos.config import MythosConfig, preset_names
 from openmythos.data import path_documents, tokenize_documents, unigram_loss
-from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth
+from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth, scored_targets
 from openmythos.model import OpenMythos
 from openmythos.training import (
     TrainConfig,
@@ -102,7 +102,7 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     print(f"unigram baseline: {unigram:.4f} nats/token, {bits_per_byte(unigram, bpt):.4f} bits/byte "
           f"({bpt:.3f} bytes/token)")
     result = {"checkpoint": checkpoint, "data": data or f"{cfg.data.corpus} (validation split)",
-              "tokens": min(max_tokens or math.inf, len(val) - 1), "bytes_per_token": bpt,
+              "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
               "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
               "loss_per_depth": {str(n): {"loss": v, "ppl": math.exp(min(v, 700)),
                                           "bpb": bits_per_byte(v, bpt)} for n, v in losses.items()}}

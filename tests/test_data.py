@@ -387,6 +387,16 @@ def test_rank_shards_are_disjoint_slices_of_the_global_batch(ramp):
     assert sum(len(s) for s in starts) == len(set().union(*starts)) == batch * world
 
 
+@pytest.mark.parametrize("max_tokens, scored", [(0, 102), (900, 102), (25, 20), (5, 10), (60, 60)])
+def test_the_scored_target_count_is_what_evaluation_scores(max_tokens, scored):
+    # whole windows of 10: a subset takes a multiple of them (at least one), never a partial one
+    from openmythos.evaluation import eval_batches, scored_targets
+
+    packed = PackedTokens(np.arange(103, dtype=np.uint16))
+    assert scored_targets(packed, 10, max_tokens) == scored
+    assert sum(y.numel() for _, y in eval_batches(packed, 10, 4, max_tokens)) == scored
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_eval_batches_predict_every_token_once(world_size):
     packed = PackedTokens(np.arange(103, dtype=np.uint16))

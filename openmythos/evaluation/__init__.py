@@ -7,6 +7,8 @@ from openmythos.evaluation.perplexity import (
     eval_batches,
     evaluate_loss,
     loss_per_depth,
+    scored_targets,
 )
 
-__all__ = ["autocast", "bits_per_byte", "depth_table", "eval_batches", "evaluate_loss", "loss_per_depth"]
+__all__ = ["autocast", "bits_per_byte", "depth_table", "eval_batches", "evaluate_loss", "loss_per_depth",
+           "scored_targets"]

@@ -45,6 +45,13 @@ def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_tokens
         yield window[:, :-1], window[:, 1:]
 
 
+def scored_targets(tokens: PackedTokens, seq_len: int, max_tokens: int = 0) -> int:
+    """How many targets evaluate_loss scores: whole windows, so with max_tokens a multiple of
+    the window (at least one), and every target once the windows cover no more than that."""
+    seq_len = min(seq_len, len(tokens) - 1)
+    return sum(y.numel() for _, y in eval_batches(tokens, seq_len, 64, max_tokens))
+
+
 @torch.no_grad()
 def evaluate_loss(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: int,
                   n_loops: int | None = None, max_tokens: int = 0,

@@ -43,6 +43,7 @@ from openmythos.evaluation import (
     depth_table,
     evaluate_loss,
     loss_per_depth,
+    scored_targets,
 )
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import (
@@ -504,7 +505,7 @@ class Trainer:
                 "val_n_loops": c.n_loops or self.model.cfg.max_loop_iters,
                 "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
                 "bytes_per_token": bpt,
-                "depth_tokens": min(c.depth_max_tokens or math.inf, len(self.data.val) - 1),
+                "depth_tokens": scored_targets(self.data.val, self.cfg.data.seq_len, c.depth_max_tokens),
                 "loss_per_depth": {str(n): v for n, v in depths.items()},
                 "samples": self.samples()}
 
