@@ -254,7 +254,8 @@ class Engine:
         return torch.tensor(depths, device=self.model.embed.weight.device)
 
     def _sample(self, req: Request, logits: torch.Tensor, greedy: int) -> int:
-        """The row's next token from its logits (1, V); `greedy`, their argmax, at temperature 0."""
+        """The row's next token from its logits (1, V); `greedy`, their argmax, at a greedy
+        temperature (generation.is_greedy)."""
         p = req.params
         if is_greedy(p.temperature):
             return greedy
