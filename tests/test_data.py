@@ -125,6 +125,9 @@ def test_load_tokenizer_errors(bpe, tmp_path):
     meta.write_text(json.dumps({"kind": "sentencepiece"}))
     with pytest.raises(ValueError, match="'sentencepiece'"):
         load_tokenizer(tmp_path)
+    meta.write_text(json.dumps({"kind": ["bpe"]}))
+    with pytest.raises(ValueError, match=r"unknown tokenizer kind \['bpe'\]"):
+        load_tokenizer(tmp_path)
     meta.write_text(json.dumps({"kind": "bpe"}))
     with pytest.raises(ValueError, match="tokenizer.json.*does not exist"):
         load_tokenizer(tmp_path)
@@ -224,6 +227,8 @@ def test_corpus_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="no non-empty"):
         path_documents(tmp_path)
+    (tmp_path / "BOM.TXT").write_bytes("\ufeffhello".encode())  # upper-case suffix, a byte-order mark
+    assert [(d.name, d.text) for d in path_documents(tmp_path)] == [("BOM.TXT", "hello")]
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt.*UTF-8"):
         path_documents(tmp_path)

@@ -56,3 +56,15 @@ def test_bad_arguments():
         task.sample(4, 2, g, split="dev")
     with pytest.raises(ValueError, match="n_entities"):
         KHopTask(n_entities=0)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        task.sample(0, 2, g)
+    with pytest.raises(ValueError, match="max_hops must be >= 1, got 0"):
+        task.batch(4, 0, g, width=6)
+
+
+def test_an_empty_split_is_refused_not_sampled_forever():
+    # 6 entities x 2 relations: none of the twelve 1-hop queries falls in the test split
+    task, g = KHopTask(n_entities=6, n_relations=2), torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="the test split holds no 1-hop query"):
+        task.sample(4, 1, g, split="test")
+    assert task.sample(4, 1, g)[0].shape == (4, 3) and task.sample(4, 2, g, split="test")[0].shape == (4, 4)

@@ -63,7 +63,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise ValueError(f"file {str(path)!r} is not UTF-8 text: {e}") from e
 
@@ -158,7 +158,7 @@ def path_documents(path: str | Path) -> list[Document]:
     if path.is_file():
         files, root = [path], path.parent
     else:
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
         root = path
     docs = [Document(f.relative_to(root).as_posix(), _read_text(f)) for f in files]
     docs = [d for d in docs if d.text.strip()]

@@ -11,6 +11,7 @@ the target entity at that position.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +69,15 @@ class KHopTask:
 
         Returns input ids (n, width) ending in QUERY and target token ids (n,).
         """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         if hops < 1:
             raise ValueError(f"hops must be >= 1, got {hops}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if not self._split_has(hops, split == "test"):
+            raise ValueError(f"the {split} split holds no {hops}-hop query with n_entities="
+                             f"{self.n_entities} and n_relations={self.n_relations}: use more of either")
         width = hops + 2 if width is None else width
         if width < hops + 2:
             raise ValueError(f"width={width} cannot hold {hops} hops (needs {hops + 2} tokens)")
@@ -81,6 +87,17 @@ class KHopTask:
         ids[:, width - hops - 1:width - 1] = self.relation_token(chain)
         ids[:, -1] = self.QUERY
         return ids, self.entity_token(self.follow(heads, chain))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (a frozen dataclass: hashable, never mutated)
+    def _split_has(self, hops: int, test: bool) -> bool:
+        """Whether the split holds any query of `hops` hops: checked in full for a small query
+        space, where the rejection sampling below could otherwise draw forever; a large one
+        holds about a TEST_EVERY-th of test queries."""
+        if self.n_entities * self.n_relations ** hops > 100_000:
+            return True
+        chains = torch.cartesian_prod(*[torch.arange(self.n_relations)] * hops).view(-1, hops)
+        heads = torch.arange(self.n_entities).repeat_interleave(len(chains))
+        return bool((self.is_test(heads, chains.repeat(self.n_entities, 1)) == test).any())
 
     def _draw(self, n: int, hops: int, generator: torch.Generator,
               test: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +114,8 @@ class KHopTask:
     def batch(self, n: int, max_hops: int, generator: torch.Generator, width: int,
               split: str = "train") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A mixed batch with hop counts uniform in 1..max_hops. Returns ids, targets, hops."""
+        if max_hops < 1:
+            raise ValueError(f"max_hops must be >= 1, got {max_hops}")
         hops = torch.randint(1, max_hops + 1, (n,), generator=generator)
         ids = torch.full((n, width), self.PAD, dtype=torch.long)
         targets = torch.empty(n, dtype=torch.long)

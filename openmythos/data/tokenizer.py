@@ -266,7 +266,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         kind = meta["kind"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"tokenizer meta file {str(meta_path)!r} is corrupt: {e!r}") from e
-    if kind not in TOKENIZER_KINDS:
+    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
         raise ValueError(
             f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}"
         )
@@ -285,7 +285,7 @@ def get_tokenizer(kind: str) -> Tokenizer:
         raise ValueError(
             "tokenizer kind 'bpe' must be trained with train_bpe() or loaded with load_tokenizer()"
         )
-    if kind not in TOKENIZER_KINDS:
+    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
         raise ValueError(
             f"unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZER_KINDS)}"
         )
