@@ -225,6 +225,13 @@ def _count(least: int) -> typing.Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    port = _count(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {port}")
+    return port
+
+
 def _flags(args: list[str]) -> dict[str, str]:
     """["--smoke", "--scale=4", "--out_dir", "x"] -> {"smoke": "true", "scale": "4", "out_dir": "x"}:
     a flag with no value is a true boolean."""
@@ -257,7 +264,11 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
     """`mythos serve`: the OpenAI-compatible server over the continuous batching engine."""
     from openmythos.data import ByteTokenizer
     from openmythos.serving import Engine
-    from openmythos.serving.server import serve
+
+    try:
+        from openmythos.serving.server import serve
+    except ImportError as e:
+        raise ValueError(f"serving needs the serve extra: pip install 'openmythos[serve]' ({e})") from e
 
     if checkpoint:
         model, tokenizer, _ = _load(checkpoint, device)
@@ -344,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", choices=preset_names())
     sv.add_argument("--random-init", action="store_true", help="serve an untrained --preset model")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--max-batch", type=_count(1), default=8)
     sv.add_argument("--device", default="auto")
 

@@ -83,6 +83,8 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {total} exceeds "
                          f"max_seq_len={model.cfg.max_seq_len}")
     n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
+    if not (isinstance(n_loops, torch.Tensor) or (isinstance(n_loops, int) and not isinstance(n_loops, bool))):
+        raise ValueError(f"n_loops must be an int or a (batch,) tensor of depths, got {n_loops!r}")
     was_training = model.training
     model.eval()
     try:

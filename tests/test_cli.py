@@ -125,6 +125,7 @@ def test_user_errors_are_one_clear_line(args, message, capsys):
     (["info", "--preset", "tiny", "--n-loops", "-2"], "--n-loops: expected an integer >= 1, got -2"),
     (["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len: expected an integer >= 1, got 0"),
     (["eval", "--checkpoint", "x", "--max-tokens", "-5"], "--max-tokens: expected an integer >= 0, got -5"),
+    (["serve", "--preset", "tiny", "--random-init", "--port", "70000"], "--port: expected a port in [0, 65535]"),
 ])
 def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -78,6 +78,7 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
+    (dict(n_loops=2.0), "n_loops must be an int"),
     (dict(top_k=0), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),

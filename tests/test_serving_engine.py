@@ -205,6 +205,8 @@ def test_loops_are_counted_per_request():
     ([1], dict(temperature=float("nan")), "temperature"),
     ([1], dict(seed=2**64), "seed"),
     ([1], dict(seed=-1), "seed"),
+    ([1], dict(stop=(5,)), "stop must be a tuple of strings"),
+    ([1], dict(stop="zz"), "stop must be a tuple of strings"),
 ])
 def test_bad_requests_are_refused(prompt, params, needle):
     engine = Engine(small_model(vocab_size=64), max_batch=1)
@@ -213,10 +215,47 @@ def test_bad_requests_are_refused(prompt, params, needle):
     assert engine.idle
 
 
-@pytest.mark.parametrize("name", ["max_batch", "max_queue", "prefill_chunk"])
+@pytest.mark.parametrize("name", ["max_batch", "max_queue", "prefill_chunk", "max_len", "max_loops",
+                                  "admission_window"])
 def test_bad_engine_settings_are_refused(name):
     with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
         Engine(small_model(vocab_size=64), **{name: 0})
+
+
+def test_a_callback_may_submit_when_a_waiting_request_is_cancelled():
+    engine = Engine(small_model(vocab_size=64), max_batch=1)
+    follow_ups = []
+    engine.submit([1], SamplingParams(max_tokens=2), print)  # holds the only row
+    waiting = engine.submit([2], SamplingParams(max_tokens=2), lambda ev: follow_ups.append(
+        engine.submit([3], SamplingParams(max_tokens=1), print)) if ev.kind == "done" else None)
+    engine.cancel(waiting)
+    done = threading.Thread(target=engine.run_until_idle, daemon=True)  # it used to deadlock on the lock
+    done.start()
+    done.join(30)
+    assert not done.is_alive() and len(follow_ups) == 1 and engine.idle
+
+
+@pytest.mark.parametrize("stop", [("hello", "lo"), ("lo", "hello")])
+def test_the_earliest_stop_string_cuts_whatever_the_order(stop):
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    script = iter(tok.encode("say hello there"))
+    engine._sample = lambda req, logits, greedy: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=15, temperature=0, stop=stop)
+    engine.run_until_idle()
+    assert req.text == "say " and events[-1].finish_reason == "stop"
+
+
+def test_bytes_no_character_can_finish_do_not_hold_back_the_stream():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    script = iter([0xFF] * 8 + list(b"ok"))  # byte ids: 0xFF starts no UTF-8 character
+    engine._sample = lambda req, logits, greedy: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=10, temperature=0)
+    engine.run_until_idle()
+    texts = [e.text for e in events if e.kind == "token"]
+    assert "".join(texts[:6]).startswith("\ufffd")  # sent within a few tokens, not at the end
+    assert req.text == "\ufffd" * 8 + "ok"
 
 
 def test_a_full_queue_pushes_back():

@@ -87,11 +87,23 @@ def test_streaming_matches_the_plain_completion(app):
     ({"prompt": "x" * 200, "max_tokens": 8}, "prompt"),
     ({"prompt": "x", "seed": 2**64}, "seed"),
     ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": ["a"] * 9}, "prompt"),  # more than the engine's queue could ever hold
+    ({"prompt": "x", "temperature": 10**400}, "temperature"),
 ])
 def test_bad_requests_name_the_field(app, payload, field):
     r = call(app, lambda c: c.post("/v1/completions", json=payload))
     assert r.status_code == 400, r.text
     assert field in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] in (field, None)
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"prompt": "x", "temperature": 1e999}', "temperature"),  # JSON's float overflows to inf
+    (b'{"prompt": "\\ud800"}', "prompt"),  # a lone surrogate, which no tokenizer encodes
+])
+def test_values_only_raw_json_can_carry_are_refused_by_name(app, body, field):
+    r = call(app, lambda c: c.post("/v1/completions", content=body, headers={"content-type": "application/json"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_malformed_json_and_oversized_body(app):

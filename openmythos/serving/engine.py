@@ -68,6 +68,8 @@ class SamplingParams:
             raise ValueError(f"n_loops must be an integer in [1, {max_loops}], got {self.n_loops!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
 
 
 def _is_int(value) -> bool:
@@ -114,19 +116,18 @@ class Engine:
                  admission_window: int | None = None):
         if admission not in ("depth", "fifo"):
             raise ValueError(f"admission must be 'depth' or 'fifo', got {admission!r}")
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
-            if not _is_int(value) or value < 1:
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
+                            ("max_len", max_len), ("max_loops", max_loops), ("admission_window", admission_window)):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.max_len = max_len or model.cfg.max_seq_len
-        self.max_loops = max_loops or model.cfg.max_loop_iters
+        self.max_len = model.cfg.max_seq_len if max_len is None else max_len
+        self.max_loops = model.cfg.max_loop_iters if max_loops is None else max_loops
         self.default_loops = min(model.cfg.max_loop_iters, self.max_loops)  # a request without n_loops
         self.admission = admission
-        self.admission_window = admission_window or 4 * max_batch
-        if self.admission_window < 1:
-            raise ValueError(f"admission_window must be >= 1, got {admission_window!r}")
+        self.admission_window = 4 * max_batch if admission_window is None else admission_window
         self.cache = model.new_cache(max_batch, self.max_len, self.max_loops, packed=True)
         self.rows: list[Request] = []  # rows[i] owns cache row i; deepest first
         self.waiting: deque[Request] = deque()
@@ -187,9 +188,11 @@ class Engine:
         for req in [r for r in self.rows if r.cancelled]:
             self._finish(req, "cancelled")
         with self.lock:
-            for req in [r for r in self.waiting if r.cancelled]:
+            gone = [r for r in self.waiting if r.cancelled]
+            for req in gone:
                 self.waiting.remove(req)
-                req.on_event(Event("done", finish_reason="cancelled", usage=self._usage(req)))
+        for req in gone:  # outside the lock: a callback may submit
+            req.on_event(Event("done", finish_reason="cancelled", usage=self._usage(req)))
 
     def _admit(self) -> None:
         with self.lock:
@@ -268,10 +271,10 @@ class Engine:
             return self._finish(req, "stop")
         req.generated.append(token)
         text = self._text(req)
-        for s in req.params.stop:
-            if s and s in text:
-                req.text = text[:text.index(s)]
-                return self._finish(req, "stop")
+        cut = min((text.index(s) for s in req.params.stop if s and s in text), default=None)
+        if cut is not None:  # at the earliest stop string, whichever is listed first
+            req.text = text[:cut]
+            return self._finish(req, "stop")
         req.text = text
         # hold back a tail that could still grow into a stop string, and an unfinished character
         hold = max((len(s) - 1 for s in req.params.stop), default=0)
@@ -290,8 +293,11 @@ class Engine:
         byte-level token can end inside a UTF-8 character), so each token costs O(1)."""
         if self.tokenizer is None:
             return ""
-        tail = self.tokenizer.decode(req.generated[req.settled_tokens:])
-        if tail.endswith("\ufffd"):  # an unfinished character: decode these tokens again later
+        pending = req.generated[req.settled_tokens:]
+        tail = self.tokenizer.decode(pending)
+        # an unfinished character (at most 4 bytes, so 4 tokens): decode these tokens again later;
+        # a longer run that still ends in U+FFFD is bytes no character can finish
+        if tail.endswith("\ufffd") and len(pending) < 4:
             return req.settled + tail
         req.settled += tail
         req.settled_tokens = len(req.generated)

@@ -41,8 +41,8 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str]
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -52,7 +52,12 @@ class CompletionRequest(BaseModel):
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _int_is_a_float(cls, v):  # strict mode would refuse `1` where JSON means 1.0
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        if isinstance(v, int) and not isinstance(v, bool):
+            try:
+                return float(v)
+            except OverflowError:
+                raise ValueError("must be a finite number") from None
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -129,7 +134,8 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
+        # the field's path, without pydantic's tags for the member of a union it tried last
+        loc = [str(p) for p in first["loc"] if p not in ("body", "str", "list[str]")]
         field = ".".join(loc) or "body"
         if first["type"] == "json_invalid":
             return _error(400, f"malformed JSON: {first['msg']}", None)
@@ -153,8 +159,9 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) > limits.max_batch_prompts:
-            return _error(400, f"at most {limits.max_batch_prompts} prompts per request", "prompt")
+        if len(prompts) > min(limits.max_batch_prompts, engine.max_queue):
+            return _error(400, f"at most {min(limits.max_batch_prompts, engine.max_queue)} prompts per "
+                               "request", "prompt")
         if body.max_tokens > limits.max_tokens:
             return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}",
                           "max_tokens")
@@ -165,7 +172,10 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
         if body.stream and len(prompts) > 1:
             return _error(400, "stream supports a single prompt", "prompt")
-        encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+        try:
+            encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+        except UnicodeError as e:  # a lone surrogate, which JSON can carry
+            return _error(400, f"prompt is not encodable text: {e}", "prompt")
         for ids in encoded:
             room = min(limits.max_prompt_tokens, engine.max_len - body.max_tokens)
             if len(ids) > room:
