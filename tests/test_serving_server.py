@@ -217,6 +217,12 @@ def test_a_client_gone_mid_completion_is_noticed_while_tokens_keep_coming():
     assert asyncio.run(go()) is None
 
 
+def test_the_app_serves_again_after_a_shutdown(app):
+    ask = lambda c: c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+    assert call(app, ask).status_code == 200
+    assert call(app, ask).status_code == 200, "a second lifespan found the engine shut down"
+
+
 def test_back_pressure_answers_429():
     tok = ByteTokenizer()
     engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1, max_queue=1)

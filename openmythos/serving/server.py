@@ -120,6 +120,7 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine.stopping = False  # an app may start again after a shutdown (a second test client)
         thread = threading.Thread(target=engine.serve_forever, name="openmythos-engine", daemon=True)
         thread.start()
         try:
