@@ -261,6 +261,9 @@ def test_export_from_training_checkpoint(tokenizer, tmp_path):
     assert tok.encode("a test") == tokenizer.encode("a test")
     assert train_cfg.to_dict() == cfg.to_dict()
     assert json.loads((out / "generation_config.json").read_text())["n_loops"] == 2
+    # the same folder written again without a tokenizer or run config keeps none of the old ones
+    save_hf(model, out)
+    assert load_pretrained(out)[1:] == (None, None) and not list(out.glob("tokenizer*"))
 
 
 def _edit_config(path, **changes):

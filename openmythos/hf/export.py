@@ -107,6 +107,11 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
     hf = OpenMythosForCausalLM.from_openmythos(model, **special)
     hf.generation_config = GenerationConfig(**special, n_loops=n_loops or model.cfg.max_loop_iters)
     hf.save_pretrained(out)
+    # a folder that held an earlier export keeps nothing of it that this one does not rewrite:
+    # load_pretrained would pair this model with that tokenizer or run config
+    stale = [] if tokenizer is not None else [*out.glob("tokenizer*.json"), *out.glob("special_tokens_map.json")]
+    for path in stale + ([out / TRAIN_CONFIG_FILE] if train_cfg is None else []):
+        path.unlink(missing_ok=True)
     if tokenizer is not None:
         to_hf_tokenizer(tokenizer, model.cfg.max_seq_len).save_pretrained(out)
         # transformers 5 names its class TokenizersBackend, which 4.x lacks; both load this one
