@@ -160,9 +160,9 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) > min(limits.max_batch_prompts, engine.max_queue):
-            return _error(400, f"at most {min(limits.max_batch_prompts, engine.max_queue)} prompts per "
-                               "request", "prompt")
+        most = min(limits.max_batch_prompts, engine.max_queue)  # more could never all be admitted
+        if len(prompts) > most:
+            return _error(400, f"at most {most} prompts per request", "prompt")
         if body.max_tokens > limits.max_tokens:
             return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}",
                           "max_tokens")
