@@ -209,11 +209,12 @@ class OpenMythos(nn.Module):
             raise ValueError(f"targets must be int64 of shape {tuple(x.shape[:2])}, got "
                              f"{targets.dtype} {tuple(targets.shape)}")
         kept = targets != IGNORE_INDEX
-        bad = targets[kept & ((targets < 0) | (targets >= self.cfg.vocab_size))]
-        if bad.numel():
-            raise ValueError(f"targets contains token id {int(bad[0])}, outside [0, vocab_size="
+        lo, hi = torch.aminmax(torch.where(kept, targets, 0))
+        lo, hi, n_kept = torch.stack([lo, hi, kept.sum()]).tolist()  # one host sync for all three
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"targets contains token id {lo if lo < 0 else hi}, outside [0, vocab_size="
                              f"{self.cfg.vocab_size}) (use {IGNORE_INDEX} to leave a position out)")
-        if not bool(kept.any()):
+        if not n_kept:
             raise ValueError(f"targets leave every position out ({IGNORE_INDEX})")
         # the head runs in head_dtype, else in the weight's dtype, whatever an outer autocast says
         dtype = head_dtype or self.embed.weight.dtype

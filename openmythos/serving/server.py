@@ -94,7 +94,7 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         too_big = declared is not None and (not declared.isdigit() or int(declared) > self.limit)
-        chunks, size, more = [], 0, not too_big
+        chunks, size, more = [], 0, True
         while more and not too_big:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
