@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from openmythos.config import MythosConfig, preset_names
-from openmythos.data import path_documents, tokenize_documents, unigram_loss
+from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
 from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth, scored_targets
 from openmythos.model import OpenMythos
 from openmythos.training import (
@@ -122,23 +122,17 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     device_ = model.embed.weight.device
     g = torch.Generator(device_).manual_seed(seed)
-    new: list[int] = []
-    shown = ""
+    text = TextStream(tokenizer)  # holds a multi-byte character back until it is whole
     out.write(prompt)
     for token in model.stream(torch.tensor([ids], device=device_), max_new_tokens, n_loops=n_loops,
                               temperature=temperature, top_k=top_k, top_p=top_p,
                               eos_token_id=tokenizer.eos_id, generator=g):
         if int(token[0]) == tokenizer.eos_id:
             break
-        new.append(int(token[0]))
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    text = tokenizer.decode(new)
-    out.write(text[len(shown):] + "\n")
-    return prompt + text
+        out.write(text.push(int(token[0])))
+        out.flush()
+    out.write(text.flush() + "\n")
+    return prompt + text.text
 
 
 def info(preset: str | None = None, checkpoint: str | None = None, n_loops: int | None = None,

@@ -133,6 +133,12 @@ def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_an_experiment_refuses_a_non_finite_number(value, capsys):
+    assert main(["experiment", "param-efficiency", "--scale", value]) == 2
+    assert f"scale={value} must be a finite number" in capsys.readouterr().err
+
+
 def test_experiment_flags_take_a_value_or_stand_alone():
     from openmythos.cli import _flags
 

@@ -170,17 +170,18 @@ def test_stop_strings_and_eos_with_a_tokenizer():
     assert req.generated == free[:free.index(free[2])] and events[-1].finish_reason == "stop"
 
 
-def test_streamed_text_keeps_characters_split_over_tokens_whole():
+@pytest.mark.parametrize("junk", [b"", b"\x80\x80", b"\xe4"])  # stray bytes before it
+def test_streamed_text_keeps_characters_split_over_tokens_whole(junk):
     tok = ByteTokenizer()
     engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
-    want = "naïve ✓ 東京, done"
-    script = iter(want.encode())  # one byte per token: the multi-byte characters span tokens
+    want = "東京, naïve ✓ done"
+    script = iter(junk + want.encode())  # one byte per token: the multi-byte characters span tokens
     engine._sample = lambda req, logits, greedy: next(script)
-    req, events = collect(engine, list(b"hi"), max_tokens=len(want.encode()), temperature=0)
+    req, events = collect(engine, list(b"hi"), max_tokens=len(junk + want.encode()), temperature=0)
     engine.run_until_idle()
     pieces = [e.text for e in events if e.kind == "token"]
-    assert "".join(pieces) == want and not any("\ufffd" in p for p in pieces)
-    assert req.text == tok.decode(req.generated) == want
+    assert "".join(pieces) == req.text == tok.decode(req.generated) == "\ufffd" * len(junk) + want
+    assert not any("\ufffd" in p for p in pieces[len(junk):])
 
 
 def test_loops_are_counted_per_request():

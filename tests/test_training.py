@@ -176,7 +176,7 @@ def test_a_moved_run_resumes_where_it_lies_without_its_tokenizer_folder(tmp_path
     from openmythos.training import load_model
 
     get_tokenizer("byte").save(tmp_path / "tok")
-    first, moved = tmp_path / "step_up_lr", tmp_path / "moved" / "step_up_lr"
+    first, moved = tmp_path / "step_2", tmp_path / "moved" / "step_2"
     train(load_config(None, tiny_overrides(tmp_path, **{
         "run.out_dir": str(first), "data.tokenizer": str(tmp_path / "tok"), "train.steps": 6,
         "checkpoint.every": 3})))

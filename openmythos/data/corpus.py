@@ -134,17 +134,17 @@ def split_by_hash(
 
 def split_tail(doc: Document, val_fraction: float = 0.05) -> tuple[list[Document], list[Document]]:
     """Split one document before its final val_fraction of text: at the last line break within
-    half that fraction before the point, else at the last space there (one long paragraph), so
-    that the split never strays far from the fraction asked for."""
+    half that fraction before the point, else at the last space there (one long paragraph), else
+    at the point itself (text without spaces, such as CJK prose), so that the split never strays
+    far from the fraction asked for."""
     _check_fraction(val_fraction)
     text = doc.text
     end = int(len(text) * (1 - val_fraction))
-    start = int(len(text) * (1 - 1.5 * val_fraction))
-    cut = text.rfind("\n" if "\n" in text[start:end] else " ", start, end)
-    if cut < 0 or not text[:cut].strip() or not text[cut + 1:].strip():
-        raise ValueError(f"document {doc.name!r} has no line break or space near its last "
-                         f"{val_fraction:.0%} ({len(text)} characters): too short or unbroken to "
-                         "split into train and validation")
+    start = max(0, int(len(text) * (1 - 1.5 * val_fraction)))
+    cut = next((i for i in (text.rfind("\n", start, end), text.rfind(" ", start, end)) if i >= 0), end - 1)
+    if start == end or not text[:cut].strip() or not text[cut + 1:].strip():
+        raise ValueError(f"document {doc.name!r} is too short to split off its last {val_fraction:.0%} "
+                         f"({len(text)} characters) into train and validation")
     return [Document(doc.name, text[: cut + 1], doc.year)], [
         Document(f"{doc.name}#tail", text[cut + 1 :], doc.year)
     ]

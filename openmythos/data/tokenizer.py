@@ -250,6 +250,40 @@ class GPT2Tokenizer(Tokenizer):
         return self._enc.decode(ids)
 
 
+class TextStream:
+    """Incremental decoding for streamed text: push token ids one at a time and get the text
+    each one settles, text no later token can change. A byte-level token can end inside a UTF-8
+    character; the tokens of such a tail (a character has at most 4 bytes, so at most 3 tokens
+    of an unfinished one) are held until it is whole, or until the next bytes show that it never
+    will be (then it settles as U+FFFD). Each token costs O(1)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""  # settled
+        self.tail = ""  # the held tokens' text as it decodes now
+        self._held: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The text that `token` settles (may be empty)."""
+        decode, pending = self.tokenizer.decode, [*self._held, token]
+        new, self._held, self.tail = decode(pending), [], ""
+        if new.endswith("\ufffd"):  # maybe an unfinished character: hold the shortest tail
+            # that ends in it and decodes apart from what comes before (no character spans the cut)
+            for cut in range(len(pending) - 1, max(len(pending) - 3, 0) - 1, -1):
+                head, tail = decode(pending[:cut]), decode(pending[cut:])
+                if head + tail == new:
+                    new, self._held, self.tail = head, pending[cut:], tail
+                    break
+        self.text += new
+        return new
+
+    def flush(self) -> str:
+        """The held tail's text, settled as it decodes now (the stream has ended)."""
+        tail, self._held, self.tail = self.tail, [], ""
+        self.text += tail
+        return tail
+
+
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
     cls.kind: cls for cls in (BPETokenizer, GPT2Tokenizer, ByteTokenizer)
 }

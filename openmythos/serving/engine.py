@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from openmythos.data.tokenizer import Tokenizer
+from openmythos.data.tokenizer import TextStream, Tokenizer
 from openmythos.generation import check_sampling, is_greedy, sample
 from openmythos.model import OpenMythos
 
@@ -96,8 +96,7 @@ class Request:
     loops: int = 0  # loops executed, summed over every position this request ran
     emitted: int = 0  # characters of the completion already sent
     text: str = ""
-    settled: str = ""  # the text of generated[:settled_tokens], which later tokens cannot change
-    settled_tokens: int = 0
+    stream: TextStream | None = None  # decodes the completion as it grows (with a tokenizer)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -150,7 +149,8 @@ class Engine:
             raise ValueError("prompt must hold integer token ids")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt holds a token id outside [0, {vocab})")
-        req = Request(list(prompt), params, on_event)
+        stream = TextStream(self.tokenizer) if self.tokenizer is not None else None
+        req = Request(list(prompt), params, on_event, stream=stream)
         if params.seed is not None:
             req.generator = torch.Generator(self.model.embed.weight.device).manual_seed(params.seed)
         with self.lock:
@@ -270,7 +270,10 @@ class Engine:
         if token == self.eos:
             return self._finish(req, "stop")
         req.generated.append(token)
-        text = self._text(req)
+        settled = text = ""
+        if req.stream is not None:  # the text no later token can change, then a held tail
+            req.stream.push(token)
+            settled, text = req.stream.text, req.stream.text + req.stream.tail
         cut = min((text.index(s) for s in req.params.stop if s and s in text), default=None)
         if cut is not None:  # at the earliest stop string, whichever is listed first
             req.text = text[:cut]
@@ -278,7 +281,7 @@ class Engine:
         req.text = text
         # hold back a tail that could still grow into a stop string, and an unfinished character
         hold = max((len(s) - 1 for s in req.params.stop), default=0)
-        visible = min(len(text) - hold, len(req.settled))
+        visible = min(len(text) - hold, len(settled))
         if visible > req.emitted:
             req.on_event(Event("token", text=text[req.emitted:visible], token=token))
             req.emitted = visible
@@ -287,21 +290,6 @@ class Engine:
         full = len(req.prompt) + len(req.generated) >= self.max_len
         if len(req.generated) >= req.params.max_tokens or full:
             self._finish(req, "length")
-
-    def _text(self, req: Request) -> str:
-        """The completion so far, decoding only the tokens since the last whole character (a
-        byte-level token can end inside a UTF-8 character), so each token costs O(1)."""
-        if self.tokenizer is None:
-            return ""
-        pending = req.generated[req.settled_tokens:]
-        tail = self.tokenizer.decode(pending)
-        # an unfinished character (at most 4 bytes, so 4 tokens): decode these tokens again later;
-        # a longer run that still ends in U+FFFD is bytes no character can finish
-        if tail.endswith("\ufffd") and len(pending) < 4:
-            return req.settled + tail
-        req.settled += tail
-        req.settled_tokens = len(req.generated)
-        return req.settled
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.emitted < len(req.text):

@@ -256,7 +256,7 @@ def _fsync(path: Path) -> None:
 
 
 def _is_step_name(name: str) -> bool:
-    return name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit()
+    return name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdecimal()
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -305,8 +305,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise ValueError(f"checkpoint path {str(path)!r} does not exist")
     # a checkpoint itself: its manifest, or a step_N folder whose save was cut short (verify then
-    # names what is missing); not a run folder whose name merely starts with step_
-    if (path / MANIFEST).is_file() or _is_step_name(path.name):
+    # names what is missing); not a run folder named like one (it holds checkpoints/)
+    if (path / MANIFEST).is_file() or (_is_step_name(path.name) and not (path / CHECKPOINTS).is_dir()):
         verify(path)
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path

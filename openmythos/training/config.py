@@ -389,6 +389,8 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
     if not ok:
         raise ValueError(f"config key {key!r} expects {getattr(typ, '__name__', typ)}, "
                          f"got {value!r}")
+    if float in (typ, item) and not all(map(math.isfinite, value if item else [value])):
+        raise ValueError(f"{key}={value!r} must be a finite number")  # inf passes range checks
     if item is float:
         return [float(v) for v in value]
     return float(value) if typ is float else value
