@@ -1,6 +1,6 @@
 """`mythos`: train, evaluate, sample from and describe OpenMythos models.
 
-    mythos train [--config FILE] [--resume [DIR]] [--section.key VALUE ...]
+    mythos train [--config FILE] [--resume DIR] [--section.key VALUE ...]
     mythos eval --checkpoint DIR [--data PATH] [--n-loops 1,2,4,8,16]
     mythos generate --checkpoint DIR --prompt TEXT [--n-loops N --temperature T --top-k K ...]
     mythos info (--preset NAME | --checkpoint DIR) [--n-loops N --seq-len S]
