@@ -51,6 +51,9 @@ def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Ten
         return input_ids, attention_mask
     if not input_ids or not all(isinstance(p, Sequence) and len(p) for p in input_ids):
         raise ValueError("input_ids as a list must hold non-empty token-id lists")
+    bad = next((t for p in input_ids for t in p if not isinstance(t, int) or isinstance(t, bool)), None)
+    if bad is not None:
+        raise ValueError(f"input_ids as a list must hold integer token ids, got {bad!r}")
     width = max(len(p) for p in input_ids)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(input_ids), width, dtype=torch.long, device=device)
@@ -73,10 +76,17 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     check_sampling(temperature, top_k, top_p)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    vocab = model.cfg.vocab_size
+    for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab):
+            raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
     device = model.embed.weight.device
     ids, mask = _left_pad(input_ids, attention_mask, pad_token_id, device)
     if ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left padding (0s, then 1s, in every row): a row's "
+                         "next token follows its last position")
     B, T = ids.shape
     total = T + max_new_tokens
     if total > model.cfg.max_seq_len:

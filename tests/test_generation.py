@@ -84,9 +84,14 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=100), "max_seq_len"),
+    (dict(pad_token_id=999), r"pad_token_id must be a token id in \[0, 64\), got 999"),
+    (dict(eos_token_id=-1), r"eos_token_id must be a token id in \[0, 64\), got -1"),
+    (dict(input_ids=[[5, 6], [7]], pad_token_id=64), "pad_token_id"),
+    (dict(input_ids=["hello"]), "integer token ids, got 'h'"),
+    (dict(input_ids=torch.tensor([[7, 8, 0]]), attention_mask=torch.tensor([[1, 1, 0]])), "left padding"),
 ])
 def test_bad_sampling_arguments(kwargs, needle):
     model = small_model()
-    args = {"max_new_tokens": 4, **kwargs}
+    args = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=needle):
-        model.generate(torch.zeros(1, 2, dtype=torch.long), **args)
+        model.generate(**args)

@@ -117,6 +117,26 @@ def test_greedy_generate_matches_ours(attn_type, halting):
     assert isinstance(cache, OpenMythosCache) and cache.kv.n_loops == 3
 
 
+def test_chunked_prefill_a_restart_and_a_passed_generation_config():
+    from transformers import GenerationConfig
+
+    model = tiny_model()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    hf.generation_config.n_loops = 2
+    ids = torch.randint(2, VOCAB, (1, 20))
+    want = model.generate(ids, 5, temperature=0, n_loops=2)
+    assert torch.equal(hf.generate(ids, max_new_tokens=5, do_sample=False, prefill_chunk_size=8), want)
+    # the model's depth holds when the passed config has none
+    passed = GenerationConfig(max_new_tokens=5, do_sample=False)
+    assert torch.equal(hf.generate(ids, generation_config=passed), want)
+    # restart from a returned cache with the tokens it does not hold alone, and the whole mask
+    first = hf.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    cache, seq = getattr(first, "cache", None) or first.past_key_values, first.sequences
+    out = hf.generate(seq[:, cache.get_seq_length():], attention_mask=torch.ones_like(seq),
+                      cache=cache, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[:, -3:], want[:, -3:])
+
+
 def test_generate_without_cache_and_with_beams():
     model = tiny_model()
     hf = OpenMythosForCausalLM.from_openmythos(model)
@@ -179,6 +199,9 @@ def test_other_tokenizer_kinds_convert(kind):
     assert hf_tok(text)["input_ids"] == ours.encode(text)
     assert hf_tok.decode(ours.encode(text)) == text
     assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.eos_id, ours.pad_id)
+    # ids no character can hold (a stray continuation byte, a cut-off character) decode alike
+    for ids in ([104, 105, 140, 48, 6], ours.encode("東京")[:-1], [ours.eos_id, *ours.encode("ok")]):
+        assert hf_tok.decode(ids) == ours.decode(ids)
 
 
 REMOTE_SCRIPT = textwrap.dedent("""

@@ -23,13 +23,13 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as TokenizersBackend
 from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from openmythos.config import MythosConfig
 from openmythos.data.tokenizer import (
     BPE_FILE,
     EOS_TOKEN,
     META_FILE,
-    N_BYTES,
     PAD_TOKEN,
     BPETokenizer,
     Tokenizer,
@@ -83,10 +83,13 @@ def _backend(tokenizer: Tokenizer) -> TokenizersBackend:
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
         return backend
-    if tokenizer.kind == "byte":  # ids 0..255 are the bytes themselves, via byte fallback
-        vocab = {f"<0x{b:02X}>": b for b in range(N_BYTES)}
-        backend = TokenizersBackend(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
-        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    if tokenizer.kind == "byte":  # ids 0..255 are the bytes themselves, as byte-level characters
+        # (byte-level decoding, like ours, replaces only the bytes no character can hold; a
+        # ByteFallback decoder would turn a whole run of bytes into U+FFFD for one bad byte)
+        vocab = {char: b for b, char in bytes_to_unicode().items()}
+        backend = TokenizersBackend(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                     for t in (EOS_TOKEN, PAD_TOKEN)])
         return backend

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import safe_open
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -39,6 +40,11 @@ def check_depth(n_loops: Any) -> int | None:
     if n_loops is None or (isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1):
         return n_loops
     raise ValueError(f"n_loops must be a positive integer or None, got {n_loops!r}")
+
+
+# transformers 4's generate passes the whole sequence at every step; 5's passes the new tokens
+# (or says how many are new: next_sequence_length), which also allows chunked prefill
+_WHOLE_SEQUENCE_EVERY_STEP = int(transformers.__version__.split(".")[0]) < 5
 
 
 class OpenMythosCache:
@@ -212,11 +218,13 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                       past_key_values: OpenMythosCache | None = None,
                                       attention_mask: torch.Tensor | None = None,
                                       use_cache: bool = True, n_loops: int | None = None,
-                                      logits_to_keep: int = 0, **kwargs: Any) -> dict[str, Any]:
-        # generate passes the whole sequence every step; the cache knows how much of it it holds
+                                      logits_to_keep: int = 0, next_sequence_length: int | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
         cache = cache if cache is not None else past_key_values
-        if cache is not None and use_cache:
-            input_ids = input_ids[:, cache.get_seq_length():]
+        if next_sequence_length is not None:  # transformers 5 says how many tokens are new
+            input_ids = input_ids[:, -next_sequence_length:]
+        elif cache is not None and use_cache and _WHOLE_SEQUENCE_EVERY_STEP:
+            input_ids = input_ids[:, cache.get_seq_length():]  # the cache holds the rest
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
                 "use_cache": use_cache, "n_loops": n_loops, "logits_to_keep": logits_to_keep}
 
@@ -229,10 +237,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError("a cache passed to generate has its own depth: build it as "
                                  "OpenMythosCache(n_loops) instead of passing n_loops")
         else:
-            if n_loops is None:
+            if n_loops is None:  # a passed generation config without one keeps the model's
                 source = args[1] if len(args) > 1 else kwargs.get("generation_config")
-                n_loops = getattr(source if source is not None else self.generation_config,
-                                  "n_loops", None)
+                n_loops = getattr(source, "n_loops", None) or getattr(self.generation_config, "n_loops", None)
             kwargs[CACHE_FIELD] = OpenMythosCache(n_loops)
         return super().generate(*args, **kwargs)
 
