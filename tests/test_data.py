@@ -116,12 +116,16 @@ def test_gpt2_matches_known_ids(gpt2):
     assert (gpt2.vocab_size, gpt2.eos_id, gpt2.pad_id) == (50257, 50256, 50256)
 
 
-def test_bpe_training_is_deterministic_and_accepts_files(bpe, fixture_texts):
+def test_bpe_training_is_deterministic_and_accepts_files(bpe, fixture_texts, tmp_path):
     assert bpe.vocab_size == 400
     assert bpe.eos_id != bpe.pad_id
     assert train_bpe(fixture_texts, vocab_size=400).fingerprint == bpe.fingerprint
     files = [FIXTURE / d.name for d in path_documents(FIXTURE)]
     assert train_bpe(files, vocab_size=400).fingerprint == bpe.fingerprint
+    boms = [tmp_path / f"{i}.txt" for i in range(30)]
+    for f in boms:
+        f.write_bytes(b"\xef\xbb\xbfhello there")  # a byte-order mark is no text
+    assert train_bpe(boms, vocab_size=300).fingerprint == train_bpe(["hello there"] * 30, 300).fingerprint
     assert len(bpe.encode(fixture_texts[0])) < len(fixture_texts[0].encode())
 
 

@@ -179,7 +179,7 @@ def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> B
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size {vocab_size} is below the minimum of {min_vocab}")
     texts = [
-        item.read_text(encoding="utf-8") if isinstance(item, Path) else item
+        item.read_text(encoding="utf-8-sig") if isinstance(item, Path) else item  # a BOM is no text
         for item in texts_or_files
     ]
     if not any(texts):
