@@ -32,6 +32,27 @@ def test_autocast_matches_fp32():
     assert_close(out.float(), ref, atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@torch.no_grad()
+def test_autocast_decodes_through_a_cache_written_by_index(attn_type):
+    # halted tokens, left padding and ragged rows write the fp32 cache by index: under autocast
+    # the entries are bf16, and must be converted like the dense writes are
+    model = small_model(attn_type=attn_type, halting="act")
+    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.5)
+    model.recurrent.act.halt.bias.fill_(-2.0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 11, 12, 13]])
+    mask = (ids > 0).long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids, n_loops=4, attention_mask=mask)
+        for packed in (False, True):
+            cache = model.new_cache(2, 12, 4, packed=packed)
+            out = model(ids, n_loops=4, cache=cache, attention_mask=mask)
+            assert out.loops.min() < out.loops.max()  # some tokens halted: written by index
+            assert_close(out.logits[:, -1], full.logits[:, -1], atol=0.05, rtol=0.05)
+            step = model(torch.tensor([[3], [4]]), n_loops=4, cache=cache)  # ragged rows if packed
+            assert step.logits.shape == (2, 1, 64) and torch.isfinite(step.logits).all()
+
+
 def test_bf16_head_matches_fp32_and_keeps_the_outer_autocast():
     model = small_model()
     ids = torch.randint(0, 64, (2, 12))

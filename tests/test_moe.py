@@ -40,6 +40,19 @@ def test_bias_changes_selection_not_gate_weights():
     assert_close(gates1, expected / expected.sum(-1, keepdim=True))  # ... nor the gate weights
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_one_expert_per_token_still_trains_the_router(score):
+    # normalised over one expert, the gate would be 1 whatever the router says
+    moe = MoE(small_config(n_experts=6, n_experts_per_tok=1, router_score=score))
+    torch.nn.init.normal_(moe.router.weight, std=0.5)
+    moe.init_weights(std=0.1)
+    x = torch.randn(32, 64)
+    idx, gates, scores = moe.route(x)
+    assert_close(gates, scores.gather(-1, idx))
+    moe(x)[0].square().sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
 def test_bias_does_not_change_the_gate_gradient():
     moe = make_moe()
     x = torch.randn(32, 64)

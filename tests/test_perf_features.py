@@ -58,6 +58,21 @@ def test_checkpointing_each_loop_gives_identical_gradients(attn_type, halting):
             assert torch.equal(got[name], ref[name]), name
 
 
+def test_checkpointed_training_after_inference_mode():
+    # the loop embeddings are cached: a first build under inference_mode must not leave an
+    # inference tensor that checkpointed training then cannot save for backward
+    from openmythos.model.recurrence import _loop_embedding
+
+    _loop_embedding.cache_clear()
+    model = small_model()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.inference_mode():
+        model(ids, n_loops=3)
+    model.train().enable_activation_checkpointing(True)
+    model(ids, n_loops=3, targets=ids).loss.backward()
+    assert model.recurrent.lora.B.grad is not None
+
+
 def test_checkpointing_keeps_activations_of_one_loop_not_all():
     model = small_model(max_seq_len=64).train()
     ids = torch.randint(0, 64, (2, 32))
@@ -111,6 +126,21 @@ def test_ring_cache_prefill_is_exact_and_decode_close(ring):
     assert_close(inc[:, :6], full[:, :6], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(inc).all()
     assert (inc[:, 6:] - full[:, 6:]).abs().max() < 0.1  # stale loops, not garbage
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@torch.no_grad()
+def test_a_ring_cache_prompt_is_exact_when_tokens_halt_at_different_loops(attn_type):
+    # past the ring's first lap, the tokens still looping must read a halted token's entry of
+    # its last loop, as without a cache, not the one of its loop a lap before
+    model = small_model(attn_type=attn_type, halting="act", kv_cache_policy="ring", kv_cache_ring=2)
+    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.5)
+    model.recurrent.act.halt.bias.fill_(-2.0)
+    ids = torch.randint(0, 64, (2, 12))
+    full = model(ids, n_loops=5)
+    assert full.loops.min() <= 2 and full.loops.max() >= 4  # some halt in the first lap, some run on
+    cached = model(ids, n_loops=5, cache=model.new_cache(2, 12, 5))
+    assert_close(cached.logits, full.logits, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

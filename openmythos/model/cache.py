@@ -54,7 +54,7 @@ class KVSlot:
                 rows, new = _all_rows(new[0].shape[0], T, new[0].device), [x.flatten(0, 1) for x in new]
             coords = _rows_to_coords(rows, T, start, cols)
             for buf, x in zip(self.tensors, new, strict=True):
-                buf[coords] = x
+                buf[coords] = x.to(buf.dtype)  # under autocast, x may be narrower
         return [buf[:, :start + T] for buf in self.tensors]
 
     def narrow(self, start: int, n: int) -> KVSlot:

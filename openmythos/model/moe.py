@@ -39,12 +39,15 @@ class MoE(nn.Module):
         self.router_bias.zero_()
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns expert ids (N, K), gate weights (N, K) and the unbiased scores (N, E)."""
+        """Returns expert ids (N, K), gate weights (N, K) and the unbiased scores (N, E). The
+        gates are the chosen scores normalised over the K; with one expert per token, the score
+        itself (normalised, the gate would be 1 and the router would get no gradient)."""
         logits_NE = self.router(x_ND).float()
         scores_NE = logits_NE.softmax(-1) if self.score == "softmax" else logits_NE.sigmoid()
         idx_NK = (scores_NE + self.router_bias).topk(self.top_k, dim=-1).indices
         gates_NK = scores_NE.gather(-1, idx_NK)
-        gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True)
+        if self.top_k > 1:
+            gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True)
         return idx_NK, gates_NK, scores_NE
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

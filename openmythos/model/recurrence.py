@@ -153,11 +153,13 @@ def loop_embedding(t: int, dim: int, width: int, like: torch.Tensor) -> torch.Te
 @functools.lru_cache(maxsize=1024)
 def _loop_embedding(t: int, dim: int, width: int, dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
-    # a constant of (t, dim, width): built once, not at every loop of every call
-    freqs = 10000.0 ** (-torch.arange(0, width, 2, device=device, dtype=torch.float32) / width)
-    emb = torch.zeros(dim, device=device, dtype=torch.float32)
-    emb[:width] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
-    return emb.to(dtype)
+    # a constant of (t, dim, width): built once, not at every loop of every call, and never as an
+    # inference tensor (a first call under inference_mode), which training could not save
+    with torch.inference_mode(False):
+        freqs = 10000.0 ** (-torch.arange(0, width, 2, device=device, dtype=torch.float32) / width)
+        emb = torch.zeros(dim, device=device, dtype=torch.float32)
+        emb[:width] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
+        return emb.to(dtype)
 
 
 class ACTHalting(nn.Module):
@@ -189,6 +191,13 @@ def _constant_where(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return x
     return torch.where(mask.view(*mask.shape, *[1] * (x.dim() - mask.dim())), x.detach(), x)
+
+
+def _of_looping_sequences(rows: torch.Tensor, ctx: Context, N: int, T: int) -> torch.Tensor:
+    """The real tokens (flat indices) of the sequences that `rows`, the live tokens, belong to."""
+    real = ctx.tokens if ctx.tokens is not None else torch.arange(N, device=rows.device)
+    looping = torch.zeros(N // T, dtype=torch.bool, device=rows.device).index_fill_(0, rows // T, True)
+    return real[looping[real // T]]
 
 
 def _add(x: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor | int) -> torch.Tensor:
@@ -308,11 +317,13 @@ class RecurrentBlock(nn.Module):
         for t in range(depth):
             with torch.no_grad() if t < first_grad else nullcontext():
                 h_t, e_t = _take(h, rows), _take(e, rows)
-                if slots is not None and 0 < t < len(slots) and rows is not None:
-                    # halted rows keep their latest entry in this loop's slot (in a ring, only in
-                    # the slots they have not written this call: a sequence's cache must not
-                    # depend on how deep the others in its batch run)
-                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols, ctx.tokens)
+                if slots is not None and t > 0 and rows is not None:
+                    # halted rows keep their latest entry in this loop's slot, for the rows still
+                    # looping to attend to; in a ring past its first lap, only those of sequences
+                    # still looping (the others' slots hold what they wrote this call, and a
+                    # sequence's cache must not depend on how deep the others in its batch run)
+                    fill = ctx.tokens if t < len(slots) else _of_looping_sequences(rows, ctx, N, T)
+                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols, fill)
                 h_t, kv = self._run_step(t, h_t, e_t, coefficients, kv, ctx, slot(t), rows)
                 early = None  # rows whose backprop window starts after this loop
                 if grad_from is not None and torch.is_grad_enabled():
