@@ -118,6 +118,21 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(changed)
 
 
+def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path):
+    # its steps would be trained again beside the newer checkpoints, and pruning would delete
+    # the new saves in their favour
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3})
+    train(load_config(None, overrides))
+    run = Path(overrides["run.out_dir"])
+    older = run / "checkpoints" / "step_00000004"
+    with pytest.raises(ValueError, match="checkpoints past the one resumed from .step_00000006."):
+        train(load_config(None, {**overrides, "checkpoint.resume": str(older)}))
+    moved = tmp_path / "branch"
+    done = train(load_config(None, {**overrides, "checkpoint.resume": str(older), "run.out_dir": str(moved)}))
+    assert done["status"] == "completed" and (moved / "checkpoints" / "step_00000006").is_dir()
+    assert losses(moved)[-1] == losses(run)[-1]
+
+
 def test_fresh_run_never_overwrites_checkpoints(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
     train(load_config(None, overrides))
@@ -340,10 +355,18 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
     ({"train.ponder_weight": 0.01, "model.halting": "none"}, "needs model.halting='act'"),
     ({"loops.mean": "inf"}, "loops.mean=inf must be a finite number"),
     ({"train.lr": "inf"}, "train.lr=inf must be a finite number"),
+    ({"train.eps": -1.0}, "train.eps=-1.0 must be positive"),
 ])
 def test_invalid_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_a_device_that_is_none_is_named():
+    from openmythos.training.trainer import resolve_device
+
+    with pytest.raises(ValueError, match="run.device='foo' is not a device"):
+        resolve_device("foo")
 
 
 @pytest.mark.parametrize("text, typ, value", [

@@ -265,6 +265,11 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
 
 
+def checkpoints_after(run_dir: Path, step: int) -> list[Path]:
+    """The step directories of `run_dir` past `step`, newest first."""
+    return [p for p in _step_dirs(run_dir / CHECKPOINTS) if int(p.name[len(STEP_PREFIX):]) > step]
+
+
 def _prune(root: Path, keep: int) -> None:
     for old in _step_dirs(root)[keep:]:
         shutil.rmtree(old)

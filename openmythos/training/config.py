@@ -215,6 +215,7 @@ class TrainConfig:
                 if f.type == "float":  # inf would pass every range check below
                     _check(math.isfinite(value), f"{name}.{f.name}", value, "must be a finite number")
         _check(t.lr > 0, "train.lr", t.lr, "must be positive")
+        _check(t.eps > 0, "train.eps", t.eps, "must be positive")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
         _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
                f"exceeds train.steps={t.steps}")

@@ -49,6 +49,7 @@ from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import (
     CHECKPOINTS,
     Checkpoint,
+    checkpoints_after,
     open_checkpoint,
     run_dir_of,
     save_checkpoint,
@@ -108,7 +109,10 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Data:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"run.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device={name!r} but CUDA is not available")
     return device
@@ -271,6 +275,11 @@ class Trainer:
                 raise ValueError(f"run directory {str(run_dir)!r} already holds checkpoints: "
                                  f"continue it with --resume {run_dir}, or pick another "
                                  "--run.out_dir")
+            newer = checkpoints_after(run_dir, ckpt.trainer_state["step"]) if ckpt else []
+            if newer:  # their steps would be run again, and pruning would keep theirs over ours
+                raise ValueError(f"run directory {str(run_dir)!r} holds checkpoints past the one "
+                                 f"resumed from ({', '.join(p.name for p in newer)}): move or "
+                                 "delete them, or resume into another --run.out_dir")
         return run_dir
 
     def _restore(self, ckpt: Checkpoint) -> None:
