@@ -159,7 +159,9 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "dist": DistConfig,
 }
-# keys that may differ when resuming: they change where and how a run reports, not its numbers
+# keys that may differ when resuming: they change where and how a run reports, not its numbers,
+# except train.max_minutes, a budget a resume may extend (with train.time_schedule, the cosine
+# then stretches to the new end)
 RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile",
                   "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
                   "run.threads", "checkpoint.resume", "checkpoint.every", "checkpoint.keep",
