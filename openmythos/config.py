@@ -188,6 +188,11 @@ class MythosConfig:
         kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
         return q + kv + h * self.v_head_dim * self.dim
 
+    def _attn_matmul_params(self) -> int:
+        """attn_params less MLA's two latent norms' weights, which multiply no matrix."""
+        norms = (self.q_lora_rank + self.kv_lora_rank) if self.attn_type == "mla" else 0
+        return self.attn_params() - norms
+
     def _dense_block_params(self) -> int:
         return 2 * self.dim + self.attn_params() + 3 * self.dim * self.ffn_dim
 
@@ -224,8 +229,8 @@ class MythosConfig:
         n_loops = self.max_loop_iters if n_loops is None else n_loops
         seq_len = self.max_seq_len if seq_len is None else seq_len
         d = self.dim
-        dense_mm = self.attn_params() + 3 * d * self.ffn_dim
-        loop_mm = (self.attn_params() + d * self.n_experts
+        dense_mm = self._attn_matmul_params() + 3 * d * self.ffn_dim
+        loop_mm = (self._attn_matmul_params() + d * self.n_experts
                    + self.n_experts_per_tok * self._expert_params()
                    + self.n_shared_experts * 3 * d * self.shared_expert_dim
                    + 2 * d * self.lora_rank + (d if self.halting == "act" else 0))

@@ -115,10 +115,15 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
         model.train(was_training)
 
 
-def generate(model, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+def generate(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             attention_mask: torch.Tensor | None = None, pad_token_id: int = 0) -> torch.Tensor:
     """Returns (B, T + new) token ids: the (left-padded) prompt followed by the new tokens. Rows
-    that stopped early are filled with eos_token_id; generation ends when every row has stopped."""
+    that stopped early are filled with eos_token_id; generation ends when every row has stopped.
+    The arguments are stream's."""
+    new = list(stream(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p,
+                      eos_token_id, generator, attention_mask, pad_token_id))
     device = model.embed.weight.device
-    ids, _ = _left_pad(input_ids, kwargs.get("attention_mask"), kwargs.get("pad_token_id", 0), device)
-    new = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    ids, _ = _left_pad(input_ids, attention_mask, pad_token_id, device)
     return torch.cat([ids.to(device), torch.stack(new, dim=1)], dim=1)

@@ -95,19 +95,25 @@ def test_active_params_and_flops_scale_with_depth():
     assert cfg.flops_per_token(4, 1024) == 3 * cfg.flops_per_token(4, 1024, backward=False)
 
 
-def test_flops_match_torch_flop_counter():
+@pytest.mark.parametrize("overrides", [dict(attn_type="gqa"), dict(attn_type="mla"),
+                                       dict(attn_type="mla", q_lora_rank=0, halting="act")])
+def test_flops_match_torch_flop_counter(overrides):
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = MythosConfig.from_preset("tiny", vocab_size=512, halting="none", attn_type="gqa")
+    cfg = MythosConfig.from_preset("tiny", **{"vocab_size": 512, "halting": "none", **overrides})
     model = OpenMythos(cfg)
+    model.recurrent.act.halt.bias.data.fill_(-30.0)  # ACT never halts: every token runs 3 loops
     T = 64
     ids = torch.randint(0, cfg.vocab_size, (1, T))
     with FlopCounterMode(display=False) as counter:
         model(ids, n_loops=3)
     # the CPU's fused SDPA kernel is not counted by FlopCounterMode, so compare the linear layers
-    matmul = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    counts = counter.get_flop_counts()["Global"]
+    matmul = sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
     ours = cfg.flops_per_token(3, seq_len=T, backward=False)
-    attn_ours = (cfg.prelude_layers + cfg.coda_layers + 3) * cfg.n_heads * 2 * cfg.head_dim * T
+    qk, v = ((cfg.head_dim, cfg.head_dim) if cfg.attn_type == "gqa"
+             else (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim))
+    attn_ours = (cfg.prelude_layers + cfg.coda_layers + 3) * cfg.n_heads * (qk + v) * T
     assert (ours - attn_ours) * T == matmul
 
 

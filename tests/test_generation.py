@@ -95,3 +95,12 @@ def test_bad_sampling_arguments(kwargs, needle):
     args = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=needle):
         model.generate(**args)
+
+
+def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
+    import inspect
+
+    model = small_model()
+    assert "temperature" in inspect.signature(model.generate).parameters
+    ids = torch.randint(0, 64, (1, 4))
+    assert torch.equal(model.generate(ids, 3, 2, 0.0), model.generate(ids, 3, n_loops=2, temperature=0.0))

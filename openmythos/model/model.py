@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmythos.config import MythosConfig
+from openmythos.generation import generate, stream
 from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
@@ -360,12 +361,7 @@ class OpenMythos(nn.Module):
             raise ValueError(f"n_loops={deepest} exceeds the cache's n_loops={cache.n_loops} slots")
         return n_loops
 
-    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        from openmythos.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    def stream(self, input_ids, max_new_tokens: int, **kwargs):
-        from openmythos.generation import stream
-
-        return stream(self, input_ids, max_new_tokens, **kwargs)
+    # model.generate(input_ids, max_new_tokens, n_loops=..., temperature=..., ...): the functions
+    # of openmythos.generation, as methods
+    generate = generate
+    stream = stream
