@@ -37,7 +37,8 @@ class MythosConfig:
     n_heads: int = 16
     n_kv_heads: int = 4  # GQA only
     kv_lora_rank: int = 512  # MLA: the cached latent
-    q_lora_rank: int = 1536  # MLA: 0 projects queries directly, without a latent
+    q_lora_rank: int = 1536  # MLA: 0 projects queries directly, without a latent (the earlier
+    # package builds zero-width latent layers for 0 instead, so its parameter count differs there)
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
