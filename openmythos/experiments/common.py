@@ -28,7 +28,9 @@ class ExperimentConfig:
     seed: int = 0
     smoke: bool = False  # seconds-long run that exercises every code path and the report
     scale: float = 1.0  # multiplies training steps (and widths where the experiment says so)
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch intra-op threads, one as in the quickstart (docs/results.md: on a shared 2-core CPU,
+    # two threads trained ~40x slower); 0 keeps torch's default
+    threads: int = 1
     budget_minutes: float = 14.0  # wall-clock cap on all training; 0 = none (scaled runs)
 
 
