@@ -84,6 +84,33 @@ def test_generate_streams_a_continuation(run_dir):
     assert out.startswith("Fellow-Citizens") and len(out) > len("Fellow-Citizens")
 
 
+def test_generate_writes_as_it_goes(run_dir):
+    from openmythos.cli import generate
+
+    class Recorder(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            Recorder.writes += bool(text)
+            return super().write(text)
+
+    out = Recorder()
+    text = generate(str(run_dir), "Fellow-Citizens", max_new_tokens=12, temperature=0, out=out)
+    assert out.getvalue() == text + "\n" and Recorder.writes > 3  # the prompt, then piece by piece
+
+
+def test_an_exported_folder_serves_generate_and_eval_alike(run_dir, tmp_path):
+    hf = tmp_path / "hf"
+    mythos("export-hf", "--checkpoint", str(run_dir), "--out", str(hf))
+    ask = ("--prompt", "Fellow-Citizens", "--max-new-tokens", "12", "--temperature", "0")
+    assert (mythos("generate", "--checkpoint", str(hf), *ask).stdout
+            == mythos("generate", "--checkpoint", str(run_dir), *ask).stdout)
+    scores = [json.loads(mythos("eval", "--checkpoint", str(path), "--data", str(TEXT), "--n-loops", "2",
+                                "--max-tokens", "256").stdout.splitlines()[-1])["loss_per_depth"]["2"]
+              for path in (hf, run_dir)]
+    assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_generate_with_a_compiled_decode_step_writes_the_same_text(run_dir):
     from openmythos.cli import generate

@@ -168,6 +168,8 @@ def test_labels_loss_is_our_cross_entropy():
     ours = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
                            ignore_index=-100)
     torch.testing.assert_close(out.loss, ours)
+    # and the loss the trainer optimises (targets, no logits)
+    torch.testing.assert_close(out.loss, model(ids[:, :-1], n_loops=2, targets=labels[:, 1:]).loss)
     out.loss.backward()
     assert hf.model.embed.weight.grad is not None
 
@@ -342,3 +344,10 @@ def test_bad_calls():
         hf.generate(ids, max_new_tokens=2, n_loops=0)
     with pytest.raises(ValueError, match="logits_to_keep=1 with labels"):
         hf(ids, labels=ids, logits_to_keep=1)
+
+
+def test_the_core_never_imports_transformers():
+    code = ("import sys, openmythos.model, openmythos.training, openmythos.serving, "
+            "openmythos.experiments, openmythos.cli, openmythos.generation; "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
