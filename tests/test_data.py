@@ -410,9 +410,9 @@ def test_rank_shards_are_disjoint_slices_of_the_global_batch(ramp):
         for r in range(world)
     ]
     single, _ = ramp.sample_batch(batch * world, 8, torch.Generator().manual_seed(7))
+    # each rank's windows are its slice of the one global draw (random windows, as in one process)
     torch.testing.assert_close(torch.cat(shards), single)
-    starts = [set(s[:, 0].tolist()) for s in shards]
-    assert sum(len(s) for s in starts) == len(set().union(*starts)) == batch * world
+    assert all(len(s) == batch for s in shards)
 
 
 @pytest.mark.parametrize("max_tokens, scored", [(0, 102), (900, 102), (25, 20), (5, 10), (60, 60)])

@@ -82,12 +82,15 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, strategy):
     assert losses(two) == pytest.approx(losses(single), abs=1e-5)
     assert all(len(r["tok_per_s_rank"]) == 2 and min(r["tok_per_s_rank"]) > 0 for r in two)
     assert [r["rho"] for r in two] == pytest.approx([r["rho"] for r in single], abs=1e-6)
+    # the router biases follow the global expert load (all-reduced), not each rank's own
+    assert [r["load_entropy"] for r in two] == pytest.approx([r["load_entropy"] for r in single], abs=1e-6)
 
 
-def test_fsdp_gradient_accumulation_matches_one_process(runs, tmp_path):
-    """2 ranks x 2 micro-batches of 1, reduce-scattered only on the last, = 1 process x 4."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_accumulation_matches_one_process(runs, tmp_path, strategy):
+    """2 ranks x 2 micro-batches of 1, synchronised only on the last, = 1 process x 4."""
     _, single = runs("single")
-    accum = launch(tmp_path / "accum", 2, 1, "--train.grad_accum", "2", strategy="fsdp")
+    accum = launch(tmp_path / "accum", 2, 1, "--train.grad_accum", "2", strategy=strategy)
     assert losses(accum) == pytest.approx(losses(single), abs=1e-5)
 
 
