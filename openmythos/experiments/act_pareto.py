@@ -20,7 +20,7 @@ from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import load_model
 from openmythos.training.config import DataConfig, load_config
-from openmythos.training.trainer import prepare_data
+from openmythos.training.trainer import prepare_data, resolve_device
 
 
 @dataclass
@@ -46,9 +46,10 @@ def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]]
     model.eval()
     loss = loops = count = 0.0
     start = time.perf_counter()
+    device = model.embed.weight.device
     for x, y in batches:
-        out = model(x, n_loops=n_loops)
-        loss += float(F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        out = model(x.to(device), n_loops=n_loops)
+        loss += float(F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
         loops += float(out.loops.float().sum())
         count += y.numel()
     elapsed = time.perf_counter() - start
@@ -57,7 +58,7 @@ def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]]
 
 def with_halting(model: OpenMythos, **fields) -> OpenMythos:
     """The same weights under another exit rule."""
-    other = OpenMythos(model.cfg.replace(**fields))
+    other = OpenMythos(model.cfg.replace(**fields)).to(model.embed.weight.device)
     other.load_state_dict(model.state_dict())
     return other.eval()
 
@@ -84,7 +85,7 @@ def run(cfg: ActParetoConfig) -> dict:
         if out.get("diverged"):
             raise ValueError(f"act-pareto: training diverged at lr={cfg.lr} ({out['error']}); "
                              "try a smaller --lr")
-        model, tokenizer, _ = load_model(out["checkpoint"])
+        model, tokenizer, _ = load_model(out["checkpoint"], resolve_device(cfg.device))
         data = prepare_data(lm_config_data(out), tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
                                      data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]

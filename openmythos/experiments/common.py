@@ -32,6 +32,7 @@ class ExperimentConfig:
     # two threads trained ~40x slower); 0 keeps torch's default
     threads: int = 1
     budget_minutes: float = 14.0  # wall-clock cap on all training; 0 = none (scaled runs)
+    device: str = "auto"  # auto: a GPU when there is one, else the CPU
 
 
 def machine(threads: int = 0) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from openmythos.model import OpenMythos
 from openmythos.training.config import LoopsConfig, OptimConfig
 from openmythos.training.loops import LoopSampler
 from openmythos.training.optim import build_optimizer, lr_at
+from openmythos.training.trainer import resolve_device
 
 
 @dataclass
@@ -102,6 +103,7 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
                                       per="batch", min=cfg.train_hops, max=3 * cfg.train_loops),
                           cfg.seed + 1)
     depth = v.loops or cfg.train_loops
+    device = model.embed.weight.device
     losses = []
     model.train()
     start = time.perf_counter()
@@ -112,12 +114,12 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
             group["lr"] = lr_at(step, optim)
         ids, targets = training_batch(task, cfg.batch_size, cfg.train_hops, gen, width)
         n_loops = sampler.sample(cfg.batch_size) if v.random_depth else depth
-        out = model(ids, n_loops=n_loops, backprop_loops=cfg.backprop if v.random_depth else None)
-        loss = F.cross_entropy(out.logits[:, -1].float(), targets)
+        out = model(ids.to(device), n_loops=n_loops, backprop_loops=cfg.backprop if v.random_depth else None)
+        loss = F.cross_entropy(out.logits[:, -1].float(), targets.to(device))
         total = loss + out.aux_loss + (cfg.ponder_weight * out.ponder_loss if v.halting == "act" else 0)
         if cfg.prefix_loss:
             total = total + F.cross_entropy(out.logits.flatten(0, 1).float(),
-                                            prefix_targets(task, ids).flatten(), ignore_index=IGNORE)
+                                            prefix_targets(task, ids).flatten().to(device), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -167,8 +169,9 @@ def accuracy(model: OpenMythos, task: KHopTask, hops: int, n_loops: int, n: int,
     """Accuracy on held-out chains of exactly `hops` hops, and the mean loops actually run."""
     model.eval()
     ids, targets = task.sample(n, hops, torch.Generator().manual_seed(seed + hops), width, "test")
-    out = model(ids, n_loops=n_loops)
-    return float((out.logits[:, -1].argmax(-1) == targets).float().mean()), float(out.loops[:, -1].float().mean())
+    out = model(ids.to(model.embed.weight.device), n_loops=n_loops)
+    hit = out.logits[:, -1].argmax(-1).cpu() == targets
+    return float(hit.float().mean()), float(out.loops[:, -1].float().mean())
 
 
 def run(cfg: DepthExtrapolationConfig) -> dict:
@@ -188,7 +191,7 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
         for v in variants(cfg):
             started = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            model = OpenMythos(model_config(cfg, task, v, width))
+            model = OpenMythos(model_config(cfg, task, v, width)).to(resolve_device(cfg.device))
             trained = time.perf_counter()
             losses = train_variant(model, task, cfg, v, width, steps, budget.next_minutes())
             train_s = time.perf_counter() - trained

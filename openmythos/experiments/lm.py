@@ -51,7 +51,7 @@ def lm_run(cfg: LMExperimentConfig, out_dir: Path, model: dict[str, Any],
     # fixed n_loops and AdamW, so that an lr sweep and a depth mean what they say
     overrides.update({"train.optimizer": "adamw", "loops.sampler": "fixed", "run.dtype": "fp32"})
     overrides.update({"run.out_dir": str(out_dir), "run.seed": cfg.seed, "run.progress": not cfg.smoke,
-                      "run.threads": cfg.threads, "data.tokenizer": cfg.tokenizer,
+                      "run.threads": cfg.threads, "run.device": cfg.device, "data.tokenizer": cfg.tokenizer,
                       "eval.samples": 0, "train.max_minutes": budget.next_minutes(), **settings})
     train_cfg = load_config(None, overrides)
     shutil.rmtree(out_dir, ignore_errors=True)  # an experiment rerun starts its models afresh
