@@ -453,6 +453,9 @@ class Trainer:
         with _StopRequest() as stop, logging_redirect_tqdm(), bar:
             while self.step < cfg.train.steps:
                 record = self.train_step()
+                if cfg.train.max_minutes:  # where the clock will stop the run, for the bar's ETA
+                    pace = self.step / max(time.perf_counter() - start, 1e-9)
+                    bar.total = min(cfg.train.steps, max(self.step, round(pace * 60 * cfg.train.max_minutes)))
                 bar.update(1)
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
