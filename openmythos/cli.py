@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from openmythos.config import MythosConfig, preset_names
 from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
 from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth, scored_targets
+from openmythos.generation import check_sampling
 from openmythos.model import OpenMythos
 from openmythos.training import (
     TrainConfig,
@@ -51,7 +52,7 @@ from openmythos.training import (
     resolve_device,
     train,
 )
-from openmythos.training.checkpoint import run_dir_of
+from openmythos.training.checkpoint import is_hf_export, run_dir_of
 from openmythos.training.config import coerce
 
 log = logging.getLogger("openmythos")
@@ -116,10 +117,14 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
              compile: bool = False) -> str:
     """Sample a continuation of `prompt`, writing it to `out` as it is produced. compile: run
     the decode step as one torch.compile graph (OpenMythos.compile_decode)."""
+    check_sampling(temperature, top_k, top_p)  # before the model loads
     model, tokenizer, _ = _load(checkpoint, device)
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    if len(ids) + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"--prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {model.cfg.max_seq_len} tokens")
     if compile:
         model.compile_decode()
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     device_ = model.embed.weight.device
     g = torch.Generator(device_).manual_seed(seed)
     text = TextStream(tokenizer)  # holds a multi-byte character back until it is whole
@@ -164,14 +169,6 @@ def export_hf_command(checkpoint: str, out: str, n_loops: int | None = None) -> 
     return str(path)
 
 
-def is_hf_dir(path: str) -> bool:
-    """A directory written by `mythos export-hf`: its config.json names the openmythos model type."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "openmythos"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _hf():
     try:
         import openmythos.hf as hf
@@ -183,7 +180,7 @@ def _hf():
 def _load(checkpoint: str, device: str):
     """A training run or checkpoint directory, or a Hugging Face directory from export-hf (whose
     TrainConfig, when it has none, is the quickstart's)."""
-    if not is_hf_dir(checkpoint):
+    if not is_hf_export(checkpoint):
         return load_model(checkpoint, resolve_device(device))
     model, tokenizer, cfg = _hf().load_pretrained(checkpoint, resolve_device(device))
     if tokenizer is None:
@@ -192,9 +189,9 @@ def _load(checkpoint: str, device: str):
 
 
 def _model_config(checkpoint: str) -> MythosConfig:
-    if not is_hf_dir(checkpoint):
+    if not is_hf_export(checkpoint):
         return open_checkpoint(checkpoint).model_cfg
-    saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    saved = json.loads((Path(checkpoint).expanduser() / "config.json").read_text())
     return MythosConfig.from_dict({f.name: saved[f.name] for f in dataclasses.fields(MythosConfig)
                                    if f.name in saved})
 
@@ -320,10 +317,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--n-loops", type=int)
+    g.add_argument("--max-new-tokens", type=_count(1), default=128)
+    g.add_argument("--n-loops", type=_count(1))
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-k", type=_count(1), default=50)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")

@@ -84,6 +84,18 @@ def test_generate_streams_a_continuation(run_dir):
     assert out.startswith("Fellow-Citizens") and len(out) > len("Fellow-Citizens")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--n-loops", "0"], "--n-loops: expected an integer >= 1"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens: expected an integer >= 1"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--temperature", "nan"], "temperature"),
+    (["--max-new-tokens", "100000"], "exceeds the model's context"),
+])
+def test_generate_refuses_bad_arguments_before_it_writes(run_dir, args, message):
+    done = mythos("generate", "--checkpoint", str(run_dir), "--prompt", "hi", *args, check=False)
+    assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+
+
 def test_generate_writes_as_it_goes(run_dir):
     from openmythos.cli import generate
 
@@ -160,10 +172,16 @@ def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["inf", "nan"])
-def test_an_experiment_refuses_a_non_finite_number(value, capsys):
-    assert main(["experiment", "param-efficiency", "--scale", value]) == 2
-    assert f"scale={value} must be a finite number" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value, message", [
+    ("--scale", "inf", "scale=inf must be a finite number"),
+    ("--scale", "nan", "scale=nan must be a finite number"),
+    ("--scale", "-1", "scale=-1.0 must be positive"),
+    ("--threads", "-1", "threads=-1 must be >= 0"),
+    ("--budget_minutes", "-1", "budget_minutes=-1.0 must be >= 0"),
+])
+def test_an_experiment_refuses_a_bad_number(flag, value, message, capsys):
+    assert main(["experiment", "param-efficiency", flag, value]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_experiment_flags_take_a_value_or_stand_alone():

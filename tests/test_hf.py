@@ -289,6 +289,13 @@ def test_export_from_training_checkpoint(tokenizer, tmp_path):
     # the same folder written again without a tokenizer or run config keeps none of the old ones
     save_hf(model, out)
     assert load_pretrained(out)[1:] == (None, None) and not list(out.glob("tokenizer*"))
+    # never over a checkpoint, a run folder or a file
+    step = tmp_path / "run" / "checkpoints" / "step_00000007"
+    for target in (step, tmp_path / "run", step / "manifest.json"):
+        before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+        with pytest.raises(ValueError, match="not an earlier export"):
+            save_hf(model, target)
+        assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
 
 
 def _edit_config(path, **changes):

@@ -133,6 +133,21 @@ def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path):
     assert losses(moved)[-1] == losses(run)[-1]
 
 
+def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="corpus source .* nor an existing path"):
+        train(load_config(None, tiny_overrides(tmp_path, **{"run.out_dir": str(out),
+                                                            "data.corpus": str(tmp_path / "none")})))
+    assert not out.exists()
+
+
+def test_a_config_file_may_start_with_a_byte_order_mark_and_must_be_a_file(tmp_path):
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf[train]\nlr = 0.001\n")
+    assert load_config(tmp_path / "bom.toml").train.lr == 0.001
+    with pytest.raises(ValueError, match="is a directory, not a TOML file"):
+        load_config(tmp_path)
+
+
 def test_fresh_run_never_overwrites_checkpoints(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
     train(load_config(None, overrides))

@@ -34,6 +34,12 @@ class ExperimentConfig:
     budget_minutes: float = 14.0  # wall-clock cap on all training; 0 = none (scaled runs)
     device: str = "auto"  # auto: a GPU when there is one, else the CPU
 
+    def __post_init__(self) -> None:
+        for name, value, ok in (("threads", self.threads, self.threads >= 0), ("scale", self.scale, self.scale > 0),
+                                ("budget_minutes", self.budget_minutes, self.budget_minutes >= 0)):
+            if not ok:
+                raise ValueError(f"{name}={value!r} must be {'positive' if name == 'scale' else '>= 0'}")
+
 
 def machine(threads: int = 0) -> dict[str, Any]:
     """Facts about this machine; `threads` is what the run used (0: torch's default)."""
@@ -64,7 +70,7 @@ class Report:
 
     @property
     def out(self) -> Path:
-        path = Path(self.cfg.out_dir or f"runs/experiments/{self.name}")
+        path = Path(self.cfg.out_dir or f"runs/experiments/{self.name}").expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -37,6 +37,7 @@ from openmythos.data.tokenizer import (
 )
 from openmythos.hf.modeling_openmythos import OpenMythosForCausalLM, check_depth
 from openmythos.model import OpenMythos
+from openmythos.training.checkpoint import is_hf_export, load_model
 
 if TYPE_CHECKING:
     from openmythos.training.config import TrainConfig
@@ -106,7 +107,11 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
         _check_vocab(tokenizer, model.cfg)
         special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                    "pad_token_id": tokenizer.pad_id}
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
+    # a new or empty folder, or an earlier export: never a file, a checkpoint or a run folder
+    if out.exists() and not (out.is_dir() and (is_hf_export(out) or not any(out.iterdir()))):
+        raise ValueError(f"export folder {str(out)!r} is a file or holds files that are not an earlier "
+                         "export (a run or checkpoint folder?): export into a new or empty folder")
     hf = OpenMythosForCausalLM.from_openmythos(model, **special)
     hf.generation_config = GenerationConfig(**special, n_loops=n_loops or model.cfg.max_loop_iters)
     hf.save_pretrained(out)
@@ -132,8 +137,6 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, n_loops: int | None = None) -> Path:
     """`mythos export-hf`: convert a training checkpoint (a checkpoint directory, or a run
     directory for its newest complete checkpoint) into a Hugging Face model directory."""
-    from openmythos.training.checkpoint import load_model
-
     model, tokenizer, train_cfg = load_model(checkpoint_dir)
     return save_hf(model, out_dir, tokenizer, n_loops, train_cfg)
 

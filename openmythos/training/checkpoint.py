@@ -343,6 +343,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(ckpt, step, train_cfg, model_cfg)
 
 
+def is_hf_export(path: str | Path) -> bool:
+    """A directory written by `mythos export-hf` (save_hf): its config.json names the openmythos
+    model type."""
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+        return config.get("model_type") == "openmythos"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_dir_of(ckpt: Checkpoint) -> Path:
     """The run directory a checkpoint belongs to (`<run>/checkpoints/step_N` -> `<run>`)."""
     return ckpt.path.parent.parent if ckpt.path.parent.name == CHECKPOINTS else ckpt.path.parent

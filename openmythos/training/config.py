@@ -316,11 +316,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, not a TOML file")
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # -sig: a byte-order mark (some editors write one) is not TOML
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from e
 

@@ -184,7 +184,6 @@ class Trainer:
             # so loading one must not depend on the folder it was first read from
             raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} is neither one of {TOKENIZERS} "
                              "nor a directory holding a saved tokenizer")
-        self.run_dir = self._run_dir(ckpt)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
         head = cfg.run.head_dtype
         if head == "auto":
@@ -203,6 +202,7 @@ class Trainer:
         if ckpt is not None and mcfg != ckpt.model_cfg:
             raise ValueError(f"checkpoint {str(ckpt.path)!r} holds a different model: "
                              f"{ckpt.model_cfg} vs {mcfg}")
+        self.run_dir = self._run_dir(ckpt)  # once the data and model are known good: no empty run folder
 
         self.sharded = cfg.dist.strategy == "fsdp"
         torch.manual_seed(cfg.run.seed)
