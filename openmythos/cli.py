@@ -90,6 +90,11 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     on the text file/folder `data`, next to the unigram baseline of the run's training split."""
     model, tokenizer, cfg = _load(checkpoint, device)
     bundle = prepare_data(cfg.data, tokenizer)
+    if data is None and not is_hf_export(checkpoint):
+        changed = open_checkpoint(checkpoint).changed_splits(bundle.train, bundle.val)
+        if changed:  # a split recomputed from files added, removed or edited since
+            log.warning("the run's %s split differs from the one it trained on: its files changed, "
+                        "so this validation split may hold text the model trained on", " and ".join(changed))
     val = bundle.val if data is None else tokenize_documents(path_documents(data), tokenizer,
                                                               cfg.data.cache_dir or None)
     depths = list(n_loops or cfg.eval.depths)

@@ -148,6 +148,31 @@ def test_a_config_file_may_start_with_a_byte_order_mark_and_must_be_a_file(tmp_p
         load_config(tmp_path)
 
 
+def test_evaluating_or_resuming_on_changed_files_warns(tmp_path, caplog):
+    # the splits are recomputed from the run's files: once they change, a validation split may
+    # hold text the model trained on, and a resume does not continue as the run would have
+    from openmythos.cli import evaluate
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = TEXT.read_text()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(text[i * 2000:(i + 1) * 2000])
+    overrides = tiny_overrides(tmp_path, **{"data.corpus": str(corpus), "train.steps": 4,
+                                            "checkpoint.every": 2, "eval.samples": 0})
+    train(load_config(None, overrides))
+    run = overrides["run.out_dir"]
+    evaluate(run, n_loops=[1])
+    assert "differs from the one it trained on" not in caplog.text
+    (corpus / "doc0.txt").write_text(text[:1000])  # an edited file
+    evaluate(run, n_loops=[1])
+    assert "split differs from the one it trained on" in caplog.text
+    caplog.clear()
+    older = Path(run) / "checkpoints" / "step_00000002"
+    train(load_config(None, {**overrides, "checkpoint.resume": str(older), "run.out_dir": str(tmp_path / "b")}))
+    assert "split differs from the one it trained on" in caplog.text
+
+
 def test_fresh_run_never_overwrites_checkpoints(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
     train(load_config(None, overrides))

@@ -13,6 +13,7 @@ fingerprint, so editing either makes a new entry instead of reading a stale one.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -119,8 +120,10 @@ def split_by_hash(
 ) -> tuple[list[Document], list[Document]]:
     """Send a document to validation when the hash of its name falls below val_fraction.
 
-    Adding or removing files never moves the others between splits. If no name falls below,
-    the lowest one is used so that validation is never empty.
+    Adding or removing files never moves the others between splits, unless no name falls below
+    the fraction: then the lowest one is validation (never empty), and a new lowest one moves
+    the old one to training. A checkpoint records its splits (PackedTokens.digest), and resuming
+    or evaluating it on changed files warns.
     """
     _check_fraction(val_fraction)
     if len(docs) < 2:
@@ -248,6 +251,12 @@ class PackedTokens:
         return (
             f"PackedTokens(n_tokens={len(self)}, dtype={self.tokens.dtype}, n_bytes={self.n_bytes})"
         )
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The stream's identity: a checkpoint records its splits', so that a split recomputed
+        from files that changed since (added, removed or edited) is noticed."""
+        return hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()[:16]
 
     @property
     def bytes_per_token(self) -> float:

@@ -20,6 +20,8 @@ from openmythos.model import OpenMythos
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    """nats/token -> bits/byte. Callers pass the split's mean bytes per token, also for a subset
+    of its windows (max_tokens), whose own mean differs slightly (a few tenths of a percent)."""
     return loss_nats / math.log(2) / bytes_per_token
 
 

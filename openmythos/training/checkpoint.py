@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 
 from openmythos.config import MythosConfig
-from openmythos.data import Tokenizer, load_tokenizer
+from openmythos.data import PackedTokens, Tokenizer, load_tokenizer
 from openmythos.model import OpenMythos
 from openmythos.training.config import TrainConfig
 
@@ -68,6 +68,13 @@ class Checkpoint:
     step: int
     train_cfg: TrainConfig
     model_cfg: MythosConfig
+    data: dict[str, str] = field(default_factory=dict)  # split -> PackedTokens.digest, as trained
+
+    def changed_splits(self, train: PackedTokens, val: PackedTokens) -> list[str]:
+        """The splits, recomputed from the run's files now, that differ from those it trained on
+        (files added, removed or edited since; a checkpoint from before the record: none)."""
+        return [name for name, split in (("train", train), ("val", val))
+                if name in self.data and self.data[name] != split.digest]
 
     @property
     def sharded(self) -> bool:
@@ -202,7 +209,7 @@ def _finish(root: Path, tmp: Path, step: int, model: nn.Module, train_cfg: Train
         save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
     torch.save(state, tmp / STATE)
     config = {"format": FORMAT_VERSION, "step": step, "train": train_cfg.to_dict(),
-              "model": model.cfg.to_dict()}
+              "model": model.cfg.to_dict(), "data": state.get("data", {})}
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save(tmp / TOKENIZER)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -337,10 +344,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         meta = json.loads((ckpt / CONFIG).read_text())
         model_cfg = MythosConfig.from_dict(meta["model"])
         train_cfg = TrainConfig.from_dict(meta["train"])
-        step = int(meta["step"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        step, data = int(meta["step"]), dict(meta.get("data", {}))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"checkpoint config {str(ckpt / CONFIG)!r} is corrupt: {e!r}") from e
-    return Checkpoint(ckpt, step, train_cfg, model_cfg)
+    return Checkpoint(ckpt, step, train_cfg, model_cfg, data)
 
 
 def is_hf_export(path: str | Path) -> bool:

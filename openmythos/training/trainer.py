@@ -297,6 +297,10 @@ class Trainer:
             setattr(self, key, state[key])
         self.last_saved = self.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
+        changed = ckpt.changed_splits(self.data.train, self.data.val)
+        if changed:
+            log.warning("the run's %s split differs from the one it trained on (its files changed): "
+                        "the run continues, but not as it would have", " and ".join(changed))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights; the optimizer too unless DCP shards hold it."""
@@ -307,6 +311,7 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {"loops": self.loops.state_dict(),
+                 "data": {"train": self.data.train.digest, "val": self.data.val.digest},
                  "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
                  "world_size": self.env.world_size,
                  "skipped": self.skipped, "bad_in_row": self.bad_in_row,
