@@ -294,7 +294,7 @@ def experiment_command(name: str, overrides: dict[str, str]) -> dict:
             raise ValueError(f"experiment {name!r} has no field {key!r}; fields: {sorted(types)}")
         fields[key] = coerce(key, text, types[key])
     payload = run_experiment(name, **fields)
-    print((Path(payload["config"]["out_dir"] or f"runs/experiments/{name}") / "report.md").read_text())
+    print((Path(payload["config"]["out_dir"] or f"runs/experiments/{name}").expanduser() / "report.md").read_text())
     return payload
 
 
@@ -325,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_count(1), default=128)
     g.add_argument("--n-loops", type=_count(1))
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    g.add_argument("--top-k", type=_count(1), default=50)
+    g.add_argument("--top-k", type=_count(0), default=50, help="0 keeps every token")
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")

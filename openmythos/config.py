@@ -234,7 +234,8 @@ class MythosConfig:
         loop_mm = (self._attn_matmul_params() + d * self.n_experts
                    + self.n_experts_per_tok * self._expert_params()
                    + self.n_shared_experts * 3 * d * self.shared_expert_dim
-                   + 2 * d * self.lora_rank + (d if self.halting == "act" else 0))
+                   + 2 * d * self.lora_rank + (d if self.halting == "act" else 0)
+                   + (self.vocab_size * d if self.halting == "kl" else 0))  # its readout, every loop
         if self.attn_type == "gqa":
             qk, v = self.head_dim, self.head_dim
         else:

@@ -4,6 +4,7 @@ EOS, prompts of different lengths in one batch (left-padded), and a streaming va
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -51,7 +52,7 @@ def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Ten
         return input_ids, attention_mask
     if not input_ids or not all(isinstance(p, Sequence) and len(p) for p in input_ids):
         raise ValueError("input_ids as a list must hold non-empty token-id lists")
-    bad = next((t for p in input_ids for t in p if not isinstance(t, int) or isinstance(t, bool)), None)
+    bad = next((t for p in input_ids for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
     if bad is not None:
         raise ValueError(f"input_ids as a list must hold integer token ids, got {bad!r}")
     width = max(len(p) for p in input_ids)

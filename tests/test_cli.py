@@ -39,8 +39,8 @@ def curve(metrics: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, metrics.read_text().splitlines())]
 
 
-def mythos(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "openmythos.cli", *args], cwd=ROOT, env=ENV,
+def mythos(*args: str, check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "openmythos.cli", *args], cwd=ROOT, env=env or ENV,
                             capture_output=True, text=True, timeout=300, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"mythos {' '.join(args)} failed ({result.returncode}):\n"
@@ -94,6 +94,16 @@ def test_generate_streams_a_continuation(run_dir):
 def test_generate_refuses_bad_arguments_before_it_writes(run_dir, args, message):
     done = mythos("generate", "--checkpoint", str(run_dir), "--prompt", "hi", *args, check=False)
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+
+
+def test_home_relative_paths_and_top_k_zero(run_dir, tmp_path):
+    home = {**ENV, "HOME": str(tmp_path)}
+    mythos("export-hf", "--checkpoint", str(run_dir), "--out=~/hf", env=home)
+    assert (tmp_path / "hf" / "config.json").is_file()
+    ask = ("--prompt", "Fellow", "--max-new-tokens", "6", "--temperature", "0", "--top-k", "0")
+    assert mythos("generate", "--checkpoint=~/hf", *ask, env=home).stdout.startswith("Fellow")
+    out = mythos("experiment", "depth-extrapolation", "--smoke", "--out_dir=~/exp", env=home).stdout
+    assert "depth-extrapolation" in out and (tmp_path / "exp" / "report.md").is_file()
 
 
 def test_generate_writes_as_it_goes(run_dir):

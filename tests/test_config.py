@@ -96,7 +96,8 @@ def test_active_params_and_flops_scale_with_depth():
 
 
 @pytest.mark.parametrize("overrides", [dict(attn_type="gqa"), dict(attn_type="mla"),
-                                       dict(attn_type="mla", q_lora_rank=0, halting="act")])
+                                       dict(attn_type="mla", q_lora_rank=0, halting="act"),
+                                       dict(halting="kl", min_loops=3)])
 def test_flops_match_torch_flop_counter(overrides):
     from torch.utils.flop_counter import FlopCounterMode
 

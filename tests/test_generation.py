@@ -104,3 +104,8 @@ def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
     assert "temperature" in inspect.signature(model.generate).parameters
     ids = torch.randint(0, 64, (1, 4))
     assert torch.equal(model.generate(ids, 3, 2, 0.0), model.generate(ids, 3, n_loops=2, temperature=0.0))
+    # prompts as lists of numpy integers
+    import numpy as np
+
+    assert torch.equal(model.generate([list(np.array([5, 6, 7]))], 2, temperature=0),
+                       model.generate([[5, 6, 7]], 2, temperature=0))

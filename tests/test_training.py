@@ -127,6 +127,15 @@ def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path):
     older = run / "checkpoints" / "step_00000004"
     with pytest.raises(ValueError, match="checkpoints past the one resumed from .step_00000006."):
         train(load_config(None, {**overrides, "checkpoint.resume": str(older)}))
+    # a newer checkpoint that a crash left incomplete does not stand in the way, nor get pruned
+    # in place of the new saves: the resume replaces it when it saves that step again
+    broken = shutil.copytree(run, tmp_path / "broken")
+    shutil.rmtree(broken / "checkpoints" / "step_00000002")
+    (broken / "checkpoints" / "step_00000006" / "manifest.json").unlink()
+    done = train(load_config(None, {**overrides, "checkpoint.resume": str(broken), "checkpoint.keep": 1,
+                                    "run.out_dir": str(broken)}))
+    assert done["status"] == "completed" and done["steps"] == 6
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step_00000006"]
     moved = tmp_path / "branch"
     done = train(load_config(None, {**overrides, "checkpoint.resume": str(older), "run.out_dir": str(moved)}))
     assert done["status"] == "completed" and (moved / "checkpoints" / "step_00000006").is_dir()

@@ -145,7 +145,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[OpenMythos, Tokenizer | None, TrainConfig | None]:
     """The core model (eval mode), its tokenizer and its run's TrainConfig from a directory
     written by `save_hf`/`export_hf`; the last two are None when the directory has none."""
-    path = Path(path)
+    path = Path(path).expanduser()
     model = OpenMythosForCausalLM.from_pretrained(path).model.to(device).eval()
     tokenizer = load_tokenizer(path) if (path / META_FILE).is_file() else None
     if tokenizer is not None:

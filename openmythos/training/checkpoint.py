@@ -227,7 +227,7 @@ def _finish(root: Path, tmp: Path, step: int, model: nn.Module, train_cfg: Train
     else:
         tmp.rename(final)
     _fsync(root)
-    _prune(root, keep)
+    _prune(root, keep, step)
     return final
 
 
@@ -269,16 +269,31 @@ def _is_step_name(name: str) -> bool:
 def _step_dirs(root: Path) -> list[Path]:
     """Finished-looking step directories, newest first."""
     dirs = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and _is_step_name(p.name)]
-    return sorted(dirs, key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+    return sorted(dirs, key=_step_of, reverse=True)
 
 
 def checkpoints_after(run_dir: Path, step: int) -> list[Path]:
-    """The step directories of `run_dir` past `step`, newest first."""
-    return [p for p in _step_dirs(run_dir / CHECKPOINTS) if int(p.name[len(STEP_PREFIX):]) > step]
+    """The complete step directories of `run_dir` past `step`, newest first (an incomplete one,
+    a save that crashed, is replaced when the run saves that step again)."""
+    return [p for p in _step_dirs(run_dir / CHECKPOINTS) if _step_of(p) > step and _verifies(p)]
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in _step_dirs(root)[keep:]:
+def _step_of(path: Path) -> int:
+    return int(path.name[len(STEP_PREFIX):])
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify(path)
+        return True
+    except ValueError:
+        return False
+
+
+def _prune(root: Path, keep: int, step: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step`, the one just written; a later one (a
+    save that crashed before a resume from an earlier step) waits to be replaced at its step."""
+    for old in [p for p in _step_dirs(root) if _step_of(p) <= step][keep:]:
         shutil.rmtree(old)
     for tmp in root.glob(f"{TMP_PREFIX}*"):  # left by a save that crashed
         shutil.rmtree(tmp, ignore_errors=True)
