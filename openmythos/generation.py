@@ -42,6 +42,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         probs = sorted_logits.softmax(-1)
         # drop a token once the mass before it already reaches top_p; the best token always stays
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False  # also for a top_p that rounds to 0 in fp32
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -72,6 +72,8 @@ def test_top_k_and_top_p_restrict_the_support():
     assert (sample(logits, 0.0) == 0).all()
     # a temperature too small to divide by samples the argmax, its limit, instead of NaN
     assert (sample(logits, 1e-45, generator=g) == 0).all()
+    # a top_p that rounds to 0 in fp32 keeps the best token, as any top_p does
+    assert (sample(logits, 1.0, top_p=1e-46, generator=g) == 0).all()
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -326,3 +326,20 @@ def test_random_traffic_is_served_as_each_request_alone(seed):
         engine.run_until_idle()
         for req, p, d, m in zip(reqs, prompts, depths, budgets, strict=True):
             assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d), (trial, p, d)
+
+
+def test_a_request_whose_sampling_fails_ends_alone(monkeypatch):
+    engine = Engine(small_model(vocab_size=64), max_batch=2)
+    sample = engine._sample
+
+    def fussy(req, logits, greedy):
+        if req.params.seed == 7:
+            raise RuntimeError("injected")
+        return sample(req, logits, greedy)
+
+    monkeypatch.setattr(engine, "_sample", fussy)
+    _, failed = collect(engine, [1, 2], max_tokens=3, temperature=1.0, seed=7)
+    _, served = collect(engine, [3, 4], max_tokens=3, temperature=0)
+    engine.run_until_idle()
+    assert failed[-1].finish_reason == "error" and served[-1].finish_reason == "length"
+    assert served[-1].usage["completion_tokens"] == 3 and engine.idle

@@ -47,6 +47,16 @@ def test_completion_health_models(app):
     assert h.json()["status"] == "ok" and m.json()["data"][0]["id"] == "tiny"
 
 
+def test_openai_fields_at_their_neutral_values_are_accepted(app):
+    # what OpenAI client libraries send by default
+    neutral = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "presence_penalty": 0,
+               "frequency_penalty": 0.0, "user": "someone", "stream_options": {"include_usage": True},
+               "temperature": None, "top_p": None, "max_tokens": None}
+    r = call(app, lambda c: c.post("/v1/completions", json={"prompt": "hi", **neutral}))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 16  # max_tokens null: the default
+
+
 def test_list_of_prompts_and_n_loops(app):
     async def go(client):
         return await client.post("/v1/completions", json={"prompt": ["a", "bc"], "max_tokens": 3,
@@ -89,6 +99,11 @@ def test_streaming_matches_the_plain_completion(app):
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": ["a"] * 9}, "prompt"),  # more than the engine's queue could ever hold
     ({"prompt": "x", "temperature": 10**400}, "temperature"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "logprobs": 5}, "logprobs"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
 ])
 def test_bad_requests_name_the_field(app, payload, field):
     r = call(app, lambda c: c.post("/v1/completions", json=payload))

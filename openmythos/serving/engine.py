@@ -232,8 +232,15 @@ class Engine:
         logits = out.logits[:, -1]
         greedy = logits.argmax(-1).tolist()  # every greedy row's token in one op
         for i, req in enumerate(rows):
-            if req.decoding:  # its next token: after the last of its prompt or of its output
-                self._emit(req, self._sample(req, logits[i:i + 1], greedy[i]))
+            if not req.decoding:
+                continue
+            try:  # its next token: after the last of its prompt or of its output
+                token = self._sample(req, logits[i:i + 1], greedy[i])
+            except RuntimeError:  # this request's sampling failed, not the step: it ends alone
+                log.exception("sampling failed for request %d", req.id)
+                self._finish(req, "error")
+                continue
+            self._emit(req, token)
 
     def _call(self, feeds: list[list[int]], rows: list[Request]):
         """The model on the running rows: each row's new tokens, left-padded."""

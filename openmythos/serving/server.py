@@ -48,8 +48,32 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     n_loops: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**64)
+    # OpenAI fields that clients send at their neutral values: accepted at those, refused by
+    # name otherwise (one completion per prompt, no log-probabilities, no penalties)
+    n: int = 1
+    best_of: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    stream_options: dict[str, bool] | None = None  # the last chunk carries usage anyway
 
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator("n", "best_of", "logprobs", "echo", "presence_penalty", "frequency_penalty")
+    @classmethod
+    def _neutral(cls, v, info):
+        neutral = {"n": (1,), "best_of": (None, 1), "logprobs": (None,), "echo": (False,),
+                   "presence_penalty": (0,), "frequency_penalty": (0,)}[info.field_name]
+        if v not in neutral or isinstance(v, bool) != isinstance(neutral[-1], bool):
+            raise ValueError(f"only {' or '.join(map(json.dumps, neutral))} is supported here")
+        return v
+
+    @field_validator("max_tokens", "temperature", "top_p", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v, info):  # as in OpenAI's API
+        return cls.model_fields[info.field_name].default if v is None else v
+
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
     def _int_is_a_float(cls, v):  # strict mode would refuse `1` where JSON means 1.0
         if isinstance(v, int) and not isinstance(v, bool):
