@@ -112,8 +112,9 @@ def measure(cfg: MythosConfig, batch: int, seq: int, device: torch.device, args)
                                 device, args.warmup, args.repeats)
         out["prefill_tok_s"] = batch * seq / dt
         for b in (1, 8):  # one query per step: SDPA picks its kernel (MLA decode reads the latent)
-            dt = median_seconds(lambda b=b: list(stream(model, ids[:b, :PROMPT], args.new_tokens,
-                                                        temperature=0)), device, 1, args.repeats)
+            prompt = ids[:, :PROMPT].repeat(-(-b // batch), 1)[:b]  # b rows, whatever the batch
+            dt = median_seconds(lambda p=prompt: list(stream(model, p, args.new_tokens, temperature=0)),
+                                device, 1, args.repeats)
             out[f"decode_b{b}_tok_s"] = b * args.new_tokens / dt  # whole calls, prompt included
     flops = cfg.flops_per_token(seq_len=seq)
     out["train_tflops"] = out["train_tok_s"] * flops / 1e12

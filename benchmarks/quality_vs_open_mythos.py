@@ -256,7 +256,8 @@ def main() -> None:
     threads = args.threads if args.threads is not None else (quickstart.run.threads or None)
     if not args.skip_peer and not args.peer_python.exists():
         p.error(f"{args.peer_python} not found: run bash benchmarks/setup_open_mythos.sh first")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # both runs under the wait policy `mythos train` sets for itself (openmythos/cli.py)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -281,7 +282,7 @@ def main() -> None:
     record = {
         "benchmark": "quality_vs_open_mythos", "started": started, "minutes": minutes,
         "threads": threads or "torch default", "cpus": os.cpu_count(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), **data,
+        "omp_wait_policy": env["OMP_WAIT_POLICY"], **data,
         "ours": {**{k: ours[k] for k in keys}, "val_bpb": bpb(ours["val_loss"], bpt),
                  "command_s": ours["command_s"], "config": quickstart.to_dict()},
     }

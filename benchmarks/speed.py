@@ -583,7 +583,8 @@ def run_worker(impl: str, config: str, attn: str, section: str, args, **extra) -
 
 
 def merge_rounds(results: list[dict]) -> dict:
-    """Median over rounds of every numeric leaf; the first round's value for the rest."""
+    """Median over rounds of every numeric leaf, every round's items for a list of floats (the
+    timings behind the medians), the first round's value for the rest."""
     good = [r for r in results if "error" not in r]
     if not good:
         return results[0]
@@ -593,6 +594,8 @@ def merge_rounds(results: list[dict]) -> dict:
             return {k: merge([v[k] for v in values]) for k in values[0]}
         if isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
             return statistics.median(values)
+        if isinstance(values[0], list) and all(isinstance(x, float) for v in values for x in v):
+            return [x for v in values for x in v]
         return values[0]
 
     return merge(good)
