@@ -257,7 +257,8 @@ def main() -> None:
     if not args.skip_peer and not args.peer_python.exists():
         p.error(f"{args.peer_python} not found: run bash benchmarks/setup_open_mythos.sh first")
     # both runs under the wait policy `mythos train` sets for itself (openmythos/cli.py)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

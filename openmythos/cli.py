@@ -294,7 +294,8 @@ def experiment_command(name: str, overrides: dict[str, str]) -> dict:
             raise ValueError(f"experiment {name!r} has no field {key!r}; fields: {sorted(types)}")
         fields[key] = coerce(key, text, types[key])
     payload = run_experiment(name, **fields)
-    print((Path(payload["config"]["out_dir"] or f"runs/experiments/{name}").expanduser() / "report.md").read_text())
+    out = Path(payload["config"]["out_dir"] or f"runs/experiments/{name}").expanduser()
+    print((out / "report.md").read_text())
     return payload
 
 

@@ -53,7 +53,8 @@ def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Ten
         return input_ids, attention_mask
     if not input_ids or not all(isinstance(p, Sequence) and len(p) for p in input_ids):
         raise ValueError("input_ids as a list must hold non-empty token-id lists")
-    bad = next((t for p in input_ids for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+    bad = next((t for p in input_ids for t in p
+                if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
     if bad is not None:
         raise ValueError(f"input_ids as a list must hold integer token ids, got {bad!r}")
     width = max(len(p) for p in input_ids)
@@ -80,7 +81,8 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     vocab = model.cfg.vocab_size
     for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab):
+        is_id = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+        if value is not None and not is_id:
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
     device = model.embed.weight.device
     ids, mask = _left_pad(input_ids, attention_mask, pad_token_id, device)

@@ -45,6 +45,14 @@ def test_completion_health_models(app):
     assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 5 and body["usage"]["loops_executed"] > 0
     assert h.json()["status"] == "ok" and m.json()["data"][0]["id"] == "tiny"
+    assert isinstance(m.json()["data"][0]["created"], int)
+
+
+def test_a_model_not_served_here_is_a_404(app):
+    asked = {"prompt": "hi", "max_tokens": 2}
+    assert call(app, lambda c: c.post("/v1/completions", json={**asked, "model": "tiny"})).status_code == 200
+    r = call(app, lambda c: c.post("/v1/completions", json={**asked, "model": "gpt-4"}))
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
 def test_openai_fields_at_their_neutral_values_are_accepted(app):
@@ -104,6 +112,7 @@ def test_streaming_matches_the_plain_completion(app):
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
 ])
 def test_bad_requests_name_the_field(app, payload, field):
     r = call(app, lambda c: c.post("/v1/completions", json=payload))
@@ -236,6 +245,19 @@ def test_the_app_serves_again_after_a_shutdown(app):
     ask = lambda c: c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
     assert call(app, ask).status_code == 200
     assert call(app, ask).status_code == 200, "a second lifespan found the engine shut down"
+
+
+def test_a_request_during_shutdown_is_a_503():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    app = create_app(engine, "tiny", Limits(max_tokens=32))
+
+    async def go(client):
+        engine.shutdown()  # what SIGTERM starts
+        return await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+
+    r = call(app, go)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
 
 
 def test_back_pressure_answers_429():

@@ -49,7 +49,8 @@ def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]]
     device = model.embed.weight.device
     for x, y in batches:
         out = model(x.to(device), n_loops=n_loops)
-        loss += float(F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        logits = out.logits.float().flatten(0, 1)
+        loss += float(F.cross_entropy(logits, y.to(device).flatten(), reduction="sum"))
         loops += float(out.loops.float().sum())
         count += y.numel()
     elapsed = time.perf_counter() - start

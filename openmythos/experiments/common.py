@@ -35,10 +35,10 @@ class ExperimentConfig:
     device: str = "auto"  # auto: a GPU when there is one, else the CPU
 
     def __post_init__(self) -> None:
-        for name, value, ok in (("threads", self.threads, self.threads >= 0), ("scale", self.scale, self.scale > 0),
-                                ("budget_minutes", self.budget_minutes, self.budget_minutes >= 0)):
+        for name, ok, rule in (("threads", self.threads >= 0, ">= 0"), ("scale", self.scale > 0, "positive"),
+                               ("budget_minutes", self.budget_minutes >= 0, ">= 0")):
             if not ok:
-                raise ValueError(f"{name}={value!r} must be {'positive' if name == 'scale' else '>= 0'}")
+                raise ValueError(f"{name}={getattr(self, name)!r} must be {rule}")
 
 
 def machine(threads: int = 0) -> dict[str, Any]:

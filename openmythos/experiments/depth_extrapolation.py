@@ -118,8 +118,8 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
         loss = F.cross_entropy(out.logits[:, -1].float(), targets.to(device))
         total = loss + out.aux_loss + (cfg.ponder_weight * out.ponder_loss if v.halting == "act" else 0)
         if cfg.prefix_loss:
-            total = total + F.cross_entropy(out.logits.flatten(0, 1).float(),
-                                            prefix_targets(task, ids).flatten().to(device), ignore_index=IGNORE)
+            prefix = prefix_targets(task, ids).flatten().to(device)
+            total = total + F.cross_entropy(out.logits.flatten(0, 1).float(), prefix, ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

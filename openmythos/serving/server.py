@@ -35,6 +35,9 @@ class Limits:
     max_batch_prompts: int = 16  # prompts in one request's list
 
 
+MAX_STOPS = 16
+
+
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -88,6 +91,13 @@ class CompletionRequest(BaseModel):
     def _non_empty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("must hold at least one prompt")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v):  # each is searched for at every token, on the engine's thread
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
         return v
 
     def stops(self) -> tuple[str, ...]:
@@ -176,13 +186,18 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
     async def health() -> dict:
         return {"status": "ok", **engine.stats()}
 
+    started = int(time.time())
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model",
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
                                             "owned_by": "openmythos"}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if body.model is not None and body.model != model_name:
+            return _error(404, f"model {body.model!r} is not served here: this server serves {model_name!r}",
+                          "model")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         most = min(limits.max_batch_prompts, engine.max_queue)  # more could never all be admitted
         if len(prompts) > most:
@@ -218,7 +233,7 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
         except QueueFull as e:
             for r in reqs:
                 engine.cancel(r)
-            return _error(429, f"server busy: {e}", None)
+            return _error(503 if engine.stopping else 429, f"server busy: {e}", None)
         except ValueError as e:
             for r in reqs:
                 engine.cancel(r)
