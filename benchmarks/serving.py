@@ -130,7 +130,7 @@ def profile(model, reqs, batch: int, max_loops: int) -> dict:
     groups = [reqs[i:i + batch] for i in range(0, len(reqs), batch)]
     static_steps = [(max(r["max_tokens"] for r in g), max(r["n_loops"] for r in g)) for g in groups]
     return {"static_s": static_s, "engine_s": engine_s, "engine_vs_static": static_s / engine_s,
-            "static_decode_steps": sum(n for n, _ in static_steps),
+            "static_steps": sum(n for n, _ in static_steps),
             "static_loop_steps": sum(n * d for n, d in static_steps),
             "steps": steps, "loop_steps": sum(deepest), "steps_s": step_s,
             "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
