@@ -268,7 +268,7 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
 
     if checkpoint:
         model, tokenizer, _ = _load(checkpoint, device)
-        name = Path(checkpoint).name
+        name = Path(checkpoint).expanduser().resolve().name  # "." names its folder
     else:
         if not (preset and random_init):
             raise ValueError("give --checkpoint DIR, or --preset NAME with --random-init")

@@ -234,8 +234,7 @@ class MythosConfig:
         loop_mm = (self._attn_matmul_params() + d * self.n_experts
                    + self.n_experts_per_tok * self._expert_params()
                    + self.n_shared_experts * 3 * d * self.shared_expert_dim
-                   + 2 * d * self.lora_rank + (d if self.halting == "act" else 0)
-                   + (self.vocab_size * d if self.halting == "kl" else 0))  # its readout, every loop
+                   + 2 * d * self.lora_rank + (d if self.halting == "act" else 0))
         if self.attn_type == "gqa":
             qk, v = self.head_dim, self.head_dim
         else:
@@ -244,7 +243,9 @@ class MythosConfig:
         layers = self.prelude_layers + self.coda_layers
         fwd = 2 * (layers * dense_mm + n_loops * loop_mm + self.vocab_size * d)
         fwd += (layers + n_loops) * attn_per_layer
-        return fwd * (3 if backward else 1)
+        # the KL exit reads the vocabulary at every loop to decide, with no gradient through it
+        exit_readout = 2 * n_loops * self.vocab_size * d if self.halting == "kl" else 0
+        return fwd * (3 if backward else 1) + exit_readout
 
     def kv_cache_bytes_per_token(self, n_loops: int | None = None,
                                  dtype: torch.dtype = torch.bfloat16) -> int:

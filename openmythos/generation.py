@@ -81,7 +81,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     vocab = model.cfg.vocab_size
     for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
-        is_id = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+        is_id = isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < vocab
         if value is not None and not is_id:
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
     device = model.embed.weight.device

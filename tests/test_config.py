@@ -106,16 +106,19 @@ def test_flops_match_torch_flop_counter(overrides):
     model.recurrent.act.halt.bias.data.fill_(-30.0)  # ACT never halts: every token runs 3 loops
     T = 64
     ids = torch.randint(0, cfg.vocab_size, (1, T))
-    with FlopCounterMode(display=False) as counter:
-        model(ids, n_loops=3)
-    # the CPU's fused SDPA kernel is not counted by FlopCounterMode, so compare the linear layers
-    counts = counter.get_flop_counts()["Global"]
-    matmul = sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
-    ours = cfg.flops_per_token(3, seq_len=T, backward=False)
     qk, v = ((cfg.head_dim, cfg.head_dim) if cfg.attn_type == "gqa"
              else (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim))
     attn_ours = (cfg.prelude_layers + cfg.coda_layers + 3) * cfg.n_heads * (qk + v) * T
-    assert (ours - attn_ours) * T == matmul
+    for backward in (False, True):  # a forward pass, then a training step's forward + backward
+        with FlopCounterMode(display=False) as counter:
+            logits = model(ids, n_loops=3).logits
+            if backward:
+                logits.sum().backward()
+        # the CPU's fused SDPA kernel is not counted by FlopCounterMode: compare the linear layers
+        counts = counter.get_flop_counts()["Global"]
+        matmul = sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
+        ours = cfg.flops_per_token(3, seq_len=T, backward=backward)
+        assert (ours - attn_ours * (3 if backward else 1)) * T == matmul
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])

@@ -109,5 +109,5 @@ def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
     # prompts as lists of numpy integers
     import numpy as np
 
-    assert torch.equal(model.generate([list(np.array([5, 6, 7]))], 2, temperature=0),
-                       model.generate([[5, 6, 7]], 2, temperature=0))
+    assert torch.equal(model.generate([list(np.array([5, 6, 7]))], 2, temperature=0, eos_token_id=np.int64(3)),
+                       model.generate([[5, 6, 7]], 2, temperature=0, eos_token_id=3))

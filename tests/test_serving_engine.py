@@ -328,6 +328,16 @@ def test_random_traffic_is_served_as_each_request_alone(seed):
             assert req.generated == run_alone(model, p, max_tokens=m, temperature=0, n_loops=d), (trial, p, d)
 
 
+def test_numpy_token_ids_are_token_ids():
+    import numpy as np
+
+    engine = Engine(small_model(vocab_size=64), max_batch=1)
+    req, events = collect(engine, list(np.array([1, 2, 3])), max_tokens=2, temperature=0)
+    engine.run_until_idle()
+    assert req.prompt == [1, 2, 3] and all(type(t) is int for t in req.prompt)
+    assert events[-1].finish_reason == "length"
+
+
 def test_a_request_whose_sampling_fails_ends_alone(monkeypatch):
     engine = Engine(small_model(vocab_size=64), max_batch=2)
     sample = engine._sample

@@ -59,9 +59,11 @@ def test_openai_fields_at_their_neutral_values_are_accepted(app):
     # what OpenAI client libraries send by default
     neutral = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "presence_penalty": 0,
                "frequency_penalty": 0.0, "user": "someone", "stream_options": {"include_usage": True},
-               "temperature": None, "top_p": None, "max_tokens": None}
+               "temperature": None, "top_p": None, "max_tokens": None, "logit_bias": {}, "suffix": None}
     r = call(app, lambda c: c.post("/v1/completions", json={"prompt": "hi", **neutral}))
     assert r.status_code == 200, r.text
+    nulls = {k: None for k in ("n", "echo", "presence_penalty", "frequency_penalty", "stream")}
+    assert call(app, lambda c: c.post("/v1/completions", json={"prompt": "hi", **nulls})).status_code == 200
     assert r.json()["usage"]["completion_tokens"] == 16  # max_tokens null: the default
 
 

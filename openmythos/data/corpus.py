@@ -256,7 +256,7 @@ class PackedTokens:
     def digest(self) -> str:
         """The stream's identity: a checkpoint records its splits', so that a split recomputed
         from files that changed since (added, removed or edited) is noticed."""
-        return hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()[:16]
+        return hashlib.sha256(memoryview(np.ascontiguousarray(self.tokens))).hexdigest()[:16]
 
     @property
     def bytes_per_token(self) -> float:

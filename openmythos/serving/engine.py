@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import threading
 import time
 from collections import deque
@@ -73,7 +74,7 @@ class SamplingParams:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt holds a token id outside [0, {vocab})")
         stream = TextStream(self.tokenizer) if self.tokenizer is not None else None
-        req = Request(list(prompt), params, on_event, stream=stream)
+        req = Request(list(map(int, prompt)), params, on_event, stream=stream)
         if params.seed is not None:
             req.generator = torch.Generator(self.model.embed.weight.device).manual_seed(params.seed)
         with self.lock:

@@ -61,17 +61,22 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = 0.0
     user: str | None = None
     stream_options: dict[str, bool] | None = None  # the last chunk carries usage anyway
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
 
-    @field_validator("n", "best_of", "logprobs", "echo", "presence_penalty", "frequency_penalty")
+    @field_validator("n", "best_of", "logprobs", "echo", "presence_penalty", "frequency_penalty",
+                     "logit_bias", "suffix")
     @classmethod
     def _neutral(cls, v, info):
         neutral = {"n": (1,), "best_of": (None, 1), "logprobs": (None,), "echo": (False,),
-                   "presence_penalty": (0,), "frequency_penalty": (0,)}[info.field_name]
+                   "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
+                   "suffix": (None,)}[info.field_name]
         if v not in neutral or isinstance(v, bool) != isinstance(neutral[-1], bool):
             raise ValueError(f"only {' or '.join(map(json.dumps, neutral))} is supported here")
         return v
 
-    @field_validator("max_tokens", "temperature", "top_p", mode="before")
+    @field_validator("max_tokens", "temperature", "top_p", "n", "echo", "presence_penalty",
+                     "frequency_penalty", "stream", mode="before")
     @classmethod
     def _null_is_the_default(cls, v, info):  # as in OpenAI's API
         return cls.model_fields[info.field_name].default if v is None else v
