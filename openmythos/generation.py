@@ -18,6 +18,11 @@ def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
 
 
+def is_int(value) -> bool:
+    """An integer (a Python or numpy one), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
@@ -53,8 +58,7 @@ def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Ten
         return input_ids, attention_mask
     if not input_ids or not all(isinstance(p, Sequence) and len(p) for p in input_ids):
         raise ValueError("input_ids as a list must hold non-empty token-id lists")
-    bad = next((t for p in input_ids for t in p
-                if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+    bad = next((t for p in input_ids for t in p if not is_int(t)), None)
     if bad is not None:
         raise ValueError(f"input_ids as a list must hold integer token ids, got {bad!r}")
     width = max(len(p) for p in input_ids)
@@ -81,8 +85,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     vocab = model.cfg.vocab_size
     for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
-        is_id = isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < vocab
-        if value is not None and not is_id:
+        if value is not None and not (is_int(value) and 0 <= value < vocab):
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
     device = model.embed.weight.device
     ids, mask = _left_pad(input_ids, attention_mask, pad_token_id, device)

@@ -227,7 +227,7 @@ class OpenMythos(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             losses = F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), reduction="none",
                                             ignore_index=IGNORE_INDEX, options=chunks)
-        return losses.float().sum() / kept.sum()  # the mean over the positions kept
+        return losses.float().sum() / n_kept  # the mean over the positions kept
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim

@@ -193,9 +193,14 @@ def _constant_where(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(*mask.shape, *[1] * (x.dim() - mask.dim())), x.detach(), x)
 
 
+def _real_tokens(ctx: Context, N: int, device: torch.device) -> torch.Tensor:
+    """The flat indices of a call's real tokens: a packed call's, else all N."""
+    return ctx.tokens if ctx.tokens is not None else torch.arange(N, device=device)
+
+
 def _of_looping_sequences(rows: torch.Tensor, ctx: Context, N: int, T: int) -> torch.Tensor:
     """The real tokens (flat indices) of the sequences that `rows`, the live tokens, belong to."""
-    real = ctx.tokens if ctx.tokens is not None else torch.arange(N, device=rows.device)
+    real = _real_tokens(ctx, N, rows.device)
     looping = torch.zeros(N // T, dtype=torch.bool, device=rows.device).index_fill_(0, rows // T, True)
     return real[looping[real // T]]
 
@@ -426,7 +431,7 @@ class RecurrentBlock(nn.Module):
         depths = [n_loops] * B if isinstance(n_loops, int) else n_loops.tolist()
         spans = [(max(s, min(t, R - 1)) + 1, s + min(R - 1, max(d, R) - 1 - s)) if s >= 0 else (1, 0)
                  for s, d in zip(ran, depths, strict=True)]
-        real = ctx.tokens if ctx.tokens is not None else torch.arange(B * T, device=steps.device)
+        real = _real_tokens(ctx, B * T, steps.device)
         for u in range(1, t + R):  # every span lies in [1, t + R - 1]
             filled = [a <= u <= b for a, b in spans]
             if any(filled):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 import threading
 import time
 from collections import deque
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openmythos.data.tokenizer import TextStream, Tokenizer
-from openmythos.generation import check_sampling, is_greedy, sample
+from openmythos.generation import check_sampling, is_greedy, is_int, sample
 from openmythos.model import OpenMythos
 
 log = logging.getLogger(__name__)
@@ -63,18 +62,14 @@ class SamplingParams:
 
     def validate(self, max_loops: int) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.n_loops is not None and not (_is_int(self.n_loops) and 1 <= self.n_loops <= max_loops):
+        if self.n_loops is not None and not (is_int(self.n_loops) and 1 <= self.n_loops <= max_loops):
             raise ValueError(f"n_loops must be an integer in [1, {max_loops}], got {self.n_loops!r}")
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a tuple of strings, got {self.stop!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -118,7 +113,7 @@ class Engine:
             raise ValueError(f"admission must be 'depth' or 'fifo', got {admission!r}")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
                             ("max_len", max_len), ("max_loops", max_loops), ("admission_window", admission_window)):
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -146,7 +141,7 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the context of {self.max_len} tokens")
         vocab = self.model.cfg.vocab_size
-        if not all(map(_is_int, prompt)):
+        if not all(map(is_int, prompt)):
             raise ValueError("prompt must hold integer token ids")
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt holds a token id outside [0, {vocab})")

@@ -71,7 +71,7 @@ class CompletionRequest(BaseModel):
         neutral = {"n": (1,), "best_of": (None, 1), "logprobs": (None,), "echo": (False,),
                    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": (None, {}),
                    "suffix": (None,)}[info.field_name]
-        if v not in neutral or isinstance(v, bool) != isinstance(neutral[-1], bool):
+        if v not in neutral:  # (strict types already keep a bool from passing for 0 or 1)
             raise ValueError(f"only {' or '.join(map(json.dumps, neutral))} is supported here")
         return v
 
