@@ -150,6 +150,17 @@ def test_resume_across_world_sizes(runs, tmp_path, strategy):
         assert losses(solo)[-EVERY:] == pytest.approx(tail, abs=1e-5)
 
 
+def test_fsdp_resume_with_dropout_is_exact(tmp_path):
+    """Dropout's masks come from (seed, step, rank): a resumed sharded run draws the ones the run
+    drew uninterrupted (rank 0 alone initialising the whole model at start-up leaves its torch
+    generator elsewhere than the other rank's)."""
+    drop = ("--model.dropout", "0.1")
+    full = launch(tmp_path / "full", 2, 2, *drop, "--checkpoint.every", str(EVERY), strategy="fsdp")
+    resumed = launch(tmp_path / "resumed", 2, 2, *drop, "--checkpoint.resume",
+                     str(step_dir(tmp_path / "full", EVERY)), strategy="fsdp")
+    assert losses(resumed) == losses(full)[EVERY:]
+
+
 def test_a_different_global_batch_is_refused(runs, tmp_path):
     two, _ = runs("ddp")
     env = {**os.environ, "OPENMYTHOS_CACHE": str(tmp_path / "cache")}

@@ -47,12 +47,23 @@ def test_unknown_experiment_and_field():
         run_experiment("stability", stepz=3)
 
 
-def test_prefix_targets_follow_each_chain():
+def test_prefix_targets_follow_each_chain_and_leave_held_out_prefixes_out():
     task = KHopTask(12, 3, seed=0)
-    ids, targets, hops = task.batch(64, 4, torch.Generator().manual_seed(0), width=8)
+    ids, targets, hops = task.batch(256, 4, torch.Generator().manual_seed(0), width=8)
     prefix = prefix_targets(task, ids)
     assert torch.equal(prefix[:, -2], targets), "the last relation's prefix is the whole chain"
-    assert torch.equal((prefix != IGNORE).sum(1), hops), "one target per hop"
+    T, held_out = ids.shape[1], 0
+    for row, want, k in zip(ids, prefix, hops.tolist(), strict=True):
+        head = (row[T - k - 2] - task.entity_token(0)).view(1)
+        chain = (row[T - k - 1:T - 1] - task.relation_token(0)).view(1, k)
+        expected = torch.full((T,), IGNORE)
+        for i in range(1, k + 1):  # the i-th relation: the entity after i hops, unless held out
+            if i >= 2 and bool(task.is_test(head, chain[:, :i])):
+                held_out += 1
+            else:
+                expected[T - k - 2 + i] = task.entity_token(task.follow(head, chain[:, :i]))[0]
+        assert torch.equal(want, expected), (row, want, expected)
+    assert held_out > 0  # the batch really holds prefixes that the test split asks
 
 
 def test_act_pareto_trains_at_its_loop_count_and_names_a_divergence(tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def test_few_steps_lower_the_loss(tmp_path):
     {},  # fixed depth, batch-level
     {"loops.sampler": "lognormal-poisson", "loops.per": "sequence", "loops.max": 4,
      "loops.backprop": 1, "train.grad_accum": 2, "eval.every": 4, "checkpoint.every": 5,
-     "train.optimizer": "muon"},
+     "train.optimizer": "muon", "model.dropout": 0.1},
 ])
 def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch, loops):
     straight = tmp_path / "straight"

@@ -353,6 +353,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         B, T, accum = cfg.train.batch_size, cfg.data.seq_len, cfg.train.grad_accum
+        # dropout draws from torch's generator: seeded from (seed, step, rank) at every step, each
+        # rank draws its own masks and a resume continues them exactly, whatever start-up drew
+        # (FSDP's rank 0 initialises the whole model alone) and whichever rank's state was saved
+        seeds = np.random.SeedSequence([cfg.run.seed, self.step, self.env.rank])
+        torch.manual_seed(int(seeds.generate_state(1)[0]))
         # summed over micro-batches, read back in one transfer: cross-entropy, loops per token,
         # state norm, ponder cost
         stats = torch.zeros(4, device=self.device)
