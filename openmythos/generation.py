@@ -81,13 +81,16 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     token-id lists of different lengths. A sequence that produced eos_token_id keeps yielding it.
     """
     check_sampling(temperature, top_k, top_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     vocab = model.cfg.vocab_size
     for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
         if value is not None and not (is_int(value) and 0 <= value < vocab):
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
     device = model.embed.weight.device
+    if attention_mask is not None and not isinstance(input_ids, torch.Tensor):
+        raise ValueError("attention_mask goes with a tensor of input_ids: for a list of prompts "
+                         "the padding mask is built from their lengths")
     ids, mask = _left_pad(input_ids, attention_mask, pad_token_id, device)
     if ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
@@ -99,13 +102,11 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     if total > model.cfg.max_seq_len:
         raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {total} exceeds "
                          f"max_seq_len={model.cfg.max_seq_len}")
-    n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
-    if not (isinstance(n_loops, torch.Tensor) or (isinstance(n_loops, int) and not isinstance(n_loops, bool))):
-        raise ValueError(f"n_loops must be an int or a (batch,) tensor of depths, got {n_loops!r}")
+    n_loops = model.check_loops(n_loops, B)
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(B, total, n_loops if isinstance(n_loops, int) else int(max(n_loops)))
+        cache = model.new_cache(B, total, n_loops if isinstance(n_loops, int) else int(n_loops.max()))
         logits = model(ids.to(device), n_loops=n_loops, cache=cache, attention_mask=mask,
                        logits_to_keep=1).logits
         done = torch.zeros(B, dtype=torch.bool, device=device)

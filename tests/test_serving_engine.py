@@ -202,6 +202,8 @@ def test_loops_are_counted_per_request():
     ([1] * 60, dict(max_tokens=10), "context"),
     ([64], {}, "token id"),
     ([1.0, 2.0], {}, "integer token ids"),
+    ("hello", {}, "prompt must be a list of token ids, got str"),
+    (torch.tensor([[1, 2]]), {}, "integer token ids"),
     ([1], dict(temperature=-1), "temperature"),
     ([1], dict(temperature=float("nan")), "temperature"),
     ([1], dict(seed=2**64), "seed"),
@@ -353,3 +355,18 @@ def test_a_request_whose_sampling_fails_ends_alone(monkeypatch):
     engine.run_until_idle()
     assert failed[-1].finish_reason == "error" and served[-1].finish_reason == "length"
     assert served[-1].usage["completion_tokens"] == 3 and engine.idle
+
+
+def test_numpy_and_tensor_requests_serve_beside_plain_ones():
+    """A numpy n_loops (which validates as an integer) must reach the model as one, and a tensor
+    prompt as a list: neither may fail the step the other requests share."""
+    import numpy as np
+
+    model = small_model(vocab_size=64)
+    engine = Engine(model, max_batch=2)
+    plain, ev1 = collect(engine, [1, 2, 3], max_tokens=3, temperature=0, n_loops=2)
+    numpy, ev2 = collect(engine, torch.tensor([1, 2, 3]), max_tokens=3, temperature=0, n_loops=np.int64(2))
+    engine.run_until_idle()
+    assert ev1[-1].finish_reason == ev2[-1].finish_reason == "length"
+    expected = model.generate(torch.tensor([[1, 2, 3]]), 3, n_loops=2, temperature=0)[0, 3:].tolist()
+    assert plain.generated == numpy.generated == expected

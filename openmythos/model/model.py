@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmythos.config import MythosConfig
-from openmythos.generation import generate, stream
+from openmythos.generation import generate, is_int, stream
 from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
@@ -70,7 +70,7 @@ class OpenMythos(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None,
                   n_loops: int | None = None, packed: bool = False) -> KVCache:
         p = self.embed.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, n_loops,
+        return KVCache(self.cfg, batch_size, self.cfg.max_seq_len if max_len is None else max_len, n_loops,
                        dtype=p.dtype, device=p.device, packed=packed)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class OpenMythos(nn.Module):
                              f"got {logits_to_keep!r}")
         if logits_to_keep and targets is not None:
             raise ValueError(f"logits_to_keep={logits_to_keep} with targets: the loss covers every position")
-        n_loops = self._check_loops(n_loops, B, cache)
+        n_loops = self.check_loops(n_loops, B, cache)
         if head_dtype is not None and not (isinstance(head_dtype, torch.dtype) and head_dtype.is_floating_point):
             raise ValueError(f"head_dtype must be a floating-point torch.dtype, got {head_dtype!r}")
         if backprop_loops is not None and (not isinstance(backprop_loops, int) or isinstance(backprop_loops, bool)
@@ -334,6 +334,10 @@ class OpenMythos(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)} like the new input_ids, "
                              f"got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            # an additive mask (0 keep, -inf drop) would otherwise be read inverted, silently
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
+            raise ValueError(f"attention_mask must hold 1 for a token and 0 for padding, got a value {bad!r}")
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
         if self._packs(cache, T, attention_mask):
@@ -346,15 +350,17 @@ class OpenMythos(nn.Module):
             raise ValueError(f"cache overflow: {start} cached + {T} new tokens > cache max_len={cache.max_len}")
         return B, T, False
 
-    def _check_loops(self, n_loops, B: int, cache: KVCache | None) -> int | torch.Tensor:
+    def check_loops(self, n_loops, B: int, cache: KVCache | None = None) -> int | torch.Tensor:
+        """n_loops for a batch of B: None (the default depth), a positive integer, or a (B,)
+        integer tensor of positive depths; returned as a Python int or the tensor."""
         if n_loops is None:
             n_loops = self.cfg.max_loop_iters
         if isinstance(n_loops, torch.Tensor):
             if n_loops.dtype not in (torch.int64, torch.int32) or n_loops.shape != (B,) or int(n_loops.min()) < 1:
                 raise ValueError(f"n_loops as a tensor must be ({B},) positive integers, got {n_loops!r}")
             deepest = int(n_loops.max())
-        elif isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1:
-            deepest = n_loops
+        elif is_int(n_loops) and n_loops >= 1:  # numpy integers too
+            n_loops = deepest = int(n_loops)
         else:
             raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
         if cache is not None and deepest > cache.n_loops:

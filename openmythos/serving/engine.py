@@ -135,6 +135,10 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> Request:
         params.validate(self.max_loops)
+        if hasattr(prompt, "tolist"):  # a tensor or numpy array of ids
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt must be a list of token ids, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if len(prompt) + params.max_tokens > self.max_len:
