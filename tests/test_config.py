@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 import torch
@@ -27,11 +26,10 @@ def count(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_builds_on_meta_with_exact_count(name):
     cfg = MythosConfig.from_preset(name)
-    t0 = time.perf_counter()
     with torch.device("meta"):
         model = OpenMythos(cfg)
-    assert time.perf_counter() - t0 < 30, "meta build must not allocate or precompute tables"
-    assert all(b.numel() < 1_000_000 for b in model.buffers())
+    assert all(p.is_meta for p in model.parameters())
+    assert all(b.numel() < 1_000_000 for b in model.buffers()), "no table sized by the context"
     assert count(model) == cfg.num_params()
     if name in LEGACY_COUNTS:
         assert cfg.num_params() == LEGACY_COUNTS[name]

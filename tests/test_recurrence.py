@@ -7,8 +7,14 @@ import torch
 from torch.testing import assert_close
 
 from openmythos.model.attention import Context
-from openmythos.model.recurrence import LTIInjection, loop_embedding
+from openmythos.model.recurrence import LTIInjection
 from tests.conftest import small_model
+
+
+def sinusoid(t: int, dim: int, width: int) -> torch.Tensor:
+    """The loop-index embedding written out: sin then cos of t / 10000^(2i / width), then zeros."""
+    angles = [t / 10000.0 ** (2 * i / width) for i in range(width // 2)]
+    return torch.tensor([*map(math.sin, angles), *map(math.cos, angles)] + [0.0] * (dim - width))
 
 
 def unrolled(model, ids, n_loops):
@@ -22,7 +28,7 @@ def unrolled(model, ids, n_loops):
         x = layer(x, ctx)
     rec, e, h = model.recurrent, x, x
     for t in range(n_loops):
-        hh = rec.norm(h + loop_embedding(t, h.shape[-1], model.cfg.loop_embed_dim, h) + e)
+        hh = rec.norm(h + sinusoid(t, h.shape[-1], model.cfg.loop_embed_dim) + e)
         y = rec.block(hh, ctx, None)
         A = torch.exp(-torch.exp(rec.injection.log_dt + rec.injection.log_A))
         h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + y + rec.lora(y, t)
@@ -76,22 +82,55 @@ def test_zoh_and_euler_gains():
     assert_close(inj.gain(), torch.full((4,), dt * 0.1))
 
 
-def constant_states(model):
-    """Make every loop's state exactly 1, so the output is the sum of the ACT weights."""
-    model.recurrent.injection.forward = lambda h, e, out, coefficients=None: torch.ones_like(h)
+def graves_act(probs: list[list[float]], depth: int, threshold: float):
+    """ACT (Graves 2016) for one token, written out: its halting probabilities per loop ->
+    the weight of each loop's state, the loops run and the ponder cost N + R."""
+    c, weights = 0.0, []
+    for t in range(depth):
+        p = probs[t]
+        if t == depth - 1 or c + p >= threshold:
+            weights.append(1.0 - c)
+            return weights, t + 1, t + 1 + (1.0 - c)
+        weights.append(p)
+        c += p
 
 
-@pytest.mark.parametrize("n_loops", [1, 2, 3, 7])
-def test_act_weights_sum_to_one(n_loops):
-    model = small_model(halting="act", coda_layers=0)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.recurrent.act.halt.weight, std=1.0)
-    constant_states(model)
+# per token, its halting probability at each loop: a token that reaches the threshold at once,
+# ones that get there after two or three loops, ones that never do, one that never halts at all
+HALT_PROBS = [[0.995, 0, 0, 0], [0.5, 0.6, 0, 0], [0.2, 0.3, 0.1, 0.1],
+              [0.1, 0.88, 0.5, 0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.7, 0, 0]]
+
+
+@pytest.mark.parametrize("n_loops", [1, 2, 3, 4])
+def test_act_matches_graves_act_written_out(n_loops):
+    """The halting-weighted output, the loops each token runs and the ponder cost, against ACT
+    by hand: the state after loop t is made t + 1 everywhere, so the output is sum_t w_t (t + 1)."""
+    model = small_model(halting="act", coda_layers=0, act_threshold=0.99)
+    loop = []
+
+    def inject(h, e, out, coefficients=None):
+        loop.append(None)
+        return torch.full_like(h, float(len(loop)))
+
+    model.recurrent.injection.forward = inject
+    expected = [graves_act(probs, n_loops, 0.99) for probs in HALT_PROBS]
+    calls = []
+
+    def halt(h):  # the tokens still looping, in order, get their probability at this loop
+        t = len(calls)
+        calls.append(h.shape[0])
+        live = [i for i, (_, ran, _) in enumerate(expected) if ran > t]
+        assert h.shape[0] == len(live), (t, h.shape[0], live)  # halted tokens left the batch
+        return torch.tensor([float(HALT_PROBS[i][t]) for i in live])
+
+    model.recurrent.act.forward = halt
     seen = {}
-    model.recurrent.register_forward_hook(lambda m, i, o: seen.setdefault("out", o[0]))
-    out = model(torch.randint(0, 64, (3, 11)), n_loops=n_loops)
-    assert_close(seen["out"], torch.ones_like(seen["out"]))
-    assert out.loops.max() <= n_loops and out.loops.min() >= 1
+    model.recurrent.register_forward_hook(lambda m, i, o: seen.update(out=o[0]))
+    out = model(torch.randint(0, 64, (2, 3)), n_loops=n_loops)
+    state = torch.tensor([sum(w * (t + 1) for t, w in enumerate(weights)) for weights, _, _ in expected])
+    assert_close(seen["out"], state.view(2, 3, 1).expand_as(seen["out"]))
+    assert out.loops.flatten().tolist() == [ran for _, ran, _ in expected]
+    assert_close(out.ponder_loss, torch.tensor(sum(cost for _, _, cost in expected) / len(expected)))
 
 
 def scripted_halting(model, first_p):
