@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_script_measures_every_section_on_a_toy_model():
     done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--smoke",
                            "--warmup", "0", "--repeats", "1", "--new-tokens", "4"],

@@ -67,6 +67,7 @@ def test_train_writes_summary_metrics_and_checkpoint(run_dir):
     assert (run_dir / "config.toml").is_file()
 
 
+@pytest.mark.slow
 def test_eval_prints_a_table_and_json(run_dir):
     out = mythos("eval", "--checkpoint", str(run_dir), "--n-loops", "1,2").stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -96,6 +97,7 @@ def test_generate_refuses_bad_arguments_before_it_writes(run_dir, args, message)
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
 
 
+@pytest.mark.slow
 def test_home_relative_paths_and_top_k_zero(run_dir, tmp_path):
     home = {**ENV, "HOME": str(tmp_path)}
     mythos("export-hf", "--checkpoint", str(run_dir), "--out=~/hf", env=home)
@@ -121,6 +123,7 @@ def test_generate_writes_as_it_goes(run_dir):
     assert out.getvalue() == text + "\n" and Recorder.writes > 3  # the prompt, then piece by piece
 
 
+@pytest.mark.slow
 def test_an_exported_folder_serves_generate_and_eval_alike(run_dir, tmp_path):
     hf = tmp_path / "hf"
     mythos("export-hf", "--checkpoint", str(run_dir), "--out", str(hf))
@@ -141,6 +144,7 @@ def test_generate_with_a_compiled_decode_step_writes_the_same_text(run_dir):
     assert generate(str(run_dir), compile=True, **kwargs) == generate(str(run_dir), **kwargs)
 
 
+@pytest.mark.slow
 def test_info_for_a_preset_and_a_checkpoint(run_dir):
     out = mythos("info", "--preset", "tiny", "--n-loops", "8").stdout
     preset = json.loads(out.splitlines()[-1])

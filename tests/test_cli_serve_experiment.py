@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def mythos(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "openmythos.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_experiment_smoke_writes_its_report(tmp_path):
     out = tmp_path / "exp"
     done = mythos("experiment", "depth-extrapolation", "--smoke", "true", "--threads", "1",
@@ -20,6 +23,7 @@ def test_experiment_smoke_writes_its_report(tmp_path):
     assert json.loads((out / "results.json").read_text())["config"]["smoke"] is True
 
 
+@pytest.mark.slow
 def test_experiment_errors_name_the_problem():
     done = mythos("experiment", "nope")
     assert done.returncode == 2 and "unknown experiment 'nope'" in done.stderr
@@ -27,6 +31,7 @@ def test_experiment_errors_name_the_problem():
     assert done.returncode == 2 and "no field 'stepz'" in done.stderr
 
 
+@pytest.mark.slow
 def test_serve_needs_a_model():
     done = mythos("serve", "--preset", "tiny")
     assert done.returncode == 2 and "--random-init" in done.stderr

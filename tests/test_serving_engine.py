@@ -12,18 +12,6 @@ from openmythos.serving import Engine, SamplingParams
 from tests.conftest import small_model
 
 
-def varied_model(**overrides):
-    """A model whose greedy tokens depend on the prompt and the depth: at the default init
-    (std 0.02) the logits barely depend on the input, and one token wins nearly everywhere, so
-    a row that took another row's token would go unnoticed."""
-    model = small_model(vocab_size=64, **overrides)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    return model
-
-
 def collect(engine, prompt, **params):
     events = []
     req = engine.submit(prompt, SamplingParams(**params), events.append)
@@ -39,7 +27,7 @@ def run_alone(model, prompt, **params):
 
 @pytest.mark.parametrize("attn_type,policy", [("mla", "per_loop"), ("gqa", "per_loop"), ("mla", "ring")])
 def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
-    model = varied_model(attn_type=attn_type, kv_cache_policy=policy, kv_cache_ring=2)
+    model = small_model(vocab_size=64, std=0.1, attn_type=attn_type, kv_cache_policy=policy, kv_cache_ring=2)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 11, [3, 1, 4, 1, 5, 9, 2], [6, 6, 6]]
     depths = [3, 1, 2, 3, 2]
     budgets = [6, 9, 3, 7, 5]
@@ -62,7 +50,7 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
 def test_greedy_is_the_same_alone_or_batched_when_tokens_halt(halting):
     # each token leaves the loop when its rule says so, in steps that mix prompts and decoding
     # rows (a packed call once ran the KL exit on a mislaid (tokens, vocab) buffer and crashed)
-    model = varied_model(halting=halting, act_threshold=0.5, kl_threshold=1e-2, min_loops=1)
+    model = small_model(vocab_size=64, std=0.1, halting=halting, act_threshold=0.5, kl_threshold=1e-2, min_loops=1)
     with torch.no_grad():
         model.recurrent.act.halt.weight.normal_(0, 1.0)  # ragged ACT exits
     prompts, depths, budgets = [[1, 2, 3, 4, 5], [7, 8], [9] * 11, [6, 6, 6]], [3, 1, 2, 3], [6, 9, 3, 5]
@@ -80,7 +68,7 @@ def test_greedy_is_the_same_alone_or_batched_when_tokens_halt(halting):
 
 
 def test_prompts_prefill_in_the_decode_call_packed_and_deepest_first():
-    model = varied_model()
+    model = small_model(vocab_size=64, std=0.1)
     prompts, depths = [[1, 2], [3] * 9, [4, 5, 6]], [2, 3, 1]
     engine = Engine(model, max_batch=3, prefill_chunk=4)
     calls = []
@@ -139,7 +127,7 @@ def test_depth_admission_takes_the_deepest_but_never_waits_without_bound():
 
 
 def test_engine_matches_generate():
-    model = varied_model()
+    model = small_model(vocab_size=64, std=0.1)
     prompt = [5, 4, 3, 2, 1, 0, 9]
     ref = model.generate(torch.tensor([prompt]), 8, temperature=0, n_loops=2)[0, len(prompt):].tolist()
     assert len(set(ref)) > 1  # not one token repeated
