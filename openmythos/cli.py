@@ -124,7 +124,10 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
     the decode step as one torch.compile graph (OpenMythos.compile_decode)."""
     check_sampling(temperature, top_k, top_p)  # before the model loads
     model, tokenizer, _ = _load(checkpoint, device)
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    try:
+        ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    except ValueError as e:  # e.g. bytes that are not UTF-8 in the argument
+        raise ValueError(f"--prompt: {e}") from None
     if len(ids) + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"--prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.max_seq_len} tokens")

@@ -76,6 +76,18 @@ def test_round_trip_and_plain_text_specials(tokenizer):
     assert tokenizer.bos_id == tokenizer.eos_id
 
 
+def test_text_that_is_not_unicode_is_refused_alike_by_every_tokenizer(tokenizer):
+    # a lone surrogate: JSON can carry one, and argv bytes that are not UTF-8 decode to them;
+    # each codec failed differently (a TypeError deep in tokenizers, silent replacement in tiktoken)
+    for bad in ("\ud800", "ok \udcff"):
+        with pytest.raises(ValueError, match=r"not valid Unicode: a lone surrogate '\\ud[8c]..' at character \d"):
+            tokenizer.encode(bad)
+        with pytest.raises(ValueError, match="lone surrogate"):
+            tokenizer.encode_batch(["fine", bad])
+    with pytest.raises(TypeError, match="text must be a str, got bytes"):
+        tokenizer.encode(b"abc")
+
+
 def test_a_text_stream_settles_what_the_whole_decode_says(tokenizer):
     # text with multi-byte characters, then random ids (stray bytes, unfinished characters):
     # what each token settles, joined, is the decode of them all, and a character that spans

@@ -182,6 +182,15 @@ def test_evaluating_or_resuming_on_changed_files_warns(tmp_path, caplog):
     assert "split differs from the one it trained on" in caplog.text
 
 
+def test_resuming_a_completed_run_says_there_is_nothing_to_train(tmp_path, caplog):
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 3, "eval.samples": 0})
+    first = train(load_config(None, overrides))
+    assert "nothing to train" not in caplog.text
+    again = train(load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]}))
+    assert "already at train.steps=3: nothing to train" in caplog.text
+    assert again["steps"] == first["steps"] == 3 and again["val_loss"] == first["val_loss"]
+
+
 def test_fresh_run_never_overwrites_checkpoints(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
     train(load_config(None, overrides))
@@ -405,6 +414,10 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
     ({"loops.mean": "inf"}, "loops.mean=inf must be a finite number"),
     ({"train.lr": "inf"}, "train.lr=inf must be a finite number"),
     ({"train.eps": -1.0}, "train.eps=-1.0 must be positive"),
+    ({"train.steps": 5}, r"train.warmup_steps=20 exceeds train.steps=5 \(set train.warmup_steps too"),
+    # a short run trips the default warmup: that must not hide the mistake elsewhere
+    ({"train.steps": 1, "model.preset": "huge"}, "model.preset='huge' is not one of"),
+    ({"train.steps": 1, "data.seq_len": 100000}, "data.seq_len=100000 exceeds model.max_seq_len"),
 ])
 def test_invalid_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):

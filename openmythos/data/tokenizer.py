@@ -39,6 +39,20 @@ GPT2_VOCAB_SIZE = 50257
 N_BYTES = 256
 
 
+def _valid(text: str) -> str:
+    """Text UTF-8 can encode. A lone surrogate (which Python strings, JSON and argv decoded with
+    surrogateescape carry) would otherwise fail deep inside one codec and be silently replaced
+    by another."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: a lone surrogate {text[e.start]!r} at "
+                         f"character {e.start}") from None
+    return text
+
+
 class Tokenizer(ABC):
     """Common interface; subclasses set the special ids and implement the codec."""
 
@@ -57,11 +71,17 @@ class Tokenizer(ABC):
         """Identity of the id mapping, so token caches are never shared between tokenizers."""
         return f"{self.kind}-{self.vocab_size}"
 
-    @abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        return self._encode(_valid(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(text) for text in texts]
+        return self._encode_batch([_valid(text) for text in texts])
+
+    @abstractmethod
+    def _encode(self, text: str) -> list[int]: ...
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
@@ -100,7 +120,7 @@ class ByteTokenizer(Tokenizer):
         self.pad_id = N_BYTES + 1
         self.vocab_size = N_BYTES + 2
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def _decode(self, ids: list[int]) -> str:
@@ -144,11 +164,11 @@ class BPETokenizer(Tokenizer):
         digest = hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
         return f"bpe-{self.vocab_size}-{digest[:16]}"
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -240,11 +260,11 @@ class GPT2Tokenizer(Tokenizer):
         self.eos_id = self.bos_id = self.pad_id = self._enc.eot_token
         self.vocab_size = self._enc.n_vocab
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(list(texts))
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts)
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)

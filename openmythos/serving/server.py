@@ -219,8 +219,8 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             return _error(400, "stream supports a single prompt", "prompt")
         try:
             encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
-        except UnicodeError as e:  # a lone surrogate, which JSON can carry
-            return _error(400, f"prompt is not encodable text: {e}", "prompt")
+        except ValueError as e:  # a lone surrogate, which JSON can carry
+            return _error(400, f"prompt: {e}", "prompt")
         for ids in encoded:
             room = min(limits.max_prompt_tokens, engine.max_len - body.max_tokens)
             if len(ids) > room:

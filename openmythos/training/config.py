@@ -219,8 +219,6 @@ class TrainConfig:
         _check(t.lr > 0, "train.lr", t.lr, "must be positive")
         _check(t.eps > 0, "train.eps", t.eps, "must be positive")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
-        _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
-               f"exceeds train.steps={t.steps}")
         for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2),
                            ("train.muon_momentum", t.muon_momentum)):
             _check(0 <= value < 1, key, value, "must lie in [0, 1)")
@@ -240,6 +238,10 @@ class TrainConfig:
         if t.ponder_weight and model.halting != "act":
             raise ValueError(f"train.ponder_weight={t.ponder_weight} needs model.halting='act', "
                              f"got {model.halting!r}")
+        # last: with the default warmup, a short run's train.steps trips it, and it should not
+        # hide a mistake elsewhere
+        _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+               f"exceeds train.steps={t.steps} (set train.warmup_steps too for a short run)")
 
     def model_config(self, **extra: Any) -> MythosConfig:
         if self.model.preset.removeprefix("mythos_") not in preset_names():

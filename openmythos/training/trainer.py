@@ -458,6 +458,9 @@ class Trainer:
                      self.model.cfg.active_params_per_token() / 1e6, len(self.data.train),
                      len(self.data.val))
         status, start = "completed", time.perf_counter() - self.train_time
+        if self.step >= cfg.train.steps:
+            log.warning("the run is already at train.steps=%d: nothing to train; its final "
+                        "evaluation runs again", cfg.train.steps)
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and main))
         with _StopRequest() as stop, logging_redirect_tqdm(), bar:
