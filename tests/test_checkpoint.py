@@ -60,6 +60,10 @@ def test_keeps_the_newest_k_and_sweeps_crashed_writes(tmp_path):
     (lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:100]), "truncated"),
     (lambda p: (p / STATE).unlink(), "missing trainer_state.pt"),
     (lambda p: (p / MANIFEST).write_text("{not json"), "manifest .* is corrupt"),
+    # valid JSON of the wrong shape, and bytes that are not UTF-8
+    (lambda p: (p / MANIFEST).write_text('{"format": 1, "step": 2, "files": []}'), "manifest .* is corrupt"),
+    (lambda p: (p / MANIFEST).write_text('{"files": {"config.json": 5}}'), "manifest .* is corrupt"),
+    (lambda p: (p / MANIFEST).write_bytes(b"\xff\xfe{"), "manifest .* is corrupt"),
 ])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, message):
     save(tmp_path, 1)

@@ -18,9 +18,11 @@ def test_bf16_model_matches_fp32(attn_type, halting):
     out = low(ids).logits
     assert out.dtype == torch.bfloat16
     assert_close(out.float(), ref, atol=0.05, rtol=0.05)
-    # decode through the cache in bf16 too
-    gen = low.generate(ids[:, :4], 6, temperature=0)
-    assert gen.shape == (2, 10)
+    # decode through the cache in bf16 too: a prompt, then a token at a time, as the full pass
+    cache = low.new_cache(2, 12)
+    steps = [low(ids[:, :4], cache=cache).logits]
+    steps += [low(ids[:, t:t + 1], cache=cache).logits for t in range(4, 12)]
+    assert_close(torch.cat(steps, 1).float(), out.float(), atol=0.05, rtol=0.05)
 
 
 def test_autocast_matches_fp32():

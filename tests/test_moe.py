@@ -77,6 +77,20 @@ def test_update_bias_moves_toward_balance():
     assert moe.router_bias[0] == pytest.approx(0.01) and moe.router_bias[5] == pytest.approx(-0.01)
 
 
+def test_the_bias_stays_fp32_in_a_bf16_model():
+    """bf16 would round the 1e-3 steps away once the bias passes ~0.25."""
+    fp32, bf16 = make_moe(), make_moe().to(torch.bfloat16)
+    assert bf16.router_bias.dtype == torch.float32 and bf16.w_gate.dtype == torch.bfloat16
+    load = torch.tensor([0.0, 9, 9, 9, 9, 9])  # expert 0 under-loaded at every update
+    for _ in range(600):
+        fp32.update_bias(load)
+        bf16.update_bias(load)
+    assert_close(bf16.router_bias, fp32.router_bias)
+    assert bf16.router_bias[0] == pytest.approx(0.6, abs=1e-4)
+    out, _, _ = bf16(torch.randn(8, 64, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
 def test_balance_loss_only_when_asked():
     x = torch.randn(16, 64)
     assert make_moe().train()(x)[2] == 0

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from openmythos.data import PackedTokens
-from openmythos.training import LoopSampler, TrainConfig, Trainer, TrainingDiverged, train
+from openmythos.training import (
+    LoopSampler,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    find_checkpoint,
+    train,
+)
 from openmythos.training.config import LoopsConfig, OptimConfig, coerce, load_config, to_toml
 from openmythos.training.optim import (
     MuonAdamW,
@@ -189,6 +196,49 @@ def test_resuming_a_completed_run_says_there_is_nothing_to_train(tmp_path, caplo
     again = train(load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]}))
     assert "already at train.steps=3: nothing to train" in caplog.text
     assert again["steps"] == first["steps"] == 3 and again["val_loss"] == first["val_loss"]
+
+
+def test_a_signal_during_the_final_save_is_noted_not_fatal(tmp_path, monkeypatch):
+    """With checkpoint.every = 0 (the quickstart) the final save is the run's only checkpoint:
+    a SIGTERM during it must not kill it half-written."""
+    import os
+    import signal
+
+    from openmythos.training.trainer import _StopRequest
+
+    save, handlers = Trainer.save, []
+
+    def save_under_a_signal(self, final=False):
+        if final:
+            handlers.append(signal.getsignal(signal.SIGTERM))
+            if getattr(handlers[-1], "__self__", None).__class__ is _StopRequest:  # else it would kill pytest
+                os.kill(os.getpid(), signal.SIGTERM)
+        return save(self, final)
+
+    monkeypatch.setattr(Trainer, "save", save_under_a_signal)
+    summary = train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 3, "checkpoint.every": 0})))
+    assert isinstance(getattr(handlers[0], "__self__", None), _StopRequest)
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert "val_loss" not in summary  # the signal skips the final evaluation
+    assert find_checkpoint(tmp_path / "run") == Path(summary["checkpoint"])
+
+
+def test_one_run_folder_trains_one_job_at_a_time(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
+    train(load_config(None, overrides))
+    resume = load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]})
+    first = Trainer(resume)
+    with pytest.raises(ValueError, match="is in use by another training process"):
+        Trainer(resume)
+    first.close()
+    Trainer(resume).close()  # free again
+
+
+def test_an_unwritable_checkpoints_folder_is_named_before_training(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the folder goes")
+    with pytest.raises(ValueError, match="run directory .*checkpoints' is not writable"):
+        train(load_config(None, tiny_overrides(tmp_path)))
 
 
 def test_fresh_run_never_overwrites_checkpoints(tmp_path):

@@ -99,7 +99,9 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
     gen = torch.Generator().manual_seed(cfg.seed)
     # one depth per step, never too shallow for the longest training chain (the measured runs
     # used per-step depths, from before per-sequence truncated backprop was fixed)
-    sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=cfg.train_loops,
+    # Huginn's n = Poisson(tau) + 1 has mean r + 1: r = train_loops - 1 trains at the fixed
+    # variant's mean depth (the committed run used r = train_loops, a mean of ~5 loops for 4)
+    sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=max(1, cfg.train_loops - 1),
                                       per="batch", min=cfg.train_hops, max=3 * cfg.train_loops),
                           cfg.seed + 1)
     depth = v.loops or cfg.train_loops

@@ -33,6 +33,14 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts * cfg.shared_expert_dim
         self.shared = SwiGLU(D, n_shared) if n_shared else None
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(bf16) casts every floating buffer; the bias moves in steps of router_bias_rate
+        # (1e-3), which bf16 rounds away once |bias| passes ~0.25, so it stays fp32 (the scores
+        # it shifts are fp32 anyway)
+        super()._apply(fn, recurse)
+        self.router_bias = self.router_bias.float()
+        return self
+
     def init_weights(self, std: float = 0.02) -> None:
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=std)

@@ -306,18 +306,19 @@ def verify(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {str(path)!r} is incomplete: it has no {MANIFEST} "
                          "(the write was interrupted, or this is not a checkpoint)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = {str(name): (int(want["bytes"]), str(want["sha256"]))
+                 for name, want in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8 or its shape
         raise ValueError(f"checkpoint manifest {str(manifest_path)!r} is corrupt: {e!r}") from e
-    for name, want in files.items():
+    for name, (size, digest) in files.items():
         p = path / name
         if not p.is_file():
             raise ValueError(f"checkpoint {str(path)!r} is missing {name}")
-        if p.stat().st_size != want["bytes"]:
+        if p.stat().st_size != size:
             raise ValueError(f"checkpoint file {str(p)!r} has {p.stat().st_size} bytes, the manifest "
-                             f"says {want['bytes']}: it is truncated or was overwritten")
-        if _sha256(p) != want["sha256"]:
+                             f"says {size}: it is truncated or was overwritten")
+        if _sha256(p) != digest:
             raise ValueError(f"checkpoint file {str(p)!r} fails its sha256 check: it is corrupt")
     return manifest
 

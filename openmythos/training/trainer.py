@@ -8,6 +8,7 @@ every rank and sliced by rank, so ranks agree on each step's depth and never sha
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -202,8 +203,16 @@ class Trainer:
         if ckpt is not None and mcfg != ckpt.model_cfg:
             raise ValueError(f"checkpoint {str(ckpt.path)!r} holds a different model: "
                              f"{ckpt.model_cfg} vs {mcfg}")
+        self._lock_file = None
         self.run_dir = self._run_dir(ckpt)  # once the data and model are known good: no empty run folder
+        try:
+            self._build(cfg, ckpt, mcfg)
+        except BaseException:
+            self.close()
+            raise
 
+    def _build(self, cfg: TrainConfig, ckpt: Checkpoint | None, mcfg: MythosConfig) -> None:
+        """The model, optimizer and training state: a fresh run's, or the checkpoint's."""
         self.sharded = cfg.dist.strategy == "fsdp"
         torch.manual_seed(cfg.run.seed)
         # FSDP2 shards the model on the meta device and materialises only each rank's shards
@@ -264,13 +273,14 @@ class Trainer:
         else:
             run_dir = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.env.is_main:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                probe = run_dir / f".write-test-{self.env.rank}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise ValueError(f"run directory {str(run_dir)!r} is not writable: {e}") from e
+            for folder in (run_dir, run_dir / CHECKPOINTS):  # not only at the first save, hours in
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    probe = folder / f".write-test-{self.env.rank}"
+                    probe.write_text("ok")
+                    probe.unlink()
+                except OSError as e:
+                    raise ValueError(f"run directory {str(folder)!r} is not writable: {e}") from e
             if ckpt is None and any((run_dir / CHECKPOINTS).glob("step_*")):
                 raise ValueError(f"run directory {str(run_dir)!r} already holds checkpoints: "
                                  f"continue it with --resume {run_dir}, or pick another "
@@ -280,7 +290,29 @@ class Trainer:
                 raise ValueError(f"run directory {str(run_dir)!r} holds checkpoints past the one "
                                  f"resumed from ({', '.join(p.name for p in newer)}): move or "
                                  "delete them, or resume into another --run.out_dir")
+            self._lock(run_dir)
         return run_dir
+
+    def _lock(self, run_dir: Path) -> None:
+        """Hold an exclusive lock on the run folder while this job trains in it: a second one (a
+        resume started twice) would delete the other's saves in progress when it prunes, and
+        interleave its metrics. The OS drops the lock when the process ends, however it ends."""
+        lock = open(run_dir / ".lock", "w")  # noqa: SIM115 (held open while the trainer lives)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ValueError(f"run directory {str(run_dir)!r} is in use by another training "
+                             "process") from None
+        except OSError as e:  # a file system without locks: train on, unguarded
+            log.warning("cannot lock %s (%s): nothing stops a second job from using it", run_dir, e)
+        self._lock_file = lock
+
+    def close(self) -> None:
+        """Release the run folder (train() does, once the run is over)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _restore(self, ckpt: Checkpoint) -> None:
         ckpt.load_training_state(self.model, self.optimizer)
@@ -497,9 +529,14 @@ class Trainer:
                                 self.step)
                     status = "time_limit"
                     break
-        checkpoint = self.save(final=True) or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
+            # the final save under the handler too: a signal during it (often the run's only
+            # checkpoint) is noted rather than fatal, and skips the final evaluation
+            checkpoint = self.save(final=True) or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
+            (stopped,) = any_rank([stop.requested], self.env, self.device)
         summary = self._summary(status, checkpoint)
-        if status != "interrupted":
+        if stopped and status != "interrupted":
+            log.warning("stopping: the checkpoint is written, the final evaluation skipped")
+        if not stopped:
             with gathered(self.engine, cfg.dist.reshard_recurrent):
                 summary.update(self.final_eval())
         if main:
@@ -588,7 +625,11 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     Under torchrun with dist.strategy='ddp' every rank calls this; the process group is
     joined here and left at the end."""
     try:
-        return Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
     finally:
         if env is None and cfg.dist.strategy != "none":
             destroy_distributed()
