@@ -38,6 +38,13 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     check_sampling(temperature, top_k, top_p)
     if is_greedy(temperature):
         return logits.argmax(-1)
+    probs = probabilities(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """The distribution `sample` draws from (a temperature above GREEDY_BELOW): (B, V) fp32."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:  # top_k past the vocab keeps everything
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -49,8 +56,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         drop = probs.cumsum(-1) - probs >= top_p
         drop[:, 0] = False  # also for a top_p that rounds to 0 in fp32
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -83,6 +89,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     check_sampling(temperature, top_k, top_p)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)  # a numpy integer too
     vocab = model.cfg.vocab_size
     for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
         if value is not None and not (is_int(value) and 0 <= value < vocab):
@@ -135,3 +142,118 @@ def generate(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor 
     device = model.embed.weight.device
     ids, _ = _left_pad(input_ids, attention_mask, pad_token_id, device)
     return torch.cat([ids.to(device), torch.stack(new, dim=1)], dim=1)
+
+
+@torch.no_grad()
+def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
+                       draft_loops: int = 1, draft_tokens: int = 4, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None,
+                       eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                       stats: dict | None = None) -> Iterator[int]:
+    """Self-speculative decoding (Huginn, Geiping et al. 2025): the model drafts `draft_tokens`
+    tokens at `draft_loops` loops, then one call at `n_loops` checks them all, for one sequence.
+    The output is the full-depth model's: greedy gives generate's tokens (up to float ties), and
+    sampling keeps its distribution exactly (speculative sampling: a draft token x is kept with
+    probability min(1, p(x) / q(x)), else the token comes from max(0, p - q), renormalised;
+    Leviathan et al. 2023, Chen et al. 2023). It pays where shallow loops often agree with deep
+    ones and a loop is a large share of a token's cost. Yields the new tokens one by one; fills
+    `stats` with the counts drafted, accepted and model calls."""
+    check_sampling(temperature, top_k, top_p)
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    n_loops = model.check_loops(n_loops, 1)
+    if not isinstance(n_loops, int):
+        raise ValueError("speculative decoding takes one n_loops for the sequence, not a tensor")
+    if not (is_int(draft_loops) and 1 <= draft_loops <= n_loops):
+        raise ValueError(f"draft_loops must be an integer in [1, n_loops={n_loops}], got {draft_loops!r}")
+    if not (is_int(draft_tokens) and draft_tokens >= 1):
+        raise ValueError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
+    vocab = model.cfg.vocab_size
+    if eos_token_id is not None and not (is_int(eos_token_id) and 0 <= eos_token_id < vocab):
+        raise ValueError(f"eos_token_id must be a token id in [0, {vocab}), got {eos_token_id!r}")
+    device = model.embed.weight.device
+    ids, _ = _left_pad(input_ids, None, 0, device)
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding runs one sequence: input_ids must have shape "
+                         f"(1, seq_len), got {tuple(ids.shape)}")
+    total = ids.shape[1] + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+                         f"exceeds max_seq_len={model.cfg.max_seq_len}")
+    greedy = is_greedy(temperature)
+    stats = {} if stats is None else stats
+    stats.update(drafted=0, accepted=0, calls=1)
+
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(probs, 1, generator=generator).view(1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(1, total, n_loops)
+        logits = model(ids.to(device), n_loops=n_loops, cache=cache, logits_to_keep=1).logits[:, -1]
+        token, produced = sample(logits, temperature, top_k, top_p, generator), 0
+        while True:
+            # `token` is decided: by the prompt, a rejection or the last verified position
+            yield int(token)
+            produced += 1
+            if int(token) == eos_token_id or produced == max_new_tokens:
+                return
+            k = min(draft_tokens, max_new_tokens - produced)
+            drafts, q = [], []  # the draft tokens and, when sampling, their distributions
+            for _ in range(k):  # each from the one before, at draft depth
+                last = drafts[-1] if drafts else token
+                d_logits = model(last.view(1, 1), n_loops=draft_loops, cache=cache).logits[:, -1]
+                if greedy:
+                    drafts.append(d_logits.argmax(-1))
+                else:
+                    q.append(probabilities(d_logits, temperature, top_k, top_p))
+                    drafts.append(draw(q[-1]))
+            cache.rewind(k)
+            # the decided token and the drafts at full depth, in one call: p for each next position
+            p_logits = model(torch.cat([token, *drafts]).view(1, -1), n_loops=n_loops, cache=cache).logits[0]
+            stats["drafted"] += k
+            stats["calls"] += k + 1
+            accepted = 0
+            for i, d in enumerate(drafts):
+                if greedy:
+                    keep = bool(d == p_logits[i].argmax())
+                else:
+                    p = probabilities(p_logits[i:i + 1], temperature, top_k, top_p)
+                    u = torch.rand((), generator=generator, device=device)
+                    keep = bool(u * q[i][0, d] < p[0, d])
+                if not keep:
+                    break
+                accepted += 1
+            stats["accepted"] += accepted
+            cache.rewind(k - accepted)  # the decided token and the accepted drafts stay
+            for d in drafts[:accepted]:
+                yield int(d)
+                produced += 1
+                if int(d) == eos_token_id or produced == max_new_tokens:
+                    return
+            if accepted == k:  # every draft kept: the next token from the last position
+                token = sample(p_logits[k:], temperature, top_k, top_p, generator)
+            elif greedy:
+                token = p_logits[accepted].argmax(-1, keepdim=True)
+            else:  # rejected: what the target gives beyond what the draft did
+                residual = (p - q[accepted]).clamp(min=0)
+                token = draw(residual if float(residual.sum()) > 0 else p)
+    finally:
+        model.train(was_training)
+
+
+def speculative_generate(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
+                         draft_loops: int = 1, draft_tokens: int = 4, temperature: float = 1.0,
+                         top_k: int | None = None, top_p: float | None = None,
+                         eos_token_id: int | None = None,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """speculative_stream's tokens after the prompt, (1, T + new), and its counts."""
+    stats: dict = {}
+    new = list(speculative_stream(model, input_ids, max_new_tokens, n_loops, draft_loops,
+                                  draft_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                                  stats))
+    device = model.embed.weight.device
+    ids, _ = _left_pad(input_ids, None, 0, device)
+    return torch.cat([ids.to(device), torch.tensor([new], device=device)], dim=1), stats

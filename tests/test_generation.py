@@ -102,6 +102,13 @@ def test_bad_sampling_arguments(kwargs, needle):
         model.generate(**args)
 
 
+def test_numpy_integer_lengths_are_taken():
+    import numpy as np
+
+    model = small_model()
+    assert model.generate(torch.zeros(1, 2, dtype=torch.long), np.int64(3)).shape == (1, 5)
+
+
 def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
     import inspect
 
@@ -114,3 +121,77 @@ def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
 
     assert torch.equal(model.generate([list(np.array([5, 6, 7]))], 2, temperature=0, eos_token_id=np.int64(3)),
                        model.generate([[5, 6, 7]], 2, temperature=0, eos_token_id=3))
+
+
+# self-speculative decoding
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"halting": "act", "act_threshold": 0.5}, {"attn_type": "gqa", "kv_cache_policy": "ring", "kv_cache_ring": 2},
+])
+def test_speculative_greedy_gives_generates_tokens(overrides):
+    model = small_model(std=0.1, **overrides)
+    prompt = torch.randint(0, 64, (1, 7))
+    ref = model.generate(prompt, 20, n_loops=3, temperature=0)
+    for draft_loops, draft_tokens in [(1, 1), (1, 4), (2, 3)]:
+        out, stats = model.speculative_generate(prompt, 20, n_loops=3, draft_loops=draft_loops,
+                                                draft_tokens=draft_tokens, temperature=0)
+        assert torch.equal(out, ref), (draft_loops, draft_tokens)
+        assert 0 <= stats["accepted"] <= stats["drafted"] and stats["drafted"] > 0
+    # drafts at full depth are the model's own tokens: every one is kept, and each model call
+    # after the prompt's gives draft_tokens + 1 tokens
+    out, stats = model.speculative_generate(prompt, 20, n_loops=3, draft_loops=3, draft_tokens=4,
+                                            temperature=0)
+    assert torch.equal(out, ref) and stats["accepted"] == stats["drafted"] == 16
+
+
+def test_speculative_stops_at_eos_and_at_max_new_tokens():
+    model = small_model(std=0.1)
+    prompt = [3, 1, 4, 1, 5]
+    ref = model.generate([prompt], 12, n_loops=3, temperature=0)[0, 5:].tolist()
+    eos = ref[6]
+    out, _ = model.speculative_generate([prompt], 12, n_loops=3, draft_tokens=5, temperature=0,
+                                        eos_token_id=eos)
+    assert out[0, 5:].tolist() == ref[:ref.index(eos) + 1]
+    for n in (1, 2, 7):
+        out, _ = model.speculative_generate([prompt], n, n_loops=3, draft_tokens=4, temperature=0)
+        assert out[0, 5:].tolist() == ref[:n]
+
+
+@pytest.mark.slow
+def test_speculative_sampling_keeps_the_full_depth_distribution():
+    """The first two sampled tokens, against their exact distribution at full depth: p(t1) and
+    sum over t1 of p(t1) p(t2 | t1), computed with a forward pass per t1. The draft (1 loop of
+    a model whose depth matters) is far from it, so a wrong accept or residual rule shows."""
+    model = small_model(std=0.3, vocab_size=16)
+    prompt = torch.tensor([[3, 9, 4]])
+    with torch.no_grad():
+        p1 = model(prompt, n_loops=3).logits[0, -1].softmax(-1)
+        seqs = torch.cat([prompt.expand(16, 3), torch.arange(16).view(16, 1)], 1)
+        p2 = (p1.unsqueeze(1) * model(seqs, n_loops=3).logits[:, -1].softmax(-1)).sum(0)
+        q2 = (p1.unsqueeze(1) * model(seqs, n_loops=1).logits[:, -1].softmax(-1)).sum(0)
+    assert 0.5 * (p2 - q2).abs().sum() > 0.25  # the second token drawn from the draft: far off
+    g, n = torch.Generator().manual_seed(0), 600
+    counts = torch.zeros(2, 16)
+    for _ in range(n):
+        out, _ = model.speculative_generate(prompt, 2, n_loops=3, draft_loops=1, draft_tokens=1,
+                                            temperature=1.0, generator=g)
+        counts[0, out[0, 3]] += 1
+        counts[1, out[0, 4]] += 1
+    for empirical, exact in zip(counts / n, (p1, p2), strict=True):
+        assert 0.5 * (empirical - exact).abs().sum() < 0.1, (empirical, exact)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long)), r"one sequence: input_ids must have shape \(1, seq_len\)"),
+    (dict(draft_loops=0), r"draft_loops must be an integer in \[1, n_loops=3\], got 0"),
+    (dict(draft_loops=4), "draft_loops"),
+    (dict(draft_tokens=0), "draft_tokens must be a positive integer, got 0"),
+    (dict(n_loops=torch.tensor([3])), "one n_loops for the sequence"),
+    (dict(max_new_tokens=100), "max_seq_len"),
+    (dict(eos_token_id=64), "eos_token_id"),
+])
+def test_speculative_arguments_are_checked(kwargs, needle):
+    args = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "max_new_tokens": 4, "n_loops": 3, **kwargs}
+    with pytest.raises(ValueError, match=needle):
+        small_model().speculative_generate(**args)

@@ -353,6 +353,22 @@ def test_bad_calls():
         hf(ids, labels=ids, logits_to_keep=1)
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states: OpenMythos returns neither"),
+    (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
+    (dict(prompt_lookup_num_tokens=3), "assisted decoding needs a cache it can crop"),
+    (dict(cache_implementation="static"), "cache_implementation: OpenMythos builds its own cache"),
+])
+def test_generate_refuses_what_it_cannot_give(kwargs, needle):
+    """transformers would hand back tuples of None, or fail deep inside with an AttributeError."""
+    hf = OpenMythosForCausalLM.from_openmythos(tiny_model())
+    with pytest.raises(ValueError, match=needle):
+        hf.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2, **kwargs)
+    hf.generation_config.output_hidden_states = True  # the same through the generation config
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        hf.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2)
+
+
 def test_the_core_never_imports_transformers():
     code = ("import sys, openmythos.model, openmythos.training, openmythos.serving, "
             "openmythos.experiments, openmythos.cli, openmythos.generation; "

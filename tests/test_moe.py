@@ -87,6 +87,11 @@ def test_the_bias_stays_fp32_in_a_bf16_model():
         bf16.update_bias(load)
     assert_close(bf16.router_bias, fp32.router_bias)
     assert bf16.router_bias[0] == pytest.approx(0.6, abs=1e-4)
+    # a trained bias keeps its fp32 values through the cast, not bf16-rounded ones
+    trained = torch.tensor([0.301, 0.302, -0.303, 0.3045, 0.0005, -0.6])
+    moe = make_moe()
+    moe.router_bias.copy_(trained)
+    assert torch.equal(moe.to(torch.bfloat16).router_bias, trained)
     out, _, _ = bf16(torch.randn(8, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
 

@@ -126,10 +126,12 @@ def test_bad_requests_name_the_field(app, payload, field):
 @pytest.mark.parametrize("body, field", [
     (b'{"prompt": "x", "temperature": 1e999}', "temperature"),  # JSON's float overflows to inf
     (b'{"prompt": "\\ud800"}', "prompt"),  # a lone surrogate, which no tokenizer encodes
+    (b'{"prompt": ["ok", "\\ud800"]}', "prompt[1]"),
 ])
 def test_values_only_raw_json_can_carry_are_refused_by_name(app, body, field):
     r = call(app, lambda c: c.post("/v1/completions", content=body, headers={"content-type": "application/json"}))
-    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == field.split("[")[0], r.text
+    assert field in r.json()["error"]["message"], r.text
 
 
 def test_malformed_json_and_oversized_body(app):

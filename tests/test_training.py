@@ -218,8 +218,8 @@ def test_a_signal_during_the_final_save_is_noted_not_fatal(tmp_path, monkeypatch
     monkeypatch.setattr(Trainer, "save", save_under_a_signal)
     summary = train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 3, "checkpoint.every": 0})))
     assert isinstance(getattr(handlers[0], "__self__", None), _StopRequest)
-    assert summary["status"] == "completed" and summary["steps"] == 3
-    assert "val_loss" not in summary  # the signal skips the final evaluation
+    assert summary["status"] == "interrupted" and summary["steps"] == 3
+    assert "val_loss" not in summary  # the signal skips the final evaluation (a resume runs it)
     assert find_checkpoint(tmp_path / "run") == Path(summary["checkpoint"])
 
 
@@ -464,6 +464,7 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
     ({"loops.mean": "inf"}, "loops.mean=inf must be a finite number"),
     ({"train.lr": "inf"}, "train.lr=inf must be a finite number"),
     ({"train.eps": -1.0}, "train.eps=-1.0 must be positive"),
+    ({"run.seed": -1}, "run.seed=-1 must be >= 0"),
     ({"train.steps": 5}, r"train.warmup_steps=20 exceeds train.steps=5 \(set train.warmup_steps too"),
     # a short run trips the default warmup: that must not hide the mistake elsewhere
     ({"train.steps": 1, "model.preset": "huge"}, "model.preset='huge' is not one of"),

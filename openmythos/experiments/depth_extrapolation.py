@@ -99,8 +99,9 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
     gen = torch.Generator().manual_seed(cfg.seed)
     # one depth per step, never too shallow for the longest training chain (the measured runs
     # used per-step depths, from before per-sequence truncated backprop was fixed)
-    # Huginn's n = Poisson(tau) + 1 has mean r + 1: r = train_loops - 1 trains at the fixed
-    # variant's mean depth (the committed run used r = train_loops, a mean of ~5 loops for 4)
+    # Huginn's n = Poisson(tau) + 1 has mean r + 1: r = train_loops - 1 trains near the fixed
+    # variant's depth (4.1 loops for 4 at train_hops 2; the floor at train_hops raises it, to 4.4
+    # at 3 hops). The committed run used r = train_loops: ~5 loops for 4
     sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=max(1, cfg.train_loops - 1),
                                       per="batch", min=cfg.train_hops, max=3 * cfg.train_loops),
                           cfg.seed + 1)

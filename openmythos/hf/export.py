@@ -50,7 +50,8 @@ _PROBE = "OpenMythos loops 16× — naïve café, 1790–2000!\n\tdon't  stop"
 def to_hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
     """Our tokenizer (any kind) as a PreTrainedTokenizerFast with the same ids, EOS = BOS and PAD
     set, and left padding for batched generation. transformers' convention differs from ours in
-    one way: a literal "<|endoftext|>" in a text becomes the EOS id rather than plain characters."""
+    one way: a literal special token in a text ("<|endoftext|>", and "<|pad|>" where the
+    tokenizer has one) becomes its id rather than plain characters."""
     hf = PreTrainedTokenizerFast(
         tokenizer_object=_backend(tokenizer),
         eos_token=EOS_TOKEN,

@@ -165,6 +165,16 @@ class KVCache:
         for t in (self.valid, self.next_pos, self.lengths):
             t[dst] = t[src]
 
+    def rewind(self, n: int) -> None:
+        """Forget every row's last n tokens (a draft that verification rejected): their columns
+        become invisible and are written again by the next call."""
+        if not (isinstance(n, int) and 0 <= n <= int(self.lengths.min())):
+            raise ValueError(f"rewind: n must be an integer in [0, {int(self.lengths.min())}], got {n!r}")
+        cols = torch.arange(self.max_len, device=self.lengths.device)
+        self.valid &= (cols < (self.lengths - n).unsqueeze(1)) | (cols >= self.lengths.unsqueeze(1))
+        self.lengths -= n
+        self.next_pos -= n
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for s in self.prelude + self.loops + self.coda for t in s.tensors)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmythos.config import MythosConfig
-from openmythos.generation import generate, is_int, stream
+from openmythos.generation import generate, is_int, speculative_generate, speculative_stream, stream
 from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
@@ -371,3 +371,5 @@ class OpenMythos(nn.Module):
     # of openmythos.generation, as methods
     generate = generate
     stream = stream
+    speculative_generate = speculative_generate
+    speculative_stream = speculative_stream

@@ -24,7 +24,7 @@ class MoE(nn.Module):
         self.bias_rate = cfg.router_bias_rate
         self.balance_weight = cfg.balance_loss_weight
         self.router = nn.Linear(D, E, bias=False)
-        self.register_buffer("router_bias", torch.zeros(E))
+        self.register_buffer("router_bias", torch.zeros(E, dtype=torch.float32))
         # experts stacked into (E, ...) tensors: one parameter each, so FSDP shards them whole
         self.w_gate = nn.Parameter(torch.empty(E, Fd, D))
         self.w_up = nn.Parameter(torch.empty(E, Fd, D))
@@ -33,12 +33,15 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts * cfg.shared_expert_dim
         self.shared = SwiGLU(D, n_shared) if n_shared else None
 
-    def _apply(self, fn, recurse: bool = True):
-        # model.to(bf16) casts every floating buffer; the bias moves in steps of router_bias_rate
-        # (1e-3), which bf16 rounds away once |bias| passes ~0.25, so it stays fp32 (the scores
-        # it shifts are fp32 anyway)
+    def _apply(self, fn, recurse: bool = True) -> MoE:
+        # nn.Module's hook behind .to(), .half(), .bfloat16() and .to_empty(): they cast every
+        # floating buffer, but the bias moves in steps of router_bias_rate (1e-3), which bf16
+        # rounds away once |bias| passes ~0.25, so it keeps its fp32 values (the scores it shifts
+        # are fp32 anyway) and only follows the device
+        bias = self.router_bias
         super()._apply(fn, recurse)
-        self.router_bias = self.router_bias.float()
+        moved = self.router_bias
+        self.router_bias = moved.float() if bias.is_meta or moved.is_meta else bias.float().to(moved.device)
         return self
 
     def init_weights(self, std: float = 0.02) -> None:

@@ -217,10 +217,13 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
         if body.stream and len(prompts) > 1:
             return _error(400, "stream supports a single prompt", "prompt")
-        try:
-            encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
-        except ValueError as e:  # a lone surrogate, which JSON can carry
-            return _error(400, f"prompt: {e}", "prompt")
+        encoded = []
+        for i, text in enumerate(prompts):
+            try:
+                encoded.append(tokenizer.encode(text) or [tokenizer.eos_id])
+            except ValueError as e:  # a lone surrogate, which JSON can carry
+                where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+                return _error(400, f"{where}: {e}", "prompt")
         for ids in encoded:
             room = min(limits.max_prompt_tokens, engine.max_len - body.max_tokens)
             if len(ids) > room:

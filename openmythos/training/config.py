@@ -200,7 +200,8 @@ class TrainConfig:
                            ("train.max_bad_steps", t.max_bad_steps), ("loops.min", lo.min),
                            ("checkpoint.keep", c.keep), ("eval.batch_size", e.batch_size)):
             _check(value >= 1, key, value, "must be >= 1")
-        for key, value in (("run.threads", r.threads), ("train.warmup_steps", t.warmup_steps),
+        for key, value in (("run.seed", r.seed), ("run.threads", r.threads),
+                           ("train.warmup_steps", t.warmup_steps),
                            ("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
                            ("train.ponder_weight", t.ponder_weight),
                            ("train.max_minutes", t.max_minutes), ("loops.backprop", lo.backprop),

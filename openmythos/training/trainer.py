@@ -8,7 +8,6 @@ every rank and sliced by rank, so ranks agree on each step's depth and never sha
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -19,6 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl  # the run-folder lock: POSIX
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -297,6 +301,8 @@ class Trainer:
         """Hold an exclusive lock on the run folder while this job trains in it: a second one (a
         resume started twice) would delete the other's saves in progress when it prunes, and
         interleave its metrics. The OS drops the lock when the process ends, however it ends."""
+        if fcntl is None:  # not POSIX: no advisory locks
+            return
         lock = open(run_dir / ".lock", "w")  # noqa: SIM115 (held open while the trainer lives)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -309,7 +315,7 @@ class Trainer:
         self._lock_file = lock
 
     def close(self) -> None:
-        """Release the run folder (train() does, once the run is over)."""
+        """Release the run folder (fit() does, once the run is over)."""
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -481,6 +487,14 @@ class Trainer:
 
     # the run
     def fit(self) -> dict[str, Any]:
+        """Train until train.steps, the time limit or a signal; save; evaluate. The run folder is
+        released at the end, however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.env.is_main
         metrics = _Metrics(self.run_dir / METRICS, keep_until=self.step) if main else None
         if main:
@@ -533,9 +547,11 @@ class Trainer:
             # checkpoint) is noted rather than fatal, and skips the final evaluation
             checkpoint = self.save(final=True) or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
             (stopped,) = any_rank([stop.requested], self.env, self.device)
-        summary = self._summary(status, checkpoint)
         if stopped and status != "interrupted":
-            log.warning("stopping: the checkpoint is written, the final evaluation skipped")
+            log.warning("stopping: the checkpoint is written, the final evaluation skipped "
+                        "(--resume runs it)")
+            status = "interrupted"
+        summary = self._summary(status, checkpoint)
         if not stopped:
             with gathered(self.engine, cfg.dist.reshard_recurrent):
                 summary.update(self.final_eval())
@@ -625,11 +641,7 @@ def train(cfg: TrainConfig, env: DistEnv | None = None) -> dict[str, Any]:
     Under torchrun with dist.strategy='ddp' every rank calls this; the process group is
     joined here and left at the end."""
     try:
-        trainer = Trainer(cfg, env)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+        return Trainer(cfg, env).fit()
     finally:
         if env is None and cfg.dist.strategy != "none":
             destroy_distributed()
