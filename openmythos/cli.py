@@ -119,9 +119,11 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: int | None = None,
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
              seed: int = 0, device: str = "auto", out: TextIO = sys.stdout,
-             compile: bool = False) -> str:
+             compile: bool = False, draft_loops: int | None = None, draft_tokens: int = 4) -> str:
     """Sample a continuation of `prompt`, writing it to `out` as it is produced. compile: run
-    the decode step as one torch.compile graph (OpenMythos.compile_decode)."""
+    the decode step as one torch.compile graph (OpenMythos.compile_decode). draft_loops:
+    self-speculative decoding, drafting `draft_tokens` at a time at that depth (the output is
+    the full-depth model's: generation.speculative_stream)."""
     check_sampling(temperature, top_k, top_p)  # before the model loads
     model, tokenizer, _ = _load(checkpoint, device)
     try:
@@ -131,18 +133,27 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
     if len(ids) + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"--prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.max_seq_len} tokens")
+    depth = n_loops or model.cfg.max_loop_iters
+    if draft_loops is not None and draft_loops > depth:
+        raise ValueError(f"--draft-loops {draft_loops} exceeds the depth of {depth} loops it drafts for")
     if compile:
         model.compile_decode()
     device_ = model.embed.weight.device
     g = torch.Generator(device_).manual_seed(seed)
     text = TextStream(tokenizer)  # holds a multi-byte character back until it is whole
     out.write(prompt)
-    for token in model.stream(torch.tensor([ids], device=device_), max_new_tokens, n_loops=n_loops,
-                              temperature=temperature, top_k=top_k, top_p=top_p,
-                              eos_token_id=tokenizer.eos_id, generator=g):
-        if int(token[0]) == tokenizer.eos_id:
+    prompt_ids = torch.tensor([ids], device=device_)
+    if draft_loops is None:
+        tokens = (int(t[0]) for t in model.stream(prompt_ids, max_new_tokens, n_loops=n_loops,
+                                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                                   eos_token_id=tokenizer.eos_id, generator=g))
+    else:
+        tokens = model.speculative_stream(prompt_ids, max_new_tokens, n_loops, draft_loops, draft_tokens,
+                                          temperature, top_k, top_p, tokenizer.eos_id, g)
+    for token in tokens:
+        if token == tokenizer.eos_id:
             break
-        out.write(text.push(int(token[0])))
+        out.write(text.push(token))
         out.flush()
     out.write(text.flush() + "\n")
     return prompt + text.text
@@ -336,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="compile the whole decode step (torch.compile; the first token waits for "
                         "it, the rest run faster: needs a model trained with halting none)")
+    g.add_argument("--draft-loops", type=_count(1),
+                   help="self-speculative decoding: draft at this many loops, verify at --n-loops")
+    g.add_argument("--draft-tokens", type=_count(1), default=4, help="tokens per draft")
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
     src = i.add_mutually_exclusive_group(required=True)
@@ -383,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             generate(args.checkpoint, args.prompt, args.max_new_tokens, args.n_loops,
                      args.temperature, args.top_k or None, args.top_p, args.seed, args.device,
-                     compile=args.compile)
+                     compile=args.compile, draft_loops=args.draft_loops, draft_tokens=args.draft_tokens)
         elif args.command == "export-hf":
             export_hf_command(args.checkpoint, args.out, args.n_loops)
         elif args.command == "serve":

@@ -91,6 +91,8 @@ def test_generate_streams_a_continuation(run_dir):
     (["--top-p", "1.5"], "top_p"),
     (["--temperature", "nan"], "temperature"),
     (["--max-new-tokens", "100000"], "exceeds the model's context"),
+    (["--draft-loops", "0"], "--draft-loops: expected an integer >= 1"),
+    (["--draft-loops", "9", "--n-loops", "2", "--max-new-tokens", "4"], "--draft-loops 9 exceeds the depth of 2 loops"),
 ])
 def test_generate_refuses_bad_arguments_before_it_writes(run_dir, args, message):
     done = mythos("generate", "--checkpoint", str(run_dir), "--prompt", "hi", *args, check=False)
@@ -121,6 +123,15 @@ def test_generate_writes_as_it_goes(run_dir):
     out = Recorder()
     text = generate(str(run_dir), "Fellow-Citizens", max_new_tokens=12, temperature=0, out=out)
     assert out.getvalue() == text + "\n" and Recorder.writes > 3  # the prompt, then piece by piece
+
+
+def test_generate_with_speculative_drafts_writes_the_same_text(run_dir):
+    from openmythos.cli import generate
+
+    kwargs = dict(prompt="Fellow-Citizens", max_new_tokens=16, n_loops=3, temperature=0)
+    plain = generate(str(run_dir), out=io.StringIO(), **kwargs)
+    for draft_loops in (1, 2):
+        assert generate(str(run_dir), out=io.StringIO(), draft_loops=draft_loops, **kwargs) == plain
 
 
 @pytest.mark.slow

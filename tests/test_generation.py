@@ -171,7 +171,7 @@ def test_speculative_sampling_keeps_the_full_depth_distribution():
         p2 = (p1.unsqueeze(1) * model(seqs, n_loops=3).logits[:, -1].softmax(-1)).sum(0)
         q2 = (p1.unsqueeze(1) * model(seqs, n_loops=1).logits[:, -1].softmax(-1)).sum(0)
     assert 0.5 * (p2 - q2).abs().sum() > 0.25  # the second token drawn from the draft: far off
-    g, n = torch.Generator().manual_seed(0), 600
+    g, n = torch.Generator().manual_seed(0), 2000
     counts = torch.zeros(2, 16)
     for _ in range(n):
         out, _ = model.speculative_generate(prompt, 2, n_loops=3, draft_loops=1, draft_tokens=1,
@@ -179,7 +179,8 @@ def test_speculative_sampling_keeps_the_full_depth_distribution():
         counts[0, out[0, 3]] += 1
         counts[1, out[0, 4]] += 1
     for empirical, exact in zip(counts / n, (p1, p2), strict=True):
-        assert 0.5 * (empirical - exact).abs().sum() < 0.1, (empirical, exact)
+        # 0.013 and 0.024 here; drawing from p instead of the residual after a rejection: 0.07
+        assert 0.5 * (empirical - exact).abs().sum() < 0.045, (empirical, exact)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
