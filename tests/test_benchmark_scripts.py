@@ -1,5 +1,5 @@
-"""The GPU benchmark's prepared script runs end to end (on the CPU, on a toy model), so that it
-works the first time a GPU is lent."""
+"""The benchmark scripts run end to end: the GPU one (on the CPU, on a toy model), so that it
+works the first time a GPU is lent, and the speculative-decoding one."""
 
 import json
 import subprocess
@@ -37,3 +37,16 @@ def test_gpu_script_names_an_unknown_model():
     done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--models",
                            "medium-mlx"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "unknown model 'medium-mlx'" in done.stderr
+
+
+@pytest.mark.slow
+def test_speculative_script_compares_on_held_out_prompts():
+    done = subprocess.run([sys.executable, "benchmarks/speculative.py", "--prompts", "1",
+                           "--prompt-tokens", "8", "--new-tokens", "6", "--rounds", "1",
+                           "--draft-loops", "1", "--draft-tokens", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    (row,) = summary["results"]
+    assert row["same_tokens"] is True and 0 <= row["acceptance"] <= 1 and row["speedup"] > 0
+    assert "random-init tiny" in summary["model"] and "speedup" in done.stdout
