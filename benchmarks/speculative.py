@@ -61,7 +61,9 @@ def main() -> None:
         model = OpenMythos(MythosConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
     n_loops = args.n_loops or model.cfg.max_loop_iters
     texts = prompts(tokenizer, args.corpus, args.prompts, args.prompt_tokens)
-    settings = [(d, k) for d in args.draft_loops for k in args.draft_tokens if d < n_loops]
+    settings = [(d, k) for d in args.draft_loops for k in args.draft_tokens if d <= n_loops]
+    if not settings:
+        raise SystemExit(f"no --draft-loops at or below --n-loops {n_loops}: nothing to compare")
 
     def plain():
         return [generate(model, [p], args.new_tokens, n_loops=n_loops, temperature=0)[0].tolist()
@@ -83,7 +85,7 @@ def main() -> None:
 
     plain()  # warm-up
     tokens = args.prompts * args.new_tokens
-    rows = {s: {"ratio": [], "plain_s": [], "spec_s": []} for s in settings}
+    rows = {s: {"ratio": [], "plain_s": [], "spec_s": [], "same": True} for s in settings}
     reference = None
     for r in range(args.rounds):
         for s in settings:
@@ -97,7 +99,8 @@ def main() -> None:
             rows[s]["ratio"].append(plain_s / spec_s)
             rows[s]["plain_s"].append(plain_s)
             rows[s]["spec_s"].append(spec_s)
-            rows[s].update(acceptance=acceptance, same=outs == reference)
+            # the drafts, so the acceptance, are the same every round (greedy)
+            rows[s].update(acceptance=acceptance, same=rows[s]["same"] and outs == reference)
     model_name = args.checkpoint or "random-init tiny (untrained: acceptance says little)"
     print(f"model: {model_name}; n_loops {n_loops}; {args.prompts} prompts x {args.new_tokens} new "
           f"tokens, greedy, batch 1; {args.threads} thread(s), median of {args.rounds} rounds")

@@ -148,8 +148,10 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
                                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                                    eos_token_id=tokenizer.eos_id, generator=g))
     else:
-        tokens = model.speculative_stream(prompt_ids, max_new_tokens, n_loops, draft_loops, draft_tokens,
-                                          temperature, top_k, top_p, tokenizer.eos_id, g)
+        tokens = model.speculative_stream(prompt_ids, max_new_tokens, n_loops=n_loops,
+                                          draft_loops=draft_loops, draft_tokens=draft_tokens,
+                                          temperature=temperature, top_k=top_k, top_p=top_p,
+                                          eos_token_id=tokenizer.eos_id, generator=g)
     for token in tokens:
         if token == tokenizer.eos_id:
             break
@@ -349,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
                         "it, the rest run faster: needs a model trained with halting none)")
     g.add_argument("--draft-loops", type=_count(1),
                    help="self-speculative decoding: draft at this many loops, verify at --n-loops")
-    g.add_argument("--draft-tokens", type=_count(1), default=4, help="tokens per draft")
+    g.add_argument("--draft-tokens", type=_count(1), help="tokens per draft (default 4; with --draft-loops)")
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
     src = i.add_mutually_exclusive_group(required=True)
@@ -395,9 +397,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate(args.checkpoint, args.data, args.n_loops, args.max_tokens, args.batch_size,
                      args.device)
         elif args.command == "generate":
+            if args.draft_tokens is not None and args.draft_loops is None:
+                raise ValueError("--draft-tokens needs --draft-loops (self-speculative decoding)")
             generate(args.checkpoint, args.prompt, args.max_new_tokens, args.n_loops,
                      args.temperature, args.top_k or None, args.top_p, args.seed, args.device,
-                     compile=args.compile, draft_loops=args.draft_loops, draft_tokens=args.draft_tokens)
+                     compile=args.compile, draft_loops=args.draft_loops,
+                     draft_tokens=args.draft_tokens or 4)
         elif args.command == "export-hf":
             export_hf_command(args.checkpoint, args.out, args.n_loops)
         elif args.command == "serve":

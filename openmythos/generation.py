@@ -156,8 +156,9 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
     sampling keeps its distribution exactly (speculative sampling: a draft token x is kept with
     probability min(1, p(x) / q(x)), else the token comes from max(0, p - q), renormalised;
     Leviathan et al. 2023, Chen et al. 2023). It pays where shallow loops often agree with deep
-    ones and a loop is a large share of a token's cost. Yields the new tokens one by one; fills
-    `stats` with the counts drafted, accepted and model calls."""
+    ones and a loop is a large share of a token's cost. Needs a cache slot per loop (not a ring
+    shorter than n_loops). Yields the new tokens one by one; fills `stats` with the tokens
+    drafted and accepted and the model calls (the prompt's included)."""
     check_sampling(temperature, top_k, top_p)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -169,6 +170,12 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
         raise ValueError(f"draft_loops must be an integer in [1, n_loops={n_loops}], got {draft_loops!r}")
     if not (is_int(draft_tokens) and draft_tokens >= 1):
         raise ValueError(f"draft_tokens must be a positive integer, got {draft_tokens!r}")
+    if model.cfg.kv_cache_loop_slots(n_loops) < n_loops:
+        # a ring's chunked call is not its token-by-token decode (only a prompt is exact), so
+        # checking several drafts in one call would not give the full-depth model's tokens
+        raise ValueError(f"speculative decoding needs a slot per loop: kv_cache_policy="
+                         f"{model.cfg.kv_cache_policy!r} keeps {model.cfg.kv_cache_ring} for "
+                         f"n_loops={n_loops}")
     vocab = model.cfg.vocab_size
     if eos_token_id is not None and not (is_int(eos_token_id) and 0 <= eos_token_id < vocab):
         raise ValueError(f"eos_token_id must be a token id in [0, {vocab}), got {eos_token_id!r}")

@@ -92,6 +92,7 @@ def test_generate_streams_a_continuation(run_dir):
     (["--temperature", "nan"], "temperature"),
     (["--max-new-tokens", "100000"], "exceeds the model's context"),
     (["--draft-loops", "0"], "--draft-loops: expected an integer >= 1"),
+    (["--draft-tokens", "3"], "--draft-tokens needs --draft-loops"),
     (["--draft-loops", "9", "--n-loops", "2", "--max-new-tokens", "4"], "--draft-loops 9 exceeds the depth of 2 loops"),
 ])
 def test_generate_refuses_bad_arguments_before_it_writes(run_dir, args, message):

@@ -357,6 +357,7 @@ def test_bad_calls():
     (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states: OpenMythos returns neither"),
     (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
     (dict(prompt_lookup_num_tokens=3), "assisted decoding needs a cache it can crop"),
+    (dict(assistant_early_exit=1), "assisted decoding needs a cache it can crop"),
     (dict(cache_implementation="static"), "cache_implementation: OpenMythos builds its own cache"),
 ])
 def test_generate_refuses_what_it_cannot_give(kwargs, needle):
@@ -367,6 +368,8 @@ def test_generate_refuses_what_it_cannot_give(kwargs, needle):
     hf.generation_config.output_hidden_states = True  # the same through the generation config
     with pytest.raises(ValueError, match="output_hidden_states"):
         hf.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2)
+    # ... which a call's own argument overrides, as in transformers
+    assert hf.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2, output_hidden_states=False).shape == (1, 6)
 
 
 def test_the_core_never_imports_transformers():

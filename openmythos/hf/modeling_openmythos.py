@@ -233,16 +233,19 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         config's `n_loops`, else max_loop_iters. The depth travels in the cache built here, out of
         reach of the generation config's own keyword handling."""
         config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or self.generation_config
+
+        def asked(name: str):  # a call's argument, else its generation config's
+            return kwargs[name] if name in kwargs else getattr(config, name, None)
+
         # refused here: transformers would return None for them, or fail deep inside
         for name in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(name) or getattr(config, name, False):
+            if asked(name):
                 raise ValueError(f"{name}: OpenMythos returns neither attentions nor hidden states")
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") \
-                or getattr(config, "prompt_lookup_num_tokens", None):
+        if any(asked(name) for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")):
             raise ValueError("assisted decoding needs a cache it can crop, which OpenMythos's is not; "
                              "OpenMythos drafts with its own shallower loops instead "
                              "(openmythos.generation.speculative_generate)")
-        if kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None):
+        if asked("cache_implementation"):
             raise ValueError("cache_implementation: OpenMythos builds its own cache (OpenMythosCache)")
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             if n_loops is not None:
