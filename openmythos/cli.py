@@ -350,7 +350,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile the whole decode step (torch.compile; the first token waits for "
                         "it, the rest run faster: needs a model trained with halting none)")
     g.add_argument("--draft-loops", type=_count(1),
-                   help="self-speculative decoding: draft at this many loops, verify at --n-loops")
+                   help="self-speculative decoding: draft at this many loops, verify at --n-loops "
+                        "(default: max_loop_iters)")
     g.add_argument("--draft-tokens", type=_count(1), help="tokens per draft (default 4; with --draft-loops)")
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")

@@ -242,7 +242,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             if asked(name):
                 raise ValueError(f"{name}: OpenMythos returns neither attentions nor hidden states")
         if any(asked(name) for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")):
-            raise ValueError("assisted decoding needs a cache it can crop, which OpenMythos's is not; "
+            raise ValueError("assisted decoding needs a cache it can crop, which OpenMythosCache is not; "
                              "OpenMythos drafts with its own shallower loops instead "
                              "(openmythos.generation.speculative_generate)")
         if asked("cache_implementation"):

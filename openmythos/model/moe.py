@@ -36,8 +36,8 @@ class MoE(nn.Module):
     def _apply(self, fn, recurse: bool = True) -> MoE:
         # nn.Module's hook behind .to(), .half(), .bfloat16() and .to_empty(): they cast every
         # floating buffer, but the bias moves in steps of router_bias_rate (1e-3), which bf16
-        # rounds away once |bias| passes ~0.25, so it keeps its fp32 values (the scores it shifts
-        # are fp32 anyway) and only follows the device
+        # doubles once |bias| passes 0.25 and loses from 0.5, so it keeps its fp32 values (the
+        # scores it shifts are fp32 anyway) and only follows the device
         bias = self.router_bias
         super()._apply(fn, recurse)
         moved = self.router_bias

@@ -487,8 +487,8 @@ class Trainer:
 
     # the run
     def fit(self) -> dict[str, Any]:
-        """Train until train.steps, the time limit or a signal; save; evaluate. The run folder is
-        released at the end, however it ends."""
+        """Train until train.steps, the time limit or a signal; save; evaluate (unless a signal
+        stopped the run). The run folder is released at the end, however it ends."""
         try:
             return self._fit()
         finally:
