@@ -359,12 +359,14 @@ def test_bad_calls():
     (dict(prompt_lookup_num_tokens=3), "assisted decoding needs a cache it can crop"),
     (dict(assistant_early_exit=1), "assisted decoding needs a cache it can crop"),
     (dict(cache_implementation="static"), "cache_implementation: OpenMythos builds its own cache"),
+    (dict(max_new_tokens=10_000), r"input length 4 \+ max_new_tokens 10000 exceeds max_seq_len="),
 ])
 def test_generate_refuses_what_it_cannot_give(kwargs, needle):
-    """transformers would hand back tuples of None, or fail deep inside with an AttributeError."""
+    """transformers would hand back tuples of None, fail deep inside with an AttributeError, or
+    (past max_seq_len) fail at the limit after generating up to it."""
     hf = OpenMythosForCausalLM.from_openmythos(tiny_model())
     with pytest.raises(ValueError, match=needle):
-        hf.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2, **kwargs)
+        hf.generate(torch.randint(0, VOCAB, (1, 4)), **{"max_new_tokens": 2, **kwargs})
     hf.generation_config.output_hidden_states = True  # the same through the generation config
     with pytest.raises(ValueError, match="output_hidden_states"):
         hf.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2)

@@ -247,6 +247,12 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                              "(openmythos.generation.speculative_generate)")
         if asked("cache_implementation"):
             raise ValueError("cache_implementation: OpenMythos builds its own cache (OpenMythosCache)")
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        limit, new = self.config.max_seq_len, asked("max_new_tokens")
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and isinstance(new, int) \
+                and inputs.shape[1] + new > limit:  # else it fails at the limit, its tokens lost
+            raise ValueError(f"input length {inputs.shape[1]} + max_new_tokens {new} exceeds "
+                             f"max_seq_len={limit}")
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             if n_loops is not None:
                 raise ValueError("a cache passed to generate has its own depth: build it as "
