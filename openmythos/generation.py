@@ -76,6 +76,27 @@ def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Ten
     return ids, mask
 
 
+def _new_tokens(max_new_tokens) -> int:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return int(max_new_tokens)  # a numpy integer too
+
+
+def _check_token_ids(model, **ids: int | None) -> None:
+    vocab = model.cfg.vocab_size
+    for name, value in ids.items():
+        if value is not None and not (is_int(value) and 0 <= value < vocab):
+            raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
+
+
+def _total_length(model, prompt_len: int, max_new_tokens: int) -> int:
+    total = prompt_len + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} "
+                         f"exceeds max_seq_len={model.cfg.max_seq_len}")
+    return total
+
+
 @torch.no_grad()
 def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -87,13 +108,8 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     token-id lists of different lengths. A sequence that produced eos_token_id keeps yielding it.
     """
     check_sampling(temperature, top_k, top_p)
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    max_new_tokens = int(max_new_tokens)  # a numpy integer too
-    vocab = model.cfg.vocab_size
-    for name, value in (("pad_token_id", pad_token_id), ("eos_token_id", eos_token_id)):
-        if value is not None and not (is_int(value) and 0 <= value < vocab):
-            raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
+    max_new_tokens = _new_tokens(max_new_tokens)
+    _check_token_ids(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     device = model.embed.weight.device
     if attention_mask is not None and not isinstance(input_ids, torch.Tensor):
         raise ValueError("attention_mask goes with a tensor of input_ids: for a list of prompts "
@@ -105,10 +121,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
         raise ValueError("attention_mask must be left padding (0s, then 1s, in every row): a row's "
                          "next token follows its last position")
     B, T = ids.shape
-    total = T + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                         f"max_seq_len={model.cfg.max_seq_len}")
+    total = _total_length(model, T, max_new_tokens)
     n_loops = model.check_loops(n_loops, B)
     was_training = model.training
     model.eval()
@@ -160,9 +173,7 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
     shorter than n_loops). Yields the new tokens one by one; fills `stats` with the tokens
     drafted and accepted and the model calls (the prompt's included)."""
     check_sampling(temperature, top_k, top_p)
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    max_new_tokens = int(max_new_tokens)
+    max_new_tokens = _new_tokens(max_new_tokens)
     n_loops = model.check_loops(n_loops, 1)
     if not isinstance(n_loops, int):
         raise ValueError("speculative decoding takes one n_loops for the sequence, not a tensor")
@@ -176,18 +187,13 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
         raise ValueError(f"speculative decoding needs a slot per loop: kv_cache_policy="
                          f"{model.cfg.kv_cache_policy!r} keeps {model.cfg.kv_cache_ring} for "
                          f"n_loops={n_loops}")
-    vocab = model.cfg.vocab_size
-    if eos_token_id is not None and not (is_int(eos_token_id) and 0 <= eos_token_id < vocab):
-        raise ValueError(f"eos_token_id must be a token id in [0, {vocab}), got {eos_token_id!r}")
+    _check_token_ids(model, eos_token_id=eos_token_id)
     device = model.embed.weight.device
     ids, _ = _left_pad(input_ids, None, 0, device)
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence: input_ids must have shape "
                          f"(1, seq_len), got {tuple(ids.shape)}")
-    total = ids.shape[1] + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
-                         f"exceeds max_seq_len={model.cfg.max_seq_len}")
+    total = _total_length(model, ids.shape[1], max_new_tokens)
     greedy = is_greedy(temperature)
     stats = {} if stats is None else stats
     stats.update(drafted=0, accepted=0, calls=1)

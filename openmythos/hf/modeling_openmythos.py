@@ -259,8 +259,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                  "OpenMythosCache(n_loops) instead of passing n_loops")
         else:
             if n_loops is None:  # a passed generation config without one keeps the model's
-                source = args[1] if len(args) > 1 else kwargs.get("generation_config")
-                n_loops = getattr(source, "n_loops", None) or getattr(self.generation_config, "n_loops", None)
+                n_loops = getattr(config, "n_loops", None) or getattr(self.generation_config, "n_loops", None)
             kwargs[CACHE_FIELD] = OpenMythosCache(n_loops)
         return super().generate(*args, **kwargs)
 

@@ -334,7 +334,8 @@ class OpenMythos(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"attention_mask must have shape {(B, T)} like the new input_ids, "
                              f"got {tuple(attention_mask.shape)}")
-        if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        if (attention_mask is not None and attention_mask.dtype != torch.bool
+                and not bool(((attention_mask == 0) | (attention_mask == 1)).all())):
             # an additive mask (0 keep, -inf drop) would otherwise be read inverted, silently
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
             raise ValueError(f"attention_mask must hold 1 for a token and 0 for padding, got a value {bad!r}")
