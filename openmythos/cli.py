@@ -244,6 +244,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
 def _flags(args: list[str]) -> dict[str, str]:
     """["--smoke", "--scale=4", "--out_dir", "x"] -> {"smoke": "true", "scale": "4", "out_dir": "x"}:
     a flag with no value is a true boolean."""
@@ -272,13 +282,15 @@ def _int_list(text: str) -> list[int]:
 
 
 def serve_command(checkpoint: str | None, preset: str | None, random_init: bool, host: str,
-                  port: int, max_batch: int, device: str = "auto") -> None:
-    """`mythos serve`: the OpenAI-compatible server over the continuous batching engine."""
+                  port: int, max_batch: int, device: str = "auto", max_queue: int = 64,
+                  max_loops: int | None = None, limits: dict | None = None) -> None:
+    """`mythos serve`: the OpenAI-compatible server over the continuous batching engine.
+    limits: fields of serving.server.Limits (max_tokens, max_prompt_tokens, timeout_s)."""
     from openmythos.data import ByteTokenizer
     from openmythos.serving import Engine
 
     try:
-        from openmythos.serving.server import serve
+        from openmythos.serving.server import Limits, serve
     except ImportError as e:
         raise ValueError(f"serving needs the serve extra: pip install 'openmythos[serve]' ({e})") from e
 
@@ -293,7 +305,8 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
         model, name = OpenMythos(cfg).to(resolve_device(device)), f"{preset}-random"
     if tokenizer is None:
         raise ValueError(f"{checkpoint!r} holds no tokenizer, which serving needs")
-    serve(Engine(model, tokenizer, max_batch=max_batch), host, port, name)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops)
+    serve(engine, host, port, name, Limits(**(limits or {})))
 
 
 def experiment_command(name: str, overrides: dict[str, str]) -> dict:
@@ -373,7 +386,15 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--random-init", action="store_true", help="serve an untrained --preset model")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_port, default=8000)
-    sv.add_argument("--max-batch", type=_count(1), default=8)
+    sv.add_argument("--max-batch", type=_count(1), default=8, help="requests decoded together")
+    sv.add_argument("--max-queue", type=_count(1), default=64,
+                    help="requests waiting for a row; past it the server answers 429")
+    sv.add_argument("--max-loops", type=_count(1),
+                    help="the deepest n_loops a request may ask (default: the model's max_loop_iters)")
+    sv.add_argument("--max-tokens", type=_count(1), help="cap on a request's max_tokens (default: 512)")
+    sv.add_argument("--max-prompt-tokens", type=_count(1), help="(default: 2048)")
+    sv.add_argument("--timeout", type=_positive_float,
+                    help="seconds a request may take before a 504 (default: 120)")
     sv.add_argument("--device", default="auto")
 
     xp = sub.add_parser("experiment", help="reproduce a claim: depth-extrapolation, "
@@ -408,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_hf_command(args.checkpoint, args.out, args.n_loops)
         elif args.command == "serve":
             serve_command(args.checkpoint, args.preset, args.random_init, args.host, args.port,
-                          args.max_batch, args.device)
+                          args.max_batch, args.device, args.max_queue, args.max_loops,
+                          {k: v for k, v in (("max_tokens", args.max_tokens), ("timeout_s", args.timeout),
+                                             ("max_prompt_tokens", args.max_prompt_tokens)) if v is not None})
         elif args.command == "experiment":
             experiment_command(args.name, _flags(extra))
         else:

@@ -191,6 +191,8 @@ def test_user_errors_are_one_clear_line(args, message, capsys):
     (["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len: expected an integer >= 1, got 0"),
     (["eval", "--checkpoint", "x", "--max-tokens", "-5"], "--max-tokens: expected an integer >= 0, got -5"),
     (["serve", "--preset", "tiny", "--random-init", "--port", "70000"], "--port: expected a port in [0, 65535]"),
+    (["serve", "--preset", "tiny", "--random-init", "--timeout", "nan"], "--timeout: expected a positive finite number, got 'nan'"),
+    (["serve", "--preset", "tiny", "--random-init", "--max-queue", "0"], "--max-queue: expected an integer >= 1, got 0"),
 ])
 def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -208,6 +210,21 @@ def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
 def test_an_experiment_refuses_a_bad_number(flag, value, message, capsys):
     assert main(["experiment", "param-efficiency", flag, value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_passes_its_limits_to_the_engine_and_the_server(monkeypatch):
+    pytest.importorskip("fastapi")
+    import openmythos.serving.server as server
+
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda engine, host, port, name, limits: got.update(
+        engine=engine, limits=limits, name=name))
+    assert main(["serve", "--preset", "tiny", "--random-init", "--max-queue", "3", "--max-loops", "12",
+                 "--max-tokens", "40", "--timeout", "2.5"]) == 0
+    engine, limits = got["engine"], got["limits"]
+    assert (engine.max_queue, engine.max_loops, engine.max_batch) == (3, 12, 8)
+    assert (limits.max_tokens, limits.timeout_s, limits.max_prompt_tokens) == (40, 2.5, 2048)
+    assert got["name"] == "tiny-random"
 
 
 def test_experiment_flags_take_a_value_or_stand_alone():

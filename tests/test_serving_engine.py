@@ -254,6 +254,20 @@ def test_the_earliest_stop_string_cuts_whatever_the_order(stop):
     assert req.text == "say " and events[-1].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stop", ["\ufffd", "a\ufffd"])
+def test_a_stop_string_never_matches_a_character_still_being_decoded(stop):
+    # "é" is two byte tokens: after the first, the held tail decodes as U+FFFD for a moment
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    script = iter(tok.encode("aé b\xff"))
+    engine._sample = lambda req, logits, greedy: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=6, temperature=0, stop=(stop,))
+    engine.run_until_idle()
+    # the stray last byte is a real U+FFFD, final on the last token: there the stop matches
+    assert req.text == "aé b" if stop == "\ufffd" else req.text == "aé b\ufffd"
+    assert events[-1].finish_reason == ("stop" if stop == "\ufffd" else "length")
+
+
 def test_bytes_no_character_can_finish_do_not_hold_back_the_stream():
     tok = ByteTokenizer()
     engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)

@@ -134,6 +134,40 @@ def test_values_only_raw_json_can_carry_are_refused_by_name(app, body, field):
     assert field in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("payload, message", [
+    ({"prompt": ["a", 5]}, "invalid 'prompt[1]': Input should be a valid string, got 5"),
+    ({"prompt": "x", "stop": ["a", None]}, "invalid 'stop[1]': Input should be a valid string, got null"),
+    ({"prompt": "x", "temperature": -1}, "invalid 'temperature': Input should be greater than or equal to 0, got -1.0"),
+    ({"prompt": "x", "max_tokens": "x" * 200}, 'got "xxxxxxxx'),
+    ({"max_tokens": 2}, "missing field 'prompt'"),
+])
+def test_a_bad_value_is_named_with_its_path_and_value(app, payload, message):
+    r = call(app, lambda c: c.post("/v1/completions", json=payload))
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert len(r.json()["error"]["message"]) < 200  # a long value is cut short
+
+
+def test_a_stop_string_that_is_not_valid_unicode_is_refused(app):
+    body = b'{"prompt": "x", "stop": ["ok", "\\ud800"]}'
+    r = call(app, lambda c: c.post("/v1/completions", content=body, headers={"content-type": "application/json"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    assert "lone surrogate" in r.json()["error"]["message"]
+
+
+def test_a_body_that_is_not_json_says_why(app):
+    async def go(client):
+        form = await client.post("/v1/completions", content=b'{"prompt": "hi"}',
+                                 headers={"content-type": "application/x-www-form-urlencoded"})
+        latin1 = await client.post("/v1/completions", content='{"prompt": "caf\xe9"}'.encode("latin-1"),
+                                   headers={"content-type": "application/json"})
+        return form, latin1
+
+    form, latin1 = call(app, go)
+    assert form.status_code == 415, form.text
+    assert "Content-Type must be application/json, got 'application/x-www-form-urlencoded'" in form.text
+    assert latin1.status_code == 400 and "UTF-8" in latin1.json()["error"]["message"], latin1.text
+
+
 def test_malformed_json_and_oversized_body(app):
     async def go(client):
         bad = await client.post("/v1/completions", content=b"{not json",

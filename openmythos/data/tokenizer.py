@@ -39,7 +39,7 @@ GPT2_VOCAB_SIZE = 50257
 N_BYTES = 256
 
 
-def _checked_text(text: str) -> str:
+def checked_text(text: str) -> str:
     """Text UTF-8 can encode. A lone surrogate (which Python strings, JSON and argv decoded with
     surrogateescape carry) would otherwise fail deep inside one codec and be silently replaced
     by another."""
@@ -72,10 +72,10 @@ class Tokenizer(ABC):
         return f"{self.kind}-{self.vocab_size}"
 
     def encode(self, text: str) -> list[int]:
-        return self._encode(_checked_text(text))
+        return self._encode(checked_text(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._encode_batch([_checked_text(text) for text in texts])
+        return self._encode_batch([checked_text(text) for text in texts])
 
     @abstractmethod
     def _encode(self, text: str) -> list[int]: ...

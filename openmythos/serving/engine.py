@@ -277,11 +277,16 @@ class Engine:
         if token == self.eos:
             return self._finish(req, "stop")
         req.generated.append(token)
+        full = len(req.prompt) + len(req.generated) >= self.max_len
+        last = len(req.generated) >= req.params.max_tokens or full
         settled = text = ""
         if req.stream is not None:  # the text no later token can change, then a held tail
             req.stream.push(token)
             settled, text = req.stream.text, req.stream.text + req.stream.tail
-        cut = min((text.index(s) for s in req.params.stop if s and s in text), default=None)
+        # stop strings match settled text: a held tail decodes as U+FFFD until it is whole
+        # (on the last token the tail is final)
+        searched = text if last else settled
+        cut = min((searched.index(s) for s in req.params.stop if s and s in searched), default=None)
         if cut is not None:  # at the earliest stop string, whichever is listed first
             req.text = text[:cut]
             return self._finish(req, "stop")
@@ -294,8 +299,7 @@ class Engine:
             req.emitted = visible
         elif self.tokenizer is None:
             req.on_event(Event("token", token=token))
-        full = len(req.prompt) + len(req.generated) >= self.max_len
-        if len(req.generated) >= req.params.max_tokens or full:
+        if last:
             self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str) -> None:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
+from openmythos.data.tokenizer import checked_text
 from openmythos.serving.engine import Engine, Event, QueueFull, SamplingParams
 
 
@@ -103,10 +104,24 @@ class CompletionRequest(BaseModel):
     def _few_stops(cls, v):  # each is searched for at every token, on the engine's thread
         if isinstance(v, list) and len(v) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
+        for text in [v] if isinstance(v, str) else v or ():
+            checked_text(text)  # a lone surrogate could never match decoded text
         return v
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+def _field_name(loc: tuple) -> str:
+    """pydantic's location as the client wrote it, without the union members' tags:
+    ("body", "prompt", "list[str]", 1) -> "prompt[1]"."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part not in ("body", "str", "list[str]"):
+            name += f".{part}" if name else part
+    return name or "body"
 
 
 def _error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -173,18 +188,28 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        # the field's path, without pydantic's tags for the member of a union it tried last
-        loc = [str(p) for p in first["loc"] if p not in ("body", "str", "list[str]")]
-        field = ".".join(loc) or "body"
-        if first["type"] == "json_invalid":
-            return _error(400, f"malformed JSON: {first['msg']}", None)
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            return _error(400, f"malformed JSON: {errors[0]['msg']}", None)
+        content_type = request.headers.get("content-type", "")
+        if errors[0]["loc"] == ("body",) and "json" not in content_type:  # FastAPI never parsed it
+            return _error(415, f"Content-Type must be application/json, got {content_type!r}", None)
+        # for a union (prompt: str | list[str]) the member that got furthest, e.g. ["a", 5] fails
+        # at its item 1, not as "a valid string"
+        first = max(errors, key=lambda e: len(e["loc"]))
+        field = _field_name(first["loc"])
         if first["type"] == "extra_forbidden":
             return _error(400, f"unknown field {field!r}", field)
-        return _error(400, f"invalid {field!r}: {first['msg']}", field)
+        if first["type"] == "missing":
+            return _error(400, f"missing field {field!r}", field)
+        got = json.dumps(first["input"], default=repr)
+        got = got if len(got) <= 80 else got[:77] + "..."
+        return _error(400, f"invalid {field!r}: {first['msg']}, got {got}", field)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return _error(400, "the body could not be parsed as JSON (is it UTF-8?)", None)
         return _error(exc.status_code, str(exc.detail))
 
     @app.get("/health")
@@ -219,8 +244,8 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             return _error(400, "stream supports a single prompt", "prompt")
         encoded = []
         for i, text in enumerate(prompts):
-            try:
-                encoded.append(tokenizer.encode(text) or [tokenizer.eos_id])
+            try:  # off the event loop: a long prompt takes a second, and every client would wait
+                encoded.append(await asyncio.to_thread(tokenizer.encode, text) or [tokenizer.eos_id])
             except ValueError as e:  # a lone surrogate, which JSON can carry
                 where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
                 return _error(400, f"{where}: {e}", "prompt")
