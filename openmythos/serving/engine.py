@@ -291,9 +291,9 @@ class Engine:
             req.text = text[:cut]
             return self._finish(req, "stop")
         req.text = text
-        # hold back a tail that could still grow into a stop string, and an unfinished character
+        # hold back an unfinished character, and settled text that could still begin a stop string
         hold = max((len(s) - 1 for s in req.params.stop), default=0)
-        visible = min(len(text) - hold, len(settled))
+        visible = len(settled) - hold
         if visible > req.emitted:
             req.on_event(Event("token", text=text[req.emitted:visible], token=token))
             req.emitted = visible
