@@ -141,12 +141,20 @@ def test_bpe_training_is_deterministic_and_accepts_files(bpe, fixture_texts, tmp
     assert len(bpe.encode(fixture_texts[0])) < len(fixture_texts[0].encode())
 
 
-@pytest.mark.parametrize(
-    "texts, vocab_size, match", [(["some text"], 100, "100"), (["", ""], 400, "empty")]
-)
+@pytest.mark.parametrize("texts, vocab_size, match", [
+    (["some text"], 100, "100"), (["", ""], 400, "empty"),
+    (["ok", "bad \udc80"], 300, r"texts_or_files\[1\]: text is not valid Unicode"),
+    ([b"bytes"], 300, r"texts_or_files\[0\] must be a str or a Path, got bytes"),
+])
 def test_train_bpe_rejects_bad_input(texts, vocab_size, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         train_bpe(texts, vocab_size=vocab_size)
+
+
+def test_train_bpe_names_a_file_it_cannot_read(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt.*UTF-8"):
+        train_bpe([tmp_path / "latin1.txt"], vocab_size=300)
 
 
 def test_load_tokenizer_errors(bpe, tmp_path):
@@ -253,6 +261,24 @@ def test_single_file_and_val_path():
     assert [d.name for d in with_val.train] == ["weather.txt"]
 
 
+def test_a_val_path_that_holds_training_text_is_refused(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.txt").write_text("first document")
+    (tmp_path / "train" / "held").mkdir()
+    (tmp_path / "train" / "held" / "b.txt").write_text("second document")
+    (tmp_path / "copy.txt").write_text("first document")
+    for val in (tmp_path / "train" / "a.txt", tmp_path / "train" / "held", tmp_path / "copy.txt"):
+        with pytest.raises(ValueError, match="val_path .* shares 1 document"):
+            load_corpus(str(tmp_path / "train"), val_path=val)
+
+
+def test_file_text_keeps_its_line_endings(tmp_path):
+    raw = b"line one\r\nline two\rstill two\n"
+    (tmp_path / "crlf.txt").write_bytes(raw)
+    [doc] = path_documents(tmp_path / "crlf.txt")
+    assert doc.text.encode() == raw  # bits per byte counts the file's own bytes
+
+
 def test_corpus_errors(tmp_path):
     with pytest.raises(ValueError, match="'no-such-corpus'"):
         load_corpus("no-such-corpus")
@@ -335,6 +361,9 @@ def test_cache_hit_does_not_retokenise(docs, tmp_path, monkeypatch):
     monkeypatch.undo()
     tokenize_documents([Document("a", "changed")], tok, tmp_path / "tokens")
     assert len(list((tmp_path / "tokens").iterdir())) == 4
+    # an entry whose token file was deleted (its metadata left) is rebuilt, not an error
+    (tmp_path / "tokens" / entries[1]).unlink()
+    np.testing.assert_array_equal(tokenize_documents(docs, tok).tokens, first.tokens)
 
 
 def test_interrupted_write_leaves_no_cache(docs, tmp_path, monkeypatch):

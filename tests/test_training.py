@@ -279,6 +279,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     ({"run.out_dir": "{tmp}/file/run"}, "is not writable"),
     ({"data.corpus": "{tmp}/empty.txt"}, "holds no non-empty"),
     ({"model.vocab_size": 100}, "smaller than the byte tokenizer's vocab_size 258"),
+    ({"data.tokenizer": "bpe", "data.vocab_size": 100}, "data.vocab_size=100 must be >= 258 for a BPE"),
     ({"checkpoint.resume": "{tmp}/nowhere"}, "does not exist"),
     ({"data.tokenizer": "{tmp}/no-tokenizer"}, "neither one of"),
 ])

@@ -63,8 +63,10 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text as its bytes say: no newline translation (bits per byte counts these
+    bytes); a byte-order mark is not text."""
     try:
-        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"file {str(path)!r} is not UTF-8 text: {e}") from e
 
@@ -206,6 +208,11 @@ def load_corpus(
         )
     if val_path is not None:
         train, val = docs, path_documents(val_path)
+        shared = [d.name for d in val if d.text in {t.text for t in train}]
+        if shared:  # the same file, one folder inside the other, or a copy
+            raise ValueError(f"val_path {str(val_path)!r} shares {len(shared)} document(s) with the "
+                             f"training corpus {source!r} (e.g. {shared[0]!r}): validation would "
+                             f"score text the model trains on")
     elif source == "sotu":
         train, val = split_by_year(docs)
     elif len(docs) == 1:
@@ -411,7 +418,7 @@ def tokenize_documents(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{tokenizer.name}-{_cache_key(docs, tokenizer)[:32]}.npy"
-    if path.with_suffix(".json").is_file():
+    if path.is_file() and path.with_suffix(".json").is_file():  # else (half deleted) rebuild
         return load_tokens(path, tokenizer)
     tokens = _encode(docs, tokenizer, dtype)
     meta = {

@@ -198,10 +198,7 @@ def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> B
     min_vocab = N_BYTES + 2  # every byte plus EOS and PAD
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size {vocab_size} is below the minimum of {min_vocab}")
-    texts = [
-        item.read_text(encoding="utf-8-sig") if isinstance(item, Path) else item  # a BOM is no text
-        for item in texts_or_files
-    ]
+    texts = [_training_text(i, item) for i, item in enumerate(texts_or_files)]
     if not any(texts):
         raise ValueError("cannot train a BPE tokenizer on an empty corpus")
     tok = HFTokenizer(models.BPE())
@@ -215,6 +212,20 @@ def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> B
     )
     tok.train_from_iterator(texts, trainer)
     return BPETokenizer(tok)
+
+
+def _training_text(i: int, item: str | Path) -> str:
+    if isinstance(item, Path):
+        try:
+            return item.read_bytes().decode("utf-8-sig")  # a BOM is no text
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read file {str(item)!r} as UTF-8 text: {e}") from None
+    if not isinstance(item, str):
+        raise TypeError(f"texts_or_files[{i}] must be a str or a Path, got {type(item).__name__}")
+    try:
+        return checked_text(item)
+    except ValueError as e:
+        raise ValueError(f"texts_or_files[{i}]: {e}") from None
 
 
 @functools.cache
