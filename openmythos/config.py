@@ -79,11 +79,11 @@ class MythosConfig:
             "max_loop_iters", "lora_rank", "loop_embed_fraction", "kv_lora_rank",
         )
         for name in positive:
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+            _check(_is_int(getattr(self, name)) and getattr(self, name) > 0, name,
                    getattr(self, name), "must be a positive integer")
         for name in ("prelude_layers", "coda_layers", "n_shared_experts", "q_lora_rank",
                      "qk_nope_head_dim"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name,
                    getattr(self, name), "must be a non-negative integer")
         for f in fields(self):
             value = getattr(self, f.name)
@@ -96,8 +96,7 @@ class MythosConfig:
         _choice(self, "discretisation", DISCRETISATIONS)
         _choice(self, "halting", HALTINGS)
         _choice(self, "kv_cache_policy", KV_CACHE_POLICIES)
-        _check(isinstance(self.kv_cache_ring, int) and not isinstance(self.kv_cache_ring, bool)
-               and self.kv_cache_ring > 0, "kv_cache_ring", self.kv_cache_ring,
+        _check(_is_int(self.kv_cache_ring) and self.kv_cache_ring > 0, "kv_cache_ring", self.kv_cache_ring,
                "must be a positive integer")
         _check(self.dim % self.n_heads == 0, "dim", self.dim,
                f"must be divisible by n_heads={self.n_heads}")
@@ -113,7 +112,7 @@ class MythosConfig:
         _check(0.0 < self.act_threshold <= 1.0, "act_threshold", self.act_threshold,
                "must lie in (0, 1]")
         _check(self.kl_threshold > 0, "kl_threshold", self.kl_threshold, "must be positive")
-        _check(isinstance(self.min_loops, int) and self.min_loops >= 1, "min_loops", self.min_loops,
+        _check(_is_int(self.min_loops) and self.min_loops >= 1, "min_loops", self.min_loops,
                "must be a positive integer")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must lie in [0, 1)")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
@@ -166,6 +165,8 @@ class MythosConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MythosConfig:
+        if not isinstance(name, str):
+            raise ValueError(f"preset must be a name, one of {sorted(PRESETS)}; got {name!r}")
         key = name.removeprefix("mythos_")
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -258,6 +259,12 @@ class MythosConfig:
             per_layer = self.kv_lora_rank + self.qk_rope_head_dim
         layers = self.prelude_layers + self.coda_layers + n_loops
         return layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def _is_int(value: Any) -> bool:
+    """A Python int, not a bool (which would pass as 0 or 1) nor a numpy integer (which JSON
+    cannot write)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

@@ -117,9 +117,13 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
     ids, mask = _left_pad(input_ids, attention_mask, pad_token_id, device)
     if ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
-    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape and bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError("attention_mask must be left padding (0s, then 1s, in every row): a row's "
-                         "next token follows its last position")
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("attention_mask must be left padding (0s, then 1s, in every row): a row's "
+                             "next token follows its last position")
+        if not bool(mask[:, -1].all()):  # left padding: a row's last column is its last token
+            row = int((mask[:, -1] == 0).nonzero()[0])
+            raise ValueError(f"attention_mask row {row} marks no real token: every prompt needs one")
     B, T = ids.shape
     total = _total_length(model, T, max_new_tokens)
     n_loops = model.check_loops(n_loops, B)

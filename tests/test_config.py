@@ -73,6 +73,9 @@ def test_unknown_field_suggests_the_closest():
     ("expert_dim", 2.5, "expert_dim=2.5"),
     ("dropout", "0.1", "dropout='0.1' must be a finite number"),
     ("rope_theta", float("inf"), "rope_theta=inf must be a finite number"),
+    ("vocab_size", True, "vocab_size=True must be a positive integer"),  # not an int of 1
+    ("prelude_layers", False, "prelude_layers=False must be a non-negative integer"),
+    ("min_loops", True, "min_loops=True"),
 ])
 def test_validation_names_field_and_value(field, value, needle):
     overrides = {"n_experts": 8, field: value}
@@ -131,3 +134,8 @@ def test_mla_cache_holds_one_shared_rope_key():
     cfg = MythosConfig.from_preset("1b")
     per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     assert cfg.kv_cache_bytes_per_token(16, torch.bfloat16) == (4 + 16) * per_layer * 2
+
+
+def test_a_preset_must_be_named():
+    with pytest.raises(ValueError, match="preset must be a name, one of .*; got 5"):
+        MythosConfig.from_preset(5)

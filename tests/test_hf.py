@@ -351,6 +351,24 @@ def test_bad_calls():
         hf.generate(ids, max_new_tokens=2, n_loops=0)
     with pytest.raises(ValueError, match="logits_to_keep=1 with labels"):
         hf(ids, labels=ids, logits_to_keep=1)
+    for labels, needle in ((ids[:, :3], r"labels must be an int64 tensor of shape \(1, 4\)"),
+                           (ids.float(), "labels must be an int64 tensor"),
+                           (torch.full((1, 4), VOCAB), f"labels contains token id {VOCAB}, outside")):
+        with pytest.raises(ValueError, match=needle):
+            hf(ids, labels=labels)
+    with pytest.raises(ValueError, match="max_length 1000 exceeds max_seq_len="):
+        hf.generate(ids, max_length=1000)  # else it fails at the limit, its tokens lost
+
+
+def test_save_pretrained_touches_only_its_own_files(tmp_path):
+    hf = OpenMythosForCausalLM.from_openmythos(tiny_model())
+    mine = "from openmythos.generation import generate\nfrom openmythos import OpenMythos\n"
+    (tmp_path / "my_script.py").write_text(mine)
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "my_script.py").read_text() == mine
+    assert "from .openmythos_core import" in (tmp_path / "modeling_openmythos.py").read_text()
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        hf.save_pretrained(tmp_path / "my_script.py")
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -99,8 +99,15 @@ def test_ignored_targets_leave_their_positions_out():
 
 def test_targets_of_the_wrong_shape_or_ids_are_refused():
     model, ids = small_model(), torch.randint(0, 64, (2, 12))
-    with pytest.raises(ValueError, match=r"targets must be int64 of shape \(2, 12\)"):
+    with pytest.raises(ValueError, match=r"targets must be an int64 tensor of shape \(2, 12\), got torch.int64 \(2, 11\)"):
         model(ids, targets=torch.randint(0, 64, (2, 11)))
+    with pytest.raises(ValueError, match=r"targets must be an int64 tensor of shape \(2, 12\), got list"):
+        model(ids, targets=ids.tolist())
+    calls = []  # refused before the forward runs, not after it
+    model.prelude[0].register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="targets"):
+        model(ids, targets=ids.float())
+    assert not calls
     with pytest.raises(ValueError, match=r"targets contains token id 64, outside \[0, vocab_size=64\)"):
         model(ids, targets=torch.full((2, 12), 64))
     with pytest.raises(ValueError, match="leave every position out"):
@@ -279,3 +286,30 @@ BAD_INPUTS = [
 def test_bad_input_gets_a_clear_error(call, exc, needle):
     with pytest.raises(exc, match=needle):
         call(small_model())
+
+
+@pytest.mark.parametrize("other, field", [
+    (dict(kv_cache_policy="ring", kv_cache_ring=1), "kv_cache_policy"),  # else decodes wrong, silently
+    (dict(attn_type="gqa"), "attn_type"),
+    (dict(kv_lora_rank=8), "entry shape"),
+    (dict(prelude_layers=0), "prelude_layers"),
+])
+def test_a_cache_built_for_another_model_is_refused(other, field):
+    model, ids = small_model(), torch.randint(0, 64, (1, 5))
+    with pytest.raises(ValueError, match=f"cache was built for another model: its {field} is"):
+        model(ids, cache=small_model(**other).new_cache(1, 16))
+    with pytest.raises(ValueError, match="its dtype is torch.float32, this model's torch.bfloat16"):
+        small_model().to(torch.bfloat16)(ids, cache=model.new_cache(1, 16))
+    model(ids, cache=model.new_cache(1, 16).narrow(0, 1))  # its own, and a view of it, are fine
+
+
+def test_rewind_takes_integers_only():
+    import numpy as np
+
+    model = small_model()
+    cache = model.new_cache(1, 16)
+    model(torch.randint(0, 64, (1, 5)), cache=cache)
+    with pytest.raises(ValueError, match=r"rewind: n must be an integer in \[0, 5\], got True"):
+        cache.rewind(True)
+    cache.rewind(np.int64(2))
+    assert cache.length == 3 and int(cache.next_pos[0]) == 3

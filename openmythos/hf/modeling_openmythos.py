@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from openmythos.hf.configuration_openmythos import OpenMythosHFConfig
 from openmythos.model.cache import KVCache
-from openmythos.model.model import OpenMythos
+from openmythos.model.model import OpenMythos, check_targets
 
 # transformers 5 renamed the cache argument and output field from `past_key_values` to `cache`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -186,6 +186,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every position")
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("OpenMythos takes input_ids (inputs_embeds are not supported)")
+        if labels is not None:
+            check_targets(labels, tuple(input_ids.shape), self.config.vocab_size, "labels")
         if cache is None:
             cache = past_key_values
         if cache is not None and not isinstance(cache, OpenMythosCache):
@@ -248,11 +250,14 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         if asked("cache_implementation"):
             raise ValueError("cache_implementation: OpenMythos builds its own cache (OpenMythosCache)")
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        limit, new = self.config.max_seq_len, asked("max_new_tokens")
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and isinstance(new, int) \
-                and inputs.shape[1] + new > limit:  # else it fails at the limit, its tokens lost
-            raise ValueError(f"input length {inputs.shape[1]} + max_new_tokens {new} exceeds "
-                             f"max_seq_len={limit}")
+        limit, new, total = self.config.max_seq_len, asked("max_new_tokens"), asked("max_length")
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:  # else it fails at the limit,
+            if isinstance(new, int) and inputs.shape[1] + new > limit:  # its tokens lost
+                raise ValueError(f"input length {inputs.shape[1]} + max_new_tokens {new} exceeds "
+                                 f"max_seq_len={limit}")
+            if new is None and isinstance(total, int) and total > max(limit, inputs.shape[1]):
+                raise ValueError(f"max_length {total} exceeds max_seq_len={limit}: pass max_new_tokens "
+                                 f"or a max_length <= {limit}")
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             if n_loops is not None:
                 raise ValueError("a cache passed to generate has its own depth: build it as "
@@ -289,6 +294,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         if kwargs.get("push_to_hub"):
             raise ValueError("save_pretrained(push_to_hub=True) would upload the code before it is "
                              "made self-contained: save locally, then upload the directory")
+        if Path(save_directory).is_file():  # transformers would only log it, and save nothing
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file, not a directory")
         super().save_pretrained(save_directory, *args, **kwargs)
         if __package__ == "openmythos.hf" and kwargs.get("is_main_process", True):
             # transformers copied this file and the config's verbatim, and here they import the

@@ -20,8 +20,12 @@ CORE = "openmythos_core"
 _PACKAGE_IMPORT = re.compile(r"^(\s*)from (openmythos(?:\.\w+)*) import ", flags=re.MULTILINE)
 
 
+# the files save_pretrained copies in; any other .py in the directory is the user's
+HF_FILES = ("configuration_openmythos.py", "modeling_openmythos.py")
+
+
 def vendor_core(directory: Path) -> None:
-    files = {p: p.read_text(encoding="utf-8") for p in sorted(directory.glob("*.py"))}
+    files = {p: p.read_text(encoding="utf-8") for p in (directory / name for name in HF_FILES) if p.is_file()}
     files = {p: text for p, text in files.items() if _PACKAGE_IMPORT.search(text)}
     roots = {m for text in files.values() for m in _package_imports(ast.parse(text))}
     core = _flatten(_closure(roots - {m for m in roots if _is_hf(m)}))

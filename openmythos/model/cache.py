@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from openmythos.generation import is_int
+
 
 def _rows_to_coords(rows: torch.Tensor, T: int, start: int,
                     cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +121,22 @@ class KVCache:
         self.loops = [slot() for _ in range(cfg.kv_cache_loop_slots(n_loops))]
         self.coda = [slot() for _ in range(cfg.coda_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.layout = self.layout_of(cfg, dtype, self.valid.device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # columns per row
         self._flags = {"has_padding": False}  # shared with narrow views: padding seen through one
         # view (the engine's batched prefill) must make the whole cache read `valid`
+
+    @staticmethod
+    def layout_of(cfg, dtype: torch.dtype, device: torch.device) -> dict:
+        """What a model needs of a cache to use it: `OpenMythos.forward` compares a cache's with
+        its own (a cache from another model would fail deep inside, or silently decode wrong)."""
+        entry = ((cfg.n_kv_heads, cfg.head_dim) if cfg.attn_type == "gqa"
+                 else (cfg.kv_lora_rank + cfg.qk_rope_head_dim,))
+        return {"attn_type": cfg.attn_type, "entry shape": entry, "prelude_layers": cfg.prelude_layers,
+                "coda_layers": cfg.coda_layers, "kv_cache_policy": cfg.kv_cache_policy,
+                "kv_cache_ring": cfg.kv_cache_ring if cfg.kv_cache_policy == "ring" else None,
+                "dtype": dtype, "device": device}
 
     @property
     def has_padding(self) -> bool:
@@ -143,6 +157,7 @@ class KVCache:
         serving engine runs each step on a contiguous view, never a copy."""
         view = object.__new__(KVCache)
         view.batch_size, view.max_len, view.n_loops, view.packed = n, self.max_len, self.n_loops, self.packed
+        view.layout = self.layout
         for name in ("prelude", "loops", "coda"):
             setattr(view, name, [s.narrow(start, n) for s in getattr(self, name)])
         view.valid, view.next_pos, view.lengths = (t.narrow(0, start, n) for t in
@@ -168,8 +183,9 @@ class KVCache:
     def rewind(self, n: int) -> None:
         """Forget every row's last n tokens (a draft that verification rejected): their columns
         become invisible and are written again by the next call."""
-        if not (isinstance(n, int) and 0 <= n <= int(self.lengths.min())):
+        if not (is_int(n) and 0 <= n <= int(self.lengths.min())):
             raise ValueError(f"rewind: n must be an integer in [0, {int(self.lengths.min())}], got {n!r}")
+        n = int(n)
         cols = torch.arange(self.max_len, device=self.lengths.device)
         self.valid &= (cols < (self.lengths - n).unsqueeze(1)) | (cols >= self.lengths.unsqueeze(1))
         self.lengths -= n

@@ -29,6 +29,22 @@ from openmythos.model.recurrence import RecurrentBlock
 IGNORE_INDEX = -100  # a target that leaves its position out of the loss, as in torch and transformers
 
 
+def check_targets(targets: torch.Tensor, shape: tuple[int, int], vocab_size: int, name: str = "targets") -> None:
+    """Targets (or labels) for ids of `shape`: int64 ids in [0, vocab_size) or IGNORE_INDEX, at
+    least one kept. One host sync."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long or tuple(targets.shape) != tuple(shape):
+        got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"{name} must be an int64 tensor of shape {tuple(shape)}, got {got}")
+    kept = targets != IGNORE_INDEX
+    lo, hi = torch.aminmax(torch.where(kept, targets, 0))
+    lo, hi, n_kept = torch.stack([lo, hi, kept.sum()]).tolist()  # one host sync for all three
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} contains token id {lo if lo < 0 else hi}, outside [0, vocab_size="
+                         f"{vocab_size}) (use {IGNORE_INDEX} to leave a position out)")
+    if not n_kept:
+        raise ValueError(f"{name} leave every position out ({IGNORE_INDEX})")
+
+
 @dataclass
 class MythosOutput:
     logits: torch.Tensor | None  # (B, T, vocab); None when `targets` asked for the loss instead
@@ -141,8 +157,10 @@ class OpenMythos(nn.Module):
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative integer (0 keeps every position), "
                              f"got {logits_to_keep!r}")
-        if logits_to_keep and targets is not None:
-            raise ValueError(f"logits_to_keep={logits_to_keep} with targets: the loss covers every position")
+        if targets is not None:
+            if logits_to_keep:
+                raise ValueError(f"logits_to_keep={logits_to_keep} with targets: the loss covers every position")
+            check_targets(targets, (B, T), self.cfg.vocab_size)
         n_loops = self.check_loops(n_loops, B, cache)
         if head_dtype is not None and not (isinstance(head_dtype, torch.dtype) and head_dtype.is_floating_point):
             raise ValueError(f"head_dtype must be a floating-point torch.dtype, got {head_dtype!r}")
@@ -206,17 +224,7 @@ class OpenMythos(nn.Module):
                             torch.stack(ctx.expert_loads).sum(0), state_norm, loss)
 
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, head_dtype: torch.dtype | None):
-        if targets.shape != x.shape[:2] or targets.dtype != torch.long:
-            raise ValueError(f"targets must be int64 of shape {tuple(x.shape[:2])}, got "
-                             f"{targets.dtype} {tuple(targets.shape)}")
-        kept = targets != IGNORE_INDEX
-        lo, hi = torch.aminmax(torch.where(kept, targets, 0))
-        lo, hi, n_kept = torch.stack([lo, hi, kept.sum()]).tolist()  # one host sync for all three
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(f"targets contains token id {lo if lo < 0 else hi}, outside [0, vocab_size="
-                             f"{self.cfg.vocab_size}) (use {IGNORE_INDEX} to leave a position out)")
-        if not n_kept:
-            raise ValueError(f"targets leave every position out ({IGNORE_INDEX})")
+        """The mean cross-entropy of targets checked by check_targets."""
         # the head runs in head_dtype, else in the weight's dtype, whatever an outer autocast says
         dtype = head_dtype or self.embed.weight.dtype
         x, weight = x.to(dtype), self.embed.weight.to(dtype)
@@ -227,7 +235,7 @@ class OpenMythos(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             losses = F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), reduction="none",
                                             ignore_index=IGNORE_INDEX, options=chunks)
-        return losses.float().sum() / n_kept  # the mean over the positions kept
+        return losses.float().sum() / (targets != IGNORE_INDEX).sum()  # the mean over the positions kept
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
@@ -339,8 +347,15 @@ class OpenMythos(nn.Module):
             # an additive mask (0 keep, -inf drop) would otherwise be read inverted, silently
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
             raise ValueError(f"attention_mask must hold 1 for a token and 0 for padding, got a value {bad!r}")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")
+            p = self.embed.weight
+            want = KVCache.layout_of(self.cfg, p.dtype, p.device)
+            if cache.layout != want:
+                field = next(k for k in want if cache.layout.get(k) != want[k])
+                raise ValueError(f"cache was built for another model: its {field} is {cache.layout.get(field)!r}, "
+                                 f"this model's {want[field]!r} (build it with model.new_cache)")
         if self._packs(cache, T, attention_mask):
             return B, T, True  # each row's own length is checked by _packed_context
         start = cache.length if cache is not None else 0
