@@ -107,7 +107,8 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     print(depth_table(losses, bpt))
     print(f"unigram baseline: {unigram:.4f} nats/token, {bits_per_byte(unigram, bpt):.4f} bits/byte "
           f"({bpt:.3f} bytes/token)")
-    result = {"checkpoint": checkpoint, "data": data or f"{cfg.data.corpus} (validation split)",
+    source = data or cfg.data.val_path or f"{cfg.data.corpus} (validation split)"
+    result = {"checkpoint": checkpoint, "data": source,
               "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
               "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
               "loss_per_depth": {str(n): {"loss": v, "ppl": math.exp(min(v, 700)),

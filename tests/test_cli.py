@@ -263,3 +263,15 @@ def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, ru
     mythos("train", *tiny_train_args(straight, tmp_path / "cache", steps=steps))
     assert len(curve(metrics)) == steps
     assert curve(metrics) == curve(straight / "metrics.jsonl")
+
+
+def test_eval_names_the_file_it_scored(tmp_path, capsys):
+    # a run validated on its own val_path: the JSON names that file, not the training corpus
+    val = tmp_path / "val.txt"
+    val.write_text("a separate validation text, not part of the training file\n" * 4)
+    args = tiny_train_args(tmp_path / "run", tmp_path / "cache", steps=2)
+    assert main(["train", *args, "--data.val_path", str(val), "--eval.samples", "0",
+                 "--eval.depths", "1"]) == 0
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(tmp_path / "run"), "--n-loops", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == str(val)

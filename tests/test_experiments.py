@@ -27,6 +27,9 @@ def test_smoke_run_writes_a_report(name, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert report.startswith(f"# {name}") and "|---|" in report
     assert list(out.glob("*.png")), "every experiment draws at least one plot"
+    if name == "stability":  # a run that did not diverge may still have learned nothing
+        for r in payload["results"]["runs"]:
+            assert math.isfinite(r["unigram_loss"]) and r["learned"] == (r["val_loss"] < r["unigram_loss"])
 
 
 def test_phi_fit_recovers_a_known_exponent():
@@ -92,3 +95,19 @@ def test_act_pareto_trains_at_its_loop_count_and_names_a_divergence(tmp_path, mo
 def test_param_efficiency_refuses_what_it_cannot_fit_before_training(fields, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         run_experiment("param-efficiency", out_dir=str(tmp_path), corpus=FIXTURE, tokenizer="byte", **fields)
+
+
+def test_depth_extrapolation_picks_its_best_depth_on_chains_it_does_not_report(tmp_path, monkeypatch):
+    import openmythos.experiments.depth_extrapolation as de
+
+    seen, real = {"test": set(), "train": set()}, de.KHopTask.sample
+
+    def sample(self, n, hops, generator, width=None, split="train"):
+        ids, targets = real(self, n, hops, generator, width, split)
+        if hops > 2:  # the long chains (smoke: train_hops 2); training draws up to 2 hops only
+            seen[split].update(map(tuple, ids.tolist()))
+        return ids, targets
+
+    monkeypatch.setattr(de.KHopTask, "sample", sample)
+    run_experiment("depth-extrapolation", smoke=True, out_dir=str(tmp_path), threads=1)
+    assert seen["test"] and seen["train"] and not seen["test"] & seen["train"]

@@ -3,7 +3,9 @@ against an unconstrained learned A ("free") and a plain residual recurrence ("ad
 across a learning-rate sweep on the bundled corpus.
 
 A run counts as diverged when it aborts on non-finite steps, or when its last tenth of logged
-steps averages above its first logged loss (it ended worse than it started).
+steps averages above its first logged loss (it ended worse than it started). A run that did not
+diverge may still have learned nothing: "learned" says whether its validation loss ended below
+the split's unigram loss (token frequencies alone).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def run(cfg: StabilityConfig) -> dict:
                     "name": name, "injection": injection, "lr": lr, "diverged": diverged,
                     "steps": out.get("steps", len(trace)), "status": out.get("status", "diverged"),
                     "first_loss": first, "final_loss": last, "val_loss": out.get("val_loss", math.nan),
+                    "unigram_loss": out.get("unigram_loss", math.nan),
+                    "learned": out.get("val_loss", math.inf) < out.get("unigram_loss", -math.inf),
                     "max_rho": max((r["rho"] for r in trace), default=math.nan),
                     "max_state_norm": max((r["state_norm"] for r in trace), default=math.nan),
                     "trace": [{k: r[k] for k in ("step", "loss", "rho", "state_norm")} for r in trace],
@@ -73,21 +77,24 @@ def run(cfg: StabilityConfig) -> dict:
     def norm_at(r: dict) -> float:
         return next((t["state_norm"] for t in r["trace"] if t["step"] >= common), math.nan)
 
-    rows = [[r["injection"], r["lr"], "yes" if r["diverged"] else "no", r["steps"], r["final_loss"],
-             r["val_loss"], r["max_rho"], norm_at(r), r["max_state_norm"]] for r in results]
+    rows = [[r["injection"], r["lr"], "yes" if r["diverged"] else "no", "yes" if r["learned"] else "no",
+             r["steps"], r["final_loss"], r["val_loss"], r["max_rho"], norm_at(r), r["max_state_norm"]]
+            for r in results]
+    unigram = next((r["unigram_loss"] for r in results if math.isfinite(r["unigram_loss"])), math.nan)
     report.add("## Runs\n\n" + markdown_table(
-        ["injection", "lr", "diverged", "steps", "final train loss", "val loss", "max rho(A)",
-         f"state norm at step {common}", "max state norm"], rows))
+        ["injection", "lr", "diverged", f"learned (val loss < unigram {unigram:.3f})", "steps",
+         "final train loss", "val loss", "max rho(A)", f"state norm at step {common}",
+         "max state norm"], rows))
     summary = []
     for injection in cfg.injections:
         runs = [r for r in results if r["injection"] == injection]
-        frac = sum(r["diverged"] for r in runs) / len(runs)
         finite = [r["final_loss"] for r in runs if math.isfinite(r["final_loss"])]
-        summary.append([injection, f"{frac:.0%}", min(finite, default=math.nan),
+        summary.append([injection, f"{sum(r['diverged'] for r in runs)} / {len(runs)}",
+                        f"{sum(r['learned'] for r in runs)} / {len(runs)}", min(finite, default=math.nan),
                         max(norm_at(r) for r in runs)])
-    report.add("## Diverged fraction\n\n" + markdown_table(
-        ["injection", "diverged", "best final train loss", f"largest state norm at step {common}"],
-        summary))
+    report.add("## Diverged and learned\n\n" + markdown_table(
+        ["injection", "diverged", "learned (val loss below unigram)", "best final train loss",
+         f"largest state norm at step {common}"], summary))
 
     def draw(fig):
         axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
