@@ -89,28 +89,35 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     """Validation loss, perplexity and bits/byte at each depth, on the run's validation split or
     on the text file/folder `data`, next to the unigram baseline of the run's training split."""
     model, tokenizer, cfg = _load(checkpoint, device)
-    bundle = prepare_data(cfg.data, tokenizer)
-    if data is None and not is_hf_export(checkpoint):
-        changed = open_checkpoint(checkpoint).changed_splits(bundle.train, bundle.val)
+    if data is None:
+        bundle = prepare_data(cfg.data, tokenizer)
+        train, val = bundle.train, bundle.val
+        changed = [] if is_hf_export(checkpoint) else open_checkpoint(checkpoint).changed_splits(train, val)
         if changed:  # a split recomputed from files added, removed or edited since
             log.warning("the run's %s split differs from the one it trained on: its files changed, "
                         "so this validation split may hold text the model trained on", " and ".join(changed))
-    val = bundle.val if data is None else tokenize_documents(path_documents(data), tokenizer,
-                                                              cfg.data.cache_dir or None)
+    else:
+        val = tokenize_documents(path_documents(data), tokenizer, cfg.data.cache_dir or None)
+        try:  # only for the unigram baseline: --data needs no training corpus (an export's is elsewhere)
+            train = prepare_data(cfg.data, tokenizer).train
+        except ValueError as e:
+            train = None
+            log.warning("no unigram baseline: the run's training corpus is not available (%s)", e)
     depths = list(n_loops or cfg.eval.depths)
     losses = loss_per_depth(model, val, depths, seq_len=cfg.data.seq_len,
                             batch_size=batch_size or cfg.eval.batch_size, max_tokens=max_tokens,
                             autocast_dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else None)
     bpt = val.bytes_per_token
-    unigram = unigram_loss(np.asarray(bundle.train.tokens), np.asarray(val.tokens),
-                           tokenizer.vocab_size)
     print(depth_table(losses, bpt))
-    print(f"unigram baseline: {unigram:.4f} nats/token, {bits_per_byte(unigram, bpt):.4f} bits/byte "
-          f"({bpt:.3f} bytes/token)")
+    unigram = None
+    if train is not None:
+        unigram = unigram_loss(np.asarray(train.tokens), np.asarray(val.tokens), tokenizer.vocab_size)
+        print(f"unigram baseline: {unigram:.4f} nats/token, {bits_per_byte(unigram, bpt):.4f} bits/byte "
+              f"({bpt:.3f} bytes/token)")
     source = data or cfg.data.val_path or f"{cfg.data.corpus} (validation split)"
     result = {"checkpoint": checkpoint, "data": source,
               "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
-              "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
+              "unigram_loss": unigram, "unigram_bpb": None if unigram is None else bits_per_byte(unigram, bpt),
               "loss_per_depth": {str(n): {"loss": v, "ppl": math.exp(min(v, 700)),
                                           "bpb": bits_per_byte(v, bpt)} for n, v in losses.items()}}
     print(json.dumps(result))
@@ -203,8 +210,8 @@ def _load(checkpoint: str, device: str):
     """A training run or checkpoint directory, or a Hugging Face directory from export-hf (whose
     TrainConfig, when it has none, is the quickstart's)."""
     if not is_hf_export(checkpoint):
-        return load_model(checkpoint, resolve_device(device))
-    model, tokenizer, cfg = _hf().load_pretrained(checkpoint, resolve_device(device))
+        return load_model(checkpoint, resolve_device(device, "--device"))
+    model, tokenizer, cfg = _hf().load_pretrained(checkpoint, resolve_device(device, "--device"))
     if tokenizer is None:
         raise ValueError(f"{checkpoint!r} has no tokenizer (tokenizer_meta.json): export it with one")
     return model, tokenizer, cfg or TrainConfig()
@@ -243,6 +250,13 @@ def _port(text: str) -> int:
     if port > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {port}")
     return port
+
+
+def _seed(text: str) -> int:
+    seed = _count(0)(text)
+    if seed >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {seed}")
+    return seed
 
 
 def _positive_float(text: str) -> float:
@@ -303,7 +317,7 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
             raise ValueError("give --checkpoint DIR, or --preset NAME with --random-init")
         tokenizer = ByteTokenizer()
         cfg = MythosConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)
-        model, name = OpenMythos(cfg).to(resolve_device(device)), f"{preset}-random"
+        model, name = OpenMythos(cfg).to(resolve_device(device, "--device")), f"{preset}-random"
     if tokenizer is None:
         raise ValueError(f"{checkpoint!r} holds no tokenizer, which serving needs")
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops)
@@ -358,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     g.add_argument("--top-k", type=_count(0), default=50, help="0 keeps every token")
     g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--compile", action="store_true",
                    help="compile the whole decode step (torch.compile; the first token waits for "

@@ -191,6 +191,7 @@ def test_user_errors_are_one_clear_line(args, message, capsys):
     (["info", "--preset", "tiny", "--seq-len", "0"], "--seq-len: expected an integer >= 1, got 0"),
     (["eval", "--checkpoint", "x", "--max-tokens", "-5"], "--max-tokens: expected an integer >= 0, got -5"),
     (["serve", "--preset", "tiny", "--random-init", "--port", "70000"], "--port: expected a port in [0, 65535]"),
+    (["generate", "--checkpoint", "x", "--prompt", "a", "--seed", str(2**64)], "--seed: expected a seed in [0, 2**64)"),
     (["serve", "--preset", "tiny", "--random-init", "--timeout", "nan"], "--timeout: expected a positive finite number, got 'nan'"),
     (["serve", "--preset", "tiny", "--random-init", "--max-queue", "0"], "--max-queue: expected an integer >= 1, got 0"),
 ])
@@ -206,6 +207,9 @@ def test_bad_numbers_on_the_command_line_are_refused(args, message, capsys):
     ("--scale", "-1", "scale=-1.0 must be positive"),
     ("--threads", "-1", "threads=-1 must be >= 0"),
     ("--budget_minutes", "-1", "budget_minutes=-1.0 must be >= 0"),
+    ("--steps", "-3", "steps=-3 must be positive"),  # was run as 1 step
+    ("--lr", "-1", "lr=-1.0 must be positive"),  # was gradient ascent
+    ("--loops", "2,0", "loops=[2, 0] must be positive"),
 ])
 def test_an_experiment_refuses_a_bad_number(flag, value, message, capsys):
     assert main(["experiment", "param-efficiency", flag, value]) == 2
@@ -269,9 +273,17 @@ def test_eval_names_the_file_it_scored(tmp_path, capsys):
     # a run validated on its own val_path: the JSON names that file, not the training corpus
     val = tmp_path / "val.txt"
     val.write_text("a separate validation text, not part of the training file\n" * 4)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT.read_text())
     args = tiny_train_args(tmp_path / "run", tmp_path / "cache", steps=2)
-    assert main(["train", *args, "--data.val_path", str(val), "--eval.samples", "0",
-                 "--eval.depths", "1"]) == 0
+    assert main(["train", *args, "--data.corpus", str(corpus), "--data.val_path", str(val),
+                 "--eval.samples", "0", "--eval.depths", "1"]) == 0
     capsys.readouterr()
     main(["eval", "--checkpoint", str(tmp_path / "run"), "--n-loops", "1"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == str(val)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["data"] == str(val) and result["unigram_loss"] > 0
+    # --data needs no training corpus: without it, only the unigram baseline is missing
+    corpus.unlink()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--n-loops", "1", "--data", str(val)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["data"] == str(val) and result["unigram_loss"] is None and result["loss_per_depth"]["1"]["loss"] > 0

@@ -111,3 +111,31 @@ def test_depth_extrapolation_picks_its_best_depth_on_chains_it_does_not_report(t
     monkeypatch.setattr(de.KHopTask, "sample", sample)
     run_experiment("depth-extrapolation", smoke=True, out_dir=str(tmp_path), threads=1)
     assert seen["test"] and seen["train"] and not seen["test"] & seen["train"]
+
+
+def test_an_experiment_never_deletes_a_folder_it_did_not_make(tmp_path):
+    from openmythos.experiments.common import fresh_dir
+
+    mine = tmp_path / "model"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="exists and was not written by an experiment"):
+        fresh_dir(mine)
+    assert (mine / "notes.txt").read_text() == "a user's file"
+    ours = fresh_dir(tmp_path / "run")
+    (ours / "old.txt").write_text("an earlier run's")
+    assert list(fresh_dir(ours).iterdir()) == [ours / ".openmythos-experiment"]  # emptied
+    kept = tmp_path / "data" / "train" / "keep.txt"  # where an experiment writes its corpus split
+    kept.parent.mkdir(parents=True)
+    kept.write_text("mine")
+    with pytest.raises(ValueError, match="data' exists and was not written by an experiment"):
+        run_experiment("stability", smoke=True, out_dir=str(tmp_path), corpus=FIXTURE, tokenizer="byte")
+    assert kept.read_text() == "mine"
+
+
+def test_smoke_settings_keep_the_fields_a_user_set():
+    from openmythos.experiments.stability import StabilityConfig
+
+    cfg = StabilityConfig(smoke=True, steps=7)
+    cfg.smoke_defaults(steps=3, loops=2)
+    assert (cfg.steps, cfg.loops) == (7, 2)

@@ -280,15 +280,19 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     ({"data.corpus": "{tmp}/empty.txt"}, "holds no non-empty"),
     ({"model.vocab_size": 100}, "smaller than the byte tokenizer's vocab_size 258"),
     ({"data.tokenizer": "bpe", "data.vocab_size": 100}, "data.vocab_size=100 must be >= 258 for a BPE"),
+    ({"data.corpus": "{tmp}/short.txt", "data.seq_len": 64}, "data.seq_len=64 needs at least 65 training tokens"),
+    ({"run.seed": 2**64 - 1}, r"run.seed=18446744073709551615 must be <= 2\*\*64 - 2"),
     ({"checkpoint.resume": "{tmp}/nowhere"}, "does not exist"),
     ({"data.tokenizer": "{tmp}/no-tokenizer"}, "neither one of"),
 ])
 def test_bad_input_gives_clear_errors(tmp_path, overrides, message):
     (tmp_path / "file").write_text("a file, not a directory")
     (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "short.txt").write_text("a few words, fewer than a window")
     overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
     with pytest.raises(ValueError, match=message):
         train(load_config(None, tiny_overrides(tmp_path, **overrides)))
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
 
 
 def test_a_moved_run_resumes_where_it_lies_without_its_tokenizer_folder(tmp_path):
@@ -481,6 +485,10 @@ def test_a_device_that_is_none_is_named():
 
     with pytest.raises(ValueError, match="run.device='foo' is not a device"):
         resolve_device("foo")
+    for name in ("mps", "meta", "xpu"):  # devices torch names but this library does not run on
+        with pytest.raises(ValueError, match=f"--device='{name}' is not a device this library runs on"):
+            resolve_device(name, "--device")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("text, typ, value", [

@@ -38,6 +38,11 @@ class ActParetoConfig(LMExperimentConfig):
     min_loops: int = 2
     eval_tokens: int = 8192
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if any(t > 1 for t in self.act_thresholds):
+            raise ValueError(f"act_thresholds={self.act_thresholds!r} must lie in (0, 1]")
+
 
 @torch.no_grad()
 def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -66,8 +71,8 @@ def with_halting(model: OpenMythos, **fields) -> OpenMythos:
 
 def run(cfg: ActParetoConfig) -> dict:
     if cfg.smoke:
-        cfg.loops, cfg.steps, cfg.batch_size, cfg.seq_len, cfg.eval_tokens = 3, 2, 2, 32, 256
-        cfg.depths, cfg.act_thresholds, cfg.kl_thresholds = [1, 3], [0.5, 0.99], [1e-2]
+        cfg.smoke_defaults(loops=3, steps=2, batch_size=2, seq_len=32, eval_tokens=256, depths=[1, 3],
+                           act_thresholds=[0.5, 0.99], kl_thresholds=[1e-2])
     report = Report("act-pareto", cfg)
     steps = max(2, round(cfg.steps * cfg.scale))
     width = {"dim": cfg.dim, "kv_lora_rank": cfg.dim // 4, "q_lora_rank": cfg.dim // 2,
@@ -86,7 +91,7 @@ def run(cfg: ActParetoConfig) -> dict:
         if out.get("diverged"):
             raise ValueError(f"act-pareto: training diverged at lr={cfg.lr} ({out['error']}); "
                              "try a smaller --lr")
-        model, tokenizer, _ = load_model(out["checkpoint"], resolve_device(cfg.device))
+        model, tokenizer, _ = load_model(out["checkpoint"], resolve_device(cfg.device, "device"))
         data = prepare_data(lm_config_data(out), tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
                                      data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,45 @@ class ExperimentConfig:
     budget_minutes: float = 14.0  # wall-clock cap on all training; 0 = none (scaled runs)
     device: str = "auto"  # auto: a GPU when there is one, else the CPU
 
+    # numeric fields that may be 0; every other number (or list of them) must be positive
+    NON_NEGATIVE = frozenset({"seed", "threads", "budget_minutes", "val_chars", "ponder_weight"})
+
     def __post_init__(self) -> None:
-        for name, ok, rule in (("threads", self.threads >= 0, ">= 0"), ("scale", self.scale > 0, "positive"),
-                               ("budget_minutes", self.budget_minutes >= 0, ">= 0")):
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be {rule}")
+        """Every numeric field in range before anything trains: a bad value found minutes in
+        would cost the training before it."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for x in value if isinstance(value, list) else [value]:
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                rule = ">= 0" if f.name in self.NON_NEGATIVE else "positive"
+                if not (x >= 0 if rule == ">= 0" else x > 0):
+                    raise ValueError(f"{f.name}={value!r} must be {rule}")
+
+    def smoke_defaults(self, **settings: Any) -> None:
+        """--smoke: seconds-long settings, for the fields still at their defaults (a field the
+        user set keeps the user's value)."""
+        for name, value in settings.items():
+            f = self.__dataclass_fields__[name]
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if getattr(self, name) == default:
+                setattr(self, name, value)
+
+
+MARKER = ".openmythos-experiment"  # in every folder an experiment made, and may empty again
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at `path`: one an earlier run of an experiment made is emptied, one that
+    holds anything else is refused, never deleted (an --out_dir may be a user's own folder)."""
+    if path.exists():
+        if not (path / MARKER).is_file() and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"{str(path)!r} exists and was not written by an experiment: "
+                             "move it, or choose another --out_dir")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).touch()
+    return path
 
 
 def machine(threads: int = 0) -> dict[str, Any]:

@@ -194,8 +194,8 @@ def accuracy(model: OpenMythos, task: KHopTask, hops: int, n_loops: int, n: int,
 
 def run(cfg: DepthExtrapolationConfig) -> dict:
     if cfg.smoke:
-        cfg.n_entities, cfg.n_relations, cfg.train_hops, cfg.train_loops = 12, 3, 2, 2
-        cfg.dim, cfg.steps, cfg.batch_size, cfg.eval_examples = 32, 4, 8, 16
+        cfg.smoke_defaults(n_entities=12, n_relations=3, train_hops=2, train_loops=2, dim=32, steps=4,
+                           batch_size=8, eval_examples=16)
     report = Report("depth-extrapolation", cfg)
     task = KHopTask(cfg.n_entities, cfg.n_relations, cfg.seed)
     max_hops = 2 * cfg.train_hops
@@ -209,7 +209,7 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
         for v in variants(cfg):
             started = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            model = OpenMythos(model_config(cfg, task, v, width)).to(resolve_device(cfg.device))
+            model = OpenMythos(model_config(cfg, task, v, width)).to(resolve_device(cfg.device, "device"))
             trained = time.perf_counter()
             losses = train_variant(model, task, cfg, v, width, steps, budget.next_minutes())
             train_s = time.perf_counter() - trained

@@ -4,14 +4,13 @@ with the experiment's overrides, a share of its time budget, and its logged metr
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from openmythos.data.corpus import load_corpus
-from openmythos.experiments.common import ExperimentConfig, TimeBudget
+from openmythos.experiments.common import ExperimentConfig, TimeBudget, fresh_dir
 from openmythos.training.config import load_config
 from openmythos.training.trainer import METRICS, TrainingDiverged, train
 
@@ -30,9 +29,9 @@ def corpus_split(cfg: LMExperimentConfig, out: Path) -> dict[str, str]:
     if not cfg.val_chars:
         return {"data.corpus": cfg.corpus}
     corpus = load_corpus(cfg.corpus)
-    train_dir, val_file = out / "data" / "train", out / "data" / "val.txt"
-    shutil.rmtree(train_dir, ignore_errors=True)
-    train_dir.mkdir(parents=True)
+    data = fresh_dir(out / "data")
+    train_dir, val_file = data / "train", data / "val.txt"
+    train_dir.mkdir()
     for i, doc in enumerate(corpus.train):
         (train_dir / f"{i:05d}.txt").write_text(doc.text)
     val_file.write_text("\n\n".join(d.text for d in corpus.val)[:cfg.val_chars])
@@ -54,7 +53,7 @@ def lm_run(cfg: LMExperimentConfig, out_dir: Path, model: dict[str, Any],
                       "run.threads": cfg.threads, "run.device": cfg.device, "data.tokenizer": cfg.tokenizer,
                       "eval.samples": 0, "train.max_minutes": budget.next_minutes(), **settings})
     train_cfg = load_config(None, overrides)
-    shutil.rmtree(out_dir, ignore_errors=True)  # an experiment rerun starts its models afresh
+    fresh_dir(out_dir)  # an experiment rerun starts its models afresh
     start = time.perf_counter()
     try:
         summary, diverged = train(train_cfg), False

@@ -60,7 +60,7 @@ def block_overrides(width: int) -> dict:
 
 def run(cfg: ParamEfficiencyConfig) -> dict:
     if cfg.smoke:
-        cfg.dense_layers, cfg.loops, cfg.steps, cfg.seq_len, cfg.batch_size = [3, 4], [2], 2, 32, 2
+        cfg.smoke_defaults(dense_layers=[3, 4], loops=[2], steps=2, seq_len=32, batch_size=2)
     if len(set(cfg.dense_layers)) < 2 or min(cfg.dense_layers) < 1:
         raise ValueError(f"param-efficiency: dense_layers={cfg.dense_layers} needs two or more "
                          "different positive depths, to fit loss against depth")

@@ -33,7 +33,7 @@ class StabilityConfig(LMExperimentConfig):
 
 def run(cfg: StabilityConfig) -> dict:
     if cfg.smoke:
-        cfg.lrs, cfg.loops, cfg.steps, cfg.batch_size, cfg.seq_len = [1e-3], 2, 3, 2, 32
+        cfg.smoke_defaults(lrs=[1e-3], loops=2, steps=3, batch_size=2, seq_len=32)
     unknown = set(cfg.injections) - set(INJECTIONS)
     if unknown:
         raise ValueError(f"injections {sorted(unknown)} are not among {INJECTIONS}")

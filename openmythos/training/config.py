@@ -219,6 +219,7 @@ class TrainConfig:
                     _check(math.isfinite(value), f"{name}.{f.name}", value, "must be a finite number")
         if d.tokenizer == "bpe":  # every byte, EOS and PAD
             _check(d.vocab_size >= 258, "data.vocab_size", d.vocab_size, "must be >= 258 for a BPE")
+        _check(r.seed <= 2**64 - 2, "run.seed", r.seed, "must be <= 2**64 - 2 (seed + 1 seeds the depths)")
         _check(t.lr > 0, "train.lr", t.lr, "must be positive")
         _check(t.eps > 0, "train.eps", t.eps, "must be positive")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")

@@ -111,15 +111,22 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Data:
                 tokenize_documents(corpus.val, tokenizer, cache))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, field: str = "run.device") -> torch.device:
+    """auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N; `field` names the
+    setting in errors (--device on the command line)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"run.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but CUDA is not available")
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{field}={name!r} is not a device this library runs on: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{field}={name!r} but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{field}={name!r} but there are {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -198,6 +205,10 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
 
         self.data = prepare_data(cfg.data, ckpt.tokenizer() if ckpt else None)
+        if len(self.data.train) < cfg.data.seq_len + 1:  # before the run folder exists
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} needs at least {cfg.data.seq_len + 1} "
+                             f"training tokens; the train split of {cfg.data.corpus!r} has "
+                             f"{len(self.data.train)}")
         if ckpt is not None and Path(cfg.data.tokenizer).is_dir():
             given = load_tokenizer(cfg.data.tokenizer)
             if given.fingerprint != self.data.tokenizer.fingerprint:
