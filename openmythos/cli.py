@@ -77,6 +77,10 @@ def train_command(config: str | None = None, resume: str | None = None,
         cfg = ckpt.train_cfg.override(overrides)
     else:
         cfg = load_config(config, overrides)
+        if resume is not None and "run.out_dir" not in overrides:
+            ckpt = open_checkpoint(resume)
+            if cfg.run.out_dir == ckpt.train_cfg.run.out_dir:  # the run's own config.toml: it goes
+                cfg = cfg.override({"run.out_dir": str(run_dir_of(ckpt))})  # on where it lies now
     summary = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:  # one report from a torchrun launch
         print(report(summary))

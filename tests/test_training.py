@@ -399,14 +399,55 @@ def test_lr_warms_up_then_decays_to_the_floor():
 
 def test_lr_follows_the_clock_when_the_time_limit_ends_the_run_first():
     cfg = OptimConfig(steps=1000, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, max_minutes=1.0)
-    # 100 steps in 30 s: the clock (half the budget) is ahead of the steps (a tenth) and sets the
-    # decay, which reaches the floor at the time limit
-    assert lr_at(100, cfg, elapsed_s=30.0) == pytest.approx(0.55)
+    # 100 steps in 30 s: the clock (half the budget, 500 steps' worth) is ahead of the steps (a
+    # tenth) and sets the decay, which reaches the floor at the time limit
+    assert lr_at(100, cfg, elapsed_s=30.0) == lr_at(500, cfg)
     assert lr_at(200, cfg, elapsed_s=60.0) == pytest.approx(0.1)
     # a run the clock does not cut short stays a pure function of the step (exact resume)
     assert lr_at(500, cfg, elapsed_s=1.0) == lr_at(500, cfg)
     by_steps = OptimConfig(**{**vars(cfg), "time_schedule": False})
     assert lr_at(100, by_steps, elapsed_s=30.0) == lr_at(100, cfg)
+    # a clock just ahead of the steps at one step and just behind at the next: the rate still
+    # never rises (it did, when the decay switched back to the step count)
+    short = OptimConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, max_minutes=1.0)
+    rates = [lr_at(s, short, elapsed_s=60 * (s / 100 + 0.003 * (-1) ** s)) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_a_resume_whose_time_budget_is_spent_trains_nothing(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 50, "train.max_minutes": 1e-4})
+    first = train(load_config(None, overrides))
+    assert first["status"] == "time_limit" and first["steps"] < 50
+    again = train(load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]}))
+    assert again["status"] == "time_limit" and again["steps"] == first["steps"]  # not one more each time
+
+
+def test_a_resume_into_another_runs_folder_is_refused(tmp_path):
+    ours = tiny_overrides(tmp_path / "a", **{"train.steps": 4, "checkpoint.every": 2})
+    theirs = tiny_overrides(tmp_path / "b", **{"train.steps": 2})
+    train(load_config(None, ours))
+    train(load_config(None, theirs))
+    step2 = str(Path(ours["run.out_dir"]) / "checkpoints" / "step_00000002")
+    shutil.rmtree(Path(ours["run.out_dir"]) / "checkpoints" / "step_00000004")
+    into_theirs = {**ours, "run.out_dir": theirs["run.out_dir"], "checkpoint.resume": step2}
+    with pytest.raises(ValueError, match="holds another run than the checkpoint's"):
+        train(load_config(None, into_theirs))
+    # the evaluation settings may change on a resume: they never touch training
+    assert train(load_config(None, {**ours, "checkpoint.resume": step2, "eval.samples": 0,
+                                    "eval.depths": [2]}))["status"] == "completed"
+
+
+def test_a_moved_run_resumes_in_place_from_its_own_config_file(tmp_path):
+    from openmythos.cli import train_command
+
+    overrides = tiny_overrides(tmp_path, **{"run.out_dir": str(tmp_path / "old"), "train.steps": 4,
+                                            "checkpoint.every": 2})
+    train(load_config(None, overrides))
+    shutil.rmtree(tmp_path / "old" / "checkpoints" / "step_00000004")
+    moved = shutil.move(tmp_path / "old", tmp_path / "new")
+    summary = train_command(str(Path(moved) / "config.toml"), resume=str(moved))
+    assert summary["status"] == "completed" and not (tmp_path / "old").exists()
+    assert (Path(moved) / "checkpoints" / "step_00000004").is_dir()
 
 
 # loop sampling

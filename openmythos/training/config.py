@@ -164,8 +164,10 @@ SECTIONS: dict[str, type] = {
 # then stretches to the new end)
 RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile",
                   "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
-                  "run.threads", "checkpoint.resume", "checkpoint.every", "checkpoint.keep",
-                  "train.max_minutes")
+                  "run.threads", "run.name", "checkpoint.resume", "checkpoint.every",
+                  "checkpoint.keep", "train.max_minutes", "data.cache_dir",
+                  # evaluation reads the model and draws from its own generators: never training's
+                  *(f"eval.{f.name}" for f in fields(EvalConfig)))
 
 
 @dataclass

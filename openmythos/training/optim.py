@@ -125,16 +125,17 @@ def lr_at(step: int, cfg: OptimConfig, elapsed_s: float = 0.0) -> float:
 
     The cosine ends at cfg.steps or, with cfg.max_minutes and cfg.time_schedule, at the time limit
     when that comes first: once the elapsed training time is a larger fraction of max_minutes than
-    `step` is of `steps` (the time limit will stop the run first), the decay follows the clock. A
-    run that the time limit does not cut short (every test, any long GPU run) stays a pure function
-    of the step and resumes exactly; a time-limited one depends on the machine's speed.
+    `step` is of `steps` (the time limit will stop the run first), the decay follows the clock,
+    counted in the steps that fraction of the run would be (so the rate falls continuously and
+    never rises again). A run that the time limit does not cut short (every test, any long GPU
+    run) stays a pure function of the step and resumes exactly; a time-limited one depends on the
+    machine's speed.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    done = step
     if cfg.time_schedule and cfg.max_minutes:
-        by_time = elapsed_s / (60 * cfg.max_minutes)
-        if by_time > step / cfg.steps:
-            progress = by_time
+        done = max(step, cfg.steps * elapsed_s / (60 * cfg.max_minutes))
+    progress = (done - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)

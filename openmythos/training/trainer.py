@@ -296,10 +296,18 @@ class Trainer:
                     probe.unlink()
                 except OSError as e:
                     raise ValueError(f"run directory {str(folder)!r} is not writable: {e}") from e
-            if ckpt is None and any((run_dir / CHECKPOINTS).glob("step_*")):
+            saved = any((run_dir / CHECKPOINTS).glob("step_*"))
+            if ckpt is None and saved:
                 raise ValueError(f"run directory {str(run_dir)!r} already holds checkpoints: "
                                  f"continue it with --resume {run_dir}, or pick another "
                                  "--run.out_dir")
+            if ckpt is not None and run_dir.resolve() != run_dir_of(ckpt).resolve() and (
+                    saved or (run_dir / METRICS).exists()):
+                # a resume into another run's folder: its checkpoints would be pruned as ours,
+                # its metrics mixed into ours
+                raise ValueError(f"run directory {str(run_dir)!r} holds another run than the "
+                                 f"checkpoint's ({str(run_dir_of(ckpt))!r}): resume into an empty "
+                                 "--run.out_dir, or into the checkpoint's own run")
             newer = checkpoints_after(run_dir, ckpt.trainer_state["step"]) if ckpt else []
             if newer:  # their steps would be run again, and pruning would keep theirs over ours
                 raise ValueError(f"run directory {str(run_dir)!r} holds checkpoints past the one "
@@ -518,10 +526,16 @@ class Trainer:
         if self.step >= cfg.train.steps:
             log.warning("the run is already at train.steps=%d: nothing to train; its final "
                         "evaluation runs again", cfg.train.steps)
+        spent = bool(cfg.train.max_minutes) and self.train_time >= 60 * cfg.train.max_minutes
+        if spent and self.step < cfg.train.steps:  # a resume of a run the clock stopped
+            log.warning("train.max_minutes=%s is spent (%.1f minutes trained): nothing to train, raise "
+                        "--train.max_minutes to go on; its final evaluation runs again",
+                        cfg.train.max_minutes, self.train_time / 60)
+            status = "time_limit"
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and main))
         with _StopRequest() as stop, logging_redirect_tqdm(), bar:
-            while self.step < cfg.train.steps:
+            while self.step < cfg.train.steps and not spent:
                 record = self.train_step()
                 if cfg.train.max_minutes:  # where the clock will stop the run, for the bar's ETA
                     pace = self.step / max(time.perf_counter() - start, 1e-9)
