@@ -48,7 +48,7 @@ class RunConfig:
     # chunk by chunk, never materialising the logits; evaluation stays fp32). "auto" picks bf16
     # where bf16 matmuls run on hardware units (AMX / AVX512-BF16 CPUs, bf16 GPUs), else fp32:
     # the 8192-way head is the largest matmul of a tiny model's step, which bf16 and the chunked
-    # loss made 1.35x faster (benchmarks/head_loss.py)
+    # loss made 1.44x faster (benchmarks/results/head_loss.json)
     head_dtype: str = "auto"
     # torch intra-op threads; 0 keeps torch's default (one per core). The quickstart uses 1: on a
     # busy 2-core machine, two OpenMP threads that spin-wait on each other ran 2-3x slower
