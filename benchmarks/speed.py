@@ -20,6 +20,8 @@ Sections (`--sections`, comma-separated, or `all`):
              tokens/s counts the 63 single-token steps after the prompt
   decode_compiled  the same, ours with the whole decode step compiled (compile_decode, inductor),
              the peer eager as shipped (it has no compiled decode)
+  train_compiled   the train step, ours with its blocks and loop body compiled (compile_blocks,
+             inductor), the peer eager as shipped (it has no compiled path)
   kv         KV-cache bytes per token, measured from each implementation's cache
   halting    ours only: ACT on, threshold -> mean loops -> tokens/s (prefill, batch-8 decode)
   memory     ours only: peak training memory against n_loops, plain / per-loop checkpointing /
@@ -62,7 +64,7 @@ ATTN = {"mla": dict(attn_type="mla"), "gqa": dict(attn_type="gqa", n_kv_heads=2)
 TRAIN_B, TRAIN_T = 8, 256
 PREFILL_B, PREFILL_T = 8, 256
 PROMPT, NEW_TOKENS = 32, 64
-CORE_SECTIONS = ("train", "bf16", "prefill", "decode", "decode_compiled", "kv")
+CORE_SECTIONS = ("train", "train_compiled", "bf16", "prefill", "decode", "decode_compiled", "kv")
 OURS_ONLY = ("halting", "memory", "compile", "cachepolicy")
 
 
@@ -237,6 +239,20 @@ def section_train(model: Model, args, amp: bool = False) -> dict:
                 counted_flops_per_step=counter.get_total_flops())
 
 
+def section_train_compiled(model: Model, args) -> dict:
+    """Ours with `compile_blocks()` (inductor), the step otherwise as in `train`; the peer has no
+    compiled path and trains eagerly, as in `train`. Compilation happens in the warm-up runs."""
+    if model.impl == "peer":
+        return section_train(model, args)
+    import torch
+
+    model.net.compile_blocks()
+    step = train_step_fn(model, torch.randint(0, model.cfg.vocab_size, (TRAIN_B, TRAIN_T)), False)
+    times = timed(step, max(args.warmup, 2), args.repeats)
+    dt = statistics.median(times)
+    return dict(tok_s=TRAIN_B * TRAIN_T / dt, step_s=dt, times=times)
+
+
 def section_prefill(model: Model, args) -> dict:
     import torch
 
@@ -303,7 +319,7 @@ def worker(args) -> dict:
     fn = {
         "train": section_train, "bf16": lambda m, a: section_train(m, a, amp=True),
         "prefill": section_prefill, "decode": section_decode, "kv": section_kv,
-        "decode_compiled": section_decode_compiled,
+        "decode_compiled": section_decode_compiled, "train_compiled": section_train_compiled,
         "halting": section_halting, "memory": section_memory, "compile": section_compile,
         "cachepolicy": section_cachepolicy,
     }[args.section]
@@ -708,11 +724,12 @@ def summarise(results: dict, peak: dict, args, MythosConfig) -> dict:
                 if "error" in r:
                     row[impl] = r
                     continue
-                if section in ("train", "bf16"):
+                if section in ("train", "train_compiled", "bf16"):
                     dtype = "bfloat16" if section == "bf16" else "float32"
                     r = dict(r, gflops=r["tok_s"] * flops_tok / 1e9,
-                             mfu=r["tok_s"] * flops_tok / 1e9 / peak[dtype],
-                             counted_gflops=r["counted_flops_per_step"] / r["step_s"] / 1e9)
+                             mfu=r["tok_s"] * flops_tok / 1e9 / peak[dtype])
+                    if "counted_flops_per_step" in r:
+                        r["counted_gflops"] = r["counted_flops_per_step"] / r["step_s"] / 1e9
                     r.pop("times", None)
                 if "n_params" in r:
                     r["params_match"] = r["n_params"] == cfg.num_params()
@@ -761,8 +778,9 @@ def print_tables(summary: dict, peaks: dict, args) -> None:
             if "error" in o:
                 continue
             g = lambda r, *ks: _dig(r, ks)
-            if section in ("train", "bf16"):
-                tag = "train" if section == "train" else "train bf16-autocast"
+            if section in ("train", "train_compiled", "bf16"):
+                tag = {"train": "train", "bf16": "train bf16-autocast",
+                       "train_compiled": "train, ours compiled,"}[section]
                 line(key, f"{tag} tok/s", g(o, "tok_s"), g(pr, "tok_s"), rt.get("tok_s"))
                 line(key, f"{tag} GFLOP/s (cfg)", g(o, "gflops"), g(pr, "gflops"), None)
                 line(key, f"{tag} MFU", _pct(g(o, "mfu")), _pct(g(pr, "mfu")), None, "%")
