@@ -119,7 +119,7 @@ def test_an_experiment_never_deletes_a_folder_it_did_not_make(tmp_path):
     mine = tmp_path / "model"
     mine.mkdir()
     (mine / "notes.txt").write_text("a user's file")
-    with pytest.raises(ValueError, match="exists and was not written by an experiment"):
+    with pytest.raises(ValueError, match="exists without the .openmythos-experiment file"):
         fresh_dir(mine)
     assert (mine / "notes.txt").read_text() == "a user's file"
     ours = fresh_dir(tmp_path / "run")
@@ -128,7 +128,7 @@ def test_an_experiment_never_deletes_a_folder_it_did_not_make(tmp_path):
     kept = tmp_path / "data" / "train" / "keep.txt"  # where an experiment writes its corpus split
     kept.parent.mkdir(parents=True)
     kept.write_text("mine")
-    with pytest.raises(ValueError, match="data' exists and was not written by an experiment"):
+    with pytest.raises(ValueError, match="data' exists without the .openmythos-experiment file"):
         run_experiment("stability", smoke=True, out_dir=str(tmp_path), corpus=FIXTURE, tokenizer="byte")
     assert kept.read_text() == "mine"
 
@@ -139,3 +139,7 @@ def test_smoke_settings_keep_the_fields_a_user_set():
     cfg = StabilityConfig(smoke=True, steps=7)
     cfg.smoke_defaults(steps=3, loops=2)
     assert (cfg.steps, cfg.loops) == (7, 2)
+    given = StabilityConfig(smoke=True, lrs=[1e-3, 4e-3, 1.6e-2, 6.4e-2, 0.256])  # = the default,
+    given.given = frozenset({"smoke", "lrs"})  # but set by the user (run_experiment records it)
+    given.smoke_defaults(lrs=[1e-3], steps=3)
+    assert (len(given.lrs), given.steps) == (5, 3)

@@ -268,6 +268,31 @@ def test_a_stop_string_never_matches_a_character_still_being_decoded(stop):
     assert events[-1].finish_reason == ("stop" if stop == "\ufffd" else "length")
 
 
+class _MergedTokenizer(ByteTokenizer):
+    """Bytes plus token 258 = b"x\xc3": an ASCII character joined to the lead byte of a
+    two-byte one, as byte-level BPE merges (GPT-2's "\u0120\u00e2")."""
+
+    def __init__(self):
+        super().__init__()
+        self.vocab_size = 259
+
+    def _decode(self, ids):
+        return super()._decode([b for i in ids for b in (b"x\xc3" if i == 258 else [i])])
+
+
+def test_a_stop_string_in_the_held_tail_still_cuts_at_eos():
+    # token 258's text, "x" and an unfinished character, is held; EOS next makes it final, and
+    # the stop string in it must still cut
+    tok = _MergedTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    script = iter([ord("a"), 258, tok.eos_id])
+    engine._sample = lambda req, logits, greedy: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=8, temperature=0, stop=("x",))
+    engine.run_until_idle()
+    assert req.text == "a" and events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events if e.kind == "token") == "a"
+
+
 def test_bytes_no_character_can_finish_do_not_hold_back_the_stream():
     tok = ByteTokenizer()
     engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)

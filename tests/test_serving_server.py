@@ -164,6 +164,15 @@ def test_a_body_that_is_not_json_says_why(app):
 
     form, latin1 = call(app, go)
     assert form.status_code == 415, form.text
+    for kind in ("text/json", "application/jsonx"):  # not what FastAPI parses as JSON
+        r = call(app, lambda c, kind=kind: c.post("/v1/completions", content=b'{"prompt": "hi"}', headers={"content-type": kind}))
+        assert r.status_code == 415, (kind, r.text)
+    for kind in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
+        r = call(app, lambda c, kind=kind: c.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}',
+                                       headers={"content-type": kind}))
+        assert r.status_code == 200, (kind, r.text)
+    empty = call(app, lambda c: c.post("/v1/completions", content=b"", headers={"content-type": "application/json"}))
+    assert empty.status_code == 400 and "body is empty" in empty.json()["error"]["message"], empty.text
     assert "Content-Type must be application/json, got 'application/x-www-form-urlencoded'" in form.text
     assert latin1.status_code == 400 and "UTF-8" in latin1.json()["error"]["message"], latin1.text
 

@@ -208,7 +208,8 @@ def load_corpus(
         )
     if val_path is not None:
         train, val = docs, path_documents(val_path)
-        shared = [d.name for d in val if d.text in {t.text for t in train}]
+        trained = {t.text for t in train}
+        shared = [d.name for d in val if d.text in trained]
         if shared:  # the same file, one folder inside the other, or a copy
             raise ValueError(f"val_path {str(val_path)!r} shares {len(shared)} document(s) with the "
                              f"training corpus {source!r} (e.g. {shared[0]!r}): validation would "

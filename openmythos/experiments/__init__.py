@@ -21,4 +21,6 @@ def run_experiment(name: str, **fields: Any) -> dict:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     config_cls, run = EXPERIMENTS[name]
-    return run(config_cls(**fields))
+    cfg = config_cls(**fields)
+    cfg.given = frozenset(fields)  # the fields set by the caller, which --smoke keeps
+    return run(cfg)

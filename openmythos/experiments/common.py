@@ -51,12 +51,14 @@ class ExperimentConfig:
                     raise ValueError(f"{f.name}={value!r} must be {rule}")
 
     def smoke_defaults(self, **settings: Any) -> None:
-        """--smoke: seconds-long settings, for the fields still at their defaults (a field the
-        user set keeps the user's value)."""
+        """--smoke: seconds-long settings, for the fields the user did not set (`given`, which
+        run_experiment records; else those still at their defaults)."""
+        given = getattr(self, "given", None)
         for name, value in settings.items():
             f = self.__dataclass_fields__[name]
             default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if getattr(self, name) == default:
+            unset = (name not in given) if given is not None else (getattr(self, name) == default)
+            if unset:
                 setattr(self, name, value)
 
 
@@ -68,8 +70,9 @@ def fresh_dir(path: Path) -> Path:
     holds anything else is refused, never deleted (an --out_dir may be a user's own folder)."""
     if path.exists():
         if not (path / MARKER).is_file() and (not path.is_dir() or any(path.iterdir())):
-            raise ValueError(f"{str(path)!r} exists and was not written by an experiment: "
-                             "move it, or choose another --out_dir")
+            raise ValueError(f"{str(path)!r} exists without the {MARKER} file of a folder an "
+                             "experiment made: move it (or delete it, if an earlier version of an "
+                             "experiment wrote it), or choose another --out_dir")
         shutil.rmtree(path)
     path.mkdir(parents=True)
     (path / MARKER).touch()

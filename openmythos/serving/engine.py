@@ -104,6 +104,11 @@ class Request:
         return self.prefilled == len(self.prompt)
 
 
+
+def _earliest(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where `text` first holds one of the stop strings, whichever is listed first."""
+    return min((text.index(s) for s in stops if s and s in text), default=None)
+
 class Engine:
     def __init__(self, model: OpenMythos, tokenizer: Tokenizer | None = None, max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 64, max_len: int | None = None,
@@ -274,7 +279,9 @@ class Engine:
     def _emit(self, req: Request, token: int) -> None:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
-        if token == self.eos:
+        if token == self.eos:  # the held tail is final now: a stop string in it still cuts
+            cut = _earliest(req.text, req.params.stop)
+            req.text = req.text if cut is None else req.text[:cut]
             return self._finish(req, "stop")
         req.generated.append(token)
         full = len(req.prompt) + len(req.generated) >= self.max_len
@@ -285,9 +292,8 @@ class Engine:
             settled, text = req.stream.text, req.stream.text + req.stream.tail
         # stop strings match settled text: a held tail decodes as U+FFFD until it is whole
         # (on the last token the tail is final)
-        searched = text if last else settled
-        cut = min((searched.index(s) for s in req.params.stop if s and s in searched), default=None)
-        if cut is not None:  # at the earliest stop string, whichever is listed first
+        cut = _earliest(text if last else settled, req.params.stop)
+        if cut is not None:
             req.text = text[:cut]
             return self._finish(req, "stop")
         req.text = text

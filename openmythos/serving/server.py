@@ -112,6 +112,12 @@ class CompletionRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+def _is_json(content_type: str) -> bool:
+    """application/json or application/*+json, as FastAPI decides whether to parse a body."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _field_name(loc: tuple) -> str:
     """pydantic's location as the client wrote it, without the union members' tags:
     ("body", "prompt", "list[str]", 1) -> "prompt[1]"."""
@@ -192,8 +198,11 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
         if errors[0]["type"] == "json_invalid":
             return _error(400, f"malformed JSON: {errors[0]['msg']}", None)
         content_type = request.headers.get("content-type", "")
-        if errors[0]["loc"] == ("body",) and "json" not in content_type:  # FastAPI never parsed it
-            return _error(415, f"Content-Type must be application/json, got {content_type!r}", None)
+        if errors[0]["loc"] == ("body",):
+            if not _is_json(content_type):  # FastAPI's rule: it never parsed such a body
+                return _error(415, f"Content-Type must be application/json, got {content_type!r}", None)
+            if errors[0]["type"] == "missing":
+                return _error(400, "the request body is empty: send a JSON object", None)
         # for a union (prompt: str | list[str]) the member that got furthest, e.g. ["a", 5] fails
         # at its item 1, not as "a valid string"
         first = max(errors, key=lambda e: len(e["loc"]))

@@ -301,8 +301,7 @@ class Trainer:
                 raise ValueError(f"run directory {str(run_dir)!r} already holds checkpoints: "
                                  f"continue it with --resume {run_dir}, or pick another "
                                  "--run.out_dir")
-            if ckpt is not None and run_dir.resolve() != run_dir_of(ckpt).resolve() and (
-                    saved or (run_dir / METRICS).exists()):
+            if ckpt is not None and saved and run_dir.resolve() != run_dir_of(ckpt).resolve():
                 # a resume into another run's folder: its checkpoints would be pruned as ours,
                 # its metrics mixed into ours
                 raise ValueError(f"run directory {str(run_dir)!r} holds another run than the "
