@@ -104,10 +104,10 @@ class Request:
         return self.prefilled == len(self.prompt)
 
 
-
 def _earliest(text: str, stops: tuple[str, ...]) -> int | None:
     """Where `text` first holds one of the stop strings, whichever is listed first."""
     return min((text.index(s) for s in stops if s and s in text), default=None)
+
 
 class Engine:
     def __init__(self, model: OpenMythos, tokenizer: Tokenizer | None = None, max_batch: int = 8,
