@@ -348,8 +348,9 @@ def find_checkpoint(path: str | Path) -> Path:
             verify(candidate)
         except ValueError as e:
             errors.append(str(e))
-            warnings.warn(f"skipping {e}", stacklevel=2)
             continue
+        for error in errors:  # said once: in the error below when no checkpoint is left
+            warnings.warn(f"skipping {error}", stacklevel=2)
         return candidate
     raise ValueError(f"no complete checkpoint in {str(root)!r}: " + "; ".join(errors))
 
