@@ -37,7 +37,13 @@ import torch  # noqa: E402
 
 from openmythos.config import MythosConfig, preset_names
 from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
-from openmythos.evaluation import bits_per_byte, depth_table, loss_per_depth, scored_targets
+from openmythos.evaluation import (
+    bits_per_byte,
+    depth_table,
+    loss_per_depth,
+    perplexity,
+    scored_targets,
+)
 from openmythos.generation import check_sampling
 from openmythos.model import OpenMythos
 from openmythos.training import (
@@ -122,7 +128,7 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     result = {"checkpoint": checkpoint, "data": source,
               "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
               "unigram_loss": unigram, "unigram_bpb": None if unigram is None else bits_per_byte(unigram, bpt),
-              "loss_per_depth": {str(n): {"loss": v, "ppl": math.exp(min(v, 700)),
+              "loss_per_depth": {str(n): {"loss": v, "ppl": perplexity(v),
                                           "bpb": bits_per_byte(v, bpt)} for n, v in losses.items()}}
     print(json.dumps(result))
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -29,7 +30,7 @@ class MythosConfig:
     vocab_size: int = 32000
     dim: int = 2048
     max_seq_len: int = 4096
-    max_output_tokens: int = 4096
+    max_output_tokens: int = 4096  # kept so that open-mythos configs load; nothing reads it
     dropout: float = 0.0
     norm_eps: float = 1e-6
     # attention
@@ -79,11 +80,11 @@ class MythosConfig:
             "max_loop_iters", "lora_rank", "loop_embed_fraction", "kv_lora_rank",
         )
         for name in positive:
-            _check(_is_int(getattr(self, name)) and getattr(self, name) > 0, name,
+            _check(_is_field_int(getattr(self, name)) and getattr(self, name) > 0, name,
                    getattr(self, name), "must be a positive integer")
         for name in ("prelude_layers", "coda_layers", "n_shared_experts", "q_lora_rank",
                      "qk_nope_head_dim"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name,
+            _check(_is_field_int(getattr(self, name)) and getattr(self, name) >= 0, name,
                    getattr(self, name), "must be a non-negative integer")
         for f in fields(self):
             value = getattr(self, f.name)
@@ -96,7 +97,7 @@ class MythosConfig:
         _choice(self, "discretisation", DISCRETISATIONS)
         _choice(self, "halting", HALTINGS)
         _choice(self, "kv_cache_policy", KV_CACHE_POLICIES)
-        _check(_is_int(self.kv_cache_ring) and self.kv_cache_ring > 0, "kv_cache_ring", self.kv_cache_ring,
+        _check(_is_field_int(self.kv_cache_ring) and self.kv_cache_ring > 0, "kv_cache_ring", self.kv_cache_ring,
                "must be a positive integer")
         _check(self.dim % self.n_heads == 0, "dim", self.dim,
                f"must be divisible by n_heads={self.n_heads}")
@@ -112,7 +113,7 @@ class MythosConfig:
         _check(0.0 < self.act_threshold <= 1.0, "act_threshold", self.act_threshold,
                "must lie in (0, 1]")
         _check(self.kl_threshold > 0, "kl_threshold", self.kl_threshold, "must be positive")
-        _check(_is_int(self.min_loops) and self.min_loops >= 1, "min_loops", self.min_loops,
+        _check(_is_field_int(self.min_loops) and self.min_loops >= 1, "min_loops", self.min_loops,
                "must be a positive integer")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must lie in [0, 1)")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
@@ -261,8 +262,13 @@ class MythosConfig:
         return layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
-def _is_int(value: Any) -> bool:
-    """A Python int, not a bool (which would pass as 0 or 1) nor a numpy integer (which JSON
+def is_int(value: Any) -> bool:
+    """An integer argument (a Python or numpy one), not a bool (which would pass as 0 or 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_field_int(value: Any) -> bool:
+    """A config field's integer: a Python int, not a bool nor a numpy integer (which JSON
     cannot write)."""
     return isinstance(value, int) and not isinstance(value, bool)
 

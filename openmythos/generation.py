@@ -4,10 +4,11 @@ EOS, prompts of different lengths in one batch (left-padded), and a streaming va
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
+
+from openmythos.config import is_int
 
 # below this, a temperature samples the argmax, its limit: dividing fp32 logits by it would
 # overflow them into inf and NaN probabilities
@@ -18,15 +19,11 @@ def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
 
 
-def is_int(value) -> bool:
-    """An integer (a Python or numpy one), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+    if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
@@ -62,8 +59,11 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = 
 def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(input_ids, torch.Tensor):
         return input_ids, attention_mask
-    if not input_ids or not all(isinstance(p, Sequence) and len(p) for p in input_ids):
-        raise ValueError("input_ids as a list must hold non-empty token-id lists")
+    if not input_ids:
+        raise ValueError("input_ids as a list must hold at least one token-id list")
+    bad = next((i for i, p in enumerate(input_ids) if not (isinstance(p, Sequence) and len(p))), None)
+    if bad is not None:
+        raise ValueError(f"input_ids[{bad}] must be a non-empty token-id list, got {input_ids[bad]!r}")
     bad = next((t for p in input_ids for t in p if not is_int(t)), None)
     if bad is not None:
         raise ValueError(f"input_ids as a list must hold integer token ids, got {bad!r}")
@@ -98,7 +98,7 @@ def _total_length(model, prompt_len: int, max_new_tokens: int) -> int:
 
 
 @torch.no_grad()
-def stream(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
+def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos_token_id: int | None = None, generator: torch.Generator | None = None,
            attention_mask: torch.Tensor | None = None, pad_token_id: int = 0) -> Iterator[torch.Tensor]:

@@ -93,6 +93,8 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(eos_token_id=-1), r"eos_token_id must be a token id in \[0, 64\), got -1"),
     (dict(input_ids=[[5, 6], [7]], pad_token_id=64), "pad_token_id"),
     (dict(input_ids=["hello"]), "integer token ids, got 'h'"),
+    (dict(input_ids=[[5, 6], []]), r"input_ids\[1\] must be a non-empty token-id list, got \[\]"),
+    (dict(temperature=True), "temperature"),
     (dict(input_ids=torch.tensor([[7, 8, 0]]), attention_mask=torch.tensor([[1, 1, 0]])), "left padding"),
     (dict(input_ids=torch.tensor([[7, 7], [1, 2]]), attention_mask=torch.tensor([[0, 0], [1, 1]])),
      "attention_mask row 0 marks no real token"),  # its tokens would follow the padding's ids

@@ -7,8 +7,9 @@ from openmythos.evaluation.perplexity import (
     eval_batches,
     evaluate_loss,
     loss_per_depth,
+    perplexity,
     scored_targets,
 )
 
 __all__ = ["autocast", "bits_per_byte", "depth_table", "eval_batches", "evaluate_loss", "loss_per_depth",
-           "scored_targets"]
+           "perplexity", "scored_targets"]

@@ -25,6 +25,11 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2) / bytes_per_token
 
 
+def perplexity(loss_nats: float) -> float:
+    # exp overflows a float past ~709.78 nats: a diverged run reports a huge finite perplexity
+    return math.exp(min(loss_nats, 700))
+
+
 def autocast(device_type: str, dtype: torch.dtype | None) -> AbstractContextManager:
     """Mixed precision for the forward pass, or nothing for dtype None (fp32)."""
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
@@ -91,7 +96,7 @@ def depth_table(losses: dict[int, float], bytes_per_token: float | None = None) 
     header = f"{'n_loops':>7}  {'loss':>7}  {'ppl':>9}" + ("  bits/byte" if bytes_per_token else "")
     lines = [header]
     for n, loss in losses.items():
-        row = f"{n:>7}  {loss:>7.4f}  {math.exp(min(loss, 700)):>9.2f}"
+        row = f"{n:>7}  {loss:>7.4f}  {perplexity(loss):>9.2f}"
         if bytes_per_token:
             row += f"  {bits_per_byte(loss, bytes_per_token):>9.4f}"
         lines.append(row)

@@ -26,6 +26,7 @@ from openmythos.experiments.common import (
     threads,
 )
 from openmythos.model import OpenMythos
+from openmythos.model.model import IGNORE_INDEX
 from openmythos.training.config import LoopsConfig, OptimConfig
 from openmythos.training.loops import LoopSampler
 from openmythos.training.optim import build_optimizer, lr_at
@@ -122,7 +123,7 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
         total = loss + out.aux_loss + (cfg.ponder_weight * out.ponder_loss if v.halting == "act" else 0)
         if cfg.prefix_loss:
             prefix = prefix_targets(task, ids).flatten().to(device)
-            total = total + F.cross_entropy(out.logits.flatten(0, 1).float(), prefix, ignore_index=IGNORE)
+            total = total + F.cross_entropy(out.logits.flatten(0, 1).float(), prefix, ignore_index=IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -145,22 +146,21 @@ def training_batch(task: KHopTask, n: int, max_hops: int, generator: torch.Gener
     return ids, targets
 
 
-IGNORE = -100
 
 
 def prefix_targets(task: KHopTask, ids: torch.Tensor) -> torch.Tensor:
     """(B, T) targets that teach every prefix of a chain: at its i-th relation token, the entity
-    reached after i hops; IGNORE elsewhere. The test is unchanged (the answer at the query token),
+    reached after i hops; IGNORE_INDEX elsewhere. The test is unchanged (the answer at the query token),
     but the model is told what each hop should give, which lets a few minutes of CPU training
     learn to compose instead of memorising chains. A prefix of two or more hops that is itself a
-    held-out chain stays IGNORE: the test asks it, so training must not answer it."""
+    held-out chain stays IGNORE_INDEX: the test asks it, so training must not answer it."""
     table, first_relation = task.relations, task.relation_token(0)
     B, T = ids.shape
     entity = torch.zeros(B, dtype=torch.long)
     head = torch.zeros(B, dtype=torch.long)
     chain = torch.zeros(B, T, dtype=torch.long)  # each row's relations so far
     hops = torch.zeros(B, dtype=torch.long)
-    targets = torch.full_like(ids, IGNORE)
+    targets = torch.full_like(ids, IGNORE_INDEX)
     for t in range(T):
         token = ids[:, t]
         is_relation = token >= first_relation
@@ -176,7 +176,7 @@ def prefix_targets(task: KHopTask, ids: torch.Tensor) -> torch.Tensor:
             rows = (is_relation & (hops == k)).nonzero().squeeze(1)
             if k >= 2:
                 taught[rows] = ~task.is_test(head[rows], chain[rows, :k])
-        targets[:, t] = torch.where(taught, task.entity_token(entity), IGNORE)
+        targets[:, t] = torch.where(taught, task.entity_token(entity), IGNORE_INDEX)
     return targets
 
 

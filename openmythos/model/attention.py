@@ -195,9 +195,10 @@ def _sdpa(q, k, v, mask, is_causal: bool, scale: float, dropout: float) -> torch
 
 
 def _sdpa_shared_kv(q, k, v, mask, is_causal: bool, scale: float, offset: int) -> torch.Tensor:
-    """Every head reads the same single key/value head (absorbed MLA): fold the heads into the
-    query rows, (B, T, H, d) -> (B, 1, T*H, d), so the keys are read once, not expanded per head.
-    offset: cache columns before the first query (for the causal mask). Inference only."""
+    """Every head reads the same single key/value head (absorbed MLA, or GQA with one KV head):
+    fold the heads into the query rows, (B, T, H, d) -> (B, 1, T*H, d), so the keys are read
+    once, not expanded per head. offset: cache columns before the first query (for the causal
+    mask). No dropout."""
     B, T, H, d = q.shape
     S = k.shape[1]
     if is_causal:
@@ -238,9 +239,10 @@ class GQAttention(_Attention):
 class MLAttention(_Attention):
     """MLA. The cache holds the normalised latent c_kv and one shared RoPE key per token.
 
-    Naive path (training, prefill): up-project every cached latent to per-head keys and values.
-    Absorbed path (decode): fold W_UK into the query and W_UV into the output, so attention runs
-    directly on the latent and nothing is up-projected per cached token.
+    Naive path (no cache, long chunks): up-project every cached latent to per-head keys and
+    values. Absorbed path (with a cache, when the cost model in _use_absorbed says so: decode and
+    short chunks): fold W_UK into the query and W_UV into the output, so attention runs directly
+    on the latent and nothing is up-projected per cached token.
     """
 
     def __init__(self, cfg: MythosConfig):

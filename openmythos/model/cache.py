@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from openmythos.generation import is_int
+from openmythos.config import is_int
 
 
 def _rows_to_coords(rows: torch.Tensor, T: int, start: int,
@@ -103,7 +103,7 @@ class KVCache:
                  packed: bool = False):
         n_loops = cfg.max_loop_iters if n_loops is None else n_loops
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("n_loops", n_loops)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}")

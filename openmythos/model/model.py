@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmythos.config import MythosConfig
-from openmythos.generation import generate, is_int, speculative_generate, speculative_stream, stream
+from openmythos.config import MythosConfig, is_int
+from openmythos.generation import generate, speculative_generate, speculative_stream, stream
 from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
@@ -154,7 +154,7 @@ class OpenMythos(nn.Module):
         logits_to_keep: the head runs on the last k positions only (0: every position), as in
         transformers; a prefill that samples the next token needs 1."""
         B, T, packed = self._check_inputs(input_ids, cache, attention_mask)
-        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        if not is_int(logits_to_keep) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative integer (0 keeps every position), "
                              f"got {logits_to_keep!r}")
         if targets is not None:
@@ -164,8 +164,7 @@ class OpenMythos(nn.Module):
         n_loops = self.check_loops(n_loops, B, cache)
         if head_dtype is not None and not (isinstance(head_dtype, torch.dtype) and head_dtype.is_floating_point):
             raise ValueError(f"head_dtype must be a floating-point torch.dtype, got {head_dtype!r}")
-        if backprop_loops is not None and (not isinstance(backprop_loops, int) or isinstance(backprop_loops, bool)
-                                           or backprop_loops < 1):
+        if backprop_loops is not None and (not is_int(backprop_loops) or backprop_loops < 1):
             raise ValueError(f"backprop_loops must be a positive integer or None, got {backprop_loops!r}")
         if (self.compiled_decode is not None and cache is not None and T == 1 and attention_mask is None
                 and isinstance(n_loops, int) and targets is None and not torch.is_grad_enabled()):
@@ -298,9 +297,10 @@ class OpenMythos(nn.Module):
         layers run on the real tokens alone (ctx.tokens), as compacted rows, so a step can decode
         one token for some rows and prefill a chunk of prompt for others."""
         B, T = new_valid.shape
-        if bool((new_valid[:, 1:] < new_valid[:, :-1]).any()):
-            raise ValueError("attention_mask must be left padding (0s, then 1s, in every row) "
-                             "when rows hold different lengths or the cache is packed")
+        rising = (new_valid[:, 1:] < new_valid[:, :-1]).any(1)
+        if bool(rising.any()):
+            raise ValueError(f"attention_mask must be left padding (0s, then 1s, in every row) when rows hold "
+                             f"different lengths or the cache is packed; row {int(rising.nonzero()[0])} is not")
         n = new_valid.sum(1)
         if not bool(n.any()):
             raise ValueError("attention_mask marks no real token: a packed call needs at least one")

@@ -28,6 +28,8 @@ from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import RollingKV
 from openmythos.model.layers import RMSNorm
 
+B_INIT = 0.1  # a small injection at init: the loop starts near the block's own update, e scaled down
+
 
 class _Injection(nn.Module):
     """h <- A*h + B*e + out with diagonal A and B (D,) from `coefficients`, which the loop
@@ -53,12 +55,13 @@ class LTIInjection(_Injection):
     def init_weights(self) -> None:
         nn.init.zeros_(self.log_A)
         nn.init.zeros_(self.log_dt)
-        nn.init.constant_(self.B, 0.1)
+        nn.init.constant_(self.B, B_INIT)
 
     def _log_rate(self, dtype: torch.dtype) -> torch.Tensor:
         # exp(-exp(x)) rounds to exactly 1.0 once exp(x) drops under the dtype's spacing below 1,
         # so bound x from below in log space: A <= 1 - eps(dtype) < 1 for any parameter values
         x_min = math.log(-math.log1p(-torch.finfo(dtype).eps))
+        # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already
         return (self.log_dt + self.log_A).float().clamp(x_min, 20.0)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -66,7 +69,7 @@ class LTIInjection(_Injection):
         return torch.exp(-torch.exp(self._log_rate(dtype)))
 
     def gain(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        dt = self.log_dt.float().clamp(-20.0, 20.0).exp()
+        dt = self.log_dt.float().clamp(-20.0, 20.0).exp()  # finite for any parameter value
         if self.discretisation == "euler":
             return dt * self.B.float()
         # zero-order hold: (1 - A) / A_c * B with A_c = exp(log_A) = z / dt; expm1 keeps it exact
@@ -87,7 +90,7 @@ class FreeInjection(_Injection):
 
     def init_weights(self) -> None:
         nn.init.constant_(self.A, math.exp(-1.0))  # the LTI injection's A at init
-        nn.init.constant_(self.B, 0.1)
+        nn.init.constant_(self.B, B_INIT)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.A.float()
@@ -104,7 +107,7 @@ class AdditiveInjection(_Injection):
         self.B = nn.Parameter(torch.empty(dim))
 
     def init_weights(self) -> None:
-        nn.init.constant_(self.B, 0.1)
+        nn.init.constant_(self.B, B_INIT)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.ones_like(self.B, dtype=torch.float32)
@@ -150,7 +153,7 @@ def loop_embedding(t: int, dim: int, width: int, like: torch.Tensor) -> torch.Te
     return build(t, dim, width, like.dtype, like.device)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)  # (loop, dtype, device) keys: a bound, not a working set
 def _loop_embedding(t: int, dim: int, width: int, dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
     # a constant of (t, dim, width): built once, not at every loop of every call, and never as an

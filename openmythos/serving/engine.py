@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from openmythos.config import is_int
 from openmythos.data.tokenizer import TextStream, Tokenizer
-from openmythos.generation import check_sampling, is_greedy, is_int, sample
+from openmythos.generation import check_sampling, is_greedy, sample
 from openmythos.model import OpenMythos
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class Engine:
         self.max_loops = model.cfg.max_loop_iters if max_loops is None else max_loops
         self.default_loops = min(model.cfg.max_loop_iters, self.max_loops)  # a request without n_loops
         self.admission = admission
+        # a few batches' worth of waiting requests to choose depths from; passed over as many
+        # times, a request is taken next
         self.admission_window = 4 * max_batch if admission_window is None else admission_window
         self.cache = model.new_cache(max_batch, self.max_len, self.max_loops, packed=True)
         self.rows: list[Request] = []  # rows[i] owns cache row i; deepest first
@@ -150,10 +153,9 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the context of {self.max_len} tokens")
         vocab = self.model.cfg.vocab_size
-        if not all(map(is_int, prompt)):
-            raise ValueError("prompt must hold integer token ids")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt holds a token id outside [0, {vocab})")
+        bad = next((i for i, t in enumerate(prompt) if not (is_int(t) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise ValueError(f"prompt[{bad}] must be an integer token id in [0, {vocab}), got {prompt[bad]!r}")
         stream = TextStream(self.tokenizer) if self.tokenizer is not None else None
         req = Request(list(map(int, prompt)), params, on_event, stream=stream)
         if params.seed is not None:

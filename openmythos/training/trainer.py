@@ -48,6 +48,7 @@ from openmythos.evaluation import (
     depth_table,
     evaluate_loss,
     loss_per_depth,
+    perplexity,
     scored_targets,
 )
 from openmythos.model import OpenMythos
@@ -603,7 +604,7 @@ class Trainer:
                                 batch_size=c.batch_size, max_tokens=c.depth_max_tokens,
                                 autocast_dtype=self.amp_dtype, rank=self.env.rank,
                                 world_size=self.env.world_size)
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 700)), "val_bpb": bits_per_byte(val, bpt),
+        return {"val_loss": val, "val_ppl": perplexity(val), "val_bpb": bits_per_byte(val, bpt),
                 "val_n_loops": c.n_loops or self.model.cfg.max_loop_iters,
                 "unigram_loss": unigram, "unigram_bpb": bits_per_byte(unigram, bpt),
                 "bytes_per_token": bpt,
