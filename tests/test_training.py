@@ -507,6 +507,7 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
     ({"model.n_heads": 3}, r"\[model\] MythosConfig.dim=256 must be divisible by n_heads=3"),
     ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds model.max_seq_len"),
     ({"train.ponder_weight": 0.01, "model.halting": "none"}, "needs model.halting='act'"),
+    ({"model.halting": "kl"}, "model.halting='kl' cannot train: the KL exit needs a trained readout"),
     ({"loops.mean": "inf"}, "loops.mean=inf must be a finite number"),
     ({"train.lr": "inf"}, "train.lr=inf must be a finite number"),
     ({"train.eps": -1.0}, "train.eps=-1.0 must be positive"),
