@@ -182,6 +182,11 @@ class ACTHalting(nn.Module):
         return torch.sigmoid(self.halt(h).float()).squeeze(-1)
 
 
+def _slot(slots: list | None, t: int):
+    """Loop t's cache slot: slots[t % len(slots)] (a ring when shorter than the depth)."""
+    return None if slots is None else slots[t % len(slots)]
+
+
 def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x[rows]
 
@@ -292,35 +297,48 @@ class RecurrentBlock(nn.Module):
         if backprop_loops and limit is not None:
             grad_from = limit - backprop_loops
             first_grad = int(grad_from.min())
-        kv = None  # the rolling keys of the previous loop, without a cache
         coefficients = self.injection.coefficients(h.dtype)
-
-        def slot(t: int):
-            return None if slots is None else slots[t % len(slots)]
-
         packed = ctx.tokens is not None  # only the real tokens of a packed call run
         if not (act or kl or limit is not None or packed):
-            # every row runs exactly `depth` loops: no bookkeeping and no host syncs at all
-            for t in range(depth):
-                with torch.no_grad() if t < first_grad else nullcontext():
-                    h, kv = self._run_step(t, h, e, coefficients, kv, ctx, slot(t), None)
-            self._fill_deeper(slots, depth - 1, depth, ctx)
-            steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
-            return h.view(B, T, D), steps, torch.zeros((), device=h.device)
+            return self._fixed_depth(h, e, ctx, depth, first_grad, coefficients, slots)
         if not (act or kl or grad_from is not None):
             depths = [depth] * B if limit is None else n_loops.tolist()
             if packed:  # a row without a new token runs no loop
                 ends = ctx.packed.ends
                 depths = [d if end > prev else 0 for d, prev, end in zip(depths, [0, *ends[:-1]], ends, strict=True)]
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
-                return self._deepest_first(h, e, ctx, depths, slot, slots, coefficients)
+                return self._deepest_first(h, e, ctx, depths, slots, coefficients)
+        return self._halting_loop(h, e, ctx, n_loops, depth, limit, first_grad, grad_from, coefficients,
+                                  slots, readout)
 
+    def _fixed_depth(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depth: int, first_grad: int,
+                     coefficients: tuple[torch.Tensor, torch.Tensor], slots: list | None):
+        """Every row runs exactly `depth` loops: no bookkeeping and no host syncs at all."""
+        B, T, D = ctx.B, ctx.T, h.shape[-1]
+        kv = None  # the rolling keys of the previous loop, without a cache
+        for t in range(depth):
+            with torch.no_grad() if t < first_grad else nullcontext():
+                h, kv = self._run_step(t, h, e, coefficients, kv, ctx, _slot(slots, t), None)
+        self._fill_deeper(slots, depth - 1, depth, ctx)
+        steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
+        return h.view(B, T, D), steps, torch.zeros((), device=h.device)
+
+    def _halting_loop(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
+                      depth: int, limit: torch.Tensor | None, first_grad: int, grad_from: torch.Tensor | None,
+                      coefficients: tuple[torch.Tensor, torch.Tensor], slots: list | None,
+                      readout: Callable[[torch.Tensor], torch.Tensor] | None):
+        """The general loop: rows leave as they halt (ACT, the KL exit) or reach their own depth
+        (`limit`, (N,)), and later loops run on the live rows alone, gathered by index."""
+        B, T, D = ctx.B, ctx.T, h.shape[-1]
+        N = B * T
+        act, kl = self.cfg.halting == "act", self.cfg.halting == "kl"
+        kv = None  # the rolling keys of the previous loop, without a cache
         prev_logp = None  # (N, V) log-probabilities read at the previous loop, for the KL exit
         out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
         cum = torch.zeros(N, device=h.device)
         ponder = torch.zeros(N, device=h.device)
         steps = torch.zeros(N, device=h.device, dtype=torch.long)
-        live = ctx.tokens if packed else torch.arange(N, device=h.device)
+        live = _real_tokens(ctx, N, h.device)
         rows = ctx.tokens  # None: every row is live, with no gathers at all
 
         for t in range(depth):
@@ -332,8 +350,8 @@ class RecurrentBlock(nn.Module):
                     # still looping (the others' slots hold what they wrote this call, and a
                     # sequence's cache must not depend on how deep the others in its batch run)
                     fill = ctx.tokens if t < len(slots) else _of_looping_sequences(rows, ctx, N, T)
-                    slot(t).copy_new_tokens(slot(t - 1), ctx.start, T, ctx.cols, fill)
-                h_t, kv = self._run_step(t, h_t, e_t, coefficients, kv, ctx, slot(t), rows)
+                    _slot(slots, t).copy_new_tokens(_slot(slots, t - 1), ctx.start, T, ctx.cols, fill)
+                h_t, kv = self._run_step(t, h_t, e_t, coefficients, kv, ctx, _slot(slots, t), rows)
                 early = None  # rows whose backprop window starts after this loop
                 if grad_from is not None and torch.is_grad_enabled():
                     early = _take(grad_from, rows) > t
@@ -387,7 +405,7 @@ class RecurrentBlock(nn.Module):
         return _constant_where(early.unsqueeze(-1), h_t), kv
 
     def _deepest_first(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depths: list[int],
-                       slot: Callable, slots: list | None, coefficients: tuple[torch.Tensor, torch.Tensor]):
+                       slots: list | None, coefficients: tuple[torch.Tensor, torch.Tensor]):
         """Per-sequence depths that never grow along the batch (the serving engine keeps its rows
         so): the sequences still looping at loop t are the first b of the batch, so each loop runs
         densely on that prefix (h[:b * T], the first b rows of ctx and of the cache), with no
@@ -406,9 +424,9 @@ class RecurrentBlock(nn.Module):
             if slots is not None and 0 < t < len(slots) and b < B:  # finished: their latest entry
                 cols = None if ctx.cols is None else ctx.cols[b:]
                 rest = None if tokens is None else tokens[n:] - b * T
-                slot(t).narrow(b, B - b).copy_new_tokens(slot(t - 1).narrow(b, B - b), ctx.start, T,
+                _slot(slots, t).narrow(b, B - b).copy_new_tokens(_slot(slots, t - 1).narrow(b, B - b), ctx.start, T,
                                                           cols, rest)
-            live = slot(t) if slots is None or b == B else slot(t).narrow(0, b)
+            live = _slot(slots, t) if slots is None or b == B else _slot(slots, t).narrow(0, b)
             sub = ctx.narrow(b)
             h_t, kv = self._run_step(t, h[:n], e[:n], coefficients, kv, sub, live, sub.tokens)
             h = h_t if b == B else torch.cat((h_t, h[n:]))
