@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from openmythos.config import MythosConfig, is_int
 from openmythos.generation import generate, speculative_generate, speculative_stream, stream
@@ -27,6 +28,22 @@ from openmythos.model.moe import MoE
 from openmythos.model.recurrence import RecurrentBlock
 
 IGNORE_INDEX = -100  # a target that leaves its position out of the loss, as in torch and transformers
+LOSS_CHUNK = 256  # rows of the head's logits alive at once in the training loss
+
+
+def _head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # the cast inside: each chunk's weight gradient comes back in the weight's (fp32) dtype, so
+    # the sum over chunks never runs in bf16
+    logits = x @ weight.to(x.dtype).T
+    return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+
+
+def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.linear_cross_entropy's chunking for torch before 2.13 (the GPU image's 2.11): each chunk's
+    logits are recomputed in the backward pass instead of kept, so one chunk's exist at a time.
+    x in the head's dtype, weight the fp32 parameter."""
+    chunks = zip(x.split(LOSS_CHUNK), targets.split(LOSS_CHUNK), strict=True)
+    return torch.cat([checkpoint(_head_loss, xc, weight, tc, use_reentrant=False) for xc, tc in chunks])
 
 
 def check_targets(targets: torch.Tensor, shape: tuple[int, int], vocab_size: int, name: str = "targets") -> None:
@@ -226,14 +243,17 @@ class OpenMythos(nn.Module):
         """The mean cross-entropy of targets checked by check_targets."""
         # the head runs in head_dtype, else in the weight's dtype, whatever an outer autocast says
         dtype = head_dtype or self.embed.weight.dtype
-        x, weight = x.to(dtype), self.embed.weight.to(dtype)
+        x = x.to(dtype)
         # 256-row chunks were the fastest on a CPU core; "balanced" sums the head's gradient over
         # chunks in fp32 when the matmuls run in bf16. Per-token losses, averaged in fp32: the
         # op returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %
-        chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=256, acc_policy="balanced")
         with torch.autocast(x.device.type, enabled=False):
-            losses = F.linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), reduction="none",
-                                            ignore_index=IGNORE_INDEX, options=chunks)
+            if hasattr(F, "linear_cross_entropy"):
+                chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=LOSS_CHUNK, acc_policy="balanced")
+                losses = F.linear_cross_entropy(x.flatten(0, 1), self.embed.weight.to(dtype), targets.flatten(),
+                                                reduction="none", ignore_index=IGNORE_INDEX, options=chunks)
+            else:
+                losses = _chunked_cross_entropy(x.flatten(0, 1), self.embed.weight, targets.flatten())
         return losses.float().sum() / (targets != IGNORE_INDEX).sum()  # the mean over the positions kept
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
