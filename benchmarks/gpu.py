@@ -1,9 +1,9 @@
 """The GPU run of the performance issue, as one prepared script: bf16 training, prefill and decode
 speed with model FLOPs utilisation, on the medium config and on the 1b preset at fewer loops.
 
-    python benchmarks/gpu.py                                # on a CUDA device (~5 min on an H200)
-    python benchmarks/gpu.py --models medium-mla --repeats 5
-    python benchmarks/gpu.py --device cpu --smoke           # the same code on a toy model
+    python3 benchmarks/gpu.py --out "$OUT/gpu.jsonl"       # on a CUDA device (~5 min on an H200)
+    python3 benchmarks/gpu.py --models medium-mla --repeats 5
+    python3 benchmarks/gpu.py --device cpu --smoke          # the same code on a toy model
 
 - **Training**: the trainer's step (forward, the chunked head + cross-entropy, backward) and a
   fused AdamW step under bf16 autocast (fp32 parameters and optimizer state), halting off so
@@ -17,7 +17,9 @@ speed with model FLOPs utilisation, on the medium config and on the 1b preset at
   tokens at batch 1 and 8, `n_loops = max_loop_iters`.
 - **Memory**: the device's peak allocation in the training section (peak RSS on the CPU).
 
-Prints a table, then one JSON line.
+Each model's numbers are printed (and appended to `--out`) as one JSON line as soon as it is done,
+and a section that fails records its error instead of its numbers, so a failure or a time limit
+keeps what was measured before it. Then a table, and one JSON line with everything.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -88,6 +91,17 @@ def measure(cfg: MythosConfig, batch: int, seq: int, device: torch.device, args)
     model = OpenMythos(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    flops = cfg.flops_per_token(seq_len=seq)
+    out = {"params": sum(p.numel() for p in model.parameters()),
+           "active_params": cfg.active_params_per_token(), "batch": batch, "seq_len": seq,
+           "n_loops": cfg.max_loop_iters, "errors": {}}
+
+    def section(name: str, run) -> None:  # a failure is recorded, and the next section runs
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 -- an OOM or a kernel refusal must not lose the rest
+            out["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
 
     def train_step():  # the trainer's step: the loss from the head in chunks, no logits
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -96,29 +110,47 @@ def measure(cfg: MythosConfig, batch: int, seq: int, device: torch.device, args)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out = {"params": sum(p.numel() for p in model.parameters()),
-           "active_params": cfg.active_params_per_token(), "batch": batch, "seq_len": seq,
-           "n_loops": cfg.max_loop_iters}
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        reset_peak(device)
-        out["train_tok_s"] = batch * seq / median_seconds(train_step, device, args.warmup,
-                                                          args.repeats)
-        out["train_peak_mb"] = peak_mb(device)
+    def train():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            reset_peak(device)
+            out["train_tok_s"] = batch * seq / median_seconds(train_step, device, args.warmup, args.repeats)
+            out["train_peak_mb"] = peak_mb(device)
+        out["train_tflops"] = out["train_tok_s"] * flops / 1e12
+        out["mfu_vs_nominal"] = out["train_tflops"] / args.peak_tflops
+
+    section("train", train)
     opt.state.clear()
     model = model.to(torch.bfloat16).eval()  # inference: bf16 weights and KV cache
-    with torch.no_grad():
+    cache = model.new_cache(batch, seq)
+
+    def prefill_step():  # as generate's prefill: the head on the last position only
+        model(ids[:, :-1], cache=cache, logits_to_keep=1)
+        cache.rewind(seq)
+
+    def prefill():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            dt = median_seconds(lambda: model(ids[:, :-1], cache=model.new_cache(batch, seq)),
-                                device, args.warmup, args.repeats)
-        out["prefill_tok_s"] = batch * seq / dt
-        for b in (1, 8):  # one query per step: SDPA picks its kernel (MLA decode reads the latent)
-            prompt = ids[:, :PROMPT].repeat(-(-b // batch), 1)[:b]  # b rows, whatever the batch
-            dt = median_seconds(lambda p=prompt: list(stream(model, p, args.new_tokens, temperature=0)),
-                                device, 1, args.repeats)
-            out[f"decode_b{b}_tok_s"] = b * args.new_tokens / dt  # whole calls, prompt included
-    flops = cfg.flops_per_token(seq_len=seq)
-    out["train_tflops"] = out["train_tok_s"] * flops / 1e12
+            out["prefill_tok_s"] = batch * seq / median_seconds(prefill_step, device, args.warmup, args.repeats)
+
+    def decode(b: int):  # one query per step: SDPA picks its kernel (MLA decode reads the latent)
+        prompt = ids[:, :PROMPT].repeat(-(-b // batch), 1)[:b]  # b rows, whatever the batch
+        dt = median_seconds(lambda: list(stream(model, prompt, args.new_tokens, temperature=0)),
+                            device, 1, args.repeats)
+        out[f"decode_b{b}_tok_s"] = b * args.new_tokens / dt  # whole calls, prompt included
+
+    with torch.no_grad():
+        section("prefill", prefill)
+        for b in (1, 8):
+            section(f"decode_b{b}", lambda b=b: decode(b))
     return out
+
+
+def report(line: dict, out_path: str | None) -> None:
+    """One JSON line, printed and appended to out_path at once: a later failure keeps it."""
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out_path:
+        with open(out_path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 def main() -> None:
@@ -131,6 +163,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--matmul-n", type=int, default=8192)
+    ap.add_argument("--out", help="append each model's JSON line to this file as it finishes")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -140,13 +173,22 @@ def main() -> None:
         if name not in MODELS:
             sys.exit(f"--models: unknown model {name!r}; choose from {list(MODELS)}")
         models[name] = MODELS[name]
-    measured_peak = matmul_tflops(device, 256 if args.smoke else args.matmul_n, args.repeats)
-    results = {name: measure(cfg, b, t, device, args) for name, (cfg, b, t) in models.items()}
-    for r in results.values():
-        r["mfu_vs_nominal"] = r["train_tflops"] / args.peak_tflops
-        r["mfu_vs_measured"] = r["train_tflops"] / measured_peak
-
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    measured_peak = matmul_tflops(device, 256 if args.smoke else args.matmul_n, args.repeats)
+    report({"device": device_name, "torch": torch.__version__, "peak_tflops_measured": measured_peak}, args.out)
+    results = {}
+    for name, (cfg, b, t) in models.items():
+        try:
+            results[name] = r = measure(cfg, b, t, device, args)
+        except Exception as e:  # noqa: BLE001 -- building the model failed (e.g. out of memory)
+            traceback.print_exc()
+            results[name] = r = {"errors": {"build": f"{type(e).__name__}: {e}"}}
+        if "train_tflops" in r:
+            r["mfu_vs_measured"] = r["train_tflops"] / measured_peak
+        report({"model": name, **r}, args.out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     print(f"{device_name}, torch {torch.__version__}, bf16 autocast, flash SDPA; bf16 matmul peak "
           f"measured {measured_peak:.0f} TFLOP/s, nominal {args.peak_tflops:.0f}")
     cols = ["params", "active_params", "batch", "seq_len", "n_loops", "train_tok_s", "train_tflops",
@@ -155,8 +197,8 @@ def main() -> None:
     print("| measure | " + " | ".join(results) + " |")
     print("|---" * (len(results) + 1) + "|")
     for col in cols:
-        cells = [f"{r[col]:.1%}" if col.startswith("mfu") else f"{r[col]:,.1f}" if isinstance(
-            r[col], float) else f"{r[col]:,}" for r in results.values()]
+        cells = ["-" if col not in r else f"{r[col]:.1%}" if col.startswith("mfu") else f"{r[col]:,.1f}"
+                 if isinstance(r[col], float) else f"{r[col]:,}" for r in results.values()]
         print(f"| {col} | " + " | ".join(cells) + " |")
     print(json.dumps({"benchmark": "gpu", "device": device_name, "torch": torch.__version__,
                       "peak_tflops_nominal": args.peak_tflops,

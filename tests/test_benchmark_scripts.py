@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end: the GPU one (on the CPU, on a toy model), so that it
 works the first time a GPU is lent, and the speculative-decoding one."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_script_measures_every_section_on_a_toy_model():
+def test_gpu_script_measures_every_section_on_a_toy_model(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--smoke",
-                           "--warmup", "0", "--repeats", "1", "--new-tokens", "4"],
+                           "--warmup", "0", "--repeats", "1", "--new-tokens", "4",
+                           "--out", str(tmp_path / "gpu.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -23,7 +25,24 @@ def test_gpu_script_measures_every_section_on_a_toy_model():
     for key in ("train_tok_s", "prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s",
                 "train_peak_mb", "mfu_vs_measured"):
         assert smoke[key] > 0, key
-    assert "| train_tok_s |" in done.stdout
+    assert smoke["errors"] == {} and "| train_tok_s |" in done.stdout
+    machine, model = (json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines())
+    assert machine["peak_tflops_measured"] > 0 and model == {"model": "smoke", **smoke}
+
+
+def test_gpu_script_keeps_the_numbers_measured_before_a_failure(monkeypatch):
+    from benchmarks import gpu
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu, "stream", out_of_memory)
+    cfg, batch, seq = gpu.SMOKE
+    args = argparse.Namespace(warmup=0, repeats=1, new_tokens=2, peak_tflops=790.0)
+    out = gpu.measure(cfg, batch, seq, torch.device("cpu"), args)
+    assert out["train_tok_s"] > 0 and out["prefill_tok_s"] > 0
+    assert set(out["errors"]) == {"decode_b1", "decode_b8"} and "out of memory" in out["errors"]["decode_b1"]
+    assert "decode_b1_tok_s" not in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine would run the real benchmark")
