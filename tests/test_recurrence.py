@@ -195,7 +195,12 @@ def test_per_sequence_depths_match_separate_runs():
     model = small_model()
     ids = torch.randint(0, 64, (3, 7))
     depths = torch.tensor([1, 4, 2])
+    calls = []  # (sequences, dense) per loop: without a cache the rows run sorted deepest first,
+    hook = model.recurrent.block.register_forward_pre_hook(  # on a prefix, with no row gathers
+        lambda m, a: calls.append((a[0].shape[0], a[3] is None)))
     batched = model(ids, n_loops=depths)
+    hook.remove()
+    assert calls == [(3, True), (2, True), (1, True), (1, True)]
     for b, d in enumerate(depths.tolist()):
         assert_close(batched.logits[b], model(ids[b:b + 1], n_loops=d).logits[0], atol=1e-5, rtol=1e-5)
     assert batched.loops.tolist() == [[1] * 7, [4] * 7, [2] * 7]

@@ -104,6 +104,15 @@ class Context:
         return dataclasses.replace(self, B=b, cos=self.cos[:b], sin=self.sin[:b], mask=mask, cols=cols,
                                    tokens=tokens, packed=packed)
 
+    def take(self, order: torch.Tensor) -> Context:
+        """The call's sequences in another order, order (B,) (sharing its MoE statistics)."""
+        assert self.tokens is None, "the rows of a packed call cannot be reordered"
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x if x is None or x.shape[0] != self.B else x[order]
+        return dataclasses.replace(self, cos=rows(self.cos), sin=rows(self.sin), mask=rows(self.mask),
+                                   cols=rows(self.cols))
+
     def rope(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
             return self.cos, self.sin

@@ -301,13 +301,21 @@ class RecurrentBlock(nn.Module):
         packed = ctx.tokens is not None  # only the real tokens of a packed call run
         if not (act or kl or limit is not None or packed):
             return self._fixed_depth(h, e, ctx, depth, first_grad, coefficients, slots)
-        if not (act or kl or grad_from is not None):
+        if not (act or kl):
             depths = [depth] * B if limit is None else n_loops.tolist()
             if packed:  # a row without a new token runs no loop
                 ends = ctx.packed.ends
                 depths = [d if end > prev else 0 for d, prev, end in zip(depths, [0, *ends[:-1]], ends, strict=True)]
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
-                return self._deepest_first(h, e, ctx, depths, slots, coefficients)
+                return self._deepest_first(h, e, ctx, depths, slots, coefficients, backprop_loops)
+            if slots is None and not packed:  # no cache rows to keep in place: sort, run, put back
+                order = sorted(range(B), key=lambda i: -depths[i])
+                index = torch.tensor(order, device=h.device)
+                rows = index.repeat_interleave(T) * T + torch.arange(T, device=h.device).repeat(B)
+                out, steps, ponder = self._deepest_first(h[rows], e[rows], ctx.take(index), sorted(depths, reverse=True),
+                                                         slots, coefficients, backprop_loops)
+                inverse = torch.empty_like(index).scatter_(0, index, torch.arange(B, device=h.device))
+                return out[inverse], steps[inverse], ponder
         return self._halting_loop(h, e, ctx, n_loops, depth, limit, first_grad, grad_from, coefficients,
                                   slots, readout)
 
@@ -405,22 +413,29 @@ class RecurrentBlock(nn.Module):
         return _constant_where(early.unsqueeze(-1), h_t), kv
 
     def _deepest_first(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, depths: list[int],
-                       slots: list | None, coefficients: tuple[torch.Tensor, torch.Tensor]):
+                       slots: list | None, coefficients: tuple[torch.Tensor, torch.Tensor],
+                       backprop_loops: int | None = None):
         """Per-sequence depths that never grow along the batch (the serving engine keeps its rows
         so): the sequences still looping at loop t are the first b of the batch, so each loop runs
         densely on that prefix (h[:b * T], the first b rows of ctx and of the cache), with no
         gathers, while the finished ones carry their entries into the loop's slot as they would
         on the compacted path. A packed call runs on its real tokens alone, where row b's tokens
-        follow row b - 1's: the prefix is then the first ctx.packed.ends[b - 1] tokens."""
+        follow row b - 1's: the prefix is then the first ctx.packed.ends[b - 1] tokens.
+        backprop_loops: each sequence backpropagates through its own last loops, as alone: the
+        windows start later for deeper rows, so the rows before theirs are a prefix too, whose
+        states leave the loop detached (a loop where every row is before its window runs without
+        gradients), as in _halting_loop."""
         B, T, D = ctx.B, ctx.T, h.shape[-1]
         tokens = ctx.tokens
         ends = [T * (b + 1) for b in range(B)] if tokens is None else ctx.packed.ends
         if tokens is not None:
             h, e = h[tokens], e[tokens]
+        starts = [d - (backprop_loops or d) for d in depths]  # each row's first loop with gradients
         kv = None
         for t in range(depths[0]):
             b = sum(d > t for d in depths)
             n = ends[b - 1]
+            early = sum(s > t for s in starts[:b])  # rows whose window starts after this loop
             if slots is not None and 0 < t < len(slots) and b < B:  # finished: their latest entry
                 cols = None if ctx.cols is None else ctx.cols[b:]
                 rest = None if tokens is None else tokens[n:] - b * T
@@ -428,7 +443,11 @@ class RecurrentBlock(nn.Module):
                                                           cols, rest)
             live = _slot(slots, t) if slots is None or b == B else _slot(slots, t).narrow(0, b)
             sub = ctx.narrow(b)
-            h_t, kv = self._run_step(t, h[:n], e[:n], coefficients, kv, sub, live, sub.tokens)
+            with torch.no_grad() if early == b else nullcontext():
+                h_t, kv = self._run_step(t, h[:n], e[:n], coefficients, kv, sub, live, sub.tokens)
+            if 0 < early < b and torch.is_grad_enabled():
+                h_t = torch.cat((h_t[:ends[early - 1]].detach(), h_t[ends[early - 1]:]))
+                ctx.aux_losses[-1] = ctx.aux_losses[-1].detach()  # one scalar over every row run
             h = h_t if b == B else torch.cat((h_t, h[n:]))
         self._fill_deeper(slots, depths[0] - 1, depths[0], ctx)
         steps = torch.tensor(depths, device=h.device).repeat_interleave(T)
