@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             experiment_command(args.name, _flags(extra))
         else:
             info(args.preset, args.checkpoint, args.n_loops, args.seq_len)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a full disk, a read-only folder, a file gone
         print(f"mythos {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except TrainingDiverged as e:

@@ -11,7 +11,14 @@ from conftest import small_model
 
 from openmythos.data import ByteTokenizer
 from openmythos.training import TrainConfig, find_checkpoint, load_model, save_checkpoint
-from openmythos.training.checkpoint import CHECKPOINTS, MANIFEST, STATE, WEIGHTS, open_checkpoint
+from openmythos.training.checkpoint import (
+    CHECKPOINTS,
+    MANIFEST,
+    STATE,
+    WEIGHTS,
+    CheckpointWriteError,
+    open_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -85,18 +92,22 @@ def test_flipped_bytes_fail_the_checksum(tmp_path):
         load_model(path)
 
 
-def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")])
+def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch, failure):
     save(tmp_path, 1)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def disk_full(*args, **kwargs):  # torch.save reports a full disk either way
+        raise failure
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint step 2 in .*"
+                                                   r"the newest checkpoint is still step_00000001"):
         save(tmp_path, 2)
     monkeypatch.undo()
     assert find_checkpoint(tmp_path).name == "step_00000001"
-    assert not (tmp_path / CHECKPOINTS / "step_00000002").exists()
+    # nothing half-written is left to keep a full disk full
+    assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir()] == ["step_00000001"]
 
 
 def test_resaving_a_step_replaces_it(tmp_path):

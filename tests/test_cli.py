@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from openmythos.cli import main
 
@@ -184,6 +185,18 @@ def test_user_errors_are_one_clear_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    # a full disk surfaced as torch's RuntimeError traceback with exit code 1 (as if diverged)
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 311744 vs 311632")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(["train", *tiny_train_args(tmp_path / "run", tmp_path / "cache", steps=2)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mythos train: error: could not write checkpoint step 2 in ") and "disk full" in err
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 @pytest.mark.parametrize("args, message", [

@@ -160,10 +160,29 @@ def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: Trai
                     tokenizer: Tokenizer, state: dict[str, Any], keep: int) -> Path:
     """Write `<run_dir>/checkpoints/step_<step>` atomically, then keep only the newest `keep`.
     One process writes it: the single-process and DDP layout (model.safetensors)."""
-    root = Path(run_dir) / CHECKPOINTS
-    tmp = _new_tmp(root, step)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights)
+    root, tmp = Path(run_dir) / CHECKPOINTS, None
+    try:
+        tmp = _new_tmp(root, step)
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        return _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise _write_failed(root, tmp, step, e) from e
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); nothing half-written is
+    left, and the checkpoints before it are untouched."""
+
+
+def _write_failed(root: Path, tmp: Path | None, step: int, error: Exception) -> CheckpointWriteError:
+    """The error for a failed save, after removing its half-written folder, which would otherwise
+    keep a full disk full and block the resume."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = next(iter(_step_dirs(root)), None) if root.is_dir() else None
+    return CheckpointWriteError(
+        f"could not write checkpoint step {step} in {str(root)!r}: {error} (is the disk full or the folder "
+        f"read-only?); " + (f"the newest checkpoint is still {kept.name}" if kept else "no checkpoint was written yet"))
 
 
 def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -185,9 +204,14 @@ def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.op
                                                                        cpu_offload=True))
     final = None
     if main:
-        final = _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights)
+        try:
+            final = _finish(root, tmp, step, model, train_cfg, tokenizer, state, keep, weights)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            final = _write_failed(root, tmp, step, e)
     shared = [final]
     dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody reads it unfinished
+    if isinstance(shared[0], Exception):  # every rank stops with rank 0's error
+        raise shared[0]
     return Path(shared[0])
 
 
