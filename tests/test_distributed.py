@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from openmythos.training import TrainConfig, load_model, train
+from openmythos.training.trainer import report
 
 pytestmark = pytest.mark.multiprocess
 
@@ -177,6 +178,23 @@ def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
                                   "run.out_dir": str(tmp_path)})
     with pytest.raises(ValueError, match=r"dist.strategy='fsdp' needs a torchrun launch"):
         train(cfg)
+
+
+def test_strategy_none_under_torchrun_is_refused(tmp_path, monkeypatch):
+    # each rank used to train the whole run alone, into the same folder
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainConfig().override({"run.out_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"dist.strategy='none' under a launch of 2 processes .* ddp or fsdp"):
+        train(cfg)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_resume_hint_of_a_distributed_run_is_a_torchrun_launch():
+    summary = {"run_dir": "runs/x", "status": "interrupted", "steps": 3, "tokens_seen": 10, "train_time_s": 1.0,
+               "tok_per_s": 10.0, "checkpoint": "runs/x/checkpoints/step_00000003"}
+    assert "resume with: mythos train --resume runs/x" in report(summary)
+    assert ("resume with: torchrun --nproc_per_node=4 -m openmythos.cli train --resume runs/x"
+            in report({**summary, "world_size": 4}))
 
 
 def test_fsdp_with_muon_is_refused():

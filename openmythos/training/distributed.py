@@ -52,7 +52,8 @@ def init_distributed(device_type: str, strategy: str = "ddp", timeout_s: float =
         raise ValueError(f"dist.strategy={strategy!r} needs a torchrun launch "
                          "(torchrun --nproc_per_node=N -m openmythos.cli train ...), but RANK and "
                          "WORLD_SIZE are not set; train in this one process with "
-                         "--dist.strategy none (any checkpoint resumes either way)")
+                         "--dist.strategy none (a checkpoint of N processes resumes in one with "
+                         "--train.batch_size N times as large: the same global batch)")
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", 0)))
     if device_type == "cuda":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -184,6 +185,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
         self.device = resolve_device(cfg.run.device)
         if env is None:
+            if cfg.dist.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # each rank would train the whole run alone, into the same folder
+                raise ValueError(f"dist.strategy='none' under a launch of {os.environ['WORLD_SIZE']} processes "
+                                 "(torchrun): set --dist.strategy ddp or fsdp")
             env = (init_distributed(self.device.type, cfg.dist.strategy)
                    if cfg.dist.strategy != "none" else DistEnv())
         self.cfg, self.env = cfg, env
@@ -591,7 +596,7 @@ class Trainer:
                 "train_time_s": round(self.train_time, 2),
                 "tok_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
                 "skipped_steps": self.skipped, "params": self.model.cfg.num_params(),
-                "active_params": self.model.cfg.active_params_per_token()}
+                "active_params": self.model.cfg.active_params_per_token(), "world_size": self.env.world_size}
 
     def final_eval(self) -> dict[str, Any]:
         """Full validation loss, the unigram baseline, the depth sweep and a few samples."""
@@ -680,7 +685,9 @@ def report(summary: dict[str, Any]) -> str:
              f"{summary['tok_per_s']:.0f} tok/s)",
              f"checkpoint: {summary['checkpoint']}"]
     if "val_loss" not in summary:
-        lines.append(f"resume with: mythos train --resume {summary['run_dir']}")
+        world = summary.get("world_size", 1)  # the same global batch: the same number of processes
+        launch = f"torchrun --nproc_per_node={world} -m openmythos.cli train" if world > 1 else "mythos train"
+        lines.append(f"resume with: {launch} --resume {summary['run_dir']}")
         return "\n".join(lines)
     lines += [
         f"validation (n_loops={summary['val_n_loops']}): {summary['val_loss']:.4f} nats/token, "
