@@ -283,9 +283,10 @@ def _choice(cfg: MythosConfig, name: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, name, value, f"is not one of {allowed}")
 
 
-def _legacy(dim, n_heads, n_kv_heads, max_seq_len, loops, layers, kv_lora, q_lora, rope, nope,
+def _legacy(*, dim, n_heads, n_kv_heads, max_seq_len, loops, layers, kv_lora, q_lora, rope, nope,
             n_experts, n_shared, top_k, expert_dim, lora, theta, vocab=32000,
             max_output_tokens=4096) -> dict[str, Any]:
+    """A preset of the earlier package: MLA, as many prelude as coda layers, v_head_dim = nope."""
     return dict(
         vocab_size=vocab, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
         max_seq_len=max_seq_len, max_loop_iters=loops, prelude_layers=layers,
@@ -313,16 +314,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0, max_output_tokens=1024,
     ),
     # the earlier package's variants, with its hyperparameters
-    "1b": _legacy(2048, 16, 4, 4096, 16, 2, 256, 512, 32, 64, 64, 2, 4, 2048, 8, 500000.0),
-    "3b": _legacy(3072, 24, 6, 4096, 16, 2, 384, 768, 32, 96, 64, 2, 4, 4096, 8, 500000.0),
-    "10b": _legacy(4096, 32, 8, 8192, 24, 2, 512, 1024, 64, 128, 128, 2, 4, 5632, 16, 500000.0),
-    "50b": _legacy(6144, 48, 8, 8192, 32, 3, 512, 1536, 64, 128, 256, 4, 4, 9728, 32, 500000.0),
-    "100b": _legacy(8192, 64, 8, 1_000_000, 32, 4, 512, 2048, 64, 128, 256, 4, 8, 13568, 64,
-                    1_000_000.0, max_output_tokens=131072),
-    "500b": _legacy(12288, 96, 16, 1_000_000, 48, 4, 1024, 3072, 64, 128, 512, 8, 8, 23040, 128,
-                    1_000_000.0, vocab=100000, max_output_tokens=131072),
-    "1t": _legacy(16384, 128, 16, 1_000_000, 64, 6, 1024, 4096, 64, 128, 512, 8, 8, 34560, 256,
-                  2_000_000.0, vocab=100000, max_output_tokens=131072),
+    "1b": _legacy(dim=2048, n_heads=16, n_kv_heads=4, max_seq_len=4096, loops=16, layers=2,
+                  kv_lora=256, q_lora=512, rope=32, nope=64, n_experts=64, n_shared=2, top_k=4,
+                  expert_dim=2048, lora=8, theta=500_000.0),
+    "3b": _legacy(dim=3072, n_heads=24, n_kv_heads=6, max_seq_len=4096, loops=16, layers=2,
+                  kv_lora=384, q_lora=768, rope=32, nope=96, n_experts=64, n_shared=2, top_k=4,
+                  expert_dim=4096, lora=8, theta=500_000.0),
+    "10b": _legacy(dim=4096, n_heads=32, n_kv_heads=8, max_seq_len=8192, loops=24, layers=2,
+                   kv_lora=512, q_lora=1024, rope=64, nope=128, n_experts=128, n_shared=2, top_k=4,
+                   expert_dim=5632, lora=16, theta=500_000.0),
+    "50b": _legacy(dim=6144, n_heads=48, n_kv_heads=8, max_seq_len=8192, loops=32, layers=3,
+                   kv_lora=512, q_lora=1536, rope=64, nope=128, n_experts=256, n_shared=4, top_k=4,
+                   expert_dim=9728, lora=32, theta=500_000.0),
+    "100b": _legacy(dim=8192, n_heads=64, n_kv_heads=8, max_seq_len=1_000_000, loops=32, layers=4,
+                    kv_lora=512, q_lora=2048, rope=64, nope=128, n_experts=256, n_shared=4, top_k=8,
+                    expert_dim=13568, lora=64, theta=1_000_000.0, max_output_tokens=131_072),
+    "500b": _legacy(dim=12288, n_heads=96, n_kv_heads=16, max_seq_len=1_000_000, loops=48, layers=4,
+                    kv_lora=1024, q_lora=3072, rope=64, nope=128, n_experts=512, n_shared=8,
+                    top_k=8, expert_dim=23040, lora=128, theta=1_000_000.0, vocab=100_000,
+                    max_output_tokens=131_072),
+    "1t": _legacy(dim=16384, n_heads=128, n_kv_heads=16, max_seq_len=1_000_000, loops=64, layers=6,
+                  kv_lora=1024, q_lora=4096, rope=64, nope=128, n_experts=512, n_shared=8, top_k=8,
+                  expert_dim=34560, lora=256, theta=2_000_000.0, vocab=100_000,
+                  max_output_tokens=131_072),
 }
 
 

@@ -202,8 +202,8 @@ class OpenMythos(nn.Module):
         cos, sin = self._rope(cache.next_pos.unsqueeze(1))
         cache.next_pos += 1
         # start = max_len - 1: the slots hand back their whole buffer, masked by `valid`
-        ctx = Context(B, 1, cache.max_len - 1, cos, sin, cache.valid.view(B, 1, 1, -1), False,
-                      0.0, cols)
+        ctx = Context(B, 1, start=cache.max_len - 1, cos=cos, sin=sin, mask=cache.valid.view(B, 1, 1, -1),
+                      is_causal=False, dropout=0.0, cols=cols)
         return self._forward(input_ids, ctx, n_loops, cache, None, None, head_dtype)
 
     def _forward(self, input_ids: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
@@ -299,7 +299,8 @@ class OpenMythos(nn.Module):
             mask = (k_idx <= q_idx) & (valid.unsqueeze(1) | (k_idx == q_idx))
             mask, is_causal = mask.unsqueeze(1), False
         cos, sin = self._rope(positions)
-        return Context(B, T, start, cos, sin, mask, is_causal, self.cfg.dropout, cols)
+        return Context(B, T, start=start, cos=cos, sin=sin, mask=mask, is_causal=is_causal,
+                       dropout=self.cfg.dropout, cols=cols)
 
     @staticmethod
     def _packs(cache: KVCache | None, T: int, attention_mask: torch.Tensor | None) -> bool:
@@ -339,8 +340,9 @@ class OpenMythos(nn.Module):
         mask = (k_idx <= q_col.unsqueeze(-1)) & cache.valid[:, None, :start + T]  # (B, T, S)
         mask |= ~new_valid.unsqueeze(-1) & (k_idx == 0)  # padding sees a key: no NaN in its row
         cos, sin = self._rope(positions)
-        return Context(B, T, start, cos, sin, mask.unsqueeze(1), False, self.cfg.dropout, cols, tokens,
-                       PackedRows.build(n.tolist(), T, cols.device))
+        return Context(B, T, start=start, cos=cos, sin=sin, mask=mask.unsqueeze(1), is_causal=False,
+                       dropout=self.cfg.dropout, cols=cols, tokens=tokens,
+                       packed=PackedRows.build(n.tolist(), T, cols.device))
 
     def _check_inputs(self, input_ids, cache, attention_mask) -> tuple[int, int, bool]:
         """Returns B, T and whether the call runs packed."""
