@@ -170,8 +170,7 @@ def test_a_packed_call_matches_each_row_alone(attn_type, policy, depths, monkeyp
     assert_close(out.logits, torch.cat(ref), atol=1e-5, rtol=1e-5)
     assert out.loops.tolist() == [[0] * (4 - len(x)) + [d] * len(x)  # padding runs nothing
                                   for x, d in zip(new, depths, strict=True)]
-    for mine, theirs in zip(together.prelude + together.loops + together.coda,
-                            alone.prelude + alone.loops + alone.coda, strict=True):
+    for mine, theirs in zip(together.slots, alone.slots, strict=True):
         for a, b in zip(mine.tensors, theirs.tensors, strict=True):
             assert_close(a, b, atol=1e-5, rtol=1e-5)
     for name in ("valid", "next_pos", "lengths"):

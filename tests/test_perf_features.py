@@ -306,7 +306,7 @@ def _decode_logits(model, ragged: bool, steps: int = 5) -> tuple[torch.Tensor, l
               attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]))
     tokens = torch.randint(0, 64, (2, steps), generator=torch.Generator().manual_seed(3))
     logits = [model(tokens[:, i:i + 1], n_loops=3, cache=cache).logits for i in range(steps)]
-    state = [t for s in cache.prelude + cache.loops + cache.coda for t in s.tensors]
+    state = [t for s in cache.slots for t in s.tensors]
     return torch.cat(logits, 1), [*state, cache.valid, cache.next_pos, cache.lengths]
 
 

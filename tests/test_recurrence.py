@@ -234,7 +234,7 @@ def test_deepest_first_depths_run_on_a_prefix_and_match_the_compacted_path(attn_
         logits += [model(tokens[order, i:i + 1], n_loops=depths[order], cache=cache).logits
                    for i in range(2)]
         hook.remove()
-        state = [t for s in cache.prelude + cache.loops + cache.coda for t in s.tensors]
+        state = [t for s in cache.slots for t in s.tensors]
         return torch.cat(logits, 1), [*state, cache.valid, cache.next_pos, cache.lengths], calls
 
     logits, state, calls = run([0, 1, 2, 3])

@@ -87,10 +87,7 @@ class OpenMythosCache:
         kv = self.kv
         if kv is None:
             return
-        idx = beam_idx.to(kv.valid.device)
-        for slot in kv.prelude + kv.loops + kv.coda:
-            slot.tensors = [t.index_select(0, idx) for t in slot.tensors]
-        kv.valid, kv.next_pos, kv.lengths = (t.index_select(0, idx) for t in (kv.valid, kv.next_pos, kv.lengths))
+        kv.select_rows(beam_idx.to(kv.valid.device))
 
 
 def _round_up(n: int) -> int:
@@ -99,15 +96,7 @@ def _round_up(n: int) -> int:
 
 def _grown(kv: KVCache, model: OpenMythos, max_len: int) -> KVCache:
     new = model.new_cache(kv.batch_size, max_len, kv.n_loops)
-    n = kv.length
-    for old_slot, new_slot in zip(kv.prelude + kv.loops + kv.coda,
-                                  new.prelude + new.loops + new.coda, strict=True):
-        for src, dst in zip(old_slot.tensors, new_slot.tensors, strict=True):
-            dst[:, :n] = src[:, :n]
-    new.valid[:, :n] = kv.valid[:, :n]
-    new.next_pos.copy_(kv.next_pos)
-    new.lengths.copy_(kv.lengths)
-    new.has_padding = kv.has_padding
+    kv.copy_to(new)
     return new
 
 

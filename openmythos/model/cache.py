@@ -148,6 +148,11 @@ class KVCache:
         self._flags["has_padding"] = value
 
     @property
+    def slots(self) -> list[KVSlot]:
+        """Every slot: the prelude layers', the loops', the coda layers'."""
+        return self.prelude + self.loops + self.coda
+
+    @property
     def length(self) -> int:
         """Columns written: every row's, or the longest row's once rows are ragged."""
         return int(self.lengths.max())
@@ -174,11 +179,30 @@ class KVCache:
         """Row src[i] becomes row dst[i], for every i at once (a permutation of a few rows).
         Entries move only up to the longest moving row: past a row's length, `valid` hides them."""
         n = int(self.lengths[src].max())
-        for s in self.prelude + self.loops + self.coda:
+        for s in self.slots:
             for t in s.tensors:
                 t[dst, :n] = t[src, :n]
         for t in (self.valid, self.next_pos, self.lengths):
             t[dst] = t[src]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Row i continues from row index[i] (beam search), in place."""
+        for s in self.slots:
+            s.tensors = [t.index_select(0, index) for t in s.tensors]
+        self.valid, self.next_pos, self.lengths = (t.index_select(0, index) for t in
+                                                   (self.valid, self.next_pos, self.lengths))
+
+    def copy_to(self, other: KVCache) -> None:
+        """Everything written here into `other`, a cache of the same rows and slots with room for
+        at least as many columns (a cache that outgrew its allocation)."""
+        n = self.length
+        for mine, theirs in zip(self.slots, other.slots, strict=True):
+            for src, dst in zip(mine.tensors, theirs.tensors, strict=True):
+                dst[:, :n] = src[:, :n]
+        other.valid[:, :n] = self.valid[:, :n]
+        other.next_pos.copy_(self.next_pos)
+        other.lengths.copy_(self.lengths)
+        other.has_padding = self.has_padding
 
     def rewind(self, n: int) -> None:
         """Forget every row's last n tokens (a draft that verification rejected): their columns
@@ -193,7 +217,7 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for s in self.prelude + self.loops + self.coda for t in s.tensors)
+                   for s in self.slots for t in s.tensors)
 
     def reset(self) -> None:
         self.reset_rows(0, self.batch_size)
