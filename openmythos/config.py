@@ -267,6 +267,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value: Any) -> bool:
+    """A real number argument (a Python or numpy one), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_field_int(value: Any) -> bool:
     """A config field's integer: a Python int, not a bool nor a numpy integer (which JSON
     cannot write)."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from openmythos.config import is_int
+from openmythos.config import is_int, is_real
 
 # below this, a temperature samples the argmax, its limit: dividing fp32 logits by it would
 # overflow them into inf and NaN probabilities
@@ -20,12 +20,11 @@ def is_greedy(temperature: float) -> bool:
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
-            or temperature < 0):
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k <= 0):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
 
 

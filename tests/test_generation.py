@@ -95,6 +95,7 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(input_ids=["hello"]), "integer token ids, got 'h'"),
     (dict(input_ids=[[5, 6], []]), r"input_ids\[1\] must be a non-empty token-id list, got \[\]"),
     (dict(temperature=True), "temperature"),
+    (dict(top_p=True), "top_p"),
     (dict(input_ids=torch.tensor([[7, 8, 0]]), attention_mask=torch.tensor([[1, 1, 0]])), "left padding"),
     (dict(input_ids=torch.tensor([[7, 7], [1, 2]]), attention_mask=torch.tensor([[0, 0], [1, 1]])),
      "attention_mask row 0 marks no real token"),  # its tokens would follow the padding's ids
@@ -106,11 +107,16 @@ def test_bad_sampling_arguments(kwargs, needle):
         model.generate(**args)
 
 
-def test_numpy_integer_lengths_are_taken():
+def test_numpy_numbers_are_taken():
     import numpy as np
 
     model = small_model()
     assert model.generate(torch.zeros(1, 2, dtype=torch.long), np.int64(3)).shape == (1, 5)
+    ids = torch.randint(0, 64, (2, 3))
+    want = model.generate(ids, 4, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    got = model.generate(ids, 4, temperature=np.float32(0.7), top_p=np.float32(0.9),
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
 
 
 def test_the_model_methods_take_the_generation_arguments_by_name_and_position():

@@ -358,6 +358,16 @@ def test_bad_calls():
             hf(ids, labels=labels)
     with pytest.raises(ValueError, match="max_length 1000 exceeds max_seq_len="):
         hf.generate(ids, max_length=1000)  # else it fails at the limit, its tokens lost
+    # labels[:, 0] is never a target: a loss over no position was NaN
+    first_only = torch.full_like(ids, -100)
+    first_only[:, 0] = ids[:, 0]
+    for labels, inputs in ((first_only, ids), (ids[:, :1], ids[:, :1])):
+        with pytest.raises(ValueError, match="labels keep no position past the first"):
+            hf(inputs, labels=labels)
+    # a cache that holds every input token: transformers' slice fed the whole prompt again
+    held = hf(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="the cache already holds every input token"):
+        hf.generate(ids, past_key_values=held, max_new_tokens=2, do_sample=False)
 
 
 def test_save_pretrained_touches_only_its_own_files(tmp_path):

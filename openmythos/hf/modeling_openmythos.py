@@ -177,6 +177,10 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("OpenMythos takes input_ids (inputs_embeds are not supported)")
         if labels is not None:
             check_targets(labels, tuple(input_ids.shape), self.config.vocab_size, "labels")
+            # position t's logits predict labels[t + 1]: labels[:, 0] is never a target
+            if not bool((labels[:, 1:] != -100).any()):
+                raise ValueError("labels keep no position past the first: logits predict labels shifted "
+                                 "left by one, so labels[:, 0] is never a target and the loss would be NaN")
         if cache is None:
             cache = past_key_values
         if cache is not None and not isinstance(cache, OpenMythosCache):
@@ -213,6 +217,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                       **kwargs: Any) -> dict[str, Any]:
         cache = cache if cache is not None else past_key_values
         if next_sequence_length is not None:  # transformers 5 says how many tokens are new
+            if next_sequence_length == 0:  # input_ids[:, -0:] would feed the whole prompt again
+                raise ValueError("the cache already holds every input token: pass the new tokens (at least "
+                                 "one) after those in past_key_values")
             input_ids = input_ids[:, -next_sequence_length:]
         elif cache is not None and use_cache and _WHOLE_SEQUENCE_EVERY_STEP:
             input_ids = input_ids[:, cache.get_seq_length():]  # the cache holds the rest
