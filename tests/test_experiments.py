@@ -10,8 +10,9 @@ import torch
 
 from openmythos.data.tasks import KHopTask
 from openmythos.experiments import EXPERIMENTS, run_experiment
-from openmythos.experiments.depth_extrapolation import IGNORE, prefix_targets
+from openmythos.experiments.depth_extrapolation import prefix_targets
 from openmythos.experiments.param_efficiency import effective_layers, fit_log_curve, fit_phi
+from openmythos.model.model import IGNORE_INDEX
 
 FIXTURE = str(Path(__file__).parent / "data" / "train_small.txt")
 
@@ -59,7 +60,7 @@ def test_prefix_targets_follow_each_chain_and_leave_held_out_prefixes_out():
     for row, want, k in zip(ids, prefix, hops.tolist(), strict=True):
         head = (row[T - k - 2] - task.entity_token(0)).view(1)
         chain = (row[T - k - 1:T - 1] - task.relation_token(0)).view(1, k)
-        expected = torch.full((T,), IGNORE)
+        expected = torch.full((T,), IGNORE_INDEX)
         for i in range(1, k + 1):  # the i-th relation: the entity after i hops, unless held out
             if i >= 2 and bool(task.is_test(head, chain[:, :i])):
                 held_out += 1
