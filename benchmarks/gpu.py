@@ -120,16 +120,18 @@ def measure(cfg: MythosConfig, batch: int, seq: int, device: torch.device, args)
 
     section("train", train)
     opt.state.clear()
-    model = model.to(torch.bfloat16).eval()  # inference: bf16 weights and KV cache
-    cache = model.new_cache(batch, seq)
-
-    def prefill_step():  # as generate's prefill: the head on the last position only
-        model(ids[:, :-1], cache=cache, logits_to_keep=1)
-        cache.rewind(seq)
+    section("bf16", lambda: model.to(torch.bfloat16).eval())  # inference: bf16 weights and cache, in place
+    if "bf16" in out["errors"]:
+        return out
 
     def prefill():
+        cache = model.new_cache(batch, seq)
+
+        def step():  # as generate's prefill: the head on the last position only
+            model(ids[:, :-1], cache=cache, logits_to_keep=1)
+            cache.rewind(seq)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out["prefill_tok_s"] = batch * seq / median_seconds(prefill_step, device, args.warmup, args.repeats)
+            out["prefill_tok_s"] = batch * seq / median_seconds(step, device, args.warmup, args.repeats)
 
     def decode(b: int):  # one query per step: SDPA picks its kernel (MLA decode reads the latent)
         prompt = ids[:, :PROMPT].repeat(-(-b // batch), 1)[:b]  # b rows, whatever the batch

@@ -14,6 +14,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 ATTN_TYPES = ("mla", "gqa")
@@ -268,8 +269,8 @@ def is_int(value: Any) -> bool:
 
 
 def is_real(value: Any) -> bool:
-    """A real number argument (a Python or numpy one), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A number argument torch takes as a scalar (a Python or numpy int or float), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _is_field_int(value: Any) -> bool:

@@ -177,6 +177,42 @@ def sharded_model(seed: int = 0):
     return model, reference
 
 
+@pytest.mark.parametrize("where", ["shards", "the rest"])
+def test_a_sharded_checkpoint_that_cannot_be_written_leaves_nothing(tmp_path, world_of_one, monkeypatch, where):
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    from openmythos.training import checkpoint
+    from openmythos.training.checkpoint import save_sharded
+
+    model, _ = sharded_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_sharded(tmp_path, 1, model, optimizer, TrainConfig(), ByteTokenizer(), {"step": 1}, keep=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # DCP's own writer (its failure is a CheckpointException, not an OSError), or the files after it
+    monkeypatch.setattr(*((dcp_files, "_write_item") if where == "shards" else (checkpoint, "_fsync")), disk_full)
+    message = "could not write checkpoint step 2 in .*No space left on device.* still step_00000001$"
+    with pytest.raises(CheckpointWriteError, match=message):
+        save_sharded(tmp_path, 2, model, optimizer, TrainConfig(), ByteTokenizer(), {"step": 2}, keep=2)
+    assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir()] == ["step_00000001"]
+
+
+def test_a_failed_prune_after_the_save_is_a_warning(tmp_path, monkeypatch):
+    from openmythos.training import checkpoint
+
+    save(tmp_path, 1)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "_prune", denied)
+    with pytest.warns(UserWarning, match="step_00000002 is written, but pruning older ones failed"):
+        save(tmp_path, 2)
+    assert find_checkpoint(tmp_path).name == "step_00000002"
+
+
 def test_sharded_checkpoints_round_trip_prune_and_verify(tmp_path, world_of_one):
     from openmythos.training.checkpoint import SHARDED, save_sharded
 

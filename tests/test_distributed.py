@@ -194,7 +194,9 @@ def test_the_resume_hint_of_a_distributed_run_is_a_torchrun_launch():
                "tok_per_s": 10.0, "checkpoint": "runs/x/checkpoints/step_00000003"}
     assert "resume with: mythos train --resume runs/x" in report(summary)
     assert ("resume with: torchrun --nproc_per_node=4 -m openmythos.cli train --resume runs/x"
-            in report({**summary, "world_size": 4}))
+            in report({**summary, "world_size": 4, "local_world_size": 4}))
+    assert ("resume with: torchrun --nnodes=2 (and its rendezvous flags) --nproc_per_node=8 -m openmythos.cli "
+            "train --resume runs/x" in report({**summary, "world_size": 16, "local_world_size": 8}))
 
 
 def test_fsdp_with_muon_is_refused():

@@ -1,3 +1,5 @@
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -96,6 +98,7 @@ def test_top_k_and_top_p_restrict_the_support():
     (dict(input_ids=[[5, 6], []]), r"input_ids\[1\] must be a non-empty token-id list, got \[\]"),
     (dict(temperature=True), "temperature"),
     (dict(top_p=True), "top_p"),
+    (dict(temperature=Fraction(1, 2)), "temperature"),  # a Real torch cannot divide by
     (dict(input_ids=torch.tensor([[7, 8, 0]]), attention_mask=torch.tensor([[1, 1, 0]])), "left padding"),
     (dict(input_ids=torch.tensor([[7, 7], [1, 2]]), attention_mask=torch.tensor([[0, 0], [1, 1]])),
      "attention_mask row 0 marks no real token"),  # its tokens would follow the padding's ids

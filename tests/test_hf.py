@@ -367,7 +367,7 @@ def test_bad_calls():
     # a cache that holds every input token: transformers' slice fed the whole prompt again
     held = hf(ids, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="the cache already holds every input token"):
-        hf.generate(ids, past_key_values=held, max_new_tokens=2, do_sample=False)
+        hf.generate(ids, cache=held, max_new_tokens=2, do_sample=False)
 
 
 def test_save_pretrained_touches_only_its_own_files(tmp_path):

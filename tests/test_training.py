@@ -507,7 +507,6 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
     ({"model.n_heads": 3}, r"\[model\] MythosConfig.dim=256 must be divisible by n_heads=3"),
     ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds model.max_seq_len"),
     ({"train.ponder_weight": 0.01, "model.halting": "none"}, "needs model.halting='act'"),
-    ({"model.halting": "kl"}, "model.halting='kl' cannot train: the KL exit needs a trained readout"),
     ({"loops.mean": "inf"}, "loops.mean=inf must be a finite number"),
     ({"train.lr": "inf"}, "train.lr=inf must be a finite number"),
     ({"train.eps": -1.0}, "train.eps=-1.0 must be positive"),
@@ -520,6 +519,22 @@ def test_unknown_key_names_it_and_suggests_the_closest(key, suggestion):
 def test_invalid_values_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_halting_kl_cannot_train_but_its_checkpoints_load(tmp_path):
+    from conftest import small_model
+
+    from openmythos.data import ByteTokenizer
+    from openmythos.training import load_model, save_checkpoint
+
+    cfg = load_config(None, {"model.halting": "kl", "run.out_dir": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match="model.halting='kl' cannot train: the KL exit needs a trained readout"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    # a run trained with it before the refusal still loads for eval, generate and export
+    model = small_model(halting="kl", vocab_size=ByteTokenizer().vocab_size)
+    save_checkpoint(tmp_path / "old", 1, model, cfg, ByteTokenizer(), {"step": 1}, keep=1)
+    assert load_model(tmp_path / "old")[0].cfg.halting == "kl"
 
 
 def test_a_device_that_is_none_is_named():

@@ -3,7 +3,7 @@ h <- A*h + B*e + block(norm(h + loop_emb(t) + e)), a depth-wise LoRA and ACT hal
 
 - Injection: a diagonal linear time-invariant system (as in Parcae, Prairie et al. 2025),
   A = exp(-dt * exp(log_A)) so that every entry of A lies in [0, 1) and rho(A) < 1 (0 only once
-  the rate dt * exp(log_A) passes ~87, where exp underflows: that channel forgets its state).
+  the rate dt * exp(log_A) passes ~104, where fp32's exp underflows: that channel forgets its state).
 - Halting: Adaptive Computation Time (Graves 2016). A position halts once its cumulative halting
   probability crosses act_threshold and takes the remainder as its weight; the last loop assigns
   the remainder to every position still running, so the weights always sum to exactly 1.

@@ -174,11 +174,14 @@ class CheckpointWriteError(OSError):
     left, and the checkpoints before it are untouched."""
 
 
-def _write_failed(root: Path, tmp: Path | None, step: int, error: Exception) -> CheckpointWriteError:
+def _write_failed(root: Path, tmp: Path | None, step: int,
+                  error: Exception | CheckpointException) -> CheckpointWriteError:
     """The error for a failed save, after removing its half-written folder, which would otherwise
     keep a full disk full and block the resume."""
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, CheckpointException):  # DCP's: each failed rank's exception and traceback
+        error = "; ".join(f"rank {rank}: {exc!r}" for rank, (exc, _) in error.failures.items())
     kept = next(iter(_step_dirs(root)), None) if root.is_dir() else None
     return CheckpointWriteError(
         f"could not write checkpoint step {step} in {str(root)!r}: {error} (is the disk full or the folder "
@@ -193,15 +196,25 @@ def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.op
     which `mythos eval` and `mythos generate` read. Rank 0 writes the rest and renames."""
     root = Path(run_dir) / CHECKPOINTS
     main = dist.get_rank() == 0
-    shared = [_new_tmp(root, step) if main else None]
+    shared = [None]
+    if main:
+        try:
+            shared = [_new_tmp(root, step)]
+        except OSError as e:
+            shared = [_write_failed(root, None, step, e)]
     dist.broadcast_object_list(shared, src=0)  # every rank writes into rank 0's directory
+    if isinstance(shared[0], Exception):  # every rank stops with rank 0's error
+        raise shared[0]
     tmp = Path(shared[0])
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / SHARDED)
-    weights = None
-    if consolidate:  # collective: every rank sends its shards, rank 0 alone receives
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                       cpu_offload=True))
+    try:
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / SHARDED)
+        weights = None
+        if consolidate:  # collective: every rank sends its shards, rank 0 alone receives
+            weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                           cpu_offload=True))
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP raises a failed write on every rank
+        raise _write_failed(root, tmp if main else None, step, e) from e
     final = None
     if main:
         try:
@@ -210,7 +223,7 @@ def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.op
             final = _write_failed(root, tmp, step, e)
     shared = [final]
     dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody reads it unfinished
-    if isinstance(shared[0], Exception):  # every rank stops with rank 0's error
+    if isinstance(shared[0], Exception):
         raise shared[0]
     return Path(shared[0])
 
@@ -250,8 +263,11 @@ def _finish(root: Path, tmp: Path, step: int, model: nn.Module, train_cfg: Train
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync(root)
-    _prune(root, keep, step)
+    try:  # published: what fails from here on costs old checkpoints' space, not this one
+        _fsync(root)
+        _prune(root, keep, step)
+    except OSError as e:
+        warnings.warn(f"checkpoint {final.name} is written, but pruning older ones failed: {e}", stacklevel=2)
     return final
 
 

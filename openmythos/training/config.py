@@ -241,12 +241,6 @@ class TrainConfig:
         model = self.model_config()
         _check(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len,
                f"exceeds model.max_seq_len={model.max_seq_len}")
-        if model.halting == "kl":
-            # at init the readout barely moves between loops, so every token would stop after
-            # about 2 and the model would never learn to use more
-            raise ValueError("model.halting='kl' cannot train: the KL exit needs a trained readout (an "
-                             "untrained model stops every token after ~2 loops); train with 'none' or 'act', "
-                             "then run the trained weights with halting='kl' (MythosConfig.replace)")
         if t.ponder_weight and model.halting != "act":
             raise ValueError(f"train.ponder_weight={t.ponder_weight} needs model.halting='act', "
                              f"got {model.halting!r}")

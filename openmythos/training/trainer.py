@@ -184,6 +184,12 @@ class _StopRequest:
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
         self.device = resolve_device(cfg.run.device)
+        if cfg.model_config().halting == "kl":  # here, not in the config: such a checkpoint still loads
+            # at init the readout barely moves between loops, so every token would stop after
+            # about 2 and the model would never learn to use more
+            raise ValueError("model.halting='kl' cannot train: the KL exit needs a trained readout (an "
+                             "untrained model stops every token after ~2 loops); train with 'none' or 'act', "
+                             "then run the trained weights with halting='kl' (MythosConfig.replace)")
         if env is None:
             if cfg.dist.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # each rank would train the whole run alone, into the same folder
@@ -596,7 +602,8 @@ class Trainer:
                 "train_time_s": round(self.train_time, 2),
                 "tok_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
                 "skipped_steps": self.skipped, "params": self.model.cfg.num_params(),
-                "active_params": self.model.cfg.active_params_per_token(), "world_size": self.env.world_size}
+                "active_params": self.model.cfg.active_params_per_token(), "world_size": self.env.world_size,
+                "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size))}
 
     def final_eval(self) -> dict[str, Any]:
         """Full validation loss, the unigram baseline, the depth sweep and a few samples."""
@@ -685,8 +692,12 @@ def report(summary: dict[str, Any]) -> str:
              f"{summary['tok_per_s']:.0f} tok/s)",
              f"checkpoint: {summary['checkpoint']}"]
     if "val_loss" not in summary:
-        world = summary.get("world_size", 1)  # the same global batch: the same number of processes
-        launch = f"torchrun --nproc_per_node={world} -m openmythos.cli train" if world > 1 else "mythos train"
+        # the same global batch: the same number of processes
+        world, local = summary.get("world_size", 1), summary.get("local_world_size", 1)
+        launch = "mythos train"
+        if world > 1:
+            nodes = f"--nnodes={world // local} (and its rendezvous flags) " if world > local else ""
+            launch = f"torchrun {nodes}--nproc_per_node={local} -m openmythos.cli train"
         lines.append(f"resume with: {launch} --resume {summary['run_dir']}")
         return "\n".join(lines)
     lines += [
