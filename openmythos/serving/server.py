@@ -238,19 +238,9 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             return _error(404, f"model {body.model!r} is not served here: this server serves {model_name!r}",
                           "model")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        most = min(limits.max_batch_prompts, engine.max_queue)  # more could never all be admitted
-        if len(prompts) > most:
-            return _error(400, f"at most {most} prompts per request", "prompt")
-        if body.max_tokens > limits.max_tokens:
-            return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}",
-                          "max_tokens")
-        if body.max_tokens >= engine.max_len:
-            return _error(400, f"max_tokens={body.max_tokens} leaves no room for a prompt in the context "
-                               f"of {engine.max_len} tokens", "max_tokens")
-        if body.n_loops is not None and body.n_loops > engine.max_loops:
-            return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
-        if body.stream and len(prompts) > 1:
-            return _error(400, "stream supports a single prompt", "prompt")
+        refusal = _over_limits(body, len(prompts), engine, limits)
+        if refusal is not None:
+            return refusal
         encoded = []
         for i, text in enumerate(prompts):
             try:  # off the event loop: a long prompt takes a second, and every client would wait
@@ -266,20 +256,10 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                                 top_k=body.top_k, top_p=body.top_p if body.top_p < 1 else None,
                                 stop=body.stops(), n_loops=body.n_loops, seed=body.seed)
-        loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in prompts]
-        reqs = []
-        try:
-            for ids, q in zip(encoded, queues, strict=True):
-                reqs.append(engine.submit(ids, params, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
-        except QueueFull as e:
-            for r in reqs:
-                engine.cancel(r)
-            return _error(503 if engine.stopping else 429, f"server busy: {e}", None)
-        except ValueError as e:
-            for r in reqs:
-                engine.cancel(r)
-            return _error(400, str(e), "prompt")
+        reqs = _submit_all(engine, encoded, params, queues)
+        if isinstance(reqs, JSONResponse):
+            return reqs
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return StreamingResponse(_stream(engine, reqs[0], queues[0], request, cid, created,
@@ -304,6 +284,40 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
                 "usage": usage}
 
     return app
+
+
+def _over_limits(body: CompletionRequest, n_prompts: int, engine: Engine, limits: Limits) -> JSONResponse | None:
+    """The refusal of a request past this server's limits, before its prompts are tokenized."""
+    most = min(limits.max_batch_prompts, engine.max_queue)  # more could never all be admitted
+    if n_prompts > most:
+        return _error(400, f"at most {most} prompts per request", "prompt")
+    if body.max_tokens > limits.max_tokens:
+        return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}", "max_tokens")
+    if body.max_tokens >= engine.max_len:
+        return _error(400, f"max_tokens={body.max_tokens} leaves no room for a prompt in the context "
+                           f"of {engine.max_len} tokens", "max_tokens")
+    if body.n_loops is not None and body.n_loops > engine.max_loops:
+        return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
+    if body.stream and n_prompts > 1:
+        return _error(400, "stream supports a single prompt", "prompt")
+    return None
+
+
+def _submit_all(engine: Engine, encoded: list[list[int]], params: SamplingParams,
+                queues: list[asyncio.Queue[Event]]) -> list | JSONResponse:
+    """Every prompt of a request submitted, each one's events into its queue, or none at all
+    (those already in are cancelled) and the refusal."""
+    loop, reqs = asyncio.get_running_loop(), []
+    try:
+        for ids, q in zip(encoded, queues, strict=True):
+            reqs.append(engine.submit(ids, params, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev)))
+    except (QueueFull, ValueError) as e:
+        for r in reqs:
+            engine.cancel(r)
+        if isinstance(e, QueueFull):
+            return _error(503 if engine.stopping else 429, f"server busy: {e}", None)
+        return _error(400, str(e), "prompt")
+    return reqs
 
 
 async def _collect(queue: asyncio.Queue[Event], request: Request) -> tuple[str, str, dict] | None:
