@@ -190,7 +190,7 @@ def test_a_row_with_no_new_token_sits_out_a_packed_call():
     ref = model(ids[:1], cache=alone.narrow(0, 1), logits_to_keep=1)
     assert_close(out.logits[:1], ref.logits, atol=1e-5, rtol=1e-5)
     assert out.loops[1].tolist() == [0, 0, 0] and together.lengths.tolist() == [6, 5]
-    for mine, theirs in zip(together.loops, alone.loops, strict=True):
+    for mine, theirs in zip(together.loop_slots, alone.loop_slots, strict=True):
         assert_close(mine.tensors[0], theirs.tensors[0], atol=1e-5, rtol=1e-5)
 
 
@@ -208,7 +208,7 @@ def test_the_deepest_row_may_sit_out_a_packed_call(attn_type):
     ref = model(torch.tensor([[5]]), n_loops=1, cache=alone.narrow(1, 1), logits_to_keep=1)
     assert_close(out.logits[1:], ref.logits, atol=1e-5, rtol=1e-5)
     assert out.loops.tolist() == [[0, 0], [0, 1]] and together.lengths.tolist() == [2, 3]
-    for mine, theirs in zip(together.loops, alone.loops, strict=True):
+    for mine, theirs in zip(together.loop_slots, alone.loop_slots, strict=True):
         assert_close(mine.tensors[0], theirs.tensors[0], atol=1e-5, rtol=1e-5)
 
 

@@ -109,7 +109,7 @@ def test_ring_cache_memory_does_not_grow_with_depth(attn_type):
     model = small_model(attn_type=attn_type, kv_cache_policy="ring", kv_cache_ring=2)
     sizes = {n: model.new_cache(1, 16, n).nbytes() for n in (1, 2, 4, 16)}
     assert sizes[2] == sizes[4] == sizes[16] > sizes[1]
-    assert len(model.new_cache(1, 16, 16).loops) == 2
+    assert len(model.new_cache(1, 16, 16).loop_slots) == 2
     assert sizes[16] == 16 * model.cfg.kv_cache_bytes_per_token(16, torch.float32)
 
 
@@ -166,7 +166,7 @@ def test_ring_cache_with_halting_keeps_halted_tokens_latest_entry():
         assert torch.isfinite(model(torch.randint(0, 64, (3, 1)), n_loops=5, cache=cache).logits).all()
     # a token that ran a single loop has its loop-0 entry in both slots
     b, t = (out.loops == 1).nonzero()[0].tolist()
-    for a, c in zip(cache.loops[0].tensors, cache.loops[1].tensors, strict=True):
+    for a, c in zip(cache.loop_slots[0].tensors, cache.loop_slots[1].tensors, strict=True):
         assert_close(a[b, t], c[b, t])
 
 
@@ -202,7 +202,7 @@ def test_halting_sequences_keep_the_cache_they_would_have_alone(policy, exits):
     for b in range(3):
         _, alone, own = run([b])
         assert_close(logits[b], alone[0], atol=1e-5, rtol=1e-5)
-        for mine, theirs in zip(cache.loops, own.loops, strict=True):
+        for mine, theirs in zip(cache.loop_slots, own.loop_slots, strict=True):
             assert_close(mine.tensors[0][b], theirs.tensors[0][0], atol=1e-5, rtol=1e-5)
 
 

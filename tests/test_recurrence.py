@@ -169,7 +169,7 @@ def test_halted_rows_leave_the_batch_in_decode():
     assert out.loops.flatten().tolist() == [1, 4, 4, 1]
     # a token that halted at loop 1 leaves its loop-1 entry in every deeper slot
     for t in range(1, 4):
-        for tensor, first in zip(cache.loops[t].tensors, cache.loops[0].tensors, strict=True):
+        for tensor, first in zip(cache.loop_slots[t].tensors, cache.loop_slots[0].tensors, strict=True):
             assert_close(tensor[0, 3], first[0, 3])
 
 
@@ -179,7 +179,7 @@ def test_early_exit_of_every_row_fills_the_deeper_slots():
     scripted_halting(model, torch.ones(6))  # every token halts after loop 1
     model(torch.randint(0, 64, (2, 3)), n_loops=4, cache=cache)
     for t in range(1, 4):
-        for tensor, first in zip(cache.loops[t].tensors, cache.loops[0].tensors, strict=True):
+        for tensor, first in zip(cache.loop_slots[t].tensors, cache.loop_slots[0].tensors, strict=True):
             assert_close(tensor[:, :3], first[:, :3])
 
 

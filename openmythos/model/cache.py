@@ -118,7 +118,7 @@ class KVCache:
 
         self.batch_size, self.max_len, self.n_loops, self.packed = batch_size, max_len, n_loops, packed
         self.prelude = [slot() for _ in range(cfg.prelude_layers)]
-        self.loops = [slot() for _ in range(cfg.kv_cache_loop_slots(n_loops))]
+        self.loop_slots = [slot() for _ in range(cfg.kv_cache_loop_slots(n_loops))]
         self.coda = [slot() for _ in range(cfg.coda_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.layout = self.layout_of(cfg, dtype, self.valid.device)
@@ -150,7 +150,7 @@ class KVCache:
     @property
     def slots(self) -> list[KVSlot]:
         """Every slot: the prelude layers', the loops', the coda layers'."""
-        return self.prelude + self.loops + self.coda
+        return self.prelude + self.loop_slots + self.coda
 
     @property
     def length(self) -> int:
@@ -163,7 +163,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.batch_size, view.max_len, view.n_loops, view.packed = n, self.max_len, self.n_loops, self.packed
         view.layout = self.layout
-        for name in ("prelude", "loops", "coda"):
+        for name in ("prelude", "loop_slots", "coda"):
             setattr(view, name, [s.narrow(start, n) for s in getattr(self, name)])
         view.valid, view.next_pos, view.lengths = (t.narrow(0, start, n) for t in
                                                    (self.valid, self.next_pos, self.lengths))

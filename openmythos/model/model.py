@@ -217,7 +217,7 @@ class OpenMythos(nn.Module):
             x = layer(x, ctx, cache.prelude[i] if cache else None, rows)
         if rows is not None:  # the recurrence takes the (B, T) grid and runs on ctx.tokens
             x = x.new_zeros(B * T, x.shape[-1]).index_copy(0, rows, x).view(B, T, -1)
-        x, loops, ponder = self.recurrent(x, x, ctx, n_loops, cache.loops if cache else None,
+        x, loops, ponder = self.recurrent(x, x, ctx, n_loops, cache.loop_slots if cache else None,
                                           backprop_loops, self.readout)
         if rows is not None:
             x = x.flatten(0, 1)[rows]

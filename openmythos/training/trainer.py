@@ -253,7 +253,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         # windows and depths have generators of their own: changing one never shifts the other
         self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
-        self.loops = LoopSampler(cfg.loops, cfg.run.seed + 1)
+        self.loop_sampler = LoopSampler(cfg.loops, cfg.run.seed + 1)
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
@@ -353,7 +353,7 @@ class Trainer:
     def _restore(self, ckpt: Checkpoint) -> None:
         ckpt.load_training_state(self.model, self.optimizer)
         state = ckpt.trainer_state
-        self.loops.load_state_dict(state["loops"])
+        self.loop_sampler.load_state_dict(state["loops"])
         self.data_gen.set_state(state["rng"]["data"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -378,7 +378,7 @@ class Trainer:
                "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"loops": self.loops.state_dict(),
+        state = {"loops": self.loop_sampler.state_dict(),
                  "data": {"train": self.data.train.digest, "val": self.data.val.digest},
                  "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
                  "world_size": self.env.world_size,
@@ -434,7 +434,7 @@ class Trainer:
             x, y = self.data.train.sample_batch(B, T, self.data_gen, rank=self.env.rank,
                                                 world_size=self.env.world_size)
             x, y = x.to(self.device), y.to(self.device)
-            n_loops = self.loops.sample(B, self.env.rank, self.env.world_size)
+            n_loops = self.loop_sampler.sample(B, self.env.rank, self.env.world_size)
             with no_gradient_sync(self.engine, inner_step=micro < accum - 1):
                 with autocast(self.device.type, self.amp_dtype):
                     out = self.engine(x, n_loops=n_loops, backprop_loops=cfg.loops.backprop or None,
