@@ -73,7 +73,7 @@ def test_loss_from_targets_matches_logits_and_cross_entropy(head_dtype, tol, fus
     """The chunked head + cross-entropy (no logits) against the plain path, loss and gradients:
     torch's F.linear_cross_entropy, and the checkpointed chunks used where torch predates it."""
     if not fused:
-        monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy")
+        monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)  # torch < 2.13 has none
     model = small_model()
     ids, targets = torch.randint(0, 64, (5, 64)), torch.randint(0, 64, (5, 64))  # > 1 chunk
     targets[0, :9] = -100
