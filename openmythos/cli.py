@@ -37,13 +37,8 @@ import torch  # noqa: E402
 
 from openmythos.config import MythosConfig, preset_names
 from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
-from openmythos.evaluation import (
-    bits_per_byte,
-    depth_table,
-    loss_per_depth,
-    perplexity,
-    scored_targets,
-)
+from openmythos.evaluation import bits_per_byte, depth_table, perplexity, scored_targets
+from openmythos.evaluation import evaluate as evaluate_split
 from openmythos.generation import check_sampling
 from openmythos.model import OpenMythos
 from openmythos.training import (
@@ -94,11 +89,15 @@ def train_command(config: str | None = None, resume: str | None = None,
 
 
 def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | None = None,
-             max_tokens: int = 0, batch_size: int | None = None, device: str = "auto"
-             ) -> dict[str, Any]:
-    """Validation loss, perplexity and bits/byte at each depth, on the run's validation split or
-    on the text file/folder `data`, next to the unigram baseline of the run's training split."""
+             max_tokens: int = 0, batch_size: int | None = None, device: str = "auto",
+             exit_rule: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validation loss, perplexity, bits/byte and the loops run per token at each depth, on the
+    run's validation split or on the text file/folder `data`, next to the unigram baseline of
+    the run's training split. exit_rule: halting fields to run the weights with instead of the
+    run's (OpenMythos.with_exit), e.g. {"halting": "kl", "kl_threshold": 1e-3}."""
     model, tokenizer, cfg = _load(checkpoint, device)
+    if exit_rule:
+        model = model.with_exit(**exit_rule)
     if data is None:
         bundle = prepare_data(cfg.data, tokenizer)
         train, val = bundle.train, bundle.val
@@ -114,11 +113,13 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
             train = None
             log.warning("no unigram baseline: the run's training corpus is not available (%s)", e)
     depths = list(n_loops or cfg.eval.depths)
-    losses = loss_per_depth(model, val, depths, seq_len=cfg.data.seq_len,
-                            batch_size=batch_size or cfg.eval.batch_size, max_tokens=max_tokens,
-                            autocast_dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else None)
+    runs = {n: evaluate_split(model, val, cfg.data.seq_len, batch_size or cfg.eval.batch_size, n_loops=n,
+                              max_tokens=max_tokens,
+                              autocast_dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else None)
+            for n in depths}
+    losses, loops = {n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}
     bpt = val.bytes_per_token
-    print(depth_table(losses, bpt))
+    print(depth_table(losses, bpt, loops))
     unigram = None
     if train is not None:
         unigram = unigram_loss(np.asarray(train.tokens), np.asarray(val.tokens), tokenizer.vocab_size)
@@ -128,8 +129,9 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     result = {"checkpoint": checkpoint, "data": source,
               "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
               "unigram_loss": unigram, "unigram_bpb": None if unigram is None else bits_per_byte(unigram, bpt),
-              "loss_per_depth": {str(n): {"loss": v, "ppl": perplexity(v),
-                                          "bpb": bits_per_byte(v, bpt)} for n, v in losses.items()}}
+              "halting": model.cfg.halting,
+              "loss_per_depth": {str(n): {"loss": v, "ppl": perplexity(v), "bpb": bits_per_byte(v, bpt),
+                                          "loops": loops[n]} for n, v in losses.items()}}
     print(json.dumps(result))
     return result
 
@@ -373,6 +375,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate about N tokens, in windows spread over the data (0: all)")
     e.add_argument("--batch-size", type=_count(1))
     e.add_argument("--device", default="auto")
+    e.add_argument("--halting", choices=("none", "act", "kl"),
+                   help="run the weights with this exit rule instead of the run's (e.g. the KL exit on "
+                        "a model trained without halting); the table reports the loops run per token")
+    e.add_argument("--act-threshold", type=float, help="with --halting act (default: the run's)")
+    e.add_argument("--kl-threshold", type=float, help="with --halting kl (default: the run's)")
+    e.add_argument("--min-loops", type=_count(1), help="with --halting kl (default: the run's)")
 
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
     g.add_argument("--checkpoint", required=True)
@@ -441,8 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = train_command(args.config, args.resume, parse_overrides(extra))
             return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
         if args.command == "eval":
+            rule = {k: v for k, v in (("halting", args.halting), ("act_threshold", args.act_threshold),
+                                      ("kl_threshold", args.kl_threshold), ("min_loops", args.min_loops))
+                    if v is not None}
             evaluate(args.checkpoint, args.data, args.n_loops, args.max_tokens, args.batch_size,
-                     args.device)
+                     args.device, rule)
         elif args.command == "generate":
             if args.draft_tokens is not None and args.draft_loops is None:
                 raise ValueError("--draft-tokens needs --draft-loops (self-speculative decoding)")

@@ -137,6 +137,22 @@ def test_generate_with_speculative_drafts_writes_the_same_text(run_dir):
 
 
 @pytest.mark.slow
+def test_eval_runs_the_weights_with_another_exit_rule_and_counts_the_loops(run_dir, capsys):
+    args = ["eval", "--checkpoint", str(run_dir), "--data", str(TEXT), "--n-loops", "4", "--max-tokens", "64"]
+
+    def depth_4(*extra: str) -> dict:
+        assert main([*args, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss_per_depth"]["4"]
+
+    trained = depth_4()  # the run trained without halting: every token runs 4 loops
+    assert trained["loops"] == 4.0
+    # any drift counts as settled: every token stops after the 2 loops the KL test needs
+    settled = depth_4("--halting", "kl", "--kl-threshold", "1e9")
+    assert settled["loops"] == 2.0 and settled["loss"] != trained["loss"]
+    assert main([*args, "--halting", "kl", "--kl-threshold", "-1"]) == 2
+    assert "kl_threshold=-1.0" in capsys.readouterr().err
+
+
 def test_an_exported_folder_serves_generate_and_eval_alike(run_dir, tmp_path):
     hf = tmp_path / "hf"
     mythos("export-hf", "--checkpoint", str(run_dir), "--out", str(hf))

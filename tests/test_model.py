@@ -317,3 +317,16 @@ def test_rewind_takes_integers_only():
         cache.rewind(True)
     cache.rewind(np.int64(2))
     assert cache.length == 3 and int(cache.next_pos[0]) == 3
+
+
+def test_with_exit_runs_the_same_weights_under_another_exit_rule():
+    model = small_model().train()
+    ids = torch.randint(0, 64, (2, 6))
+    kl = model.with_exit(halting="kl", kl_threshold=1e9)  # any drift counts as settled
+    assert kl.training and kl.cfg.halting == "kl" and kl.cfg.dim == model.cfg.dim
+    for (name, a), (_, b) in zip(model.state_dict().items(), kl.state_dict().items(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name  # copied, not shared
+    assert (kl.eval()(ids, n_loops=4).loops == 2).all()
+    assert_close(kl.with_exit(halting="none")(ids, n_loops=3).logits, model.eval()(ids, n_loops=3).logits)
+    with pytest.raises(ValueError, match=r"with_exit changes only .*, got \['dim'\]"):
+        model.with_exit(dim=128)

@@ -5,11 +5,12 @@ from openmythos.evaluation.perplexity import (
     bits_per_byte,
     depth_table,
     eval_batches,
+    evaluate,
     evaluate_loss,
     loss_per_depth,
     perplexity,
     scored_targets,
 )
 
-__all__ = ["autocast", "bits_per_byte", "depth_table", "eval_batches", "evaluate_loss", "loss_per_depth",
+__all__ = ["autocast", "bits_per_byte", "depth_table", "eval_batches", "evaluate", "evaluate_loss", "loss_per_depth",
            "perplexity", "scored_targets"]

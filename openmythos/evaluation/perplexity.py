@@ -60,29 +60,36 @@ def scored_targets(tokens: PackedTokens, seq_len: int, max_tokens: int = 0) -> i
 
 
 @torch.no_grad()
-def evaluate_loss(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: int,
-                  n_loops: int | None = None, max_tokens: int = 0,
-                  autocast_dtype: torch.dtype | None = None, rank: int = 0,
-                  world_size: int = 1) -> float:
-    """Mean next-token cross-entropy in nats over consecutive windows that score every target
+def evaluate(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: int,
+             n_loops: int | None = None, max_tokens: int = 0, autocast_dtype: torch.dtype | None = None,
+             rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """Mean next-token cross-entropy in nats, and the mean loops run per token (fewer than
+    n_loops where halting stops tokens early), over consecutive windows that score every target
     once. Ranks score disjoint windows; under torch.distributed the sums are all-reduced."""
     seq_len = min(seq_len, len(tokens) - 1)  # a validation file shorter than one window
     device = model.embed.weight.device
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target count
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, target count, loops
     try:
         for x, y in eval_batches(tokens, seq_len, batch_size, max_tokens, rank, world_size):
             x, y = x.to(device), y.to(device)
             with autocast(device.type, autocast_dtype):
-                logits = model(x, n_loops=n_loops).logits
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                out = model(x, n_loops=n_loops)
+            total[0] += F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             total[1] += y.numel()
+            total[2] += out.loops.sum()
     finally:
         model.train(was_training)
     if world_size > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]), float(total[2] / total[1])
+
+
+def evaluate_loss(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: int,
+                  **kwargs) -> float:
+    """The mean loss of `evaluate` (kwargs: its own)."""
+    return evaluate(model, tokens, seq_len, batch_size, **kwargs)[0]
 
 
 def loss_per_depth(model: OpenMythos, tokens: PackedTokens, depths: Sequence[int],
@@ -91,13 +98,17 @@ def loss_per_depth(model: OpenMythos, tokens: PackedTokens, depths: Sequence[int
     return {n: evaluate_loss(model, tokens, n_loops=n, **kwargs) for n in depths}
 
 
-def depth_table(losses: dict[int, float], bytes_per_token: float | None = None) -> str:
-    """A plain-text table: n_loops, loss (nats/token), perplexity and, given bytes/token, bpb."""
+def depth_table(losses: dict[int, float], bytes_per_token: float | None = None,
+                loops: dict[int, float] | None = None) -> str:
+    """A plain-text table: n_loops, loss (nats/token), perplexity and, given bytes/token, bpb;
+    given the loops run per token at each depth, those too."""
     header = f"{'n_loops':>7}  {'loss':>7}  {'ppl':>9}" + ("  bits/byte" if bytes_per_token else "")
-    lines = [header]
+    lines = [header + ("  loops run" if loops else "")]
     for n, loss in losses.items():
         row = f"{n:>7}  {loss:>7.4f}  {perplexity(loss):>9.2f}"
         if bytes_per_token:
             row += f"  {bits_per_byte(loss, bytes_per_token):>9.4f}"
+        if loops:
+            row += f"  {loops[n]:>9.2f}"
         lines.append(row)
     return "\n".join(lines)

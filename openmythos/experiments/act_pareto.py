@@ -62,13 +62,6 @@ def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]]
     return {"val_loss": loss / count, "mean_loops": loops / count, "tok_per_s": count / elapsed}
 
 
-def with_halting(model: OpenMythos, **fields) -> OpenMythos:
-    """The same weights under another exit rule."""
-    other = OpenMythos(model.cfg.replace(**fields)).to(model.embed.weight.device)
-    other.load_state_dict(model.state_dict())
-    return other.eval()
-
-
 def run(cfg: ActParetoConfig) -> dict:
     if cfg.smoke:
         cfg.smoke_defaults(loops=3, steps=2, batch_size=2, seq_len=32, eval_tokens=256, depths=[1, 3],
@@ -98,13 +91,13 @@ def run(cfg: ActParetoConfig) -> dict:
         points = []
         for n in cfg.depths:
             points.append({"rule": "fixed", "setting": n,
-                           **evaluate(with_halting(model, halting="none"), batches, n)})
+                           **evaluate(model.with_exit(halting="none"), batches, n)})
         for thr in cfg.act_thresholds:
             points.append({"rule": "act", "setting": thr,
-                           **evaluate(with_halting(model, halting="act", act_threshold=thr), batches, cfg.loops)})
+                           **evaluate(model.with_exit(halting="act", act_threshold=thr), batches, cfg.loops)})
         for thr in cfg.kl_thresholds:
             points.append({"rule": "kl", "setting": thr,
-                           **evaluate(with_halting(model, halting="kl", kl_threshold=thr,
+                           **evaluate(model.with_exit(halting="kl", kl_threshold=thr,
                                                    min_loops=cfg.min_loops), batches, cfg.loops)})
     report.results = {"points": points, "train": {k: out.get(k) for k in
                                                   ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}}

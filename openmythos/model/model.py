@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from openmythos.model.recurrence import RecurrentBlock
 
 IGNORE_INDEX = -100  # a target that leaves its position out of the loss, as in torch and transformers
 LOSS_CHUNK = 256  # rows of the head's logits alive at once in the training loss
+EXIT_FIELDS = ("halting", "act_threshold", "kl_threshold", "min_loops")  # no parameters of their own
 
 
 def _head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,18 @@ class OpenMythos(nn.Module):
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Logits read directly from a looped state (the coda skipped): the KL exit's probe."""
         return self.norm(h) @ self.embed.weight.T
+
+    def with_exit(self, **fields: Any) -> OpenMythos:
+        """The same weights under another exit rule: `halting` and its thresholds own no
+        parameters, so e.g. a model trained without halting runs with the KL exit. A new model
+        (its weights copied), in this one's device, dtype and mode."""
+        other = sorted(set(fields) - set(EXIT_FIELDS))
+        if other:
+            raise ValueError(f"with_exit changes only {EXIT_FIELDS}, got {other}")
+        p = self.embed.weight
+        model = OpenMythos(self.cfg.replace(**fields)).to(p.device, p.dtype)
+        model.load_state_dict(self.state_dict())
+        return model.train(self.training)
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> OpenMythos:
         """Recompute each loop iteration in the backward pass instead of keeping its activations:

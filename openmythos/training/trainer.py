@@ -189,7 +189,7 @@ class Trainer:
             # about 2 and the model would never learn to use more
             raise ValueError("model.halting='kl' cannot train: the KL exit needs a trained readout (an "
                              "untrained model stops every token after ~2 loops); train with 'none' or 'act', "
-                             "then run the trained weights with halting='kl' (MythosConfig.replace)")
+                             "then run the trained weights with it (mythos eval --halting kl, OpenMythos.with_exit)")
         if env is None:
             if cfg.dist.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # each rank would train the whole run alone, into the same folder
