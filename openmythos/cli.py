@@ -1,7 +1,7 @@
 """`mythos`: train, evaluate, sample from and describe OpenMythos models.
 
     mythos train [--config FILE] [--resume DIR] [--section.key VALUE ...]
-    mythos eval --checkpoint DIR [--data PATH] [--n-loops 1,2,4,8,16]
+    mythos eval --checkpoint DIR [--data PATH] [--n-loops 1,2,4,8,16] [--halting kl ...]
     mythos generate --checkpoint DIR --prompt TEXT [--n-loops N --temperature T --top-k K ...]
     mythos info (--preset NAME | --checkpoint DIR) [--n-loops N --seq-len S]
     mythos export-hf --checkpoint DIR --out DIR [--n-loops N]
