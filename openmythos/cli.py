@@ -139,13 +139,16 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: int | None = None,
              temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
              seed: int = 0, device: str = "auto", out: TextIO = sys.stdout,
-             compile: bool = False, draft_loops: int | None = None, draft_tokens: int = 4) -> str:
+             compile: bool = False, draft_loops: int | None = None, draft_tokens: int = 4,
+             exit_rule: dict[str, Any] | None = None) -> str:
     """Sample a continuation of `prompt`, writing it to `out` as it is produced. compile: run
     the decode step as one torch.compile graph (OpenMythos.compile_decode). draft_loops:
     self-speculative decoding, drafting `draft_tokens` at a time at that depth (the output is
-    the full-depth model's: generation.speculative_stream)."""
+    the full-depth model's: generation.speculative_stream). exit_rule: as `evaluate`'s."""
     check_sampling(temperature, top_k, top_p)  # before the model loads
     model, tokenizer, _ = _load(checkpoint, device)
+    if exit_rule:
+        model = model.with_exit(**exit_rule)
     try:
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     except ValueError as e:  # e.g. bytes that are not UTF-8 in the argument
@@ -310,9 +313,11 @@ def _int_list(text: str) -> list[int]:
 
 def serve_command(checkpoint: str | None, preset: str | None, random_init: bool, host: str,
                   port: int, max_batch: int, device: str = "auto", max_queue: int = 64,
-                  max_loops: int | None = None, limits: dict | None = None) -> None:
+                  max_loops: int | None = None, limits: dict | None = None,
+                  exit_rule: dict[str, Any] | None = None) -> None:
     """`mythos serve`: the OpenAI-compatible server over the continuous batching engine.
-    limits: fields of serving.server.Limits (max_tokens, max_prompt_tokens, timeout_s)."""
+    limits: fields of serving.server.Limits (max_tokens, max_prompt_tokens, timeout_s).
+    exit_rule: as `evaluate`'s (usage.loops_executed then reports what it saves)."""
     from openmythos.data import ByteTokenizer
     from openmythos.serving import Engine
 
@@ -332,6 +337,8 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
         model, name = OpenMythos(cfg).to(resolve_device(device, "--device")), f"{preset}-random"
     if tokenizer is None:
         raise ValueError(f"{checkpoint!r} holds no tokenizer, which serving needs")
+    if exit_rule:
+        model = model.with_exit(**exit_rule)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops)
     serve(engine, host, port, name, Limits(**(limits or {})))
 
@@ -375,12 +382,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate about N tokens, in windows spread over the data (0: all)")
     e.add_argument("--batch-size", type=_count(1))
     e.add_argument("--device", default="auto")
-    e.add_argument("--halting", choices=("none", "act", "kl"),
-                   help="run the weights with this exit rule instead of the run's (e.g. the KL exit on "
-                        "a model trained without halting); the table reports the loops run per token")
-    e.add_argument("--act-threshold", type=float, help="with --halting act (default: the run's)")
-    e.add_argument("--kl-threshold", type=float, help="with --halting kl (default: the run's)")
-    e.add_argument("--min-loops", type=_count(1), help="with --halting kl (default: the run's)")
+    _exit_flags(e)
 
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
     g.add_argument("--checkpoint", required=True)
@@ -399,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="self-speculative decoding: draft at this many loops, verify at --n-loops "
                         "(default: max_loop_iters)")
     g.add_argument("--draft-tokens", type=_count(1), help="tokens per draft (default 4; with --draft-loops)")
+    _exit_flags(g)
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
     src = i.add_mutually_exclusive_group(required=True)
@@ -429,6 +432,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=_positive_float,
                     help="seconds a request may take before a 504 (default: 120)")
     sv.add_argument("--device", default="auto")
+    _exit_flags(sv)
 
     xp = sub.add_parser("experiment", help="reproduce a claim: depth-extrapolation, "
                                            "param-efficiency, stability, act-pareto",
@@ -436,6 +440,22 @@ def _parser() -> argparse.ArgumentParser:
                                "--smoke --scale 4 --out_dir runs/x (a bare flag is true)")
     xp.add_argument("name")
     return p
+
+
+def _exit_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--halting", choices=("none", "act", "kl"),
+                        help="run the weights with this exit rule instead of the run's (e.g. the KL exit "
+                             "on a model trained without halting)")
+    parser.add_argument("--act-threshold", type=float, help="with --halting act (default: the run's)")
+    parser.add_argument("--kl-threshold", type=float, help="with --halting kl (default: the run's)")
+    parser.add_argument("--min-loops", type=_count(1), help="with --halting kl (default: the run's)")
+
+
+def _exit_rule(args: argparse.Namespace) -> dict[str, Any]:
+    """The exit fields given on the command line (OpenMythos.with_exit)."""
+    given = (("halting", args.halting), ("act_threshold", args.act_threshold),
+             ("kl_threshold", args.kl_threshold), ("min_loops", args.min_loops))
+    return {k: v for k, v in given if v is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -449,25 +469,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = train_command(args.config, args.resume, parse_overrides(extra))
             return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
         if args.command == "eval":
-            rule = {k: v for k, v in (("halting", args.halting), ("act_threshold", args.act_threshold),
-                                      ("kl_threshold", args.kl_threshold), ("min_loops", args.min_loops))
-                    if v is not None}
             evaluate(args.checkpoint, args.data, args.n_loops, args.max_tokens, args.batch_size,
-                     args.device, rule)
+                     args.device, _exit_rule(args))
         elif args.command == "generate":
             if args.draft_tokens is not None and args.draft_loops is None:
                 raise ValueError("--draft-tokens needs --draft-loops (self-speculative decoding)")
             generate(args.checkpoint, args.prompt, args.max_new_tokens, args.n_loops,
                      args.temperature, args.top_k or None, args.top_p, args.seed, args.device,
                      compile=args.compile, draft_loops=args.draft_loops,
-                     draft_tokens=args.draft_tokens or 4)
+                     draft_tokens=args.draft_tokens or 4, exit_rule=_exit_rule(args))
         elif args.command == "export-hf":
             export_hf_command(args.checkpoint, args.out, args.n_loops)
         elif args.command == "serve":
             serve_command(args.checkpoint, args.preset, args.random_init, args.host, args.port,
                           args.max_batch, args.device, args.max_queue, args.max_loops,
                           {k: v for k, v in (("max_tokens", args.max_tokens), ("timeout_s", args.timeout),
-                                             ("max_prompt_tokens", args.max_prompt_tokens)) if v is not None})
+                                             ("max_prompt_tokens", args.max_prompt_tokens)) if v is not None},
+                          _exit_rule(args))
         elif args.command == "experiment":
             experiment_command(args.name, _flags(extra))
         else:

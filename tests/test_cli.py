@@ -151,6 +151,13 @@ def test_eval_runs_the_weights_with_another_exit_rule_and_counts_the_loops(run_d
     assert settled["loops"] == 2.0 and settled["loss"] != trained["loss"]
     assert main([*args, "--halting", "kl", "--kl-threshold", "-1"]) == 2
     assert "kl_threshold=-1.0" in capsys.readouterr().err
+    # generate takes the same flags
+    ask = ["generate", "--checkpoint", str(run_dir), "--prompt", "Fellow", "--max-new-tokens", "4",
+           "--temperature", "0"]
+    assert main([*ask, "--halting", "kl", "--kl-threshold", "1e9"]) == 0
+    capsys.readouterr()
+    assert main([*ask, "--halting", "act", "--act-threshold", "2"]) == 2
+    assert "act_threshold=2.0" in capsys.readouterr().err
 
 
 def test_an_exported_folder_serves_generate_and_eval_alike(run_dir, tmp_path):
@@ -253,11 +260,12 @@ def test_serve_passes_its_limits_to_the_engine_and_the_server(monkeypatch):
     monkeypatch.setattr(server, "serve", lambda engine, host, port, name, limits: got.update(
         engine=engine, limits=limits, name=name))
     assert main(["serve", "--preset", "tiny", "--random-init", "--max-queue", "3", "--max-loops", "12",
-                 "--max-tokens", "40", "--timeout", "2.5"]) == 0
+                 "--max-tokens", "40", "--timeout", "2.5", "--halting", "kl", "--kl-threshold", "0.01"]) == 0
     engine, limits = got["engine"], got["limits"]
     assert (engine.max_queue, engine.max_loops, engine.max_batch) == (3, 12, 8)
     assert (limits.max_tokens, limits.timeout_s, limits.max_prompt_tokens) == (40, 2.5, 2048)
     assert got["name"] == "tiny-random"
+    assert (engine.model.cfg.halting, engine.model.cfg.kl_threshold) == ("kl", 0.01)
 
 
 def test_experiment_flags_take_a_value_or_stand_alone():
