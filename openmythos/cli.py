@@ -41,6 +41,7 @@ from openmythos.evaluation import bits_per_byte, depth_table, perplexity, scored
 from openmythos.evaluation import evaluate as evaluate_split
 from openmythos.generation import check_sampling
 from openmythos.model import OpenMythos
+from openmythos.model.model import EXIT_FIELDS
 from openmythos.training import (
     TrainConfig,
     TrainingDiverged,
@@ -129,7 +130,7 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
     result = {"checkpoint": checkpoint, "data": source,
               "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
               "unigram_loss": unigram, "unigram_bpb": None if unigram is None else bits_per_byte(unigram, bpt),
-              "halting": model.cfg.halting,
+              "exit_rule": {k: getattr(model.cfg, k) for k in EXIT_FIELDS},
               "loss_per_depth": {str(n): {"loss": v, "ppl": perplexity(v), "bpb": bits_per_byte(v, bpt),
                                           "loops": loops[n]} for n, v in losses.items()}}
     print(json.dumps(result))
@@ -445,7 +446,7 @@ def _parser() -> argparse.ArgumentParser:
 def _exit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--halting", choices=("none", "act", "kl"),
                         help="run the weights with this exit rule instead of the run's (e.g. the KL exit "
-                             "on a model trained without halting)")
+                             "on a model trained without halting; act only for a run trained with it)")
     parser.add_argument("--act-threshold", type=float, help="with --halting act (default: the run's)")
     parser.add_argument("--kl-threshold", type=float, help="with --halting kl (default: the run's)")
     parser.add_argument("--min-loops", type=_count(1), help="with --halting kl (default: the run's)")

@@ -140,15 +140,17 @@ def test_generate_with_speculative_drafts_writes_the_same_text(run_dir):
 def test_eval_runs_the_weights_with_another_exit_rule_and_counts_the_loops(run_dir, capsys):
     args = ["eval", "--checkpoint", str(run_dir), "--data", str(TEXT), "--n-loops", "4", "--max-tokens", "64"]
 
-    def depth_4(*extra: str) -> dict:
+    def run(*extra: str) -> dict:
         assert main([*args, *extra]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss_per_depth"]["4"]
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    trained = depth_4()  # the run trained without halting: every token runs 4 loops
-    assert trained["loops"] == 4.0
+    trained = run()  # the run trained without halting: every token runs 4 loops
+    assert trained["loss_per_depth"]["4"]["loops"] == 4.0 and trained["exit_rule"]["halting"] == "none"
     # any drift counts as settled: every token stops after the 2 loops the KL test needs
-    settled = depth_4("--halting", "kl", "--kl-threshold", "1e9")
-    assert settled["loops"] == 2.0 and settled["loss"] != trained["loss"]
+    settled = run("--halting", "kl", "--kl-threshold", "1e9")
+    assert settled["loss_per_depth"]["4"]["loops"] == 2.0
+    assert settled["loss_per_depth"]["4"]["loss"] != trained["loss_per_depth"]["4"]["loss"]
+    assert settled["exit_rule"] == {**trained["exit_rule"], "halting": "kl", "kl_threshold": 1e9}
     assert main([*args, "--halting", "kl", "--kl-threshold", "-1"]) == 2
     assert "kl_threshold=-1.0" in capsys.readouterr().err
     # generate takes the same flags
@@ -156,8 +158,10 @@ def test_eval_runs_the_weights_with_another_exit_rule_and_counts_the_loops(run_d
            "--temperature", "0"]
     assert main([*ask, "--halting", "kl", "--kl-threshold", "1e9"]) == 0
     capsys.readouterr()
-    assert main([*ask, "--halting", "act", "--act-threshold", "2"]) == 2
-    assert "act_threshold=2.0" in capsys.readouterr().err
+    assert main([*ask, "--kl-threshold", "1e-3"]) == 2  # without --halting kl it would do nothing
+    assert "kl_threshold applies to halting='kl', but the rule is halting='none'" in capsys.readouterr().err
+    assert main([*ask, "--halting", "act"]) == 2  # the run trained no halting unit
+    assert "halting='act' needs a halting unit trained with it" in capsys.readouterr().err
 
 
 def test_an_exported_folder_serves_generate_and_eval_alike(run_dir, tmp_path):

@@ -330,3 +330,12 @@ def test_with_exit_runs_the_same_weights_under_another_exit_rule():
     assert_close(kl.with_exit(halting="none")(ids, n_loops=3).logits, model.eval()(ids, n_loops=3).logits)
     with pytest.raises(ValueError, match=r"with_exit changes only .*, got \['dim'\]"):
         model.with_exit(dim=128)
+    # ACT's halting unit trains only with ACT; a threshold of another rule would do nothing
+    with pytest.raises(ValueError, match="halting='act' needs a halting unit trained with it"):
+        model.with_exit(halting="act")
+    with pytest.raises(ValueError, match="kl_threshold applies to halting='kl', but the rule is halting='none'"):
+        model.with_exit(kl_threshold=1e-3)
+    act = small_model(halting="act")
+    assert act.with_exit(act_threshold=0.5).cfg.act_threshold == 0.5
+    with pytest.raises(ValueError, match="act_threshold applies to halting='act', but the rule is halting='kl'"):
+        act.with_exit(halting="kl", act_threshold=0.5)

@@ -30,7 +30,7 @@ from openmythos.model.recurrence import RecurrentBlock
 
 IGNORE_INDEX = -100  # a target that leaves its position out of the loss, as in torch and transformers
 LOSS_CHUNK = 256  # rows of the head's logits alive at once in the training loss
-EXIT_FIELDS = ("halting", "act_threshold", "kl_threshold", "min_loops")  # no parameters of their own
+EXIT_FIELDS = ("halting", "act_threshold", "kl_threshold", "min_loops")  # the exit rule (OpenMythos.with_exit)
 
 
 def _head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,12 +113,24 @@ class OpenMythos(nn.Module):
         return self.norm(h) @ self.embed.weight.T
 
     def with_exit(self, **fields: Any) -> OpenMythos:
-        """The same weights under another exit rule: `halting` and its thresholds own no
-        parameters, so e.g. a model trained without halting runs with the KL exit. A new model
-        (its weights copied), in this one's device, dtype and mode."""
+        """The same weights under another exit rule, e.g. the KL exit (which reads the trained
+        head) on a model trained without halting. ACT needs its halting unit trained, so only a
+        model trained with it switches to it. A new plain model with the weights copied, on this
+        one's device, in its embedding's dtype and its train/eval mode; compilation, activation
+        checkpointing and frozen parameters are not carried over (and a sharded model must be
+        gathered first)."""
         other = sorted(set(fields) - set(EXIT_FIELDS))
         if other:
             raise ValueError(f"with_exit changes only {EXIT_FIELDS}, got {other}")
+        halting = fields.get("halting", self.cfg.halting)
+        if halting == "act" and self.cfg.halting != "act":
+            raise ValueError(f"halting='act' needs a halting unit trained with it; this model was trained with "
+                             f"halting={self.cfg.halting!r} (its unit is untrained: every token would run "
+                             f"max_loop_iters): use halting='kl'")
+        for name, rule in (("act_threshold", "act"), ("kl_threshold", "kl"), ("min_loops", "kl")):
+            if name in fields and halting != rule:
+                raise ValueError(f"{name} applies to halting={rule!r}, but the rule is halting={halting!r} "
+                                 f"(set halting={rule!r} too)")
         p = self.embed.weight
         model = OpenMythos(self.cfg.replace(**fields)).to(p.device, p.dtype)
         model.load_state_dict(self.state_dict())
