@@ -309,12 +309,13 @@ class RecurrentBlock(nn.Module):
             if all(a >= b for a, b in zip(depths, depths[1:], strict=False)):
                 return self._deepest_first(h, e, ctx, depths, slots, coefficients, backprop_loops)
             if slots is None and not packed:  # no cache rows to keep in place: sort, run, put back
-                order = sorted(range(B), key=lambda i: -depths[i])
-                index = torch.tensor(order, device=h.device)
-                rows = index.repeat_interleave(T) * T + torch.arange(T, device=h.device).repeat(B)
-                out, steps, ponder = self._deepest_first(h[rows], e[rows], ctx.take(index), sorted(depths, reverse=True),
+                index = torch.tensor(sorted(range(B), key=lambda i: -depths[i]), device=h.device)
+
+                def sort(x: torch.Tensor) -> torch.Tensor:
+                    return x.view(B, T, D)[index].view(N, D)
+                out, steps, ponder = self._deepest_first(sort(h), sort(e), ctx.take(index), sorted(depths, reverse=True),
                                                          slots, coefficients, backprop_loops)
-                inverse = torch.empty_like(index).scatter_(0, index, torch.arange(B, device=h.device))
+                inverse = index.argsort()  # the inverse permutation
                 return out[inverse], steps[inverse], ponder
         return self._halting_loop(h, e, ctx, n_loops, depth, limit, first_grad, grad_from, coefficients,
                                   slots, readout)
