@@ -308,8 +308,12 @@ def test_bytes_no_character_can_finish_do_not_hold_back_the_stream():
 def test_a_full_queue_pushes_back():
     from openmythos.serving import QueueFull
 
-    engine = Engine(small_model(vocab_size=64), max_batch=1, max_queue=1)
-    engine.submit([1], SamplingParams(), print)
+    engine = Engine(small_model(vocab_size=64), max_batch=2, max_queue=1)
+    for _ in range(3):  # two free rows and a place in the queue, before any step admits them
+        engine.submit([1], SamplingParams(), print)
+    with pytest.raises(QueueFull, match="queue of 1 waiting requests is full"):
+        engine.submit([1], SamplingParams(), print)
+    engine.step()  # two requests took the rows: one place in the queue, taken
     with pytest.raises(QueueFull):
         engine.submit([1], SamplingParams(), print)
 

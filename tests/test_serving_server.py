@@ -107,7 +107,7 @@ def test_streaming_matches_the_plain_completion(app):
     ({"prompt": "x" * 200, "max_tokens": 8}, "prompt"),
     ({"prompt": "x", "seed": 2**64}, "seed"),
     ({"prompt": "x", "seed": -1}, "seed"),
-    ({"prompt": ["a"] * 9}, "prompt"),  # more than the engine's queue could ever hold
+    ({"prompt": ["a"] * 13}, "prompt"),  # more than the engine's rows and queue could ever hold
     ({"prompt": "x", "temperature": 10**400}, "temperature"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "logprobs": 5}, "logprobs"),
@@ -140,6 +140,7 @@ def test_values_only_raw_json_can_carry_are_refused_by_name(app, body, field):
     ({"prompt": "x", "temperature": -1}, "invalid 'temperature': Input should be greater than or equal to 0, got -1.0"),
     ({"prompt": "x", "max_tokens": "x" * 200}, 'got "xxxxxxxx'),
     ({"max_tokens": 2}, "missing field 'prompt'"),
+    ({"prompt": ["a", "x" * 200], "max_tokens": 8}, "prompt[1] is 200 tokens; with max_tokens=8 at most 56 fit"),
 ])
 def test_a_bad_value_is_named_with_its_path_and_value(app, payload, message):
     r = call(app, lambda c: c.post("/v1/completions", json=payload))
@@ -209,6 +210,15 @@ def test_a_chunked_body_past_the_limit_is_refused(app):
 
 async def _one(data: bytes):
     yield data
+
+
+def test_a_prompt_past_the_servers_own_cap_is_told_so():
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size, max_seq_len=64), tokenizer=tok)
+    app = create_app(engine, "tiny", Limits(max_prompt_tokens=10))
+    r = call(app, lambda c: c.post("/v1/completions", json={"prompt": "x" * 20, "max_tokens": 4}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "prompt is 20 tokens, past this server's max_prompt_tokens=10" in r.json()["error"]["message"]
 
 
 def test_max_tokens_beyond_the_context_names_max_tokens():
@@ -305,6 +315,54 @@ def test_a_request_during_shutdown_is_a_503():
 
     r = call(app, go)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+
+
+def test_requests_still_running_when_the_grace_period_ends_get_a_clean_answer(monkeypatch):
+    """Past uvicorn's graceful shutdown it cancels the handlers: a plain request got a bare
+    text 500, a stream was cut mid-chunk. The server now cancels them in the engine first."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from openmythos.serving.server import SHUT_DOWN, _Server
+
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size, max_seq_len=256), tokenizer=tok, max_batch=2)
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.05), step()))  # 200 tokens: 10 s
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(engine, "tiny", Limits(max_tokens=200)), host="127.0.0.1", port=port,
+                            timeout_graceful_shutdown=3, log_level="warning")
+    server = _Server(config, engine)
+    threading.Thread(target=server.run, daemon=True).start()
+    url, body, answers = f"http://127.0.0.1:{port}/v1/completions", {"prompt": "x", "max_tokens": 200}, {}
+
+    def plain():
+        answers["plain"] = httpx.post(url, json=body, timeout=30)
+
+    def stream():
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as r:
+            answers["stream"] = [line for line in r.iter_lines() if line]
+
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    clients = [threading.Thread(target=plain), threading.Thread(target=stream)]
+    for c in clients:
+        c.start()
+    while engine.stats()["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.should_exit = True  # what uvicorn's SIGTERM handler sets
+    for c in clients:
+        c.join(30)
+    assert answers["plain"].status_code == 503, answers["plain"].text
+    assert answers["plain"].json()["error"]["message"] == SHUT_DOWN
+    assert answers["stream"][-1] == "data: [DONE]" and SHUT_DOWN in answers["stream"][-2]
+    assert len(answers["stream"]) > 2  # tokens had been streamed before the shutdown
 
 
 def test_back_pressure_answers_429():

@@ -163,8 +163,9 @@ class Engine:
         with self.lock:
             if self.stopping:
                 raise QueueFull("the engine is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            # a free row takes a waiting request at the next step: the queue starts past them
+            if len(self.waiting) >= self.max_queue + self.max_batch - len(self.rows):
+                raise QueueFull(f"every row is taken and the queue of {self.max_queue} waiting requests is full")
             self.waiting.append(req)
         self.wakeup.set()
         return req

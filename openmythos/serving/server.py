@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -140,6 +141,7 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 ENGINE_FAILED = "the engine failed while running this request (see the server log)"
+SHUT_DOWN = "the server shut down before this completion finished"
 
 
 class _BodyLimit:
@@ -248,11 +250,15 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             except ValueError as e:  # a lone surrogate, which JSON can carry
                 where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
                 return _error(400, f"{where}: {e}", "prompt")
-        for ids in encoded:
-            room = min(limits.max_prompt_tokens, engine.max_len - body.max_tokens)
-            if len(ids) > room:
-                return _error(400, f"prompt is {len(ids)} tokens; with max_tokens={body.max_tokens} "
-                                   f"at most {room} fit the context", "prompt")
+        context_room = engine.max_len - body.max_tokens
+        for i, ids in enumerate(encoded):
+            where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+            if len(ids) > limits.max_prompt_tokens:
+                return _error(400, f"{where} is {len(ids)} tokens, past this server's max_prompt_tokens="
+                                   f"{limits.max_prompt_tokens}", "prompt")
+            if len(ids) > context_room:
+                return _error(400, f"{where} is {len(ids)} tokens; with max_tokens={body.max_tokens} "
+                                   f"at most {context_room} fit the context", "prompt")
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                                 top_k=body.top_k, top_p=body.top_p if body.top_p < 1 else None,
                                 stop=body.stops(), n_loops=body.n_loops, seed=body.seed)
@@ -277,6 +283,8 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
             return _error(499, "client closed the request", None)
         if any(reason == "error" for _, reason, _ in results):
             return _error(500, ENGINE_FAILED)
+        if engine.stopping and any(reason == "cancelled" for _, reason, _ in results):
+            return _error(503, SHUT_DOWN)
         usage = {k: sum(u[k] for _, _, u in results) for k in results[0][2]}
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
@@ -288,7 +296,7 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
 
 def _over_limits(body: CompletionRequest, n_prompts: int, engine: Engine, limits: Limits) -> JSONResponse | None:
     """The refusal of a request past this server's limits, before its prompts are tokenized."""
-    most = min(limits.max_batch_prompts, engine.max_queue)  # more could never all be admitted
+    most = min(limits.max_batch_prompts, engine.max_batch + engine.max_queue)  # more could never all be admitted
     if n_prompts > most:
         return _error(400, f"at most {most} prompts per request", "prompt")
     if body.max_tokens > limits.max_tokens:
@@ -355,6 +363,9 @@ async def _stream(engine: Engine, req, queue: asyncio.Queue[Event], request: Req
             if ev.finish_reason == "error":
                 yield _sse_error(500, ENGINE_FAILED)
                 return
+            if ev.finish_reason == "cancelled" and engine.stopping:
+                yield _sse_error(503, SHUT_DOWN)
+                return
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                      "choices": [{"index": 0, "text": ev.text, "logprobs": None,
                                   "finish_reason": ev.finish_reason}]}
@@ -373,9 +384,26 @@ def _sse_error(status: int, message: str) -> str:
     return f"data: {json.dumps(_error_body(status, message))}\n\ndata: [DONE]\n\n"
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "openmythos",
-          limits: Limits | None = None) -> None:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server, which cancels the engine's requests a moment before its graceful
+    shutdown runs out: they then end as every cancelled request does (a 503, or an error event
+    and `[DONE]` in a stream) instead of being cut off mid-response when uvicorn cancels them."""
 
-    uvicorn.run(create_app(engine, model_name, limits), host=host, port=port,
-                timeout_graceful_shutdown=30, log_level="info")
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        timer = asyncio.get_running_loop().call_later(max(grace - 2, 0), self.engine.shutdown, True)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "openmythos",
+          limits: Limits | None = None, grace_s: float = 30) -> None:
+    config = uvicorn.Config(create_app(engine, model_name, limits), host=host, port=port,
+                            timeout_graceful_shutdown=grace_s, log_level="info")
+    _Server(config, engine).run()
