@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from openmythos.data.tasks import KHopTask
-from openmythos.experiments import EXPERIMENTS, run_experiment
+from openmythos.experiments import EXPERIMENTS, common, run_experiment
+from openmythos.experiments.act_pareto import ActParetoConfig, verdict
+from openmythos.experiments.common import Report, TimeBudget
 from openmythos.experiments.depth_extrapolation import prefix_targets
-from openmythos.experiments.param_efficiency import effective_layers, fit_log_curve, fit_phi
+from openmythos.experiments.param_efficiency import (
+    effective_layers,
+    fit_log_curve,
+    fit_phi,
+    why_phi_is_undefined,
+)
 from openmythos.model.model import IGNORE_INDEX
 
 FIXTURE = str(Path(__file__).parent / "data" / "train_small.txt")
@@ -44,11 +51,70 @@ def test_phi_fit_recovers_a_known_exponent():
     assert fit_phi(loops, eff) == pytest.approx(phi)
 
 
+def test_phi_is_not_read_off_runs_that_cannot_carry_it():
+    def run(name, layers, loss, loops=1):
+        return {"name": name, "layers": layers, "val_loss": loss, "loops": loops}
+
+    # the committed run's dense curve: 6 layers no better than 4
+    flat = [run("dense-3", 3, 6.277), run("dense-4", 4, 6.034), run("dense-6", 6, 6.041)]
+    assert "did not fall with every added layer" in why_phi_is_undefined(flat, [])
+    dense = [run("dense-3", 3, 6.3), run("dense-4", 4, 6.1), run("dense-6", 6, 6.0)]
+    a, b = fit_log_curve([3, 4, 6], [6.3, 6.1, 6.0])
+    looped = [run("looped-1x2", 4, 6.2, 2), run("looped-1x4", 6, 6.5, 4)]  # worse than 3 dense layers
+    for x in looped:
+        x["effective_layers"] = effective_layers(x["val_loss"], a, b)
+    assert why_phi_is_undefined(dense, looped) == "looped-1x4 did no better than 2 unique layers (L_eff <= 2)"
+    looped[1]["val_loss"] = 6.05
+    looped[1]["effective_layers"] = effective_layers(6.05, a, b)
+    assert why_phi_is_undefined(dense, looped) is None
+    assert math.isnan(effective_layers(6.0, a, 0.0)) and math.isfinite(effective_layers(a - 1.0, a, -1e-9))
+
+
+def test_act_pareto_verdict_applies_its_stated_rule():
+    full = {"rule": "fixed", "setting": 8, "mean_loops": 8.0, "val_loss": 6.0, "tok_per_s": 100.0}
+    points = [{"setting": 0.3, "mean_loops": 3.0, "val_loss": 6.005, "tok_per_s": 150.0},
+              {"setting": 0.1, "mean_loops": 1.5, "val_loss": 6.2, "tok_per_s": 300.0},  # too costly
+              {"setting": 0.9, "mean_loops": 7.0, "val_loss": 6.0, "tok_per_s": 101.0}]
+    v = verdict(points, full)
+    assert (v["setting"], v["saves_loops"], v["saves_time"]) == (0.3, True, True)
+    points[0]["tok_per_s"] = 110.0
+    assert (verdict(points, full)["saves_loops"], verdict(points, full)["saves_time"]) == (True, False)
+    assert verdict(points[1:2], full)["setting"] is None
+
+
+def test_time_budget_gives_every_run_the_same_training_time(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def spend(budget, overhead_s):
+        shares = []
+        for _ in range(budget.runs):
+            train_s = 60 * budget.next_minutes()
+            shares.append(train_s)
+            clock[0] += train_s + overhead_s
+            budget.finished(train_s + overhead_s, train_s)
+        return shares
+
+    shares = spend(TimeBudget(14.0, 5, start=0.0), overhead_s=10.0)
+    assert shares == pytest.approx([shares[0]] * 5) and clock[0] <= 14 * 60
+    clock[0] = 0.0
+    slow = spend(TimeBudget(14.0, 5, start=0.0), overhead_s=100.0)  # past the fifth held back
+    assert slow[-1] < slow[0] and clock[0] <= 14 * 60 + 1e-6
+
+
+def test_the_recorded_command_repeats_the_run():
+    cfg = ActParetoConfig(smoke=True, depths=[1, 2], lr=1e-3)
+    cfg.given = frozenset({"smoke", "depths", "lr"})
+    assert Report("act-pareto", cfg).command() == "mythos experiment act-pareto --depths 1,2 --lr 0.001 --smoke true"
+
+
 def test_unknown_experiment_and_field():
     with pytest.raises(ValueError, match="unknown experiment 'nope'"):
         run_experiment("nope")
     with pytest.raises(TypeError, match="stepz"):
         run_experiment("stability", stepz=3)
+    with pytest.raises(ValueError, match="dtype='fp16' must be one of"):
+        run_experiment("stability", dtype="fp16")
 
 
 def test_prefix_targets_follow_each_chain_and_leave_held_out_prefixes_out():

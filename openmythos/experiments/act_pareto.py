@@ -88,8 +88,9 @@ def run(cfg: ActParetoConfig) -> dict:
         data = prepare_data(lm_config_data(out), tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
                                      data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]
+        evaluate(model, batches[:1], 1)  # warm-up: the first point's tokens/s would pay for it
         points = []
-        for n in cfg.depths:
+        for n in sorted({*cfg.depths, cfg.loops}):  # full depth is the baseline, asked for or not
             points.append({"rule": "fixed", "setting": n,
                            **evaluate(model.with_exit(halting="none"), batches, n)})
         for thr in cfg.act_thresholds:
@@ -99,14 +100,23 @@ def run(cfg: ActParetoConfig) -> dict:
             points.append({"rule": "kl", "setting": thr,
                            **evaluate(model.with_exit(halting="kl", kl_threshold=thr,
                                                    min_loops=cfg.min_loops), batches, cfg.loops)})
-    report.results = {"points": points, "train": {k: out.get(k) for k in
-                                                  ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}}
-    full = next(p for p in points if p["rule"] == "fixed" and p["setting"] == max(cfg.depths))
+    train = {k: out.get(k) for k in ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}
+    full = next(p for p in points if p["rule"] == "fixed" and p["setting"] == cfg.loops)
+    verdicts = {rule: verdict([p for p in points if p["rule"] == rule], full) for rule in ("act", "kl")}
+    report.results = {"points": points, "train": train, "verdicts": verdicts}
     rows = [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"], p["val_loss"] - full["val_loss"],
              p["tok_per_s"], p["tok_per_s"] / full["tok_per_s"]] for p in points]
+    cut = (f"\n\n**Training was cut short by the time budget** at step {train['steps']} of {steps}."
+           if train["status"] == "time_limit" else "")
     report.add("## Quality against compute\n\n" + markdown_table(
-        ["exit rule", "setting", "mean loops", "val loss", "Δ loss vs full depth", "tokens/s",
-         "speed vs full depth"], rows))
+        ["exit rule", "setting", "mean loops", "val loss", f"Δ loss vs {cfg.loops} loops", "tokens/s",
+         f"speed vs {cfg.loops} loops"], rows) + cut)
+    report.add("## Does halting pay?\n\n" + "\n".join(
+        f"- **{rule}**: {v['summary']}" for rule, v in verdicts.items()) + "\n\n"
+        f"The rule: among an exit rule's settings within {LOSS_TOLERANCE} nats of full depth's loss, "
+        f"the one with the fewest loops; it saves compute if it runs at most {LOOPS_SAVED:.0%} of the "
+        f"loops, and time if its tokens/s are at least {FASTER}x full depth's (one seed, one timing "
+        "per point, after a warm-up).")
     report.add("Settings: fixed = n_loops; act = halting threshold (trained at "
                f"{model.cfg.act_threshold}); kl = KL threshold in nats, at least {cfg.min_loops} loops. "
                "The KL readout applies the final norm and LM head to the looped state directly "
@@ -123,6 +133,27 @@ def run(cfg: ActParetoConfig) -> dict:
 
     report.figure("pareto.png", draw, "Validation loss against mean loops executed")
     return report.write()
+
+
+LOSS_TOLERANCE = 0.01  # nats: "at little cost"
+LOOPS_SAVED = 0.75  # at most this share of full depth's loops
+FASTER = 1.2  # tokens/s against full depth's
+
+
+def verdict(points: list[dict], full: dict) -> dict:
+    """Does an exit rule's best setting at little cost save loops, and time?"""
+    close = [p for p in points if p["val_loss"] - full["val_loss"] <= LOSS_TOLERANCE]
+    if not close:
+        return {"setting": None, "saves_loops": False, "saves_time": False,
+                "summary": f"no setting came within {LOSS_TOLERANCE} nats of full depth"}
+    best = min(close, key=lambda p: p["mean_loops"])
+    share, speed = best["mean_loops"] / full["mean_loops"], best["tok_per_s"] / full["tok_per_s"]
+    saves_loops, saves_time = share <= LOOPS_SAVED, speed >= FASTER
+    return {"setting": best["setting"], "saves_loops": saves_loops, "saves_time": saves_time,
+            "summary": f"at {best['setting']}, {best['mean_loops']:.2f} of {full['mean_loops']:.0f} loops "
+                       f"({best['val_loss'] - full['val_loss']:+.4f} nats) at {speed:.2f}x the tokens/s: "
+                       f"loops {'saved' if saves_loops else 'not saved'}, "
+                       f"time {'saved' if saves_time else 'not saved'}"}
 
 
 def lm_config_data(summary: dict) -> DataConfig:

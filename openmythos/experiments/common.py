@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,9 +131,21 @@ class Report:
         plt.close(fig)
         self.add(f"![{caption}]({filename})\n\n*{caption}*")
 
+    def command(self) -> str:
+        """The `mythos experiment` command that repeats this run: its name and the fields the
+        caller set (run_experiment records them), whether it came from the shell or from Python."""
+        def flag(value: Any) -> str:
+            if isinstance(value, list):
+                return ",".join(map(flag, value))
+            return str(value).lower() if isinstance(value, bool) else str(value)
+
+        given = sorted(getattr(self.cfg, "given", ()))
+        return " ".join(["mythos experiment", self.name,
+                         *(f"--{name} {flag(getattr(self.cfg, name))}" for name in given)])
+
     def write(self) -> dict[str, Any]:
         wall = time.time() - self.started
-        meta = {"experiment": self.name, "command": " ".join(["mythos", *sys.argv[1:]]),
+        meta = {"experiment": self.name, "command": self.command(),
                 "config": asdict(self.cfg), "wall_seconds": round(wall, 1), "machine": machine(self.cfg.threads)}
         payload = {**meta, "results": self.results}
         (self.out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -150,14 +161,17 @@ class Report:
 
 @dataclass
 class TimeBudget:
-    """Shares what is left of a wall-clock budget evenly among the runs still to go, holding back
-    the largest per-run overhead seen so far (setup, evaluation: time the cap does not stop), so
-    that an experiment ends in time on a slow or shared machine. A run cut short says so."""
+    """Shares a wall-clock budget among an experiment's runs so that each trains for the same
+    time, and the models compare at equal time: an even share of the budget less a fifth, held
+    back for setup and evaluation (time the cap does not stop). A run gets less only when the
+    runs before it overran that fifth (its overhead is the largest seen so far), so that the
+    experiment still ends in time on a slow or shared machine. A run cut short says so."""
 
     minutes: float
     runs: int
     done: int = 0
     overhead_s: float = 0.0
+    share_s: float | None = None  # every run's training time, set by the first
     start: float = field(default_factory=time.perf_counter)
 
     def next_minutes(self) -> float:
@@ -165,8 +179,10 @@ class TimeBudget:
         if not self.minutes:
             return 0.0
         left = 60 * self.minutes - (time.perf_counter() - self.start)
-        guess = self.overhead_s if self.done else 0.2 * left / self.runs
-        return max(left / (self.runs - self.done) - guess, 5.0) / 60
+        if self.share_s is None:
+            self.share_s = 0.8 * left / self.runs
+        fits = left / (self.runs - self.done) - self.overhead_s
+        return max(min(self.share_s, fits), 5.0) / 60
 
     def finished(self, wall_s: float, train_s: float) -> None:
         self.done += 1

@@ -253,17 +253,22 @@ def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_gr
         best_n = r["best_loops"]
         long_trained = _mean(trained[k] for k in range(K + 1, max_hops + 1))
         long_best = _mean(acc[best_n][k] for k in range(K + 1, max_hops + 1))
-        rows.append([name, r["params"], r["steps"], r["train_loops"], _mean(trained[k] for k in range(1, K + 1)),
+        rows.append([name, r["params"], r["steps"], r["train_seconds"], r["train_loops"],
+                     _mean(trained[k] for k in range(1, K + 1)),
                      long_trained, best_n, long_best])
         if len(acc) > 1:
             gained = long_best - long_trained
             verdicts.append(f"- **{name}**: on {K + 1}–{max_hops} hops, {best_n} loops give "
                             f"{long_best:.3f} vs {long_trained:.3f} at the trained depth "
                             f"({'extrapolates' if gained > 0.02 and best_n > r['train_loops'] else 'no gain from extra loops'}).")
+    steps = max(1, round(cfg.steps * cfg.scale))
+    cut = [f"{name} ({r['steps']} of {steps} steps)" for name, r in results.items() if r["steps"] < steps]
     report.add("## Accuracy on held-out chains\n\n" + markdown_table(
-        ["variant", "params", "train steps", "trained loops", f"acc 1–{K} hops (trained depth)",
+        ["variant", "params", "train steps", "train s", "trained loops", f"acc 1–{K} hops (trained depth)",
          f"acc {K + 1}–{max_hops} hops (trained depth)", "best loops (long chains)",
-         f"acc {K + 1}–{max_hops} hops (best loops)"], rows))
+         f"acc {K + 1}–{max_hops} hops (best loops)"], rows)
+        + (f"\n\n**Cut short by the time budget** (each variant trains for the same time): "
+           f"{', '.join(cut)}." if cut else ""))
     report.add("## Does depth extrapolate?\n\n" + "\n".join(verdicts) + "\n\nChance is "
                f"{1 / cfg.n_entities:.3f}. 'Extrapolates' means more loops than trained raise "
                "long-chain accuracy by more than 2 points. The best depth is chosen on other "

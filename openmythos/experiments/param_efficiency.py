@@ -14,6 +14,7 @@ phi ~ 0.46, "How much is one recurrence worth", 2026).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -42,14 +43,29 @@ def fit_log_curve(layers: list[float], losses: list[float]) -> tuple[float, floa
 
 
 def effective_layers(loss: float, a: float, b: float) -> float:
-    return math.exp((loss - a) / b)
+    if b == 0:  # a flat dense curve: no depth to read a loss off
+        return math.nan
+    return math.exp(min((loss - a) / b, 700.0))  # past it, exp overflows a float
 
 
 def fit_phi(loops: list[int], looped_layers: list[float]) -> float:
     """phi in looped_layers = r^phi, least squares through the origin in log-log space."""
     xs = [math.log(r) for r in loops]
-    ys = [math.log(max(n, 1e-9)) for n in looped_layers]
+    ys = [math.log(n) for n in looped_layers]
     return sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+
+
+def why_phi_is_undefined(dense: list[dict], looped: list[dict]) -> str | None:
+    """The reason phi cannot be read off these runs, or None. The fit assumes loss falls with
+    unique depth (a dense curve that does not is noise, and any phi fitted to it is too), and a
+    log of L_eff - 2 (a looped model no better than its prelude and coda alone has none)."""
+    by_depth = [x["val_loss"] for x in sorted(dense, key=lambda x: x["layers"])]
+    if any(math.isnan(x) for x in by_depth) or any(b >= a for a, b in itertools.pairwise(by_depth)):
+        return "the dense models' loss did not fall with every added layer, so depth is not measured"
+    worse = [x["name"] for x in looped if not x["effective_layers"] > 2]
+    if worse:
+        return f"{', '.join(worse)} did no better than 2 unique layers (L_eff <= 2)"
+    return None
 
 
 def block_overrides(width: int) -> dict:
@@ -103,8 +119,11 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
     a, b = fit_log_curve([x["layers"] for x in dense], [x["val_loss"] for x in dense])
     for x in looped:
         x["effective_layers"] = effective_layers(x["val_loss"], a, b)
-    phi = fit_phi([x["loops"] for x in looped], [x["effective_layers"] - 2 for x in looped]) if b < 0 else math.nan
-    report.results = {"runs": results, "dense_fit": {"a": a, "b": b}, "phi": phi}
+    undefined = why_phi_is_undefined(dense, looped)
+    phi = math.nan if undefined else fit_phi([x["loops"] for x in looped],
+                                             [x["effective_layers"] - 2 for x in looped])
+    report.results = {"runs": results, "dense_fit": {"a": a, "b": b}, "phi": phi,
+                      "phi_undefined_because": undefined}
     for x in results:
         rows.append([x["name"], x["params"], x["layers"], x["loops"], x["flops_per_token"],
                      x["tokens"], x["val_loss"], x.get("effective_layers", "")])
@@ -113,8 +132,7 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
         ["model", "params", "layer passes", "loops", "train FLOPs/token", "train tokens",
          "val loss (nats/token)", "effective unique layers"], rows)
         + (f"\n\n**Cut short by the time budget, so not at equal tokens:** {', '.join(cut)}." if cut else ""))
-    verdict = ("the dense models did not improve with depth at this budget, so phi is undefined"
-               if b >= 0 else
+    verdict = (f"phi is not measurable here: {undefined}" if undefined else
                f"phi = {phi:.2f} (a loop is worth r^{phi:.2f} unique layers; the literature reports ~0.46)")
     report.add(f"## Fit\n\nDense: loss = {a:.4f} {b:+.4f}·ln(layers). {verdict}.\n\n"
                "Where phi is near 1 a loop is as good as a unique layer; near 0 it adds nothing.")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
 from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
+from openmythos.training.config import DTYPES
 
 INJECTIONS = ("lti", "free", "additive")
 
@@ -29,6 +30,12 @@ class StabilityConfig(LMExperimentConfig):
     batch_size: int = 8
     seq_len: int = 32
     val_chars: int = 50_000
+    dtype: str = "fp32"  # run.dtype: instability in bf16 is what a real test would look for
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
 
 
 def run(cfg: StabilityConfig) -> dict:
@@ -53,7 +60,7 @@ def run(cfg: StabilityConfig) -> dict:
                     {**data, "train.steps": steps, "train.lr": lr, "train.batch_size": cfg.batch_size,
                      "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
                      "loops.mean": cfg.loops, "loops.max": cfg.loops, "run.log_every": 1,
-                     "run.dtype": "fp32", "train.max_bad_steps": 3, "eval.max_tokens": 16384,
+                     "run.dtype": cfg.dtype, "train.max_bad_steps": 3, "eval.max_tokens": 16384,
                      "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096}, budget)
                 trace = [r for r in out["metrics"] if "loss" in r]
                 tail = trace[-max(1, len(trace) // 10):]
