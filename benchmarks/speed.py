@@ -558,7 +558,7 @@ def cache_policy_quality(checkpoint: str, policies, batch: int = 8, width: int =
             result["rows"].append(dict(policy=policy, ring=ring, loss=float(loss),
                                        loss_increase=float(loss - ref),
                                        top1_agreement_with_full=float(agree),
-                                       cache_bytes_per_token=cache.nbytes() / width))
+                                       cache_bytes_per_token=cache.nbytes() / (batch * width)))
             print(json.dumps(result["rows"][-1]), file=sys.stderr, flush=True)
     return result
 

@@ -69,3 +69,28 @@ def test_speculative_script_compares_on_held_out_prompts():
     (row,) = summary["results"]
     assert row["same_tokens"] is True and 0 <= row["acceptance"] <= 1 and row["speedup"] > 0
     assert "random-init tiny" in summary["model"] and "speedup" in done.stdout
+
+
+def test_cache_policy_quality_reports_bytes_per_token(monkeypatch):
+    """Each policy's cache size per token, whatever the batch it decodes (it once reported the
+    bytes of its 8-row cache per position), and the per_loop policy matches the full forward."""
+    from types import SimpleNamespace
+
+    import openmythos.data.corpus
+    import openmythos.training.checkpoint
+    from benchmarks.speed import cache_policy_quality
+    from tests.conftest import small_model
+
+    model = small_model(std=0.1, max_seq_len=32)
+    docs = [SimpleNamespace(text=" ".join(map(str, range(i, i + 40)))) for i in range(0, 400, 40)]
+    tokenizer = SimpleNamespace(encode=lambda text: [int(w) % 64 for w in text.split()])
+    run = SimpleNamespace(data=SimpleNamespace(corpus="fake"))
+    monkeypatch.setattr(openmythos.training.checkpoint, "load_model", lambda path: (model, tokenizer, run))
+    monkeypatch.setattr(openmythos.data.corpus, "load_corpus", lambda name: SimpleNamespace(val=docs))
+    result = cache_policy_quality("ckpt", [("per_loop", None), ("ring", 1)], batch=2, width=24, prefix=8)
+    per_loop, ring = result["rows"]
+    for row in result["rows"]:
+        cfg = model.cfg.replace(kv_cache_policy=row["policy"], **({"kv_cache_ring": 1} if row["ring"] else {}))
+        assert row["cache_bytes_per_token"] == cfg.kv_cache_bytes_per_token(3, torch.float32)
+    assert per_loop["loss_increase"] == pytest.approx(0.0, abs=1e-4)
+    assert per_loop["top1_agreement_with_full"] == 1.0
