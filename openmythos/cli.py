@@ -17,11 +17,11 @@ Each subcommand is a typed function here or in the library (`train_command`, `ev
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import typing
 from collections.abc import Sequence
@@ -236,9 +236,8 @@ def _load(checkpoint: str, device: str):
 def _model_config(checkpoint: str) -> MythosConfig:
     if not is_hf_export(checkpoint):
         return open_checkpoint(checkpoint).model_cfg
-    saved = json.loads((Path(checkpoint).expanduser() / "config.json").read_text())
-    return MythosConfig.from_dict({f.name: saved[f.name] for f in dataclasses.fields(MythosConfig)
-                                   if f.name in saved})
+    file = Path(checkpoint).expanduser() / "config.json"
+    return MythosConfig.from_saved(json.loads(file.read_text()), str(file))
 
 
 def _human(n: int) -> str:
@@ -327,6 +326,7 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
     except ImportError as e:
         raise ValueError(f"serving needs the serve extra: pip install 'openmythos[serve]' ({e})") from e
 
+    _check_address(host, port)
     if checkpoint:
         model, tokenizer, _ = _load(checkpoint, device)
         name = Path(checkpoint).expanduser().resolve().name  # "." names its folder
@@ -342,6 +342,16 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
         model = model.with_exit(**exit_rule)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops)
     serve(engine, host, port, name, Limits(**(limits or {})))
+
+
+def _check_address(host: str, port: int) -> None:
+    """The address the server will listen on, tried before the model loads: a bad --host or a
+    port in use is named now, not after the load (uvicorn's own error exits with status 3)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on --host {host!r} --port {port}: {e.strerror or e}") from e
 
 
 def experiment_command(name: str, overrides: dict[str, str]) -> dict:

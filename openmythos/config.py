@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -125,6 +126,8 @@ class MythosConfig:
         _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be positive")
         _check(self.loop_embed_dim % 2 == 0, "loop_embed_fraction", self.loop_embed_fraction,
                f"gives an odd loop-embedding width {self.loop_embed_dim} for dim={self.dim}")
+        _check(self.loop_embed_dim > 0, "loop_embed_fraction", self.loop_embed_fraction,
+               f"leaves no channel for the loop-index embedding at dim={self.dim} (at most {self.dim // 2})")
 
     # derived sizes
     @property
@@ -153,6 +156,8 @@ class MythosConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MythosConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"MythosConfig.from_dict needs a dict of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -164,6 +169,17 @@ class MythosConfig:
             ]
             raise ValueError(f"MythosConfig: unknown field(s) {', '.join(hints)}")
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], where: str) -> MythosConfig:
+        """The model config in a file a save wrote beside other keys (an HF config.json): every
+        field must be there, since today's default would silently stand in for a missing one."""
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in saved]
+        if missing:
+            raise ValueError(f"{where} lacks the model field(s) {missing}: a save writes every "
+                             "field, so the file was cut or edited")
+        return cls(**{name: saved[name] for name in names})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MythosConfig:
@@ -271,6 +287,15 @@ def is_int(value: Any) -> bool:
 def is_real(value: Any) -> bool:
     """A number argument torch takes as a scalar (a Python or numpy int or float), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_threads(threads: int, name: str) -> None:
+    """A thread count for torch.set_num_threads on this machine: past its cores threads only wait
+    on each other, and far past them torch crashes (a segfault) creating them."""
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        raise ValueError(f"{name}={threads} is more than this machine's {cores} cores: use at most "
+                         f"{cores}, or 0 for torch's default")
 
 
 def _is_field_int(value: Any) -> bool:

@@ -32,6 +32,18 @@ def test_experiment_errors_name_the_problem():
 
 
 @pytest.mark.slow
+def test_serve_names_an_address_it_cannot_listen_on_before_loading(monkeypatch):
+    import socket
+
+    import openmythos.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the model loaded before the address was checked"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on --host '127.0.0.1' --port {port}: Address already in use"):
+            cli.serve_command("run", None, False, "127.0.0.1", port, 8)
+
+
 def test_serve_needs_a_model():
     done = mythos("serve", "--preset", "tiny")
     assert done.returncode == 2 and "--random-init" in done.stderr

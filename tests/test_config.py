@@ -76,11 +76,18 @@ def test_unknown_field_suggests_the_closest():
     ("vocab_size", True, "vocab_size=True must be a positive integer"),  # not an int of 1
     ("prelude_layers", False, "prelude_layers=False must be a non-negative integer"),
     ("min_loops", True, "min_loops=True"),
+    ("loop_embed_fraction", 1000, "loop_embed_fraction=1000 leaves no channel"),  # silently no embedding
 ])
 def test_validation_names_field_and_value(field, value, needle):
     overrides = {"n_experts": 8, field: value}
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         MythosConfig.from_preset("tiny", **overrides)
+
+
+def test_from_dict_needs_a_dict():
+    for value in (None, [1], "tiny"):
+        with pytest.raises(ValueError, match="MythosConfig.from_dict needs a dict of fields"):
+            MythosConfig.from_dict(value)
 
 
 def test_gqa_kv_heads_must_divide_heads():

@@ -195,9 +195,17 @@ def test_an_experiment_never_deletes_a_folder_it_did_not_make(tmp_path):
     kept = tmp_path / "data" / "train" / "keep.txt"  # where an experiment writes its corpus split
     kept.parent.mkdir(parents=True)
     kept.write_text("mine")
-    with pytest.raises(ValueError, match="data' exists without the .openmythos-experiment file"):
+    with pytest.raises(ValueError, match="exists without the .openmythos-experiment file"):
         run_experiment("stability", smoke=True, out_dir=str(tmp_path), corpus=FIXTURE, tokenizer="byte")
     assert kept.read_text() == "mine"
+    results = tmp_path / "user" / "results.json"  # the experiment's own file names, in a user's folder
+    results.parent.mkdir()
+    results.write_text("a user's results")
+    with pytest.raises(ValueError, match="user' exists without the .openmythos-experiment file"):
+        run_experiment("depth-extrapolation", smoke=True, out_dir=str(results.parent))
+    assert results.read_text() == "a user's results"
+    with pytest.raises(ValueError, match="notes.txt' is a file, not a folder"):
+        run_experiment("depth-extrapolation", smoke=True, out_dir=str(mine / "notes.txt"))
 
 
 def test_smoke_settings_keep_the_fields_a_user_set():

@@ -303,6 +303,12 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps({**config, **changes}))
 
 
+def _drop_field(path, name):
+    config = json.loads((path / "config.json").read_text())
+    del config[name]
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def _truncate(path, keep):
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[:int(len(data) * keep)])
@@ -312,6 +318,7 @@ BROKEN = {
     "no config": (lambda p: (p / "config.json").unlink(), "has no config.json"),
     "corrupt config": (lambda p: (p / "config.json").write_text("{oops"), "config.json"),
     "bad field": (lambda p: _edit_config(p, attn_type="flash"), "attn_type"),
+    "missing field": (lambda p: _drop_field(p, "dim"), r"lacks the model field\(s\) \['dim'\]"),
     "no weights": (lambda p: (p / "model.safetensors").unlink(), "has no weights"),
     "truncated header": (lambda p: _truncate(p, 0.001), "corrupt or truncated"),
     "truncated weights": (lambda p: _truncate(p, 0.8), "corrupt or truncated"),
@@ -331,6 +338,20 @@ def test_broken_directory_gives_clear_error(exported, tmp_path, case):
     if case != "no config":  # Auto classes need config.json to know the model type at all
         with pytest.raises((ValueError, OSError), match=message):
             AutoModelForCausalLM.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _drop_field(p, "dim"), "lacks the model field(s) ['dim']"),  # info read today's default
+    (lambda p: (p / "config.json").write_text("{oops"), "config.json' cannot be read as JSON"),  # "no checkpoint"
+])
+def test_the_cli_names_a_damaged_config_json(exported, tmp_path, capsys, damage, message):
+    from openmythos.cli import main
+
+    _, path = exported
+    broken = shutil.copytree(path, tmp_path / "broken")
+    damage(broken)
+    assert main(["info", "--checkpoint", str(broken)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path):

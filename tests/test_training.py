@@ -585,3 +585,32 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
 
 def test_quickstart_defaults_are_the_tiny_cpu_recipe():
     assert load_config(ROOT / "configs" / "tiny-cpu.toml") == TrainConfig()
+
+
+def test_more_threads_than_cores_is_refused_by_name(tmp_path):
+    """torch.set_num_threads(100000) crashed the process with a segfault and no message."""
+    from openmythos.experiments import run_experiment
+
+    many = (os.cpu_count() or 1) + 1
+    with pytest.raises(ValueError, match=f"run.threads={many} is more than this machine's"):
+        Trainer(load_config(None, tiny_overrides(tmp_path, **{"run.threads": many})))
+    with pytest.raises(ValueError, match=f"threads={many} is more than this machine's"):
+        run_experiment("stability", smoke=True, threads=many, out_dir=str(tmp_path / "xp"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "xp").exists()
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "h.py").write_text("a user's file")
+    with pytest.raises(ValueError, match="data.cache_dir='.*h.py' is a file, not a folder"):
+        Trainer(load_config(None, tiny_overrides(tmp_path, **{"data.cache_dir": str(tmp_path / "h.py")})))
+    assert (tmp_path / "h.py").read_text() == "a user's file"
+
+
+def test_a_bpe_vocabulary_smaller_than_asked_is_said(caplog):
+    from openmythos.training.config import DataConfig
+    from openmythos.training.trainer import build_tokenizer
+
+    with caplog.at_level("WARNING", logger="openmythos"):
+        tokenizer = build_tokenizer(DataConfig(tokenizer="bpe", vocab_size=100_000), ["a tiny corpus"] * 3)
+    assert tokenizer.vocab_size < 100_000
+    assert f"data.vocab_size=100000, but this corpus gives a BPE vocabulary of only {tokenizer.vocab_size}" in caplog.text

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from openmythos.config import check_threads
+
 
 @dataclass
 class ExperimentConfig:
@@ -48,6 +50,7 @@ class ExperimentConfig:
                 rule = ">= 0" if f.name in self.NON_NEGATIVE else "positive"
                 if not (x >= 0 if rule == ">= 0" else x > 0):
                     raise ValueError(f"{f.name}={value!r} must be {rule}")
+        check_threads(self.threads, "threads")
 
     def smoke_defaults(self, **settings: Any) -> None:
         """--smoke: seconds-long settings, for the fields the user did not set (`given`, which
@@ -68,7 +71,9 @@ def fresh_dir(path: Path) -> Path:
     """An empty folder at `path`: one an earlier run of an experiment made is emptied, one that
     holds anything else is refused, never deleted (an --out_dir may be a user's own folder)."""
     if path.exists():
-        if not (path / MARKER).is_file() and (not path.is_dir() or any(path.iterdir())):
+        if not path.is_dir():
+            raise ValueError(f"{str(path)!r} is a file, not a folder: choose another --out_dir")
+        if not (path / MARKER).is_file() and any(path.iterdir()):
             raise ValueError(f"{str(path)!r} exists without the {MARKER} file of a folder an "
                              "experiment made: move it (or delete it, if an earlier version of an "
                              "experiment wrote it), or choose another --out_dir")
@@ -104,12 +109,11 @@ class Report:
     sections: list[str] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    out: Path = field(init=False)
 
-    @property
-    def out(self) -> Path:
-        path = Path(self.cfg.out_dir or f"runs/experiments/{self.name}").expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def __post_init__(self) -> None:
+        # a folder of its own: an --out_dir that holds a user's files is refused, never written into
+        self.out = fresh_dir(Path(self.cfg.out_dir or f"runs/experiments/{self.name}").expanduser())
 
     def add(self, text: str) -> None:
         self.sections.append(text)

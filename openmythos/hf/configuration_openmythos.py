@@ -36,6 +36,13 @@ class OpenMythosHFConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> OpenMythosHFConfig:
+        """A saved config.json (from_pretrained reads it through here): it spells out every model
+        field (to_diff_dict), so none may be missing; a config built in code may leave some out."""
+        MythosConfig.from_saved({**config_dict, **kwargs}, "config.json")
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_mythos(cls, cfg: MythosConfig, **kwargs: Any) -> OpenMythosHFConfig:
         return cls(**cfg.to_dict(), **kwargs)
 

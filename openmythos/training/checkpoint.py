@@ -409,12 +409,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 def is_hf_export(path: str | Path) -> bool:
     """A directory written by `mythos export-hf` (save_hf): its config.json names the openmythos
-    model type."""
-    try:
-        config = json.loads((Path(path).expanduser() / "config.json").read_text())
-        return config.get("model_type") == "openmythos"
-    except (OSError, ValueError, AttributeError):
+    model type. A config.json that is not JSON is named, not taken for a missing checkpoint."""
+    file = Path(path).expanduser() / "config.json"
+    if not file.is_file():
         return False
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{str(file)!r} cannot be read as JSON: {e}") from e
+    return isinstance(config, dict) and config.get("model_type") == "openmythos"
 
 
 def run_dir_of(ckpt: Checkpoint) -> Path:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from openmythos.config import MythosConfig
+from openmythos.config import MythosConfig, check_threads
 from openmythos.data import (
     PackedTokens,
     Tokenizer,
@@ -97,7 +97,11 @@ class Data:
 
 def build_tokenizer(cfg: DataConfig, train_texts: list[str]) -> Tokenizer:
     if cfg.tokenizer == "bpe":
-        return train_bpe(train_texts, cfg.vocab_size)
+        tokenizer = train_bpe(train_texts, cfg.vocab_size)
+        if tokenizer.vocab_size < cfg.vocab_size:
+            log.warning("data.vocab_size=%d, but this corpus gives a BPE vocabulary of only %d "
+                        "tokens, which the model is built for", cfg.vocab_size, tokenizer.vocab_size)
+        return tokenizer
     if cfg.tokenizer in ("gpt2", "byte"):
         return get_tokenizer(cfg.tokenizer)
     return load_tokenizer(cfg.tokenizer)
@@ -105,10 +109,12 @@ def build_tokenizer(cfg: DataConfig, train_texts: list[str]) -> Tokenizer:
 
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Data:
     """Corpus -> split -> tokenizer (trained here unless given) -> cached token streams."""
+    cache = cfg.cache_dir or None
+    if cache and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
+        raise ValueError(f"data.cache_dir={cache!r} is a file, not a folder")
     corpus = load_corpus(cfg.corpus, val_path=cfg.val_path or None)
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, [d.text for d in corpus.train])
-    cache = cfg.cache_dir or None
     return Data(tokenizer, tokenize_documents(corpus.train, tokenizer, cache),
                 tokenize_documents(corpus.val, tokenizer, cache))
 
@@ -214,6 +220,7 @@ class Trainer:
             head = "bf16" if has_fast_bf16(self.device) else "fp32"
         self.head_dtype = torch.bfloat16 if head == "bf16" else None
         if cfg.run.threads:
+            check_threads(cfg.run.threads, "run.threads")
             torch.set_num_threads(cfg.run.threads)
 
         self.data = prepare_data(cfg.data, ckpt.tokenizer() if ckpt else None)
