@@ -170,12 +170,14 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
     if draft_loops is None:
         tokens = (int(t[0]) for t in model.stream(prompt_ids, max_new_tokens, n_loops=n_loops,
                                                    temperature=temperature, top_k=top_k, top_p=top_p,
-                                                   eos_token_id=tokenizer.eos_id, generator=g))
+                                                   eos_token_id=tokenizer.eos_id, generator=g,
+                                                   vocab_size=tokenizer.vocab_size))
     else:
         tokens = model.speculative_stream(prompt_ids, max_new_tokens, n_loops=n_loops,
                                           draft_loops=draft_loops, draft_tokens=draft_tokens,
                                           temperature=temperature, top_k=top_k, top_p=top_p,
-                                          eos_token_id=tokenizer.eos_id, generator=g)
+                                          eos_token_id=tokenizer.eos_id, generator=g,
+                                          vocab_size=tokenizer.vocab_size)
     for token in tokens:
         if token == tokenizer.eos_id:
             break

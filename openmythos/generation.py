@@ -88,6 +88,18 @@ def _check_token_ids(model, **ids: int | None) -> None:
             raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
 
 
+def _sampled_vocab(model, vocab_size: int | None) -> int:
+    """How many ids may be sampled: all the model's, or the first `vocab_size` of a model whose
+    vocabulary is padded past its tokenizer's (e.g. GPT-2's 50257 to 50304), whose padding ids
+    no tokenizer decodes."""
+    if vocab_size is None:
+        return model.cfg.vocab_size
+    if not (is_int(vocab_size) and 1 <= vocab_size <= model.cfg.vocab_size):
+        raise ValueError(f"vocab_size must be an integer in [1, {model.cfg.vocab_size}] (the model's), "
+                         f"got {vocab_size!r}")
+    return int(vocab_size)
+
+
 def _total_length(model, prompt_len: int, max_new_tokens: int) -> int:
     total = prompt_len + max_new_tokens
     if total > model.cfg.max_seq_len:
@@ -100,13 +112,16 @@ def _total_length(model, prompt_len: int, max_new_tokens: int) -> int:
 def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos_token_id: int | None = None, generator: torch.Generator | None = None,
-           attention_mask: torch.Tensor | None = None, pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+           attention_mask: torch.Tensor | None = None, pad_token_id: int = 0,
+           vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence, (B,), one step at a time.
 
     input_ids: a (B, T) tensor (with an optional left-padding attention_mask) or a list of
     token-id lists of different lengths. A sequence that produced eos_token_id keeps yielding it.
+    vocab_size: sample only ids below it (the tokenizer's, for a model with a padded vocabulary).
     """
     check_sampling(temperature, top_k, top_p)
+    vocab = _sampled_vocab(model, vocab_size)
     max_new_tokens = _new_tokens(max_new_tokens)
     _check_token_ids(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     device = model.embed.weight.device
@@ -134,7 +149,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | 
                        logits_to_keep=1).logits
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            token = sample(logits[:, -1, :vocab], temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
@@ -149,12 +164,13 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | 
 def generate(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             attention_mask: torch.Tensor | None = None, pad_token_id: int = 0) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, pad_token_id: int = 0,
+             vocab_size: int | None = None) -> torch.Tensor:
     """Returns (B, T + new) token ids: the (left-padded) prompt followed by the new tokens. Rows
     that stopped early are filled with eos_token_id; generation ends when every row has stopped.
     The arguments are stream's."""
     new = list(stream(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p,
-                      eos_token_id, generator, attention_mask, pad_token_id))
+                      eos_token_id, generator, attention_mask, pad_token_id, vocab_size))
     device = model.embed.weight.device
     ids, _ = _left_pad(input_ids, attention_mask, pad_token_id, device)
     return torch.cat([ids.to(device), torch.stack(new, dim=1)], dim=1)
@@ -165,7 +181,7 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
                        draft_loops: int = 1, draft_tokens: int = 4, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None,
                        eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                       stats: dict | None = None) -> Iterator[int]:
+                       stats: dict | None = None, vocab_size: int | None = None) -> Iterator[int]:
     """Self-speculative decoding (Huginn, Geiping et al. 2025): the model drafts `draft_tokens`
     tokens at `draft_loops` loops, then one call at `n_loops` checks them all, for one sequence.
     The output is the full-depth model's: greedy gives generate's tokens (up to float ties), and
@@ -174,8 +190,9 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
     Leviathan et al. 2023, Chen et al. 2023). It pays where shallow loops often agree with deep
     ones and a loop is a large share of a token's cost. Needs a cache slot per loop (not a ring
     shorter than n_loops). Yields the new tokens one by one; fills `stats` with the tokens
-    drafted and accepted and the model calls (the prompt's included)."""
+    drafted and accepted and the model calls (the prompt's included). vocab_size: as stream's."""
     check_sampling(temperature, top_k, top_p)
+    vocab = _sampled_vocab(model, vocab_size)
     max_new_tokens = _new_tokens(max_new_tokens)
     n_loops = model.check_loops(n_loops, 1)
     if not isinstance(n_loops, int):
@@ -208,7 +225,7 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
     model.eval()
     try:
         cache = model.new_cache(1, total, n_loops)
-        logits = model(ids.to(device), n_loops=n_loops, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(ids.to(device), n_loops=n_loops, cache=cache, logits_to_keep=1).logits[:, -1, :vocab]
         token, produced = sample(logits, temperature, top_k, top_p, generator), 0
         while True:
             # `token` is decided: by the prompt, a rejection or the last verified position
@@ -220,7 +237,7 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
             drafts, q = [], []  # the draft tokens and, when sampling, their distributions
             for _ in range(k):  # each from the one before, at draft depth
                 last = drafts[-1] if drafts else token
-                d_logits = model(last.view(1, 1), n_loops=draft_loops, cache=cache).logits[:, -1]
+                d_logits = model(last.view(1, 1), n_loops=draft_loops, cache=cache).logits[:, -1, :vocab]
                 if greedy:
                     drafts.append(d_logits.argmax(-1))
                 else:
@@ -228,7 +245,8 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
                     drafts.append(draw(q[-1]))
             cache.rewind(k)
             # the decided token and the drafts at full depth, in one call: p for each next position
-            p_logits = model(torch.cat([token, *drafts]).view(1, -1), n_loops=n_loops, cache=cache).logits[0]
+            p_logits = model(torch.cat([token, *drafts]).view(1, -1), n_loops=n_loops,
+                             cache=cache).logits[0, :, :vocab]
             stats["drafted"] += k
             stats["calls"] += k + 1
             accepted = 0
@@ -263,13 +281,13 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
 def speculative_generate(model, input_ids, max_new_tokens: int, n_loops: int | None = None,
                          draft_loops: int = 1, draft_tokens: int = 4, temperature: float = 1.0,
                          top_k: int | None = None, top_p: float | None = None,
-                         eos_token_id: int | None = None,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                         eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                         vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """speculative_stream's tokens after the prompt, (1, T + new), and its counts."""
     stats: dict = {}
     new = list(speculative_stream(model, input_ids, max_new_tokens, n_loops, draft_loops,
                                   draft_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                                  stats))
+                                  stats, vocab_size))
     device = model.embed.weight.device
     ids, _ = _left_pad(input_ids, None, 0, device)
     return torch.cat([ids.to(device), torch.tensor([new], device=device)], dim=1), stats

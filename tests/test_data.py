@@ -109,10 +109,17 @@ def test_decode_rejects_out_of_range_ids(tokenizer):
         tokenizer.decode([0, tokenizer.vocab_size])
     with pytest.raises(ValueError, match="-1"):
         tokenizer.decode([-1])
+    for bad, shown in [([72, 105.2], "105.2"), (["72"], "'72'"), ([True], "True"),
+                       (torch.tensor([72.5, 105.5]), "72.5")]:  # each once decoded, truncated
+        with pytest.raises(ValueError, match=r"ids\[\d\] must be an integer token id, got " + shown):
+            tokenizer.decode(bad)
+    assert tokenizer.decode(torch.tensor([72, 105])) == tokenizer.decode(np.array([72, 105])) == tokenizer.decode([72, 105])
 
 
-def test_save_load_round_trip(tokenizer, tmp_path):
-    restored = load_tokenizer(tokenizer.save(tmp_path / "tok"))
+def test_save_load_round_trip(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tokenizer.save(tmp_path / "tok")
+    restored = load_tokenizer("~/tok")  # a path as a user types it
     assert type(restored) is type(tokenizer)
     assert restored.fingerprint == tokenizer.fingerprint
     assert (restored.vocab_size, restored.eos_id, restored.pad_id) == (
@@ -297,6 +304,13 @@ def test_corpus_errors(tmp_path):
         split_by_hash(docs, val_fraction=1.5)
     with pytest.raises(ValueError, match="at least 2"):
         split_by_hash(docs[:1])
+    docs = [Document(f"d{i}", f"text {i}") for i in range(80)]
+    backups = [Document(f"backup/{d.name}", d.text) for d in docs[:40]]  # a mirrored half
+    train, val = split_by_hash(docs + backups)
+    assert val and not {d.text for d in val} & {d.text for d in train}
+    assert sorted(d.name for d in train + val) == sorted(d.name for d in docs + backups)
+    with pytest.raises(ValueError, match="every validation document is a copy of a training one"):
+        split_by_hash([Document("a", "same"), Document("b", "same")])
     with pytest.raises(ValueError, match="'short' is too short to split off its last 5%"):
         split_tail(Document("short", "one line only"))
 
@@ -384,6 +398,26 @@ def test_interrupted_write_leaves_no_cache(docs, tmp_path, monkeypatch):
     again = tokenize_documents(docs, tok, tmp_path)
     np.testing.assert_array_equal(packed.tokens, again.tokens)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
+    """A SIGKILL leaves `.name.<uuid>.tmp` behind (no finally runs): gigabytes for a big corpus."""
+    import os
+    import time
+
+    from openmythos.data.corpus import STALE_TMP_S, atomic_write
+
+    path = tmp_path / "tokens.npy"
+    abandoned, live = tmp_path / ".tokens.npy.dead.tmp", tmp_path / ".tokens.npy.live.tmp"
+    other = tmp_path / ".other.npy.dead.tmp"  # another entry's, not this path's to sweep
+    for tmp in (abandoned, live, other):
+        tmp.write_bytes(b"partial")
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(abandoned, (old, old))
+    os.utime(other, (old, old))
+    atomic_write(path, lambda f: f.write(b"whole"))
+    assert path.read_bytes() == b"whole"
+    assert not abandoned.exists() and live.exists() and other.exists()
 
 
 def test_load_tokens_rejects_mismatch_and_corruption(docs, tmp_path, gpt2):

@@ -110,6 +110,47 @@ def test_bad_sampling_arguments(kwargs, needle):
         model.generate(**args)
 
 
+def test_a_padded_vocabulary_samples_only_the_tokenizers_ids():
+    """vocab_size caps what is sampled: a model padded past its tokenizer's vocabulary (the 1b
+    recipe's 50304 for GPT-2's 50257) sampled padding ids that no tokenizer decodes."""
+    from openmythos.data import ByteTokenizer
+    from openmythos.serving import Engine, SamplingParams
+
+    model, ids = small_model(std=0.1), torch.randint(0, 10, (4, 3))
+
+    def draws(**kwargs):
+        g = torch.Generator().manual_seed(0)
+        plain = model.generate(ids, 24, temperature=2.0, generator=g, **kwargs)[:, 3:]
+        spec = torch.cat([model.speculative_generate(ids[i:i + 1], 12, n_loops=3, temperature=2.0,
+                                                     generator=g, **kwargs)[0][:, 3:] for i in range(4)], 1)
+        return torch.cat([plain.flatten(), spec.flatten()])
+
+    assert int(draws().max()) >= 10, "without the cap, ids past 10 are drawn"
+    assert int(draws(vocab_size=10).max()) < 10
+    greedy = model.generate(ids, 8, temperature=0, vocab_size=10)
+    assert torch.equal(greedy[:, 3:], greedy_capped(model, ids, 8, 10))
+
+    with pytest.raises(ValueError, match="vocab_size must be an integer in \\[1, 64\\]"):
+        model.generate(ids, 2, vocab_size=65)
+    with pytest.raises(ValueError, match="the tokenizer's vocab_size 258 exceeds the model's 64"):
+        Engine(model, ByteTokenizer())
+    # the engine takes its cap from its tokenizer: 258 byte ids of a 300-id model
+    engine, events = Engine(small_model(std=0.1, vocab_size=300), ByteTokenizer(), max_batch=2), []
+    for i, row in enumerate(ids.tolist()):
+        engine.submit(row, SamplingParams(max_tokens=24, temperature=2.0, seed=i), events.append)
+    engine.run_until_idle()
+    tokens = [e.token for e in events if e.kind == "token"]
+    assert len(tokens) > 12 and max(tokens) < 258  # (a request may stop at the byte EOS, 257)
+    assert all(e.finish_reason in ("length", "stop") for e in events if e.kind == "done")
+
+
+def greedy_capped(model, ids, steps, vocab):
+    for _ in range(steps):
+        nxt = model(ids).logits[:, -1, :vocab].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    return ids[:, -steps:]
+
+
 def test_numpy_numbers_are_taken():
     import numpy as np
 

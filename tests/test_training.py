@@ -614,3 +614,12 @@ def test_a_bpe_vocabulary_smaller_than_asked_is_said(caplog):
         tokenizer = build_tokenizer(DataConfig(tokenizer="bpe", vocab_size=100_000), ["a tiny corpus"] * 3)
     assert tokenizer.vocab_size < 100_000
     assert f"data.vocab_size=100000, but this corpus gives a BPE vocabulary of only {tokenizer.vocab_size}" in caplog.text
+
+
+def test_a_vocabulary_padded_past_the_tokenizers_trains_and_samples(tmp_path):
+    """The 1b recipe pads GPT-2's 50257 ids to 50304: the end-of-run samples drew padding ids,
+    which no tokenizer decodes, and the run died before its summary."""
+    overrides = tiny_overrides(tmp_path, **{"model.vocab_size": 512, "train.steps": 2, "eval.samples": 4,
+                                            "eval.sample_tokens": 32, "eval.temperature": 2.0})
+    summary = train(load_config(None, overrides))
+    assert (tmp_path / "run" / "summary.json").is_file() and len(summary["samples"]) == 4

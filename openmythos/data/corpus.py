@@ -12,12 +12,15 @@ fingerprint, so editing either makes a new entry instead of reading a stale one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -115,17 +118,23 @@ def split_by_hash(
 
     Adding or removing files never moves the others between splits, unless no name falls below
     the fraction: then the lowest one is validation (never empty), and a new lowest one moves
-    the old one to training. A checkpoint records its splits (PackedTokens.digest), and resuming
-    or evaluating it on changed files warns.
+    the old one to training. A copy of a training document under another name (a backup folder)
+    trains too, so that validation never scores text the model trains on. A checkpoint records
+    its splits (PackedTokens.digest), and resuming or evaluating it on changed files warns.
     """
     _check_fraction(val_fraction)
     if len(docs) < 2:
         raise ValueError(f"splitting by name needs at least 2 documents, got {len(docs)}")
     threshold = max(val_fraction, min(_name_hash(d.name) for d in docs))
-    val = [d for d in docs if _name_hash(d.name) <= threshold]
-    if len(val) == len(docs):
+    held_out = [_name_hash(d.name) <= threshold for d in docs]
+    if all(held_out):
         raise ValueError(f"val_fraction {val_fraction} leaves no training documents")
-    return [d for d in docs if _name_hash(d.name) > threshold], val
+    trained = {d.text for d, out in zip(docs, held_out, strict=True) if not out}
+    val = [d for d, out in zip(docs, held_out, strict=True) if out and d.text not in trained]
+    if not val:
+        raise ValueError("every validation document is a copy of a training one under another name: "
+                         "nothing is left to validate on (give a separate data.val_path)")
+    return [d for d, out in zip(docs, held_out, strict=True) if not out or d.text in trained], val
 
 
 def split_tail(doc: Document, val_fraction: float = 0.05) -> tuple[list[Document], list[Document]]:
@@ -340,8 +349,17 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
     return float(-(val_counts * log_p).sum() / len(val_tokens))
 
 
+STALE_TMP_S = 3600  # a live writer's temporary grows all the time; one this old was abandoned
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing.
+    A writer killed outright (SIGKILL, the OOM killer) cannot remove its temporary: the next
+    write of the same path removes those untouched for an hour."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):  # another writer's sweep got there first
+            if time.time() - old.stat().st_mtime > STALE_TMP_S:
+                old.unlink()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
     try:
         with open(tmp, "wb") as f:

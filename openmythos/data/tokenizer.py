@@ -23,6 +23,8 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from openmythos.config import is_int
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 META_FILE = "tokenizer_meta.json"
@@ -84,13 +86,16 @@ class Tokenizer(ABC):
         return [self._encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is out of range for {self.name} (vocab_size {self.vocab_size})"
-            )
-        return self._decode(ids)
+        """Text of integer token ids (a list, or a tensor or array of an integer dtype)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        for i, token in enumerate(ids):
+            if not is_int(token):  # a float or a digit string would be truncated or parsed
+                raise ValueError(f"ids[{i}] must be an integer token id, got {token!r}")
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(
+                    f"token id {token} is out of range for {self.name} (vocab_size {self.vocab_size})"
+                )
+        return self._decode([int(token) for token in ids])
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
@@ -328,7 +333,7 @@ TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Restore a tokenizer written by `Tokenizer.save`, whichever kind it is."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise ValueError(f"tokenizer meta file {str(meta_path)!r} does not exist")

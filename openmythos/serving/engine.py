@@ -121,6 +121,9 @@ class Engine:
                             ("max_len", max_len), ("max_loops", max_loops), ("admission_window", admission_window)):
             if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer's vocab_size {tokenizer.vocab_size} exceeds the model's "
+                             f"{model.cfg.vocab_size}: its ids would not embed")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -138,6 +141,7 @@ class Engine:
         self.wakeup = threading.Event()
         self.stopping = False
         self.eos = tokenizer.eos_id if tokenizer is not None else None
+        self.vocab = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
 
     # the caller's side
     def submit(self, prompt: list[int], params: SamplingParams,
@@ -237,7 +241,7 @@ class Engine:
             req.loops += loops
             if not req.decoding:
                 req.prefilled += len(feed)
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1, :self.vocab]  # a padded vocabulary's extra ids never decode
         greedy = logits.argmax(-1).tolist()  # every greedy row's token in one op
         for i, req in enumerate(rows):
             if not req.decoding:

@@ -148,7 +148,8 @@ def has_fast_bf16(device: torch.device) -> bool:
 
 
 def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
-    """The recipe's model with the tokenizer's vocabulary (a larger, padded vocab may be set)."""
+    """The recipe's model with the tokenizer's vocabulary, or a larger (padded) one, whose
+    padding ids sampling leaves out (generate's vocab_size)."""
     vocab = cfg.model.overrides.get("vocab_size", tokenizer.vocab_size)
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the {tokenizer.name} "
@@ -228,7 +229,7 @@ class Trainer:
             raise ValueError(f"data.seq_len={cfg.data.seq_len} needs at least {cfg.data.seq_len + 1} "
                              f"training tokens; the train split of {cfg.data.corpus!r} has "
                              f"{len(self.data.train)}")
-        if ckpt is not None and Path(cfg.data.tokenizer).is_dir():
+        if ckpt is not None and Path(cfg.data.tokenizer).expanduser().is_dir():
             given = load_tokenizer(cfg.data.tokenizer)
             if given.fingerprint != self.data.tokenizer.fingerprint:
                 raise ValueError(f"data.tokenizer {cfg.data.tokenizer!r} ({given.fingerprint}) is "
@@ -515,7 +516,8 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
         ids = torch.tensor([prompt] * c.samples, device=self.device)
         out = self.model.generate(ids, new, n_loops=c.n_loops or None, temperature=c.temperature,
-                                  top_k=c.top_k or None, eos_token_id=tok.eos_id, generator=g)
+                                  top_k=c.top_k or None, eos_token_id=tok.eos_id, generator=g,
+                                  vocab_size=tok.vocab_size)
         texts = []
         for row in out[:, len(prompt):].tolist():
             row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
