@@ -16,8 +16,6 @@ from safetensors.torch import load_file
 from openmythos.training import TrainConfig, load_model, train
 from openmythos.training.trainer import report
 
-pytestmark = pytest.mark.multiprocess
-
 FIXTURE = str(Path(__file__).parent / "data" / "train_small.txt")
 COMMON = ["--model.dim", "64", "--model.n_heads", "2", "--model.kv_lora_rank", "16",
           "--model.q_lora_rank", "32", "--model.qk_nope_head_dim", "16", "--model.v_head_dim", "16",
@@ -75,6 +73,7 @@ def runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_the_global_batch(runs, strategy):
     _, single = runs("single")
@@ -87,6 +86,7 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, strategy):
     assert [r["load_entropy"] for r in two] == pytest.approx([r["load_entropy"] for r in single], abs=1e-6)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_gradient_accumulation_matches_one_process(runs, tmp_path, strategy):
     """2 ranks x 2 micro-batches of 1, synchronised only on the last, = 1 process x 4."""
@@ -95,6 +95,7 @@ def test_gradient_accumulation_matches_one_process(runs, tmp_path, strategy):
     assert losses(accum) == pytest.approx(losses(single), abs=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(runs, tmp_path):
     """The 1b-gpu recipe's settings: bf16 parameters for compute, fp32 master weights."""
     _, single = runs("single")
@@ -107,6 +108,7 @@ def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(runs, tmp_path)
     assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
+@pytest.mark.multiprocess
 def test_fsdp_checkpoints_hold_shards_and_the_final_one_whole_weights(runs):
     fsdp, _ = runs("fsdp")
     single, _ = runs("single")
@@ -130,6 +132,7 @@ def test_fsdp_checkpoints_hold_shards_and_the_final_one_whole_weights(runs):
     assert (final / "dcp" / ".metadata").is_file()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_resume_across_world_sizes(runs, tmp_path, strategy):
     single, full = runs("single")
@@ -151,6 +154,7 @@ def test_resume_across_world_sizes(runs, tmp_path, strategy):
         assert losses(solo)[-EVERY:] == pytest.approx(tail, abs=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_fsdp_resume_with_dropout_is_exact(tmp_path):
     """Dropout's masks come from (seed, step, rank): a resumed sharded run draws the ones the run
     drew uninterrupted (rank 0 alone initialising the whole model at start-up leaves its torch
@@ -162,6 +166,7 @@ def test_fsdp_resume_with_dropout_is_exact(tmp_path):
     assert losses(resumed) == losses(full)[EVERY:]
 
 
+@pytest.mark.multiprocess
 def test_a_different_global_batch_is_refused(runs, tmp_path):
     two, _ = runs("ddp")
     env = {**os.environ, "OPENMYTHOS_CACHE": str(tmp_path / "cache")}
