@@ -370,7 +370,7 @@ def experiment_command(name: str, overrides: dict[str, str]) -> dict:
             raise ValueError(f"experiment {name!r} has no field {key!r}; fields: {sorted(types)}")
         fields[key] = coerce(key, text, types[key])
     payload = run_experiment(name, **fields)
-    out = Path(payload["config"]["out_dir"] or f"runs/experiments/{name}").expanduser()
+    out = Path(payload["config"]["out_dir"]).expanduser()
     print((out / "report.md").read_text())
     return payload
 

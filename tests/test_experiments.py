@@ -208,6 +208,16 @@ def test_an_experiment_never_deletes_a_folder_it_did_not_make(tmp_path):
         run_experiment("depth-extrapolation", smoke=True, out_dir=str(mine / "notes.txt"))
 
 
+def test_each_run_gets_a_folder_of_its_own_by_default(tmp_path, monkeypatch):
+    """A smoke check after a long run wrote to the same runs/experiments/NAME and replaced it."""
+    monkeypatch.chdir(tmp_path)
+    first = run_experiment("depth-extrapolation", smoke=True, threads=1)
+    second = run_experiment("depth-extrapolation", smoke=True, threads=1)  # within the same second
+    folders = [Path(p["config"]["out_dir"]) for p in (first, second)]
+    assert folders[0] != folders[1] and all((f / "results.json").is_file() for f in folders)
+    assert folders[0].parent == Path("runs/experiments") and folders[0].name.startswith("depth-extrapolation-smoke-")
+
+
 def test_smoke_settings_keep_the_fields_a_user_set():
     from openmythos.experiments.stability import StabilityConfig
 

@@ -6,7 +6,9 @@ the command, seed, wall time and machine) and PNG plots into its output director
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import platform
 import shutil
@@ -21,12 +23,14 @@ import torch
 
 from openmythos.config import check_threads
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ExperimentConfig:
     """Fields every experiment has; each experiment extends it with its own."""
 
-    out_dir: str = ""  # "" -> runs/experiments/<name>
+    out_dir: str = ""  # "" -> runs/experiments/<name>[-smoke]-<time>: a rerun never replaces a result
     seed: int = 0
     smoke: bool = False  # seconds-long run that exercises every code path and the report
     scale: float = 1.0  # multiplies training steps (and widths where the experiment says so)
@@ -112,8 +116,16 @@ class Report:
     out: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        # a folder of its own: an --out_dir that holds a user's files is refused, never written into
-        self.out = fresh_dir(Path(self.cfg.out_dir or f"runs/experiments/{self.name}").expanduser())
+        if not self.cfg.out_dir:  # a new folder per run, as mythos train's: a smoke check after a
+            # long run must not replace its results
+            smoke = "-smoke" if self.cfg.smoke else ""
+            base = f"runs/experiments/{self.name}{smoke}-{time.strftime('%Y%m%d-%H%M%S')}"
+            names = itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2)))
+            self.cfg.out_dir = next(name for name in names if not Path(name).exists())
+        # a folder of its own: an --out_dir that holds a user's files is refused, never written
+        # into; one an earlier run of an experiment made is emptied (the user named it)
+        self.out = fresh_dir(Path(self.cfg.out_dir).expanduser())
+        log.info("%s: writing to %s", self.name, self.out)
 
     def add(self, text: str) -> None:
         self.sections.append(text)
