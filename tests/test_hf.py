@@ -144,8 +144,12 @@ def test_generate_without_cache_and_with_beams():
     want = model.generate(ids, 4, temperature=0, n_loops=2)
     assert torch.equal(hf.generate(ids, max_new_tokens=4, do_sample=False, n_loops=2,
                                    use_cache=False), want)
+    # the cache must follow the beams that transformers reorders at every step: as recomputing
+    # each step without one
     beams = hf.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, n_loops=2)
     assert beams.shape == (2, 10)
+    assert torch.equal(beams, hf.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False,
+                                          n_loops=2, use_cache=False))
     sampled = hf.generate(ids, max_new_tokens=4, do_sample=True, num_return_sequences=2)
     assert sampled.shape == (4, 10)
 
@@ -286,6 +290,10 @@ def test_export_from_training_checkpoint(tokenizer, tmp_path):
     assert tok.encode("a test") == tokenizer.encode("a test")
     assert train_cfg.to_dict() == cfg.to_dict()
     assert json.loads((out / "generation_config.json").read_text())["n_loops"] == 2
+    # safetensors writes owner-only files: the weights get the folder's other files' permissions
+    (step,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    for folder in (step, out):
+        assert (folder / "model.safetensors").stat().st_mode & 0o777 == (folder / "config.json").stat().st_mode & 0o777
     # the same folder written again without a tokenizer or run config keeps none of the old ones
     save_hf(model, out)
     assert load_pretrained(out)[1:] == (None, None) and not list(out.glob("tokenizer*"))

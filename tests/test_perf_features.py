@@ -116,16 +116,30 @@ def test_ring_cache_memory_does_not_grow_with_depth(attn_type):
 @pytest.mark.parametrize("ring", [1, 2])
 @torch.no_grad()
 def test_ring_cache_prefill_is_exact_and_decode_close(ring):
-    model = small_model(kv_cache_policy="ring", kv_cache_ring=ring)
+    # std=0.1: at the default init the logits barely depend on the input, so a decode that read
+    # noise from its cache would come as close to the full pass as one that reads stale loops
+    model = small_model(std=0.1, kv_cache_policy="ring", kv_cache_ring=ring)
     ids = torch.randint(0, 64, (2, 12))
     full = model(ids, n_loops=3).logits
-    cache = model.new_cache(2, 12, 3)
-    outs = [model(ids[:, :6], n_loops=3, cache=cache).logits]
-    outs += [model(ids[:, i:i + 1], n_loops=3, cache=cache).logits for i in range(6, 12)]
-    inc = torch.cat(outs, 1)
+
+    def decode(noise: bool) -> torch.Tensor:
+        cache = model.new_cache(2, 12, 3)
+        outs = [model(ids[:, :6], n_loops=3, cache=cache).logits]
+        if noise:  # the control: the looped block's entries of the prompt are garbage
+            for slot in cache.loop_slots:
+                for buf in slot.tensors:
+                    buf.normal_()
+        outs += [model(ids[:, i:i + 1], n_loops=3, cache=cache).logits for i in range(6, 12)]
+        return torch.cat(outs, 1)
+
+    def decode_error(logits: torch.Tensor) -> float:
+        return float((logits[:, 6:] - full[:, 6:]).norm() / full[:, 6:].norm())
+
+    inc = decode(noise=False)
     assert_close(inc[:, :6], full[:, :6], atol=1e-5, rtol=1e-5)
-    assert torch.isfinite(inc).all()
-    assert (inc[:, 6:] - full[:, 6:]).abs().max() < 0.1  # stale loops, not garbage
+    # stale loops, not garbage: here about a third of the error of decoding from noise
+    real, noise = decode_error(inc), decode_error(decode(noise=True))
+    assert real < 0.5 * noise, (real, noise)
 
 
 @pytest.mark.parametrize("attn_type", ["mla", "gqa"])

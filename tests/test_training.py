@@ -121,8 +121,21 @@ def test_resume_refuses_a_different_config(tmp_path):
     train(load_config(None, overrides))
     changed = load_config(None, {**overrides, "train.lr": 1e-3,
                                  "checkpoint.resume": overrides["run.out_dir"]})
-    with pytest.raises(ValueError, match=r"refusing to resume(.|\n)*train\.lr: 0\.003 -> 0\.001"):
+    with pytest.raises(ValueError, match=r"refusing to resume(.|\n)*train\.lr: 0\.003 -> 0\.001"
+                                         r"(.|\n)*it may change only .*train\.max_minutes.*eval\.\*"):
         train(changed)
+
+
+def test_a_longer_time_budget_on_resume_says_the_rate_rises(tmp_path, caplog):
+    """The clock-driven cosine stretches to the new end: the rate jumps back up (5.6x on the
+    quickstart), which the docstring once said never happens."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 200, "train.max_minutes": 0.002,
+                                            "train.warmup_steps": 1, "eval.samples": 0})
+    train(load_config(None, overrides))
+    with caplog.at_level("WARNING", logger="openmythos"):
+        train(load_config(None, {**overrides, "train.max_minutes": 10.0,
+                                 "checkpoint.resume": overrides["run.out_dir"]}))
+    assert "stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
 
 
 def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path):
@@ -623,3 +636,17 @@ def test_a_vocabulary_padded_past_the_tokenizers_trains_and_samples(tmp_path):
                                             "eval.sample_tokens": 32, "eval.temperature": 2.0})
     summary = train(load_config(None, overrides))
     assert (tmp_path / "run" / "summary.json").is_file() and len(summary["samples"]) == 4
+
+
+def test_logged_loss_loops_and_rate_are_means_over_the_window():
+    """The bar and metrics.jsonl showed one step's sampled depth (7, of a Poisson(2) sampler)
+    and loss, held for log_every steps."""
+    from openmythos.training.trainer import window_means
+
+    steps = [{"step": i + 1, "loss": loss, "loops": loops, "ponder": 0.0, "tok_per_s": rate, "lr": lr}
+             for i, (loss, loops, rate, lr) in enumerate([(4.0, 1, 100.0, 3e-3), (float("nan"), 1, 200.0, 2e-3),
+                                                          (2.0, 7, 200.0, 1e-3)])]
+    record = window_means(steps)
+    assert (record["step"], record["lr"], record["steps_logged"]) == (3, 1e-3, 3)  # the last step's
+    assert record["loops"] == 3.0 and record["loss"] == 3.0  # a skipped step's NaN left out
+    assert record["tok_per_s"] == pytest.approx(150.0)  # 3 equal batches in 1/100 + 2/200 s

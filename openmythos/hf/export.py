@@ -37,7 +37,7 @@ from openmythos.data.tokenizer import (
 )
 from openmythos.hf.modeling_openmythos import OpenMythosForCausalLM, check_depth
 from openmythos.model import OpenMythos
-from openmythos.training.checkpoint import is_hf_export, load_model
+from openmythos.training.checkpoint import is_hf_export, load_model, readable_as_umask
 
 if TYPE_CHECKING:
     from openmythos.training.config import TrainConfig
@@ -116,6 +116,8 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
     hf = OpenMythosForCausalLM.from_openmythos(model, **special)
     hf.generation_config = GenerationConfig(**special, n_loops=n_loops or model.cfg.max_loop_iters)
     hf.save_pretrained(out)
+    for weights in out.glob("*.safetensors"):
+        readable_as_umask(weights)
     # a folder that held an earlier export keeps nothing of it that this one does not rewrite:
     # load_pretrained would pair this model with that tokenizer or run config
     stale = [] if tokenizer is not None else [*out.glob("tokenizer*.json"), *out.glob("special_tokens_map.json")]

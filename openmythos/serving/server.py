@@ -305,7 +305,8 @@ def _over_limits(body: CompletionRequest, n_prompts: int, engine: Engine, limits
         return _error(400, f"max_tokens={body.max_tokens} leaves no room for a prompt in the context "
                            f"of {engine.max_len} tokens", "max_tokens")
     if body.n_loops is not None and body.n_loops > engine.max_loops:
-        return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops}", "n_loops")
+        return _error(400, f"n_loops={body.n_loops} exceeds this server's {engine.max_loops} (its "
+                           "--max-loops: more loops need a server started with a larger one)", "n_loops")
     if body.stream and n_prompts > 1:
         return _error(400, "stream supports a single prompt", "prompt")
     return None

@@ -236,6 +236,15 @@ def _new_tmp(root: Path, step: int) -> Path:
     return tmp
 
 
+def readable_as_umask(path: Path) -> None:
+    """The permissions any other file written here gets (0644 under the usual umask): safetensors
+    writes its files owner-only (0600), so a colleague could read a run's config and tokenizer
+    but not its weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def _finish(root: Path, tmp: Path, step: int, model: nn.Module, train_cfg: TrainConfig,
             tokenizer: Tokenizer, state: dict[str, Any], keep: int,
             weights: dict[str, torch.Tensor] | None) -> Path:
@@ -244,6 +253,7 @@ def _finish(root: Path, tmp: Path, step: int, model: nn.Module, train_cfg: Train
     if weights is not None:
         weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(weights, tmp / WEIGHTS, metadata={"step": str(step)})
+        readable_as_umask(tmp / WEIGHTS)
     torch.save(state, tmp / STATE)
     config = {"format": FORMAT_VERSION, "step": step, "train": train_cfg.to_dict(),
               "model": model.cfg.to_dict(), "data": state.get("data", {})}

@@ -126,10 +126,11 @@ def lr_at(step: int, cfg: OptimConfig, elapsed_s: float = 0.0) -> float:
     The cosine ends at cfg.steps or, with cfg.max_minutes and cfg.time_schedule, at the time limit
     when that comes first: once the elapsed training time is a larger fraction of max_minutes than
     `step` is of `steps` (the time limit will stop the run first), the decay follows the clock,
-    counted in the steps that fraction of the run would be (so the rate falls continuously and
-    never rises again). A run that the time limit does not cut short (every test, any long GPU
-    run) stays a pure function of the step and resumes exactly; a time-limited one depends on the
-    machine's speed.
+    counted in the steps that fraction of the run would be (so within a run the rate falls
+    continuously and never rises again; a resume with a larger max_minutes stretches the cosine
+    to the new end, which raises the rate, and the trainer says so). A run that the time limit
+    does not cut short (every test, any long GPU run) stays a pure function of the step and
+    resumes exactly; a time-limited one depends on the machine's speed.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

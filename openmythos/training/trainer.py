@@ -157,6 +157,20 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
     return cfg.model_config(vocab_size=vocab)
 
 
+def window_means(records: list[dict]) -> dict:
+    """The last step's record, with the loss, loops, ponder cost and tokens/s averaged over the
+    steps since the last log (`steps_logged`): one step's sampled depth and loss, held for
+    log_every steps, read as the run's. A skipped step's non-finite loss stays out of the mean."""
+    def mean(key: str) -> float:
+        values = [r[key] for r in records if math.isfinite(r[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    # every step trains as many tokens, so the window's rate is the harmonic mean of the steps'
+    rate = len(records) / sum(1 / r["tok_per_s"] for r in records)
+    return {**records[-1], "loss": mean("loss"), "loops": mean("loops"), "ponder": mean("ponder"),
+            "tok_per_s": rate, "steps_logged": len(records)}
+
+
 def _entropy(load: torch.Tensor) -> float:
     """Entropy of the expert-load distribution over log(E): 1.0 is perfectly balanced."""
     p = load.float() / load.sum().clamp(min=1)
@@ -297,7 +311,10 @@ class Trainer:
         if changed:
             raise ValueError(f"refusing to resume from {str(ckpt.path)!r}: the config differs "
                              "from the one it was trained with (saved -> now):\n  "
-                             + "\n  ".join(changed))
+                             + "\n  ".join(changed) + "\nA resume continues the same run (its "
+                             "settings fix its schedule and numbers); it may change only "
+                             + ", ".join([k for k in RESUME_MUTABLE if not k.startswith("eval.")] + ["eval.*"])
+                             + ". For other settings, start a new run without --resume.")
 
     def _run_dir(self, ckpt: Checkpoint | None) -> Path:
         cfg = self.cfg.run
@@ -373,6 +390,11 @@ class Trainer:
             setattr(self, key, state[key])
         self.last_saved = self.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
+        saved, now = (lr_at(self.step, c.train, self.train_time) for c in (ckpt.train_cfg, self.cfg))
+        if now > saved * 1.01:  # a longer train.max_minutes stretches a clock-driven cosine
+            log.warning("train.max_minutes %s -> %s stretches the learning-rate schedule to the new "
+                        "end: the rate rises from %.3g to %.3g at this step and decays again from there",
+                        ckpt.train_cfg.train.max_minutes, self.cfg.train.max_minutes, saved, now)
         changed = ckpt.changed_splits(self.data.train, self.data.val)
         if changed:
             log.warning("the run's %s split differs from the one it trained on (its files changed): "
@@ -555,13 +577,15 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and main))
         with _StopRequest() as stop, logging_redirect_tqdm(), bar:
+            window = []  # the steps since the last log
             while self.step < cfg.train.steps and not spent:
-                record = self.train_step()
+                window.append(self.train_step())
                 if cfg.train.max_minutes:  # where the clock will stop the run, for the bar's ETA
                     pace = self.step / max(time.perf_counter() - start, 1e-9)
                     bar.total = min(cfg.train.steps, max(self.step, round(pace * 60 * cfg.train.max_minutes)))
                 bar.update(1)
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
+                    record, window = window_means(window), []
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
                                     loops=f"{record['loops']:.1f}", refresh=False)
                     if metrics:
