@@ -17,12 +17,14 @@ Each subcommand is a typed function here or in the library (`train_command`, `ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import socket
 import sys
+import textwrap
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -449,10 +451,26 @@ def _parser() -> argparse.ArgumentParser:
 
     xp = sub.add_parser("experiment", help="reproduce a claim: depth-extrapolation, "
                                            "param-efficiency, stability, act-pareto",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="fields of the experiment's config as --field value, e.g. "
-                               "--smoke --scale 4 --out_dir runs/x (a bare flag is true)")
+                               "--smoke --scale 4 --out_dir runs/x (a bare flag is true);\n"
+                               "each experiment's fields, with their defaults:\n\n"
+                               + _experiment_fields())
     xp.add_argument("name")
     return p
+
+
+def _experiment_fields() -> str:
+    """Each experiment's fields and their defaults, for `mythos experiment --help`."""
+    from openmythos.experiments import EXPERIMENTS
+    from openmythos.experiments.common import flag_value
+
+    def fields(config: type) -> str:
+        defaults = config()  # every field has a default
+        return ", ".join(f"{f.name}={flag_value(getattr(defaults, f.name))}" for f in dataclasses.fields(config))
+
+    return "\n".join(textwrap.fill(fields(config), initial_indent=f"{name}: ", subsequent_indent="    ",
+                                   width=96) for name, (config, _) in EXPERIMENTS.items())
 
 
 def _exit_flags(parser: argparse.ArgumentParser) -> None:

@@ -68,6 +68,13 @@ class ExperimentConfig:
                 setattr(self, name, value)
 
 
+def flag_value(value: Any) -> str:
+    """A field's value as `mythos experiment` takes it on the command line."""
+    if isinstance(value, list):
+        return ",".join(map(flag_value, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 MARKER = ".openmythos-experiment"  # in every folder an experiment made, and may empty again
 
 
@@ -150,14 +157,9 @@ class Report:
     def command(self) -> str:
         """The `mythos experiment` command that repeats this run: its name and the fields the
         caller set (run_experiment records them), whether it came from the shell or from Python."""
-        def flag(value: Any) -> str:
-            if isinstance(value, list):
-                return ",".join(map(flag, value))
-            return str(value).lower() if isinstance(value, bool) else str(value)
-
         given = sorted(getattr(self.cfg, "given", ()))
         return " ".join(["mythos experiment", self.name,
-                         *(f"--{name} {flag(getattr(self.cfg, name))}" for name in given)])
+                         *(f"--{name} {flag_value(getattr(self.cfg, name))}" for name in given)])
 
     def write(self) -> dict[str, Any]:
         wall = time.time() - self.started
