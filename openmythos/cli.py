@@ -351,8 +351,8 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
 def _check_address(host: str, port: int) -> None:
     """The address the server will listen on, tried before the model loads: a bad --host or a
     port in use is named now, not after the load (uvicorn's own error exits with status 3)."""
-    try:
-        with socket.create_server((host, port)):
+    try:  # IPv6 for a host with a colon, as uvicorn decides
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
             pass
     except OSError as e:
         raise ValueError(f"cannot listen on --host {host!r} --port {port}: {e.strerror or e}") from e

@@ -26,6 +26,11 @@ HALTINGS = ("act", "kl", "none")
 KV_CACHE_POLICIES = ("per_loop", "ring")
 
 
+# MythosConfig fields added after the first saved configs (HF exports): a field added later goes
+# here, with a default that gives the model the older saves describe
+ADDED_SINCE_FIRST_SAVE = frozenset({"kv_cache_policy", "kv_cache_ring"})
+
+
 @dataclass
 class MythosConfig:
     # vocabulary and widths
@@ -172,14 +177,16 @@ class MythosConfig:
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any], where: str) -> MythosConfig:
-        """The model config in a file a save wrote beside other keys (an HF config.json): every
-        field must be there, since today's default would silently stand in for a missing one."""
+        """The model config in a file a save wrote beside other keys (an HF config.json): a save
+        writes every field, so a missing one, which today's default would silently stand in for,
+        is refused; except the fields added since the first saves, which take their defaults
+        (those give the model the older saves describe)."""
         names = [f.name for f in fields(cls)]
-        missing = [name for name in names if name not in saved]
+        missing = [name for name in names if name not in saved and name not in ADDED_SINCE_FIRST_SAVE]
         if missing:
             raise ValueError(f"{where} lacks the model field(s) {missing}: a save writes every "
                              "field, so the file was cut or edited")
-        return cls(**{name: saved[name] for name in names})
+        return cls(**{name: saved[name] for name in names if name in saved})
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MythosConfig:

@@ -102,7 +102,8 @@ def test_time_budget_gives_every_run_the_same_training_time(monkeypatch):
     assert slow[-1] < slow[0] and clock[0] <= 14 * 60 + 1e-6
 
 
-def test_the_recorded_command_repeats_the_run():
+def test_the_recorded_command_repeats_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a Report makes its folder
     cfg = ActParetoConfig(smoke=True, depths=[1, 2], lr=1e-3)
     cfg.given = frozenset({"smoke", "depths", "lr"})
     assert Report("act-pareto", cfg).command() == "mythos experiment act-pareto --depths 1,2 --lr 0.001 --smoke true"
@@ -211,11 +212,13 @@ def test_an_experiment_never_deletes_a_folder_it_did_not_make(tmp_path):
 def test_each_run_gets_a_folder_of_its_own_by_default(tmp_path, monkeypatch):
     """A smoke check after a long run wrote to the same runs/experiments/NAME and replaced it."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common.time, "strftime", lambda fmt: "20261130-170000")  # the same second
     first = run_experiment("depth-extrapolation", smoke=True, threads=1)
-    second = run_experiment("depth-extrapolation", smoke=True, threads=1)  # within the same second
+    second = run_experiment("depth-extrapolation", smoke=True, threads=1)
     folders = [Path(p["config"]["out_dir"]) for p in (first, second)]
-    assert folders[0] != folders[1] and all((f / "results.json").is_file() for f in folders)
-    assert folders[0].parent == Path("runs/experiments") and folders[0].name.startswith("depth-extrapolation-smoke-")
+    assert folders == [Path("runs/experiments/depth-extrapolation-smoke-20261130-170000"),
+                       Path("runs/experiments/depth-extrapolation-smoke-20261130-170000-2")]
+    assert all((f / "results.json").is_file() for f in folders)
 
 
 def test_smoke_settings_keep_the_fields_a_user_set():

@@ -96,7 +96,8 @@ def test_few_steps_lower_the_loss(tmp_path):
     {},  # fixed depth, batch-level
     {"loops.sampler": "lognormal-poisson", "loops.per": "sequence", "loops.max": 4,
      "loops.backprop": 1, "train.grad_accum": 2, "eval.every": 4, "checkpoint.every": 5,
-     "train.optimizer": "muon", "model.dropout": 0.1},
+     "train.optimizer": "muon", "model.dropout": 0.1,
+     "run.log_every": 4},  # the stop at step 7 splits a log window, which the checkpoint keeps
 ])
 def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch, loops):
     straight = tmp_path / "straight"
@@ -650,3 +651,6 @@ def test_logged_loss_loops_and_rate_are_means_over_the_window():
     assert (record["step"], record["lr"], record["steps_logged"]) == (3, 1e-3, 3)  # the last step's
     assert record["loops"] == 3.0 and record["loss"] == 3.0  # a skipped step's NaN left out
     assert record["tok_per_s"] == pytest.approx(150.0)  # 3 equal batches in 1/100 + 2/200 s
+    for r, ranks in zip(steps, [[50.0, 100.0], [100.0, 100.0], [100.0, 100.0]], strict=True):
+        r["tok_per_s_rank"] = ranks
+    assert window_means(steps)["tok_per_s_rank"] == pytest.approx([75.0, 100.0])

@@ -118,23 +118,23 @@ def split_by_hash(
 
     Adding or removing files never moves the others between splits, unless no name falls below
     the fraction: then the lowest one is validation (never empty), and a new lowest one moves
-    the old one to training. A copy of a training document under another name (a backup folder)
-    trains too, so that validation never scores text the model trains on. A checkpoint records
-    its splits (PackedTokens.digest), and resuming or evaluating it on changed files warns.
+    the old one to training. Copies of a text under other names (a backup folder) go to one
+    split together, by the lowest hash among their names, so that validation never scores text
+    the model trains on (a new copy may move its text). A checkpoint records its splits
+    (PackedTokens.digest), and resuming or evaluating it on changed files warns.
     """
     _check_fraction(val_fraction)
     if len(docs) < 2:
         raise ValueError(f"splitting by name needs at least 2 documents, got {len(docs)}")
-    threshold = max(val_fraction, min(_name_hash(d.name) for d in docs))
-    held_out = [_name_hash(d.name) <= threshold for d in docs]
-    if all(held_out):
-        raise ValueError(f"val_fraction {val_fraction} leaves no training documents")
-    trained = {d.text for d, out in zip(docs, held_out, strict=True) if not out}
-    val = [d for d, out in zip(docs, held_out, strict=True) if out and d.text not in trained]
-    if not val:
-        raise ValueError("every validation document is a copy of a training one under another name: "
-                         "nothing is left to validate on (give a separate data.val_path)")
-    return [d for d, out in zip(docs, held_out, strict=True) if not out or d.text in trained], val
+    text_hash: dict[str, float] = {}
+    for d in docs:
+        text_hash[d.text] = min(text_hash.get(d.text, 1.0), _name_hash(d.name))
+    threshold = max(val_fraction, min(text_hash.values()))
+    val = [d for d in docs if text_hash[d.text] <= threshold]
+    if len(val) == len(docs):
+        raise ValueError(f"val_fraction {val_fraction} leaves no training documents"
+                         + (" (every document holds the same text)" if len(text_hash) == 1 else ""))
+    return [d for d in docs if text_hash[d.text] > threshold], val
 
 
 def split_tail(doc: Document, val_fraction: float = 0.05) -> tuple[list[Document], list[Document]]:

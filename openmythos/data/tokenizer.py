@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,8 +23,6 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
-
-from openmythos.config import is_int
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -53,6 +52,17 @@ def checked_text(text: str) -> str:
         raise ValueError(f"text is not valid Unicode: a lone surrogate {text[e.start]!r} at "
                          f"character {e.start}") from None
     return text
+
+
+def _token_id(token: object) -> int | None:
+    """An integer token id (an int, a numpy integer, an integer tensor of one element), else
+    None: a float or a digit string would be truncated or parsed, a bool read as 0 or 1."""
+    if isinstance(token, bool):
+        return None
+    try:
+        return operator.index(token)
+    except TypeError:
+        return None
 
 
 class Tokenizer(ABC):
@@ -89,13 +99,14 @@ class Tokenizer(ABC):
         """Text of integer token ids (a list, or a tensor or array of an integer dtype)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         for i, token in enumerate(ids):
-            if not is_int(token):  # a float or a digit string would be truncated or parsed
+            ids[i] = _token_id(token)
+            if ids[i] is None:
                 raise ValueError(f"ids[{i}] must be an integer token id, got {token!r}")
-            if not 0 <= token < self.vocab_size:
+            if not 0 <= ids[i] < self.vocab_size:
                 raise ValueError(
-                    f"token id {token} is out of range for {self.name} (vocab_size {self.vocab_size})"
+                    f"token id {ids[i]} is out of range for {self.name} (vocab_size {self.vocab_size})"
                 )
-        return self._decode([int(token) for token in ids])
+        return self._decode(ids)
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...

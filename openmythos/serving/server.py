@@ -243,16 +243,14 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
         refusal = _over_limits(body, len(prompts), engine, limits)
         if refusal is not None:
             return refusal
-        encoded = []
+        encoded, context_room = [], engine.max_len - body.max_tokens
         for i, text in enumerate(prompts):
-            try:  # off the event loop: a long prompt takes a second, and every client would wait
-                encoded.append(await asyncio.to_thread(tokenizer.encode, text) or [tokenizer.eos_id])
-            except ValueError as e:  # a lone surrogate, which JSON can carry
-                where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
-                return _error(400, f"{where}: {e}", "prompt")
-        context_room = engine.max_len - body.max_tokens
-        for i, ids in enumerate(encoded):
             where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+            try:  # off the event loop: a long prompt takes a second, and every client would wait
+                ids = await asyncio.to_thread(tokenizer.encode, text) or [tokenizer.eos_id]
+            except ValueError as e:  # a lone surrogate, which JSON can carry
+                return _error(400, f"{where}: {e}", "prompt")
+            encoded.append(ids)
             if len(ids) > limits.max_prompt_tokens:
                 return _error(400, f"{where} is {len(ids)} tokens, past this server's max_prompt_tokens="
                                    f"{limits.max_prompt_tokens}", "prompt")

@@ -158,17 +158,23 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
 
 
 def window_means(records: list[dict]) -> dict:
-    """The last step's record, with the loss, loops, ponder cost and tokens/s averaged over the
-    steps since the last log (`steps_logged`): one step's sampled depth and loss, held for
-    log_every steps, read as the run's. A skipped step's non-finite loss stays out of the mean."""
+    """The last step's record, with the loss, loops, ponder cost and tokens/s (the global and
+    each rank's) averaged over the steps since the last log (`steps_logged`): one step's sampled
+    depth and loss, held for log_every steps, read as the run's. A skipped step's non-finite loss
+    stays out of the mean."""
     def mean(key: str) -> float:
         values = [r[key] for r in records if math.isfinite(r[key])]
         return sum(values) / len(values) if values else math.nan
 
-    # every step trains as many tokens, so the window's rate is the harmonic mean of the steps'
-    rate = len(records) / sum(1 / r["tok_per_s"] for r in records)
-    return {**records[-1], "loss": mean("loss"), "loops": mean("loops"), "ponder": mean("ponder"),
-            "tok_per_s": rate, "steps_logged": len(records)}
+    def rate(values: list[float]) -> float:  # every step trains as many tokens: a harmonic mean
+        return len(values) / sum(1 / v for v in values)
+
+    means = {"loss": mean("loss"), "loops": mean("loops"), "ponder": mean("ponder"),
+             "tok_per_s": rate([r["tok_per_s"] for r in records]), "steps_logged": len(records)}
+    if "tok_per_s_rank" in records[-1]:  # each rank's own, over the same steps
+        per_rank = zip(*(r["tok_per_s_rank"] for r in records), strict=True)
+        means["tok_per_s_rank"] = [rate(list(steps)) for steps in per_rank]
+    return {**records[-1], **means}
 
 
 def _entropy(load: torch.Tensor) -> float:
@@ -281,6 +287,7 @@ class Trainer:
         self.skipped = 0
         self.bad_in_row = 0
         self.train_time = 0.0
+        self.log_window: list[dict] = []  # the steps since the last log: a checkpoint keeps them
         self.last_saved = -1
         if ckpt is not None:
             self._restore(ckpt)
@@ -388,6 +395,7 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         for key in ("step", "tokens_seen", "skipped", "bad_in_row", "train_time"):
             setattr(self, key, state[key])
+        self.log_window = state.get("log_window", [])  # absent from older checkpoints
         self.last_saved = self.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
         saved, now = (lr_at(self.step, c.train, self.train_time) for c in (ckpt.train_cfg, self.cfg))
@@ -413,7 +421,7 @@ class Trainer:
                  "rng": rng, "step": self.step, "tokens_seen": self.tokens_seen,
                  "world_size": self.env.world_size,
                  "skipped": self.skipped, "bad_in_row": self.bad_in_row,
-                 "train_time": self.train_time}
+                 "train_time": self.train_time, "log_window": self.log_window}
         if not self.sharded:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -577,15 +585,14 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.run.progress and main))
         with _StopRequest() as stop, logging_redirect_tqdm(), bar:
-            window = []  # the steps since the last log
             while self.step < cfg.train.steps and not spent:
-                window.append(self.train_step())
+                self.log_window.append(self.train_step())
                 if cfg.train.max_minutes:  # where the clock will stop the run, for the bar's ETA
                     pace = self.step / max(time.perf_counter() - start, 1e-9)
                     bar.total = min(cfg.train.steps, max(self.step, round(pace * 60 * cfg.train.max_minutes)))
                 bar.update(1)
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
-                    record, window = window_means(window), []
+                    record, self.log_window = window_means(self.log_window), []
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
                                     loops=f"{record['loops']:.1f}", refresh=False)
                     if metrics:
