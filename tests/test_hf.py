@@ -362,6 +362,17 @@ def test_the_cli_names_a_damaged_config_json(exported, tmp_path, capsys, damage,
     assert message in capsys.readouterr().err
 
 
+def test_an_export_from_before_the_cache_policy_fields_loads(exported, tmp_path):
+    """Exports written before kv_cache_policy and kv_cache_ring existed lack them: they take the
+    defaults those exports' models had, while any other missing field is refused."""
+    _, path = exported
+    old = shutil.copytree(path, tmp_path / "old")
+    for name in ("kv_cache_policy", "kv_cache_ring"):
+        _drop_field(old, name)
+    loaded = OpenMythosForCausalLM.from_pretrained(old)
+    assert loaded.config.kv_cache_policy == "per_loop"
+
+
 def test_mismatched_tokenizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         save_hf(tiny_model(), tmp_path, train_bpe(CORPUS, vocab_size=VOCAB + 50))
