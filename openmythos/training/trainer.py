@@ -634,6 +634,11 @@ class Trainer:
         if main:
             (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
             _plot(self.run_dir / METRICS, self.run_dir / "loss.png")
+        if self.env.world_size > 1:
+            # the ranks leave together: one that tore its process group down while rank 0 still
+            # wrote the summary and the plot sometimes aborted in gloo's teardown (SIGABRT), and
+            # torchrun then killed rank 0 before its files were written
+            dist.barrier()
         return summary
 
     def _summary(self, status: str, checkpoint: Path) -> dict[str, Any]:
