@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from openmythos.config import MythosConfig, preset_names
+from openmythos.config import HALTINGS, MythosConfig, preset_names
 from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
 from openmythos.evaluation import bits_per_byte, depth_table, perplexity, scored_targets
 from openmythos.evaluation import evaluate as evaluate_split
@@ -340,8 +340,6 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
         tokenizer = ByteTokenizer()
         cfg = MythosConfig.from_preset(preset, vocab_size=tokenizer.vocab_size)
         model, name = OpenMythos(cfg).to(resolve_device(device, "--device")), f"{preset}-random"
-    if tokenizer is None:
-        raise ValueError(f"{checkpoint!r} holds no tokenizer, which serving needs")
     if exit_rule:
         model = model.with_exit(**exit_rule)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops)
@@ -474,7 +472,7 @@ def _experiment_fields() -> str:
 
 
 def _exit_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--halting", choices=("none", "act", "kl"),
+    parser.add_argument("--halting", choices=HALTINGS,
                         help="run the weights with this exit rule instead of the run's (e.g. the KL exit "
                              "on a model trained without halting; act only for a run trained with it)")
     parser.add_argument("--act-threshold", type=float, help="with --halting act (default: the run's)")

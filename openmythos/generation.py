@@ -1,14 +1,27 @@
 """Sampling and generation with the KV cache: greedy / temperature / top-k / top-p, per-sequence
-EOS, prompts of different lengths in one batch (left-padded), and a streaming variant."""
+EOS, prompts of different lengths in one batch (left-padded), a streaming variant, and
+self-speculative decoding (a shallow draft verified at full depth)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 from openmythos.config import is_int, is_real
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 # below this, a temperature samples the argmax, its limit: dividing fp32 logits by it would
 # overflow them into inf and NaN probabilities
@@ -141,9 +154,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | 
     B, T = ids.shape
     total = _total_length(model, T, max_new_tokens)
     n_loops = model.check_loops(n_loops, B)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         cache = model.new_cache(B, total, n_loops if isinstance(n_loops, int) else int(n_loops.max()))
         logits = model(ids.to(device), n_loops=n_loops, cache=cache, attention_mask=mask,
                        logits_to_keep=1).logits
@@ -157,8 +168,6 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | 
             if step + 1 == max_new_tokens or bool(done.all()):
                 return
             logits = model(token.unsqueeze(1), n_loops=n_loops, cache=cache).logits
-    finally:
-        model.train(was_training)
 
 
 def generate(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | None = None,
@@ -221,9 +230,7 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
     def draw(probs: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(probs, 1, generator=generator).view(1)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         cache = model.new_cache(1, total, n_loops)
         logits = model(ids.to(device), n_loops=n_loops, cache=cache, logits_to_keep=1).logits[:, -1, :vocab]
         token, produced = sample(logits, temperature, top_k, top_p, generator), 0
@@ -274,8 +281,6 @@ def speculative_stream(model, input_ids, max_new_tokens: int, n_loops: int | Non
             else:  # rejected: what the target gives beyond what the draft did
                 residual = (p - q[accepted]).clamp(min=0)
                 token = draw(residual if float(residual.sum()) > 0 else p)
-    finally:
-        model.train(was_training)
 
 
 def speculative_generate(model, input_ids, max_new_tokens: int, n_loops: int | None = None,

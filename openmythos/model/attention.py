@@ -189,16 +189,10 @@ def _sdpa(q, k, v, mask, is_causal: bool, scale: float, dropout: float) -> torch
         # the fused kernels want one head dim for q, k and v: zero columns of v leave the output
         # exact and cost far less than the unfused path's (T, S) score matrices
         v = F.pad(v, (0, q.shape[-1] - dv)) if dv < q.shape[-1] else v
-    groups = q.shape[2] // k.shape[2]
-    gqa = {}
-    if groups > 1:
-        if _HAS_ENABLE_GQA:
-            gqa = {"enable_gqa": True}  # the kernel shares each key head, no copies
-        else:
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-        dropout_p=dropout, is_causal=is_causal, scale=scale, **gqa,
+        dropout_p=dropout, is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],  # the kernel shares each key head, no copies
     ).transpose(1, 2)
     return out[..., :dv]
 
@@ -219,9 +213,6 @@ def _sdpa_shared_kv(q, k, v, mask, is_causal: bool, scale: float, offset: int) -
         q.reshape(B, 1, T * H, d), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
         scale=scale)
     return out.view(B, T, H, -1)
-
-
-_HAS_ENABLE_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class GQAttention(_Attention):

@@ -107,21 +107,19 @@ class KVCache:
                 raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}")
-        if cfg.attn_type == "gqa":
-            shapes = [(cfg.n_kv_heads, cfg.head_dim)] * 2
-        else:
-            shapes = [(cfg.kv_lora_rank + cfg.qk_rope_head_dim,)]  # [c_kv | k_rope] per token
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.layout = self.layout_of(cfg, dtype, self.valid.device)
+        # keys and values per head for GQA, one [c_kv | k_rope] row per token for MLA
+        n_tensors = 2 if cfg.attn_type == "gqa" else 1
 
         def slot() -> KVSlot:
-            return KVSlot([torch.zeros(batch_size, max_len, *s, dtype=dtype, device=device)
-                           for s in shapes])
+            return KVSlot([torch.zeros(batch_size, max_len, *self.layout["entry shape"], dtype=dtype,
+                                       device=device) for _ in range(n_tensors)])
 
         self.batch_size, self.max_len, self.n_loops, self.packed = batch_size, max_len, n_loops, packed
         self.prelude = [slot() for _ in range(cfg.prelude_layers)]
         self.loop_slots = [slot() for _ in range(cfg.kv_cache_loop_slots(n_loops))]
         self.coda = [slot() for _ in range(cfg.coda_layers)]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.layout = self.layout_of(cfg, dtype, self.valid.device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # columns per row
         self._flags = {"has_padding": False}  # shared with narrow views: padding seen through one

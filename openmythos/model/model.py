@@ -176,6 +176,7 @@ class OpenMythos(nn.Module):
     def update_router_bias(self, expert_load: torch.Tensor) -> None:
         self.moe.update_bias(expert_load)
 
+    @torch.no_grad()
     def spectral_radius(self) -> float:
         """rho(A) of the injection: the largest |A_i|, < 1 for the LTI injection."""
         return float(self.recurrent.injection.decay(self.embed.weight.dtype).abs().max())

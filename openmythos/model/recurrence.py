@@ -61,6 +61,7 @@ class LTIInjection(_Injection):
     def _log_rate(self, dtype: torch.dtype) -> torch.Tensor:
         # exp(-exp(x)) rounds to exactly 1.0 once exp(x) drops under the dtype's spacing below 1,
         # so bound x from below in log space: A <= 1 - eps(dtype) < 1 for any parameter values
+        # (eps is the spacing above 1, twice the one below: a margin)
         x_min = math.log(-math.log1p(-torch.finfo(dtype).eps))
         # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already
         return (self.log_dt + self.log_A).float().clamp(x_min, 20.0)
@@ -260,7 +261,8 @@ class RecurrentBlock(nn.Module):
     def _run_step(self, t, h_t, e_t, coefficients, kv_in, ctx, slot, rows):
         emb_t = loop_embedding(t, h_t.shape[-1], self.cfg.loop_embed_dim, h_t)
         args = (h_t, e_t, emb_t, self.lora.loop_scale(t), coefficients,
-                # the first loop of the rolling buffer ignores kv_in: do not keep it alive
+                # a dense loop (rows None) rewrites every rolling key and never reads kv_in:
+                # do not keep it alive
                 kv_in if rows is not None else None, ctx, slot, rows)
         step = self.compiled_step or self._step
         if self.checkpoint_loops and slot is None and torch.is_grad_enabled():

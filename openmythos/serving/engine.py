@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,8 +94,6 @@ class Request:
     text: str = ""
     stream: TextStream | None = None  # decodes the completion as it grows (with a tokenizer)
     cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     generator: torch.Generator | None = None
     passed_over: int = 0  # times a later arrival was admitted first
 
@@ -284,8 +281,6 @@ class Engine:
         return int(sample(logits, p.temperature, p.top_k, p.top_p, req.generator)[0])
 
     def _emit(self, req: Request, token: int) -> None:
-        if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
         if token == self.eos:  # the held tail is final now: a stop string in it still cuts
             cut = _earliest(req.text, req.params.stop)
             req.text = req.text if cut is None else req.text[:cut]

@@ -174,6 +174,37 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A 400 (415 for a body that is not JSON) naming the first field at fault."""
+    errors = exc.errors()
+    if errors[0]["type"] == "json_invalid":
+        return _error(400, f"malformed JSON: {errors[0]['msg']}", None)
+    content_type = request.headers.get("content-type", "")
+    if errors[0]["loc"] == ("body",):
+        if not _is_json(content_type):  # FastAPI's rule: it never parsed such a body
+            return _error(415, f"Content-Type must be application/json, got {content_type!r}", None)
+        if errors[0]["type"] == "missing":
+            return _error(400, "the request body is empty: send a JSON object", None)
+    # for a union (prompt: str | list[str]) the member that got furthest, e.g. ["a", 5] fails
+    # at its item 1, not as "a valid string"
+    first = max(errors, key=lambda e: len(e["loc"]))
+    field = _field_name(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return _error(400, f"unknown field {field!r}", field)
+    if first["type"] == "missing":
+        return _error(400, f"missing field {field!r}", field)
+    got = json.dumps(first["input"], default=repr)
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return _error(400, f"invalid {field!r}: {first['msg']}, got {got}", field)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own errors in our JSON error shape."""
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return _error(400, "the body could not be parsed as JSON (is it UTF-8?)", None)
+    return _error(exc.status_code, str(exc.detail))
+
+
 def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     tokenizer = engine.tokenizer
@@ -194,34 +225,8 @@ def create_app(engine: Engine, model_name: str = "openmythos", limits: Limits | 
     app = FastAPI(title="OpenMythos", lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if errors[0]["type"] == "json_invalid":
-            return _error(400, f"malformed JSON: {errors[0]['msg']}", None)
-        content_type = request.headers.get("content-type", "")
-        if errors[0]["loc"] == ("body",):
-            if not _is_json(content_type):  # FastAPI's rule: it never parsed such a body
-                return _error(415, f"Content-Type must be application/json, got {content_type!r}", None)
-            if errors[0]["type"] == "missing":
-                return _error(400, "the request body is empty: send a JSON object", None)
-        # for a union (prompt: str | list[str]) the member that got furthest, e.g. ["a", 5] fails
-        # at its item 1, not as "a valid string"
-        first = max(errors, key=lambda e: len(e["loc"]))
-        field = _field_name(first["loc"])
-        if first["type"] == "extra_forbidden":
-            return _error(400, f"unknown field {field!r}", field)
-        if first["type"] == "missing":
-            return _error(400, f"missing field {field!r}", field)
-        got = json.dumps(first["input"], default=repr)
-        got = got if len(got) <= 80 else got[:77] + "..."
-        return _error(400, f"invalid {field!r}: {first['msg']}, got {got}", field)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            return _error(400, "the body could not be parsed as JSON (is it UTF-8?)", None)
-        return _error(exc.status_code, str(exc.detail))
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
 
     @app.get("/health")
     async def health() -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from openmythos.config import MythosConfig, preset_names
+from openmythos.data.tokenizer import TOKENIZER_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +32,7 @@ LOOP_PER = ("batch", "sequence")
 DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
 DIST_STRATEGIES = ("none", "ddp", "fsdp")
-TOKENIZERS = ("bpe", "gpt2", "byte")
+TOKENIZERS = tuple(TOKENIZER_KINDS)
 
 
 @dataclass

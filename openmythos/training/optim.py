@@ -22,8 +22,9 @@ from torch.optim.adamw import adamw
 from openmythos.model.recurrence import AdditiveInjection, FreeInjection, LTIInjection
 from openmythos.training.config import OptimConfig
 
-# decaying the injection pulls A towards 1 (log_A, log_dt -> 0) and B towards 0: it would fight
-# the recurrence's stability instead of regularising it (Parcae trains A, dt, B without decay)
+# decaying the injection pulls log_A and log_dt to 0, every channel's A towards e^-1, and B
+# towards 0: it would erase the learned memory time scales instead of regularising them (Parcae
+# trains A, dt, B without decay)
 _NO_DECAY_MODULES = (nn.Embedding, LTIInjection, FreeInjection, AdditiveInjection)
 # quintic Newton-Schulz coefficients from Jordan et al.: steepest slope at zero, 5 steps suffice
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)

@@ -1,4 +1,4 @@
-"""The training loop behind `mythos train`: data, model, AdamW, sampled depth, telemetry,
+"""The training loop behind `mythos train`: data, model, Muon or AdamW, sampled depth, telemetry,
 periodic evaluation, atomic checkpoints with exact resume, and the end-of-run report.
 
 The loop is written for one process; distributed training (torchrun) passes its rank and world
@@ -102,7 +102,7 @@ def build_tokenizer(cfg: DataConfig, train_texts: list[str]) -> Tokenizer:
             log.warning("data.vocab_size=%d, but this corpus gives a BPE vocabulary of only %d "
                         "tokens, which the model is built for", cfg.vocab_size, tokenizer.vocab_size)
         return tokenizer
-    if cfg.tokenizer in ("gpt2", "byte"):
+    if cfg.tokenizer in TOKENIZERS:  # those that need no training
         return get_tokenizer(cfg.tokenizer)
     return load_tokenizer(cfg.tokenizer)
 
@@ -591,20 +591,7 @@ class Trainer:
                     pace = self.step / max(time.perf_counter() - start, 1e-9)
                     bar.total = min(cfg.train.steps, max(self.step, round(pace * 60 * cfg.train.max_minutes)))
                 bar.update(1)
-                if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
-                    record, self.log_window = window_means(self.log_window), []
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
-                                    loops=f"{record['loops']:.1f}", refresh=False)
-                    if metrics:
-                        metrics.write(record)
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    with gathered(self.engine, cfg.dist.reshard_recurrent):
-                        val = self.evaluate(cfg.eval.max_tokens)
-                    log.info("step %d: val loss %.4f", self.step, val)
-                    if metrics:
-                        metrics.write({"step": self.step, "val_loss": val})
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save(final=self.step == cfg.train.steps)
+                self._log_evaluate_save(metrics, bar)
                 over_time = bool(cfg.train.max_minutes) and (
                     time.perf_counter() - start > 60 * cfg.train.max_minutes)
                 # ranks see the signal and the clock at different steps: stop together, or the
@@ -641,6 +628,24 @@ class Trainer:
             dist.barrier()
         return summary
 
+    def _log_evaluate_save(self, metrics: _Metrics | None, bar: tqdm) -> None:
+        """After a step: its log record, evaluation and checkpoint, each when its schedule says."""
+        cfg = self.cfg
+        if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
+            record, self.log_window = window_means(self.log_window), []
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
+                            loops=f"{record['loops']:.1f}", refresh=False)
+            if metrics:
+                metrics.write(record)
+        if cfg.eval.every and self.step % cfg.eval.every == 0:
+            with gathered(self.engine, cfg.dist.reshard_recurrent):
+                val = self.evaluate(cfg.eval.max_tokens)
+            log.info("step %d: val loss %.4f", self.step, val)
+            if metrics:
+                metrics.write({"step": self.step, "val_loss": val})
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            self.save(final=self.step == cfg.train.steps)
+
     def _summary(self, status: str, checkpoint: Path) -> dict[str, Any]:
         return {"status": status, "run_dir": str(self.run_dir), "checkpoint": str(checkpoint),
                 "steps": self.step, "tokens_seen": self.tokens_seen,
@@ -668,6 +673,20 @@ class Trainer:
                 "depth_tokens": scored_targets(self.data.val, self.cfg.data.seq_len, c.depth_max_tokens),
                 "loss_per_depth": {str(n): v for n, v in depths.items()},
                 "samples": self.samples()}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """A run's metrics.jsonl as records ([] before its first logged step); a line cut short by
+    a crash mid-write is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 class _Metrics:
@@ -703,9 +722,9 @@ def _plot(metrics: Path, out: Path) -> None:
     except ImportError:
         log.info("matplotlib is not installed: no loss.png (pip install 'openmythos[plot]')")
         return
-    if not metrics.exists():  # a run stopped before its first logged step
+    records = read_metrics(metrics)
+    if not records:  # a run stopped before its first logged step
         return
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         points = [(r["step"], r[key]) for r in records if key in r]
