@@ -436,6 +436,25 @@ def test_a_resume_whose_time_budget_is_spent_trains_nothing(tmp_path):
     assert again["status"] == "time_limit" and again["steps"] == first["steps"]  # not one more each time
 
 
+def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path):
+    """Periodic evaluations counted towards train.max_minutes, while the schedule and a
+    checkpoint count training alone: the run stopped with the cosine far from its floor, each
+    resume of the finished run trained a few more steps, and the steps since the last log never
+    reached metrics.jsonl."""
+    from openmythos.training.trainer import read_metrics
+
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 1000, "train.max_minutes": 0.005,
+                                            "eval.every": 1, "eval.max_tokens": 256, "run.log_every": 1000})
+    first = train(load_config(None, overrides))
+    assert first["status"] == "time_limit" and first["train_time_s"] >= 0.3
+    trained = [r for r in read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["steps_logged"]) for r in trained] == [(first["steps"], first["steps"])]
+    peak, floor = 3e-3, 3e-3 * 0.1  # train.lr and its min_lr_ratio
+    assert trained[-1]["lr"] < floor + 0.1 * (peak - floor)  # the cosine's end, not its middle
+    again = train(load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]}))
+    assert again["status"] == "time_limit" and again["steps"] == first["steps"]
+
+
 def test_a_resume_into_another_runs_folder_is_refused(tmp_path):
     ours = tiny_overrides(tmp_path / "a", **{"train.steps": 4, "checkpoint.every": 2})
     theirs = tiny_overrides(tmp_path / "b", **{"train.steps": 2})
@@ -654,3 +673,18 @@ def test_logged_loss_loops_and_rate_are_means_over_the_window():
     for r, ranks in zip(steps, [[50.0, 100.0], [100.0, 100.0], [100.0, 100.0]], strict=True):
         r["tok_per_s_rank"] = ranks
     assert window_means(steps)["tok_per_s_rank"] == pytest.approx([75.0, 100.0])
+
+
+def test_a_log_window_restored_from_another_world_size_averages_this_ones_ranks():
+    """A checkpoint keeps the steps since the last log; resumed on another world size (torchrun
+    after one process, 4 ranks after 2), the first log died with a KeyError or a zip() error."""
+    from openmythos.training.trainer import window_means
+
+    step = {"loss": 3.0, "loops": 2, "ponder": 0.0, "tok_per_s": 100.0}
+    one_process = [{**step, "step": 1}]  # no per-rank rates
+    two_ranks = [{**step, "step": 2, "tok_per_s_rank": [40.0, 60.0]}]
+    four_ranks = [{**step, "step": s, "tok_per_s_rank": [r] * 4} for s, r in ((3, 20.0), (4, 30.0))]
+    assert window_means(one_process + two_ranks)["tok_per_s_rank"] == [40.0, 60.0]
+    record = window_means(two_ranks + four_ranks)
+    assert record["tok_per_s_rank"] == pytest.approx([24.0] * 4)  # 2 steps at 20 and 30: harmonic
+    assert record["steps_logged"] == 3 and record["step"] == 4

@@ -99,7 +99,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     ponder_weight: float = 0.0  # ACT ponder cost in the loss; needs model.halting = "act"
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
-    max_minutes: float = 7.0  # stop training after this long (then evaluate); 0 = no limit
+    max_minutes: float = 7.0  # stop after this much training (then evaluate); 0 = no limit
     time_schedule: bool = True  # the cosine ends at max_minutes when that comes before `steps`
 
 

@@ -171,8 +171,11 @@ def window_means(records: list[dict]) -> dict:
 
     means = {"loss": mean("loss"), "loops": mean("loops"), "ponder": mean("ponder"),
              "tok_per_s": rate([r["tok_per_s"] for r in records]), "steps_logged": len(records)}
-    if "tok_per_s_rank" in records[-1]:  # each rank's own, over the same steps
-        per_rank = zip(*(r["tok_per_s_rank"] for r in records), strict=True)
+    if "tok_per_s_rank" in records[-1]:  # each rank's own, over the steps this world size ran
+        # (a window restored from a checkpoint written on another world size holds other ranks)
+        world = len(records[-1]["tok_per_s_rank"])
+        per_rank = zip(*(r["tok_per_s_rank"] for r in records
+                         if len(r.get("tok_per_s_rank", ())) == world), strict=True)
         means["tok_per_s_rank"] = [rate(list(steps)) for steps in per_rank]
     return {**records[-1], **means}
 
@@ -572,7 +575,7 @@ class Trainer:
                      self.run_dir, self.data.tokenizer.name, self.model.cfg.num_params() / 1e6,
                      self.model.cfg.active_params_per_token() / 1e6, len(self.data.train),
                      len(self.data.val))
-        status, start = "completed", time.perf_counter() - self.train_time
+        status = "completed"
         if self.step >= cfg.train.steps:
             log.warning("the run is already at train.steps=%d: nothing to train; its final "
                         "evaluation runs again", cfg.train.steps)
@@ -588,12 +591,14 @@ class Trainer:
             while self.step < cfg.train.steps and not spent:
                 self.log_window.append(self.train_step())
                 if cfg.train.max_minutes:  # where the clock will stop the run, for the bar's ETA
-                    pace = self.step / max(time.perf_counter() - start, 1e-9)
+                    pace = self.step / max(self.train_time, 1e-9)
                     bar.total = min(cfg.train.steps, max(self.step, round(pace * 60 * cfg.train.max_minutes)))
                 bar.update(1)
                 self._log_evaluate_save(metrics, bar)
-                over_time = bool(cfg.train.max_minutes) and (
-                    time.perf_counter() - start > 60 * cfg.train.max_minutes)
+                # the clock the schedule follows and a checkpoint keeps: training steps only, so
+                # periodic evaluations and saves neither cut the cosine short nor let each
+                # resume of a finished run train a few more steps
+                over_time = bool(cfg.train.max_minutes) and self.train_time >= 60 * cfg.train.max_minutes
                 # ranks see the signal and the clock at different steps: stop together, or the
                 # ones still training wait forever on the others' collectives
                 interrupted, over_time = any_rank([stop.requested, over_time], self.env,
@@ -605,6 +610,8 @@ class Trainer:
                     log.warning("train.max_minutes=%s reached at step %d", cfg.train.max_minutes,
                                 self.step)
                     status = "time_limit"
+                    if self.log_window:  # the steps since the last log: a resume starts afresh
+                        self._flush_log(metrics, bar)
                     break
             # the final save under the handler too: a signal during it (often the run's only
             # checkpoint) is noted rather than fatal, and skips the final evaluation
@@ -632,11 +639,7 @@ class Trainer:
         """After a step: its log record, evaluation and checkpoint, each when its schedule says."""
         cfg = self.cfg
         if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
-            record, self.log_window = window_means(self.log_window), []
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
-                            loops=f"{record['loops']:.1f}", refresh=False)
-            if metrics:
-                metrics.write(record)
+            self._flush_log(metrics, bar)
         if cfg.eval.every and self.step % cfg.eval.every == 0:
             with gathered(self.engine, cfg.dist.reshard_recurrent):
                 val = self.evaluate(cfg.eval.max_tokens)
@@ -645,6 +648,14 @@ class Trainer:
                 metrics.write({"step": self.step, "val_loss": val})
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
             self.save(final=self.step == cfg.train.steps)
+
+    def _flush_log(self, metrics: _Metrics | None, bar: tqdm) -> None:
+        """Log the steps since the last log as one record (window_means)."""
+        record, self.log_window = window_means(self.log_window), []
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
+                        loops=f"{record['loops']:.1f}", refresh=False)
+        if metrics:
+            metrics.write(record)
 
     def _summary(self, status: str, checkpoint: Path) -> dict[str, Any]:
         return {"status": status, "run_dir": str(self.run_dir), "checkpoint": str(checkpoint),
