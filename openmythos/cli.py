@@ -57,7 +57,7 @@ from openmythos.training import (
     train,
 )
 from openmythos.training.checkpoint import is_hf_export, run_dir_of
-from openmythos.training.config import coerce
+from openmythos.training.config import AUTO_RESUME, coerce
 
 log = logging.getLogger("openmythos")
 
@@ -74,6 +74,7 @@ def train_command(config: str | None = None, resume: str | None = None,
     overrides = dict(overrides or {})
     if resume is not None:
         overrides["checkpoint.resume"] = resume
+    resume = None if resume == AUTO_RESUME else resume  # the config names the run: it may not exist yet
     if resume is not None and config is None:
         ckpt = open_checkpoint(resume)
         # the run goes on where its checkpoint lies now (the folder may have moved), unless told
@@ -384,7 +385,8 @@ def _parser() -> argparse.ArgumentParser:
                               "--train.lr 3e-4 --model.dim 384 --loops.sampler poisson")
     t.add_argument("--config", help="a TOML recipe, e.g. configs/tiny-cpu.toml")
     t.add_argument("--resume", metavar="DIR",
-                   help="continue a run exactly from its newest checkpoint (a run or checkpoint dir)")
+                   help="continue a run exactly from its newest checkpoint (a run or checkpoint dir); "
+                        "'auto': --run.out_dir's if it has one, else start it (for torchrun --max-restarts)")
 
     e = sub.add_parser("eval", help="validation loss, perplexity and bits/byte per depth")
     e.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
@@ -496,7 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             summary = train_command(args.config, args.resume, parse_overrides(extra))
-            return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+            # under torchrun a stop that saved is a success: a failure would start the workers
+            # again under --max-restarts
+            stopped = summary["status"] == "interrupted" and "TORCHELASTIC_RUN_ID" not in os.environ
+            return EXIT_INTERRUPTED if stopped else 0
         if args.command == "eval":
             evaluate(args.checkpoint, args.data, args.n_loops, args.max_tokens, args.batch_size,
                      args.device, _exit_rule(args))

@@ -1,6 +1,7 @@
 """Checkpoints: round trip, atomic writes, pruning, and clear errors for damaged directories."""
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ from conftest import small_model
 
 from openmythos.data import ByteTokenizer
 from openmythos.training import TrainConfig, find_checkpoint, load_model, save_checkpoint
+from openmythos.training import checkpoint as checkpoint_mod
 from openmythos.training.checkpoint import (
     CHECKPOINTS,
     MANIFEST,
@@ -83,8 +85,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         find_checkpoint(newest)
 
 
-def test_flipped_bytes_fail_the_checksum(tmp_path):
+def test_flipped_bytes_fail_the_checksum(tmp_path, monkeypatch):
     _, path = save(tmp_path, 1)
+    hashed = []
+    real = checkpoint_mod._sha256
+    monkeypatch.setattr(checkpoint_mod, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    load_model(path)
+    load_model(path)  # a resume opens a checkpoint twice: its files are hashed once
+    assert sorted(hashed) == sorted(set(hashed)) and WEIGHTS in hashed
     data = bytearray((path / WEIGHTS).read_bytes())
     data[-1] ^= 0xFF
     (path / WEIGHTS).write_bytes(bytes(data))
@@ -92,9 +100,14 @@ def test_flipped_bytes_fail_the_checksum(tmp_path):
         load_model(path)
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")])
-def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch, failure):
+@pytest.mark.parametrize("failure, hint", [
+    (OSError(28, "No space left on device"), "is the disk full"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos"), "is the disk full"),
+    # a peer that died mid-save breaks the collective: not the disk's doing
+    (torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"),
+     "did another rank fail"),
+])
+def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch, failure, hint):
     save(tmp_path, 1)
 
     def disk_full(*args, **kwargs):  # torch.save reports a full disk either way
@@ -102,6 +115,7 @@ def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, 
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint step 2 in .*"
+                                                   + re.escape(hint) + r".*"
                                                    r"the newest checkpoint is still step_00000001"):
         save(tmp_path, 2)
     monkeypatch.undo()

@@ -48,7 +48,7 @@ def tiny_model(seed: int = 0, **overrides) -> OpenMythos:
     """A small model whose greedy continuations vary (the default init gives near-uniform logits,
     so every step would pick the same token and prove little)."""
     torch.manual_seed(seed)
-    model = OpenMythos(small_config(vocab_size=VOCAB, **overrides))
+    model = OpenMythos(small_config(**{"vocab_size": VOCAB, **overrides}))
     model.init_weights(std=0.2)
     return model.eval()
 
@@ -447,3 +447,36 @@ def test_the_core_never_imports_transformers():
             "openmythos.experiments, openmythos.cli, openmythos.generation; "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_a_padded_vocabulary_never_generates_its_padding(tmp_path):
+    """A model vocabulary padded past its tokenizer's (GPT-2's 50257 to 50304): transformers'
+    generate sampled the padding ids, which decode to nothing, where ours (vocab_size=) never does."""
+    tok = ByteTokenizer()
+    model = tiny_model(vocab_size=320)
+    with torch.no_grad():
+        model.embed.weight[tok.vocab_size:] *= 50  # padding rows that would win every argmax
+    hf = AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "padded", tok, n_loops=2))
+    ids = torch.tensor([tok.encode("hello world")])
+    greedy = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    ours = model.generate(ids, 6, n_loops=2, temperature=0, vocab_size=tok.vocab_size)[0, ids.shape[1]:]
+    assert greedy.tolist() == ours.tolist()
+    torch.manual_seed(0)
+    for out in (hf.generate(ids, max_new_tokens=6, do_sample=True),
+                hf.generate(ids, max_new_tokens=6, do_sample=False, num_beams=2)):
+        assert int(out[0, ids.shape[1]:].max()) < tok.vocab_size
+
+
+def test_a_reexport_over_a_sharded_export_and_a_variant_load(tmp_path):
+    """save_hf may write into an earlier export: the shards it replaced left their index behind,
+    which the pre-load check followed (transformers reads the single file first) and called the
+    missing shards corrupt. A `variant` save was refused as having no weights."""
+    old, new = tiny_model(seed=0), tiny_model(seed=1)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    OpenMythosForCausalLM.from_openmythos(old).save_pretrained(tmp_path / "exp", max_shard_size="100KB")
+    assert (tmp_path / "exp" / "model.safetensors.index.json").is_file()
+    save_hf(new, tmp_path / "exp")
+    assert_close(load_pretrained(tmp_path / "exp")[0](ids).logits, new(ids).logits, atol=0, rtol=0)
+    OpenMythosForCausalLM.from_openmythos(new).save_pretrained(tmp_path / "v", variant="v1")
+    loaded = OpenMythosForCausalLM.from_pretrained(tmp_path / "v", variant="v1")
+    assert_close(loaded(ids).logits, new(ids).logits, atol=0, rtol=0)

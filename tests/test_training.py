@@ -339,7 +339,8 @@ def test_a_moved_run_resumes_where_it_lies_without_its_tokenizer_folder(tmp_path
 def test_head_dtype_setting(tmp_path, setting):
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path, **{"run.head_dtype": setting})))
     bf16 = setting == "bf16" or (setting == "auto" and has_fast_bf16(torch.device("cpu")))
-    assert trainer.head_dtype == (torch.bfloat16 if bf16 else None)
+    # fp32 by name: FSDP2's bf16 policy gathers the weight in bf16, and the head followed it
+    assert trainer.head_dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 
 def test_no_weight_decay_on_norms_embeddings_and_injection(tmp_path):
@@ -688,3 +689,25 @@ def test_a_log_window_restored_from_another_world_size_averages_this_ones_ranks(
     record = window_means(two_ranks + four_ranks)
     assert record["tok_per_s_rank"] == pytest.approx([24.0] * 4)  # 2 steps at 20 and 30: harmonic
     assert record["steps_logged"] == 3 and record["step"] == 4
+
+
+def test_resume_auto_starts_a_run_then_continues_it(tmp_path, monkeypatch):
+    """torchrun --max-restarts launches the same command again: with checkpoint.resume='auto' it
+    starts the run while its folder holds no checkpoint and continues it exactly once it does (a
+    plain restart was refused, "already holds checkpoints", and --resume failed the first launch)."""
+    from openmythos import cli
+
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 6, "checkpoint.every": 3, "eval.samples": 0})
+    run = Path(overrides["run.out_dir"])
+    assert cli.train_command(None, "auto", overrides)["steps"] == 6
+    first = losses(run)
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # the job died after step 3's save
+    again = cli.train_command(None, "auto", overrides)
+    assert again["steps"] == 6 and losses(run) == first
+    with pytest.raises(ValueError, match="run.out_dir='' must name the run's folder"):
+        load_config(None, {**overrides, "run.out_dir": "", "checkpoint.resume": "auto"})
+    # a stop that saved exits 130, but 0 under torchrun, which would start the workers again
+    monkeypatch.setattr(cli, "train_command", lambda *a: {"status": "interrupted"})
+    assert cli.main(["train"]) == cli.EXIT_INTERRUPTED
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert cli.main(["train"]) == 0

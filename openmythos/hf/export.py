@@ -113,6 +113,10 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
         raise ValueError(f"export folder {str(out)!r} is a file or holds files that are not an earlier "
                          "export (a run or checkpoint folder?): export into a new or empty folder")
     hf = OpenMythosForCausalLM.from_openmythos(model, **special)
+    if tokenizer is not None and tokenizer.vocab_size < model.cfg.vocab_size:
+        # a padded vocabulary (GPT-2's 50257 to 50304): its extra ids decode to nothing, so HF's
+        # generate never samples them, as ours (vocab_size=) and the server do not
+        special["suppress_tokens"] = list(range(tokenizer.vocab_size, model.cfg.vocab_size))
     hf.generation_config = GenerationConfig(**special, n_loops=n_loops or model.cfg.max_loop_iters)
     hf.save_pretrained(out)
     for weights in out.glob("*.safetensors"):

@@ -225,7 +225,16 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                  "one) after those in past_key_values")
             input_ids = input_ids[:, -next_sequence_length:]
         elif cache is not None and use_cache and _WHOLE_SEQUENCE_EVERY_STEP:
-            input_ids = input_ids[:, cache.get_seq_length():]  # the cache holds the rest
+            # 4.x passes the whole sequence, except its chunked prefill, which passes one chunk
+            # whose cache_position starts where the cache ends
+            position, held = kwargs.get("cache_position"), cache.get_seq_length()
+            chunk = (position is not None and position.numel() == input_ids.shape[1] > 0
+                     and int(position[0]) == held)
+            if not chunk:
+                if input_ids.shape[1] <= held:
+                    raise ValueError("the cache already holds every input token: pass the new tokens (at "
+                                     "least one) after those in past_key_values")
+                input_ids = input_ids[:, held:]  # the cache holds the rest
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
                 "use_cache": use_cache, "n_loops": n_loops, "logits_to_keep": logits_to_keep}
 
@@ -277,7 +286,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         if pretrained_model_name_or_path is not None:
             path = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
             if path.is_dir():
-                _check_model_dir(path, kwargs.get("config"))
+                _check_model_dir(path, kwargs.get("config"), kwargs.get("variant"))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args,
                                               output_loading_info=True, **kwargs)
@@ -314,7 +323,8 @@ def _new_token_mask(mask: torch.Tensor | None, cached: int, new: int) -> torch.T
                      f"or {cached + new} (the {cached} cached tokens and the new ones)")
 
 
-def _check_model_dir(path: Path, config: OpenMythosHFConfig | str | Path | None) -> None:
+def _check_model_dir(path: Path, config: OpenMythosHFConfig | str | Path | None,
+                     variant: str | None = None) -> None:
     if isinstance(config, (str, Path)):
         config = OpenMythosHFConfig.from_pretrained(config)
     if config is None:
@@ -324,14 +334,17 @@ def _check_model_dir(path: Path, config: OpenMythosHFConfig | str | Path | None)
             config = OpenMythosHFConfig.from_pretrained(path)
         except OSError as e:  # transformers reports unparsable JSON this way
             raise ValueError(f"{str(path / 'config.json')!r} is unreadable: {e}") from e
-    if (path / "model.safetensors.index.json").is_file():
+    # transformers' own order: the single file first, then a sharded checkpoint's index
+    single = path / _with_variant("model.safetensors", variant)
+    index_file = path / _with_variant("model.safetensors.index.json", variant)
+    if single.is_file():
+        files = [single]
+    elif index_file.is_file():
         try:
-            index = json.loads((path / "model.safetensors.index.json").read_text())
+            index = json.loads(index_file.read_text())
             files = sorted({path / name for name in index["weight_map"].values()})
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{str(path / 'model.safetensors.index.json')!r} is corrupt: {e!r}") from e
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
+            raise ValueError(f"{str(index_file)!r} is corrupt: {e!r}") from e
     elif any(path.glob("*.bin")):
         return  # the legacy pickle format: transformers checks it as it loads
     else:
@@ -358,3 +371,10 @@ def _check_model_dir(path: Path, config: OpenMythosHFConfig | str | Path | None)
         raise ValueError(f"the weights in {str(path)!r} do not fit its config.json: "
                          + "; ".join(problems[:5]))
 
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """transformers' _add_variant: model.safetensors -> model.VARIANT.safetensors."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])

@@ -180,12 +180,16 @@ def _write_failed(root: Path, tmp: Path | None, step: int,
     keep a full disk full and block the resume."""
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
+    # a collective that failed (a rank died, its connection broke) is not the disk's doing
+    hint = ("did another rank fail?" if isinstance(error, dist.DistError)
+            or any(s in str(error) for s in ("gloo", "NCCL", "Connection reset"))
+            else "is the disk full or the folder read-only?")
     if isinstance(error, CheckpointException):  # DCP's: each failed rank's exception and traceback
         error = "; ".join(f"rank {rank}: {exc!r}" for rank, (exc, _) in error.failures.items())
     kept = next(iter(_step_dirs(root)), None) if root.is_dir() else None
     return CheckpointWriteError(
-        f"could not write checkpoint step {step} in {str(root)!r}: {error} (is the disk full or the folder "
-        f"read-only?); " + (f"the newest checkpoint is still {kept.name}" if kept else "no checkpoint was written yet"))
+        f"could not write checkpoint step {step} in {str(root)!r}: {error} ({hint}); "
+        + (f"the newest checkpoint is still {kept.name}" if kept else "no checkpoint was written yet"))
 
 
 def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -322,6 +326,11 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=_step_of, reverse=True)
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether a run directory holds a finished-looking checkpoint (find_checkpoint verifies it)."""
+    return bool(_step_dirs(Path(run_dir).expanduser() / CHECKPOINTS))
+
+
 def checkpoints_after(run_dir: Path, step: int) -> list[Path]:
     """The complete step directories of `run_dir` past `step`, newest first (an incomplete one,
     a save that crashed, is replaced when the run saves that step again)."""
@@ -349,8 +358,14 @@ def _prune(root: Path, keep: int, step: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# (checkpoint, each file's size and mtime) -> its manifest: a resume opens the checkpoint twice
+# (the command line for its config, then the trainer), and each read of a large one is minutes
+_VERIFIED: dict[tuple, dict[str, Any]] = {}
+
+
 def verify(path: Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint, or ValueError saying what is wrong."""
+    """The manifest of a complete checkpoint, or ValueError saying what is wrong. Each file's
+    sha256 is checked once per process while its size and mtime stay the same."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} is incomplete: it has no {MANIFEST} "
@@ -361,15 +376,22 @@ def verify(path: Path) -> dict[str, Any]:
                  for name, want in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8 or its shape
         raise ValueError(f"checkpoint manifest {str(manifest_path)!r} is corrupt: {e!r}") from e
-    for name, (size, digest) in files.items():
+    stamps = []
+    for name, (size, _) in files.items():
         p = path / name
         if not p.is_file():
             raise ValueError(f"checkpoint {str(path)!r} is missing {name}")
-        if p.stat().st_size != size:
-            raise ValueError(f"checkpoint file {str(p)!r} has {p.stat().st_size} bytes, the manifest "
+        stat = p.stat()
+        if stat.st_size != size:
+            raise ValueError(f"checkpoint file {str(p)!r} has {stat.st_size} bytes, the manifest "
                              f"says {size}: it is truncated or was overwritten")
-        if _sha256(p) != digest:
-            raise ValueError(f"checkpoint file {str(p)!r} fails its sha256 check: it is corrupt")
+        stamps.append((name, stat.st_mtime_ns))
+    key = (str(path.resolve()), tuple(stamps))
+    if key not in _VERIFIED:
+        for name, (_, digest) in files.items():
+            if _sha256(path / name) != digest:
+                raise ValueError(f"checkpoint file {str(path / name)!r} fails its sha256 check: it is corrupt")
+        _VERIFIED[key] = manifest
     return manifest
 
 

@@ -33,6 +33,7 @@ DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
 DIST_STRATEGIES = ("none", "ddp", "fsdp")
 TOKENIZERS = tuple(TOKENIZER_KINDS)
+AUTO_RESUME = "auto"  # checkpoint.resume: continue run.out_dir if it holds a checkpoint
 
 
 @dataclass
@@ -122,7 +123,9 @@ class LoopsConfig:
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     keep: int = 2  # the newest `keep` checkpoints survive
-    resume: str = ""  # a run dir or checkpoint dir to continue from exactly
+    # a run dir or checkpoint dir to continue from exactly; "auto": run.out_dir's newest
+    # checkpoint if it has one, else a fresh start (the same command for torchrun's restarts)
+    resume: str = ""
 
 
 @dataclass
@@ -197,6 +200,8 @@ class TrainConfig:
             raise ValueError("train.optimizer='muon' does not work with dist.strategy='fsdp': Muon "
                              "orthogonalises whole matrices and FSDP2 holds shards of them; use "
                              "train.optimizer='adamw' or dist.strategy='ddp'")
+        _check(c.resume != AUTO_RESUME or bool(r.out_dir), "run.out_dir", r.out_dir,
+               f"must name the run's folder with checkpoint.resume={AUTO_RESUME!r}")
         for key, value in (("run.log_every", r.log_every), ("data.seq_len", d.seq_len),
                            ("data.vocab_size", d.vocab_size), ("train.steps", t.steps),
                            ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),

@@ -57,12 +57,20 @@ from openmythos.training.checkpoint import (
     CHECKPOINTS,
     Checkpoint,
     checkpoints_after,
+    has_checkpoint,
     open_checkpoint,
     run_dir_of,
     save_checkpoint,
     save_sharded,
 )
-from openmythos.training.config import RESUME_MUTABLE, TOKENIZERS, DataConfig, TrainConfig, to_toml
+from openmythos.training.config import (
+    AUTO_RESUME,
+    RESUME_MUTABLE,
+    TOKENIZERS,
+    DataConfig,
+    TrainConfig,
+    to_toml,
+)
 from openmythos.training.distributed import (
     DistEnv,
     any_rank,
@@ -230,7 +238,10 @@ class Trainer:
         self.cfg, self.env = cfg, env
         if not env.is_main:  # rank 0 alone reports; the other ranks speak only on errors
             logging.getLogger("openmythos").setLevel(logging.ERROR)
-        ckpt = open_checkpoint(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+        resume = cfg.checkpoint.resume
+        if resume == AUTO_RESUME:  # a first launch starts afresh, a restart continues
+            resume = cfg.run.out_dir if has_checkpoint(cfg.run.out_dir) else ""
+        ckpt = open_checkpoint(resume) if resume else None
         if ckpt is not None:
             self._check_resume(ckpt)
         elif cfg.data.tokenizer not in TOKENIZERS and not Path(cfg.data.tokenizer).expanduser().is_dir():
@@ -242,7 +253,9 @@ class Trainer:
         head = cfg.run.head_dtype
         if head == "auto":
             head = "bf16" if has_fast_bf16(self.device) else "fp32"
-        self.head_dtype = torch.bfloat16 if head == "bf16" else None
+        # named, not None: under FSDP2 in bf16 the gathered weight is bf16, and "the weight's dtype"
+        # ran an fp32 head in bf16
+        self.head_dtype = torch.bfloat16 if head == "bf16" else torch.float32
         if cfg.run.threads:
             check_threads(cfg.run.threads, "run.threads")
             torch.set_num_threads(cfg.run.threads)
