@@ -386,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a TOML recipe, e.g. configs/tiny-cpu.toml")
     t.add_argument("--resume", metavar="DIR",
                    help="continue a run exactly from its newest checkpoint (a run or checkpoint dir); "
-                        "'auto': --run.out_dir's if it has one, else start it (for torchrun --max-restarts)")
+                        "'auto': --run.out_dir's if it has one, else start it (one command for a job's retries)")
 
     e = sub.add_parser("eval", help="validation loss, perplexity and bits/byte per depth")
     e.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             summary = train_command(args.config, args.resume, parse_overrides(extra))
             # under torchrun a stop that saved is a success: a failure would start the workers
-            # again under --max-restarts
+            # again under a restart policy (--max-restarts)
             stopped = summary["status"] == "interrupted" and "TORCHELASTIC_RUN_ID" not in os.environ
             return EXIT_INTERRUPTED if stopped else 0
         if args.command == "eval":

@@ -692,7 +692,7 @@ def test_a_log_window_restored_from_another_world_size_averages_this_ones_ranks(
 
 
 def test_resume_auto_starts_a_run_then_continues_it(tmp_path, monkeypatch):
-    """torchrun --max-restarts launches the same command again: with checkpoint.resume='auto' it
+    """A job's retry launches the same command again: with checkpoint.resume='auto' it
     starts the run while its folder holds no checkpoint and continues it exactly once it does (a
     plain restart was refused, "already holds checkpoints", and --resume failed the first launch)."""
     from openmythos import cli

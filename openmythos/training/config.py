@@ -124,7 +124,7 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     keep: int = 2  # the newest `keep` checkpoints survive
     # a run dir or checkpoint dir to continue from exactly; "auto": run.out_dir's newest
-    # checkpoint if it has one, else a fresh start (the same command for torchrun's restarts)
+    # checkpoint if it has one, else a fresh start (one command for a job and its retries)
     resume: str = ""
 
 
