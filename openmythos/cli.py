@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from openmythos.config import HALTINGS, MythosConfig, preset_names
+from openmythos.config import HALTINGS, MythosConfig, is_int, preset_names
 from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
 from openmythos.evaluation import bits_per_byte, depth_table, perplexity, scored_targets
 from openmythos.evaluation import evaluate as evaluate_split
@@ -129,7 +129,7 @@ def evaluate(checkpoint: str, data: str | None = None, n_loops: Sequence[int] | 
         unigram = unigram_loss(np.asarray(train.tokens), np.asarray(val.tokens), tokenizer.vocab_size)
         print(f"unigram baseline: {unigram:.4f} nats/token, {bits_per_byte(unigram, bpt):.4f} bits/byte "
               f"({bpt:.3f} bytes/token)")
-    source = data or cfg.data.val_path or f"{cfg.data.corpus} (validation split)"
+    source = data if data is not None else cfg.data.val_path or f"{cfg.data.corpus} (validation split)"
     result = {"checkpoint": checkpoint, "data": source,
               "tokens": scored_targets(val, cfg.data.seq_len, max_tokens), "bytes_per_token": bpt,
               "unigram_loss": unigram, "unigram_bpb": None if unigram is None else bits_per_byte(unigram, bpt),
@@ -160,6 +160,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 128, n_loops: i
     if len(ids) + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"--prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {model.cfg.max_seq_len} tokens")
+    n_loops = n_loops or _export_depth(checkpoint)
     depth = n_loops or model.cfg.max_loop_iters
     if draft_loops is not None and draft_loops > depth:
         raise ValueError(f"--draft-loops {draft_loops} exceeds the depth of {depth} loops it drafts for")
@@ -196,7 +197,7 @@ def info(preset: str | None = None, checkpoint: str | None = None, n_loops: int 
     if (preset is None) == (checkpoint is None):
         raise ValueError("give exactly one of --preset NAME or --checkpoint DIR")
     cfg = MythosConfig.from_preset(preset) if preset else _model_config(checkpoint)
-    n = n_loops or cfg.max_loop_iters
+    n = n_loops or _export_depth(checkpoint) or cfg.max_loop_iters
     s = seq_len or cfg.max_seq_len
     result = {"source": preset or checkpoint, "params": cfg.num_params(),
               "active_params": cfg.active_params_per_token(), "n_loops": n, "seq_len": s,
@@ -243,6 +244,19 @@ def _model_config(checkpoint: str) -> MythosConfig:
         return open_checkpoint(checkpoint).model_cfg
     file = Path(checkpoint).expanduser() / "config.json"
     return MythosConfig.from_saved(json.loads(file.read_text()), str(file))
+
+
+def _export_depth(checkpoint: str | None) -> int | None:
+    """An HF export's generation depth (export-hf --n-loops, in generation_config.json), which
+    transformers' generate runs at: the default here too. None for a training checkpoint."""
+    if checkpoint is None or not is_hf_export(checkpoint):
+        return None
+    file = Path(checkpoint).expanduser() / "generation_config.json"
+    try:
+        depth = json.loads(file.read_text()).get("n_loops") if file.is_file() else None
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{str(file)!r} cannot be read as a JSON object: {e}") from e
+    return depth if is_int(depth) and depth >= 1 else None
 
 
 def _human(n: int) -> str:
@@ -331,6 +345,8 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
     except ImportError as e:
         raise ValueError(f"serving needs the serve extra: pip install 'openmythos[serve]' ({e})") from e
 
+    if checkpoint and (preset or random_init):
+        raise ValueError("--preset and --random-init go without --checkpoint: give one model")
     _check_address(host, port)
     if checkpoint:
         model, tokenizer, _ = _load(checkpoint, device)
@@ -343,7 +359,8 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
         model, name = OpenMythos(cfg).to(resolve_device(device, "--device")), f"{preset}-random"
     if exit_rule:
         model = model.with_exit(**exit_rule)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops,
+                    default_loops=_export_depth(checkpoint))
     serve(engine, host, port, name, Limits(**(limits or {})))
 
 
@@ -526,6 +543,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             info(args.preset, args.checkpoint, args.n_loops, args.seq_len)
     except (ValueError, OSError) as e:  # OSError: a full disk, a read-only folder, a file gone
         print(f"mythos {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        print(f"mythos {args.command}: error: out of memory ({str(e).splitlines()[0][:200]}): choose a "
+              "smaller model (--model.preset, --preset), batch or sequence, or a larger device", file=sys.stderr)
         return EXIT_ERROR
     except TrainingDiverged as e:
         print(f"mythos train: {e}", file=sys.stderr)

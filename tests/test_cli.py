@@ -328,3 +328,54 @@ def test_eval_names_the_file_it_scored(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--n-loops", "1", "--data", str(val)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["data"] == str(val) and result["unigram_loss"] is None and result["loss_per_depth"]["1"]["loss"] > 0
+
+
+def test_empty_paths_are_refused_not_read_as_the_current_folder(tmp_path, capsys):
+    """Path("") is ".": an empty data.corpus trained on every .txt/.md under the working folder,
+    and `eval --data ""` scored them under the label of the run's own validation split."""
+    from openmythos.data import load_corpus, path_documents
+    from openmythos.training.config import load_config
+
+    for key in ("data.corpus", "data.tokenizer"):
+        with pytest.raises(ValueError, match=f"{key}='' must not be empty"):
+            load_config(None, {key: ""})
+    for call in (lambda: load_corpus(""), lambda: path_documents(" ")):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+    with pytest.raises(ValueError, match="val_path: corpus path '.*nope' does not exist"):
+        load_corpus(str(TEXT), val_path=str(tmp_path / "nope"))
+    assert main(["train", "--eval.depths", "1.5"]) == 2
+    assert "expects a list of int, got [1.5]" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_an_error_that_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    """A model too large for memory gave a traceback and exit 1 (the code for a diverged run),
+    and left an empty run folder behind."""
+    import openmythos.training.trainer as trainer_mod
+
+    def too_big(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 11811160064 bytes")
+
+    monkeypatch.setattr(trainer_mod, "OpenMythos", too_big)
+    assert main(["train", *tiny_train_args(tmp_path / "run", tmp_path / "cache")]) == 2
+    assert "error: out of memory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_exports_generation_depth_is_the_cli_default(run_dir, tmp_path, monkeypatch):
+    """export-hf --n-loops sets the depth transformers' generate runs at; generate, info and serve
+    ran the export at max_loop_iters instead."""
+    import openmythos.cli as cli
+
+    pytest.importorskip("transformers")
+    out = cli.export_hf_command(str(run_dir), str(tmp_path / "hf"), n_loops=1)
+    assert cli.info(checkpoint=out)["n_loops"] == 1
+    assert cli.info(checkpoint=str(run_dir))["n_loops"] == 2  # a training checkpoint: max_loop_iters
+    depths = []
+    real = cli.OpenMythos.stream
+    monkeypatch.setattr(cli.OpenMythos, "stream", lambda self, *a, **k: depths.append(k["n_loops"]) or real(self, *a, **k))
+    cli.generate(out, "My", max_new_tokens=2, out=io.StringIO())
+    assert depths == [1]
+    with pytest.raises(ValueError, match="--preset and --random-init go without --checkpoint"):
+        cli.serve_command(out, None, True, "127.0.0.1", 0, 8)

@@ -418,3 +418,14 @@ def test_numpy_and_tensor_requests_serve_beside_plain_ones():
     assert ev1[-1].finish_reason == ev2[-1].finish_reason == "length"
     expected = model.generate(torch.tensor([[1, 2, 3]]), 3, n_loops=2, temperature=0)[0, 3:].tolist()
     assert plain.generated == numpy.generated == expected
+
+
+def test_a_request_without_n_loops_runs_at_the_engines_default_depth():
+    model = small_model(vocab_size=64)  # max_loop_iters 3
+    for default, want in ((None, 3), (1, 1), (9, 5)):  # capped at max_loops
+        engine = Engine(model, max_batch=2, max_loops=5, default_loops=default)
+        req, _ = collect(engine, [1, 2, 3], max_tokens=2, temperature=0)
+        engine.run_until_idle()
+        assert req.loops == want * (3 + 2 - 1)  # every position that ran: the prompt and 1 output
+    with pytest.raises(ValueError, match="default_loops must be a positive integer, got 0"):
+        Engine(model, default_loops=0)

