@@ -118,6 +118,21 @@ def test_unknown_experiment_and_field():
         run_experiment("stability", dtype="fp16")
 
 
+@pytest.mark.parametrize("name, fields, message", [
+    ("depth-extrapolation", {"device": "tpu"}, "device='tpu' is not a device"),
+    ("stability", {"corpus": "nope"}, "corpus='nope' is neither one of"),
+    ("act-pareto", {"corpus": ""}, "corpus='' is neither one of"),
+    ("param-efficiency", {"tokenizer": "foo"}, "tokenizer='foo' is neither one of"),
+])
+def test_a_bad_device_corpus_or_tokenizer_is_refused_before_any_folder(name, fields, message, tmp_path, monkeypatch):
+    """They were found once the first model started, as run.device / data.tokenizer, after the
+    report's folder and the data copies were written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run_experiment(name, **fields)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_prefix_targets_follow_each_chain_and_leave_held_out_prefixes_out():
     task = KHopTask(12, 3, seed=0)
     ids, targets, hops = task.batch(256, 4, torch.Generator().manual_seed(0), width=8)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from openmythos.config import check_threads
+from openmythos.training.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ExperimentConfig:
                 if not (x >= 0 if rule == ">= 0" else x > 0):
                     raise ValueError(f"{f.name}={value!r} must be {rule}")
         check_threads(self.threads, "threads")
+        resolve_device(self.device, "device")  # e.g. cuda where there is none: before any folder
 
     def smoke_defaults(self, **settings: Any) -> None:
         """--smoke: seconds-long settings, for the fields the user did not set (`given`, which

