@@ -266,3 +266,13 @@ def test_shards_of_another_model_are_refused(tmp_path, world_of_one):
     with pytest.raises(ValueError, match=r"does not match its model config: its shards lack "
                                          r"\['coda.1"):
         open_checkpoint(path).load_weights(deeper)
+
+
+def test_a_compiled_model_saves_as_its_module(tmp_path):
+    """torch.compile(model)'s state dict prefixes every key with _orig_mod.: the save succeeded
+    and the load failed ("Missing key(s)")."""
+    model = small_model(0, vocab_size=ByteTokenizer().vocab_size)
+    path = save_checkpoint(tmp_path, 1, torch.compile(model), TrainConfig(), ByteTokenizer(), {"step": 1}, 2)
+    loaded = load_model(path)[0].state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)

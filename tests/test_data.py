@@ -562,3 +562,19 @@ def test_bpe_on_sotu_train_split(tmp_path):
     assert tok.vocab_size == 8192 and train.tokens.dtype == np.uint16
     assert 4 < train.bytes_per_token < 6
     assert unigram_loss(train.tokens, val.tokens, tok.vocab_size) < math.log(tok.vocab_size)
+
+
+def test_packed_tokens_and_evaluate_name_what_they_were_given():
+    """A list or tensor of ids failed inside PackedTokens ('list' has no attribute 'ndim'), and
+    evaluate on a tensor or a one-token split divided by zero."""
+    from openmythos.evaluation import evaluate
+    from tests.conftest import small_model
+
+    assert PackedTokens([1, 2, 3]).tokens.tolist() == PackedTokens(torch.arange(1, 4)).tokens.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"1-D integer array, got shape \(1, 2\)"):
+        PackedTokens([[1, 2]])
+    model = small_model(vocab_size=64)
+    with pytest.raises(TypeError, match="tokens must be a PackedTokens .* got Tensor"):
+        evaluate(model, torch.tensor([[1, 2, 3, 4]]), 8, 1)
+    with pytest.raises(ValueError, match="a split of 1 token"):
+        evaluate(model, PackedTokens(np.array([3])), 8, 1)

@@ -480,3 +480,10 @@ def test_a_reexport_over_a_sharded_export_and_a_variant_load(tmp_path):
     OpenMythosForCausalLM.from_openmythos(new).save_pretrained(tmp_path / "v", variant="v1")
     loaded = OpenMythosForCausalLM.from_pretrained(tmp_path / "v", variant="v1")
     assert_close(loaded(ids).logits, new(ids).logits, atol=0, rtol=0)
+
+
+def test_a_compiled_model_exports_as_its_module(tmp_path):
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    loaded = load_pretrained(save_hf(torch.compile(model), tmp_path / "compiled"))[0]
+    assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)

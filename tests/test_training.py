@@ -711,3 +711,32 @@ def test_resume_auto_starts_a_run_then_continues_it(tmp_path, monkeypatch):
     assert cli.main(["train"]) == cli.EXIT_INTERRUPTED
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     assert cli.main(["train"]) == 0
+
+
+def test_a_model_section_built_in_python_is_the_one_its_checkpoint_rebuilds():
+    """ModelSection("tiny", {...}) without halting dropped the default halting="none": the model
+    trained with the preset's ACT, while config.toml and the checkpoint rebuilt halting="none"
+    (a different model: the resume was refused)."""
+    import tomllib
+
+    from openmythos.training.config import ModelSection, to_toml
+
+    cfg = TrainConfig(model=ModelSection("tiny", {"attn_type": "gqa", "n_kv_heads": 2}))
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert cfg.model_config() == again.model_config() == load_config(None, {
+        "model.attn_type": "gqa", "model.n_kv_heads": 2}).model_config()
+    assert cfg.model_config().halting == "none"
+    assert TrainConfig.from_dict(tomllib.loads(to_toml(cfg))).model_config() == cfg.model_config()
+
+
+def test_sections_built_in_python_are_type_checked_by_name():
+    """Only values coming through coerce (TOML, the command line) were checked: OptimConfig(lr=
+    "3e-4") failed deep inside ("must be real number, not str") and steps=5.5 was accepted."""
+    from openmythos.training.config import EvalConfig
+
+    for kwargs, message in ((dict(train=OptimConfig(lr="3e-4")), "train.lr='3e-4' must be float"),
+                            (dict(train=OptimConfig(steps=5.5)), "train.steps=5.5 must be int"),
+                            (dict(eval=EvalConfig(depths=[1, 2.5])), r"eval.depths=\[1, 2.5\] must be a list of int")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kwargs)
+    assert TrainConfig(train=OptimConfig(lr=1)).train.lr == 1  # an int where a float goes, as in TOML

@@ -245,6 +245,8 @@ class PackedTokens:
     windows of seq_len + 1 tokens (inputs and next-token targets)."""
 
     def __init__(self, tokens: np.ndarray, n_bytes: int | None = None) -> None:
+        if not isinstance(tokens, np.ndarray):  # a list, or a CPU tensor
+            tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(
                 f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}"

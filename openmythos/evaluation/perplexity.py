@@ -41,6 +41,10 @@ def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_tokens
     """(x, y) batches that score every target of the split once or, with max_tokens, about
     max_tokens targets in windows spread evenly over it: a cheaper subset that still samples
     every part of a split whose documents differ (a prefix would see only the first few)."""
+    if not isinstance(tokens, PackedTokens):
+        raise TypeError(f"tokens must be a PackedTokens (openmythos.data), got {type(tokens).__name__}")
+    if len(tokens) < 2:
+        raise ValueError(f"a split of {len(tokens)} token(s) holds no target to score")
     n_windows = (len(tokens) - 1) // seq_len
     if not max_tokens or n_windows * seq_len <= max_tokens:
         yield from tokens.iter_eval_batches(batch_size, seq_len, rank=rank, world_size=world_size)

@@ -102,6 +102,7 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
     """Write `model` (and its tokenizer) as a Hugging Face model directory; returns its path.
     n_loops: the default generation depth (default: the model's max_loop_iters)."""
     check_depth(n_loops)
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): its weights, without the prefix
     special: dict[str, Any] = {}
     if tokenizer is not None:
         _check_vocab(tokenizer, model.cfg)

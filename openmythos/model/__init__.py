@@ -1,4 +1,4 @@
 from openmythos.model.cache import KVCache
-from openmythos.model.model import MythosOutput, OpenMythos
+from openmythos.model.model import IGNORE_INDEX, MythosOutput, OpenMythos
 
-__all__ = ["KVCache", "MythosOutput", "OpenMythos"]
+__all__ = ["IGNORE_INDEX", "KVCache", "MythosOutput", "OpenMythos"]

@@ -160,6 +160,7 @@ def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: Trai
                     tokenizer: Tokenizer, state: dict[str, Any], keep: int) -> Path:
     """Write `<run_dir>/checkpoints/step_<step>` atomically, then keep only the newest `keep`.
     One process writes it: the single-process and DDP layout (model.safetensors)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): its weights, without the prefix
     root, tmp = Path(run_dir) / CHECKPOINTS, None
     try:
         tmp = _new_tmp(root, step)

@@ -67,6 +67,11 @@ class ModelSection:
     # random-depth training (loops.sampler) in place of ACT halting: depth extrapolates
     overrides: dict[str, Any] = field(default_factory=lambda: {"halting": "none"})
 
+    def __post_init__(self) -> None:
+        # overrides that leave halting out keep this default, as a config file read back does:
+        # else the model trained (the preset's halting) and the one its checkpoint rebuilds differ
+        self.overrides = {"halting": "none", **self.overrides}
+
     def build(self, **extra: Any) -> MythosConfig:
         return MythosConfig.from_preset(self.preset, **{**self.overrides, **extra})
 
@@ -189,6 +194,13 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for name, cls in SECTIONS.items():  # first: a section built in Python skips coerce
+            if name != "model":             # (OptimConfig(lr="3e-4"), steps=5.5)
+                hints = typing.get_type_hints(cls)
+                for f in fields(cls):
+                    value = getattr(getattr(self, name), f.name)
+                    _check(_fits(value, hints[f.name]), f"{name}.{f.name}", value,
+                           f"must be {_type_name(hints[f.name])}")
         r, d, t, lo, c, e = self.run, self.data, self.train, self.loops, self.checkpoint, self.eval
         _choice("run.dtype", r.dtype, DTYPES)
         _choice("run.head_dtype", r.head_dtype, ("auto",) + DTYPES)
@@ -402,20 +414,30 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
             value = [_parse_scalar(v.strip()) for v in value.split(",")]
     if item is not None and not isinstance(value, list):  # --eval.depths 4
         value = [value]
-    if item is None:
-        ok = _is_a(value, typ)
-    else:
-        ok = isinstance(value, list) and all(_is_a(v, item) for v in value)
+    ok = _fits(value, typ)
     if ok is None:
         raise TypeError(f"config key {key!r} has an unsupported type {typ}")
     if not ok:
-        expected = f"a list of {item.__name__}" if item is not None else typ.__name__
-        raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
+        raise ValueError(f"config key {key!r} expects {_type_name(typ)}, got {value!r}")
     if float in (typ, item) and not all(map(math.isfinite, value if item else [value])):
         raise ValueError(f"{key}={value!r} must be a finite number")  # inf passes range checks
     if item is float:
         return [float(v) for v in value]
     return float(value) if typ is float else value
+
+
+def _fits(value: Any, typ: Any) -> bool | None:
+    """Whether a parsed value fits a field's type (a scalar or a list of one); None for a type
+    the configs do not use."""
+    item = typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
+    if item is None:
+        return _is_a(value, typ)
+    return isinstance(value, list) and all(_is_a(v, item) for v in value)
+
+
+def _type_name(typ: Any) -> str:
+    item = typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
+    return f"a list of {item.__name__}" if item is not None else typ.__name__
 
 
 def _is_a(value: Any, typ: Any) -> bool | None:
