@@ -17,8 +17,9 @@ def sinusoid(t: int, dim: int, width: int) -> torch.Tensor:
     return torch.tensor([*map(math.sin, angles), *map(math.cos, angles)] + [0.0] * (dim - width))
 
 
-def unrolled(model, ids, n_loops):
-    """The model's forward written out by hand, one explicit block call per loop."""
+def unrolled(model, ids, n_loops, states=None):
+    """The model's forward written out by hand, one explicit block call per loop (the state
+    after each appended to `states`)."""
     B, T = ids.shape
     cos, sin = __import__("openmythos.model.layers", fromlist=["x"]).rope_angles(
         torch.arange(T).expand(B, T), model.cfg.qk_rope_head_dim, model.cfg.rope_theta)
@@ -32,6 +33,8 @@ def unrolled(model, ids, n_loops):
         y = rec.block(hh, ctx, None)
         A = torch.exp(-torch.exp(rec.injection.log_dt + rec.injection.log_A))
         h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + y + rec.lora(y, t)
+        if states is not None:
+            states.append(h)
     for layer in model.coda:
         h = layer(h, ctx)
     return model.norm(h) @ model.embed.weight.T
@@ -42,6 +45,21 @@ def test_loop_matches_hand_unrolled(n_loops):
     model = small_model()
     ids = torch.randint(0, 64, (2, 10))
     assert_close(model(ids, n_loops=n_loops).logits, unrolled(model, ids, n_loops))
+
+
+@pytest.mark.parametrize("halting", ["none", "act"])
+def test_loop_states_are_the_states_after_each_loop(halting):
+    """Every loop for every token, halting or not: ACT would stop tokens and leave loops out."""
+    model = small_model(halting=halting)
+    ids = torch.randint(0, 64, (2, 10))
+    by_hand = []
+    with torch.no_grad():
+        unrolled(model, ids, 5, by_hand)
+    states = model.loop_states(ids, n_loops=5)
+    assert states.shape == (5, 2, 10, model.cfg.dim)
+    assert_close(states, torch.stack(by_hand))
+    with pytest.raises(ValueError, match="n_loops must be an int"):
+        model.loop_states(ids, n_loops=torch.tensor([1, 2]))
 
 
 def test_depth_changes_the_output_beyond_trained_depth():

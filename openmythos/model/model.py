@@ -177,6 +177,24 @@ class OpenMythos(nn.Module):
         self.moe.update_bias(expert_load)
 
     @torch.no_grad()
+    def loop_states(self, input_ids: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
+        """(n_loops, B, T, D): the looped state after each loop, with every loop run for every
+        token (halting off), for a logit lens (`readout(states[t])`: loop t's logits read before
+        the coda) or the recurrence's convergence (`(states[1:] - states[:-1]).norm(dim=-1)`)."""
+        B, T = self._check_inputs(input_ids, None, None)[:2]
+        depth = self.check_loops(n_loops, B, None)
+        if not is_int(depth):
+            raise ValueError("loop_states runs one depth for every sequence: n_loops must be an int")
+        model = self if self.cfg.halting == "none" else self.with_exit(halting="none")
+        states = []  # the injection's output is the state after each loop
+        hook = model.recurrent.injection.register_forward_hook(lambda _m, _args, h: states.append(h))
+        try:
+            model(input_ids, n_loops=depth, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return torch.stack(states).view(depth, B, T, -1)
+
+    @torch.no_grad()
     def spectral_radius(self) -> float:
         """rho(A) of the injection: the largest |A_i|, < 1 for the LTI injection."""
         return float(self.recurrent.injection.decay(self.embed.weight.dtype).abs().max())
