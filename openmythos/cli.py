@@ -544,15 +544,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # OSError: a full disk, a read-only folder, a file gone
         print(f"mythos {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except TrainingDiverged as e:  # a RuntimeError: before the clause below
+        print(f"mythos train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except RuntimeError as e:
         if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
             raise
         print(f"mythos {args.command}: error: out of memory ({str(e).splitlines()[0][:200]}): choose a "
               "smaller model (--model.preset, --preset), batch or sequence, or a larger device", file=sys.stderr)
         return EXIT_ERROR
-    except TrainingDiverged as e:
-        print(f"mythos train: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -342,6 +342,7 @@ def test_empty_paths_are_refused_not_read_as_the_current_folder(tmp_path, capsys
     for call in (lambda: load_corpus(""), lambda: path_documents(" ")):
         with pytest.raises(ValueError, match="empty"):
             call()
+    assert load_corpus(TEXT).train  # a Path names a path too
     with pytest.raises(ValueError, match="val_path: corpus path '.*nope' does not exist"):
         load_corpus(str(TEXT), val_path=str(tmp_path / "nope"))
     assert main(["train", "--eval.depths", "1.5"]) == 2
@@ -379,3 +380,17 @@ def test_an_exports_generation_depth_is_the_cli_default(run_dir, tmp_path, monke
     assert depths == [1]
     with pytest.raises(ValueError, match="--preset and --random-init go without --checkpoint"):
         cli.serve_command(out, None, True, "127.0.0.1", 0, 8)
+
+
+def test_a_diverged_run_exits_1_with_its_message(monkeypatch, capsys):
+    """TrainingDiverged is a RuntimeError: the out-of-memory clause caught it first and re-raised
+    it as a traceback."""
+    import openmythos.cli as cli
+    from openmythos.training import TrainingDiverged
+
+    def diverging(*args):
+        raise TrainingDiverged("training diverged: 3 non-finite steps in a row")
+
+    monkeypatch.setattr(cli, "train_command", diverging)
+    assert cli.main(["train"]) == cli.EXIT_DIVERGED
+    assert "mythos train: training diverged: 3 non-finite steps" in capsys.readouterr().err

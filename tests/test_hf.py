@@ -38,6 +38,7 @@ from openmythos.hf import (  # noqa: E402
     save_hf,
     to_hf_tokenizer,
 )
+from openmythos.hf.modeling_openmythos import _WHOLE_SEQUENCE_EVERY_STEP  # noqa: E402
 from tests.conftest import small_config  # noqa: E402
 
 CORPUS = sorted((Path(__file__).parent / "data" / "corpus").rglob("*.*"))
@@ -129,11 +130,16 @@ def test_chunked_prefill_a_restart_and_a_passed_generation_config():
     # the model's depth holds when the passed config has none
     passed = GenerationConfig(max_new_tokens=5, do_sample=False)
     assert torch.equal(hf.generate(ids, generation_config=passed), want)
-    # restart from a returned cache with the tokens it does not hold alone, and the whole mask
+    # restart from a returned cache with the whole mask, and (transformers 5) the tokens it does
+    # not hold alone, or (4) the whole sequence, as each version's generate passes them
     first = hf.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     cache, seq = getattr(first, "cache", None) or first.past_key_values, first.sequences
-    out = hf.generate(seq[:, cache.get_seq_length():], attention_mask=torch.ones_like(seq),
-                      cache=cache, max_new_tokens=3, do_sample=False)
+    if _WHOLE_SEQUENCE_EVERY_STEP:
+        out = hf.generate(seq, attention_mask=torch.ones_like(seq), past_key_values=cache,
+                          max_new_tokens=3, do_sample=False)
+    else:
+        out = hf.generate(seq[:, cache.get_seq_length():], attention_mask=torch.ones_like(seq),
+                          cache=cache, max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, -3:], want[:, -3:])
 
 

@@ -60,6 +60,9 @@ def test_loop_states_are_the_states_after_each_loop(halting):
     assert_close(states, torch.stack(by_hand))
     with pytest.raises(ValueError, match="n_loops must be an int"):
         model.loop_states(ids, n_loops=torch.tensor([1, 2]))
+    noisy = small_model(dropout=0.3).train()  # eval mode inside: no dropout in the states
+    assert_close(noisy.loop_states(ids, 2), noisy.loop_states(ids, 2), rtol=0, atol=0)
+    assert noisy.training
 
 
 def test_depth_changes_the_output_beyond_trained_depth():

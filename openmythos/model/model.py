@@ -20,7 +20,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from openmythos.config import MythosConfig, is_int
-from openmythos.generation import generate, speculative_generate, speculative_stream, stream
+from openmythos.generation import (
+    eval_mode,
+    generate,
+    speculative_generate,
+    speculative_stream,
+    stream,
+)
 from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
@@ -179,7 +185,7 @@ class OpenMythos(nn.Module):
     @torch.no_grad()
     def loop_states(self, input_ids: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
         """(n_loops, B, T, D): the looped state after each loop, with every loop run for every
-        token (halting off), for a logit lens (`readout(states[t])`: loop t's logits read before
+        token (halting off) in eval mode, for a logit lens (`readout(states[t])`: loop t's logits read before
         the coda) or the recurrence's convergence (`(states[1:] - states[:-1]).norm(dim=-1)`)."""
         B, T = self._check_inputs(input_ids, None, None)[:2]
         depth = self.check_loops(n_loops, B, None)
@@ -189,7 +195,8 @@ class OpenMythos(nn.Module):
         states = []  # the injection's output is the state after each loop
         hook = model.recurrent.injection.register_forward_hook(lambda _m, _args, h: states.append(h))
         try:
-            model(input_ids, n_loops=depth, logits_to_keep=1)
+            with eval_mode(model):  # no dropout: the states a generation reads
+                model(input_ids, n_loops=depth, logits_to_keep=1)
         finally:
             hook.remove()
         return torch.stack(states).view(depth, B, T, -1)

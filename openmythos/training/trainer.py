@@ -616,15 +616,17 @@ class Trainer:
                     pace = self.step / max(self.train_time, 1e-9)
                     bar.total = min(cfg.train.steps, max(self.step, round(pace * 60 * cfg.train.max_minutes)))
                 bar.update(1)
-                self._log_evaluate_save(metrics, bar)
                 # the clock the schedule follows and a checkpoint keeps: training steps only, so
                 # periodic evaluations and saves neither cut the cosine short nor let each
-                # resume of a finished run train a few more steps
-                over_time = bool(cfg.train.max_minutes) and self.train_time >= 60 * cfg.train.max_minutes
-                # ranks see the signal and the clock at different steps: stop together, or the
-                # ones still training wait forever on the others' collectives
-                interrupted, over_time = any_rank([stop.requested, over_time], self.env,
-                                                  self.device)
+                # resume of a finished run train a few more steps. Ranks see the clock and the
+                # signal at different steps: they stop together (any_rank), or the ones still
+                # training wait forever on the others' collectives
+                (over_time,) = any_rank([bool(cfg.train.max_minutes) and self.train_time >= 60 * cfg.train.max_minutes],
+                                        self.env, self.device)
+                if over_time:  # the last steps logged before a save at this step keeps them
+                    self._flush_log(metrics, bar)
+                self._log_evaluate_save(metrics, bar)
+                (interrupted,) = any_rank([stop.requested], self.env, self.device)
                 if interrupted:
                     status = "interrupted"
                     break
@@ -632,8 +634,6 @@ class Trainer:
                     log.warning("train.max_minutes=%s reached at step %d", cfg.train.max_minutes,
                                 self.step)
                     status = "time_limit"
-                    if self.log_window:  # the steps since the last log: a resume starts afresh
-                        self._flush_log(metrics, bar)
                     break
             # the final save under the handler too: a signal during it (often the run's only
             # checkpoint) is noted rather than fatal, and skips the final evaluation
@@ -660,7 +660,7 @@ class Trainer:
     def _log_evaluate_save(self, metrics: _Metrics | None, bar: tqdm) -> None:
         """After a step: its log record, evaluation and checkpoint, each when its schedule says."""
         cfg = self.cfg
-        if self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps:
+        if self.log_window and (self.step % cfg.run.log_every == 0 or self.step == cfg.train.steps):
             self._flush_log(metrics, bar)
         if cfg.eval.every and self.step % cfg.eval.every == 0:
             with gathered(self.engine, cfg.dist.reshard_recurrent):
