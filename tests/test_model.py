@@ -360,3 +360,20 @@ def test_with_exit_runs_the_same_weights_under_another_exit_rule():
     assert act.with_exit(act_threshold=0.5).cfg.act_threshold == 0.5
     with pytest.raises(ValueError, match="act_threshold applies to halting='act', but the rule is halting='kl'"):
         act.with_exit(halting="kl", act_threshold=0.5)
+
+
+def test_rewind_past_a_left_padded_rows_tokens_keeps_its_position():
+    """Every row's position went back by n, left padding included: a one-token prompt beside a
+    three-token one read RoPE position -1 after rewinding 3. A rewound cache must decode as one
+    that never held the forgotten tokens."""
+    model = small_model()
+    ids, mask = torch.tensor([[1, 2, 3], [0, 0, 4]]), torch.tensor([[1, 1, 1], [0, 0, 1]])
+    cache = model.new_cache(2, 16)
+    model(ids, cache=cache, attention_mask=mask)
+    model(torch.tensor([[5], [6]]), cache=cache)
+    cache.rewind(3)
+    assert cache.next_pos.tolist() == [1, 0] and cache.length == 1
+    fresh = model.new_cache(2, 16)
+    model(ids[:, :1], cache=fresh, attention_mask=mask[:, :1])  # the one column both keep
+    assert fresh.next_pos.tolist() == cache.next_pos.tolist()
+    assert torch.equal(fresh.valid, cache.valid)

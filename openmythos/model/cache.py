@@ -209,9 +209,10 @@ class KVCache:
             raise ValueError(f"rewind: n must be an integer in [0, {int(self.lengths.min())}], got {n!r}")
         n = int(n)
         cols = torch.arange(self.max_len, device=self.lengths.device)
-        self.valid &= (cols < (self.lengths - n).unsqueeze(1)) | (cols >= self.lengths.unsqueeze(1))
+        gone = (cols >= (self.lengths - n).unsqueeze(1)) & (cols < self.lengths.unsqueeze(1))
+        self.next_pos -= (self.valid & gone).sum(1)  # real tokens only: left padding has no position
+        self.valid &= ~gone
         self.lengths -= n
-        self.next_pos -= n
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
