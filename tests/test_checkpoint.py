@@ -32,11 +32,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# small_model's context is 64 tokens: a TrainConfig that reads windows it can hold
+CFG = TrainConfig().override({"data.seq_len": 32})
+
+
 def save(run_dir: Path, step: int, keep: int = 3, seed: int = 0):
     model = small_model(seed, vocab_size=ByteTokenizer().vocab_size)
     model.moe.router_bias.fill_(0.25)  # a buffer, not a parameter: it must travel too
     state = {"step": step, "rng": torch.Generator().manual_seed(step).get_state()}
-    path = save_checkpoint(run_dir, step, model, TrainConfig(), ByteTokenizer(), state, keep)
+    path = save_checkpoint(run_dir, step, model, CFG, ByteTokenizer(), state, keep)
     return model, path
 
 
@@ -44,7 +48,7 @@ def test_round_trip(tmp_path):
     model, path = save(tmp_path, 5)
     assert path == tmp_path / CHECKPOINTS / "step_00000005"
     loaded, tokenizer, cfg = load_model(tmp_path)
-    assert cfg == TrainConfig() and tokenizer.vocab_size == 258 and not loaded.training
+    assert cfg == CFG and tokenizer.vocab_size == 258 and not loaded.training
     assert loaded.cfg == model.cfg
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -272,7 +276,18 @@ def test_a_compiled_model_saves_as_its_module(tmp_path):
     """torch.compile(model)'s state dict prefixes every key with _orig_mod.: the save succeeded
     and the load failed ("Missing key(s)")."""
     model = small_model(0, vocab_size=ByteTokenizer().vocab_size)
-    path = save_checkpoint(tmp_path, 1, torch.compile(model), TrainConfig(), ByteTokenizer(), {"step": 1}, 2)
+    path = save_checkpoint(tmp_path, 1, torch.compile(model), CFG, ByteTokenizer(), {"step": 1}, 2)
     loaded = load_model(path)[0].state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
+
+
+def test_a_checkpoint_that_could_not_be_used_is_refused_at_save(tmp_path):
+    """A hand-trained model saved with a TrainConfig for another model saved fine and failed in
+    `mythos eval` ("sequence length 256 ... exceeds max_seq_len=64")."""
+    model = small_model(0, vocab_size=ByteTokenizer().vocab_size, max_seq_len=64)
+    with pytest.raises(ValueError, match="train_cfg.data.seq_len=256 exceeds the model's max_seq_len=64"):
+        save_checkpoint(tmp_path, 1, model, TrainConfig(), ByteTokenizer(), {"step": 1}, 2)
+    with pytest.raises(ValueError, match="tokenizer's vocab_size 258 exceeds the model's 64"):
+        save_checkpoint(tmp_path, 1, small_model(0, vocab_size=64), CFG, ByteTokenizer(), {"step": 1}, 2)
+    assert not (tmp_path / CHECKPOINTS).exists()

@@ -287,7 +287,7 @@ def test_export_from_training_checkpoint(tokenizer, tmp_path):
     from openmythos.training import TrainConfig, save_checkpoint
 
     model = tiny_model()
-    cfg = TrainConfig()
+    cfg = TrainConfig().override({"data.seq_len": 32})  # within the model's context
     save_checkpoint(tmp_path / "run", 7, model, cfg, tokenizer, state={}, keep=1)
     out = export_hf(tmp_path / "run", tmp_path / "hf", n_loops=2)
     loaded, tok, train_cfg = load_pretrained(out)

@@ -576,7 +576,7 @@ def test_halting_kl_cannot_train_but_its_checkpoints_load(tmp_path):
     from openmythos.data import ByteTokenizer
     from openmythos.training import load_model, save_checkpoint
 
-    cfg = load_config(None, {"model.halting": "kl", "run.out_dir": str(tmp_path / "run")})
+    cfg = load_config(None, {"model.halting": "kl", "run.out_dir": str(tmp_path / "run"), "data.seq_len": 32})
     with pytest.raises(ValueError, match="model.halting='kl' cannot train: the KL exit needs a trained readout"):
         train(cfg)
     assert not (tmp_path / "run").exists()

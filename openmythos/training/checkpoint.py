@@ -161,6 +161,13 @@ def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: Trai
     """Write `<run_dir>/checkpoints/step_<step>` atomically, then keep only the newest `keep`.
     One process writes it: the single-process and DDP layout (model.safetensors)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile(model): its weights, without the prefix
+    # what loading it needs to hold (a hand-built TrainConfig may describe another model)
+    if train_cfg.data.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"train_cfg.data.seq_len={train_cfg.data.seq_len} exceeds the model's max_seq_len="
+                         f"{model.cfg.max_seq_len}: pass the TrainConfig the model trains with")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer's vocab_size {tokenizer.vocab_size} exceeds the model's "
+                         f"{model.cfg.vocab_size}: its ids would not embed")
     root, tmp = Path(run_dir) / CHECKPOINTS, None
     try:
         tmp = _new_tmp(root, step)
