@@ -406,7 +406,7 @@ def _parser() -> argparse.ArgumentParser:
                         "'auto': --run.out_dir's if it has one, else start it (one command for a job's retries)")
 
     e = sub.add_parser("eval", help="validation loss, perplexity and bits/byte per depth")
-    e.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
+    e.add_argument("--checkpoint", required=True, help="a run, checkpoint or export-hf directory")
     e.add_argument("--data", help="a text file or folder to evaluate on (default: the run's "
                                   "validation split)")
     e.add_argument("--n-loops", type=_int_list, help="depths, e.g. 1,2,4,8,16 (default: the run's)")
@@ -417,10 +417,11 @@ def _parser() -> argparse.ArgumentParser:
     _exit_flags(e)
 
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
-    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--checkpoint", required=True, help="a run, checkpoint or export-hf directory")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=_count(1), default=128)
-    g.add_argument("--n-loops", type=_count(1))
+    g.add_argument("--n-loops", type=_count(1),
+                   help="depth (default: an export's generation depth, else max_loop_iters)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     g.add_argument("--top-k", type=_count(0), default=50, help="0 keeps every token")
     g.add_argument("--top-p", type=float)
@@ -438,8 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=preset_names())
-    src.add_argument("--checkpoint")
-    i.add_argument("--n-loops", type=_count(1), help="depth for FLOPs and KV bytes (default: max_loop_iters)")
+    src.add_argument("--checkpoint", help="a run, checkpoint or export-hf directory")
+    i.add_argument("--n-loops", type=_count(1), help="depth for FLOPs and KV bytes (default: an export's "
+                                                     "generation depth, else max_loop_iters)")
     i.add_argument("--seq-len", type=_count(1), help="context for attention FLOPs (default: max_seq_len)")
 
     x = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
