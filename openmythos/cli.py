@@ -8,7 +8,7 @@
     mythos serve (--checkpoint DIR | --preset NAME --random-init) [--host --port --max-batch]
     mythos experiment NAME [--smoke true] [--field value ...]
 
-eval, generate and info also take a directory written by export-hf as --checkpoint.
+eval, generate, info and serve also take a directory written by export-hf as --checkpoint.
 
 Each subcommand is a typed function here or in the library (`train_command`, `evaluate`,
 `generate`, `info`); `main` only parses arguments and maps errors to exit codes.
@@ -359,8 +359,11 @@ def serve_command(checkpoint: str | None, preset: str | None, random_init: bool,
         model, name = OpenMythos(cfg).to(resolve_device(device, "--device")), f"{preset}-random"
     if exit_rule:
         model = model.with_exit(**exit_rule)
+    depth = _export_depth(checkpoint)  # an export's generation depth: requests default to it
+    if max_loops is None and depth:
+        max_loops = max(depth, model.cfg.max_loop_iters)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_loops=max_loops,
-                    default_loops=_export_depth(checkpoint))
+                    default_loops=depth)
     serve(engine, host, port, name, Limits(**(limits or {})))
 
 
@@ -431,8 +434,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compile the whole decode step (torch.compile; the first token waits for "
                         "it, the rest run faster: needs a model trained with halting none)")
     g.add_argument("--draft-loops", type=_count(1),
-                   help="self-speculative decoding: draft at this many loops, verify at --n-loops "
-                        "(default: max_loop_iters)")
+                   help="self-speculative decoding: draft at this many loops, verify at --n-loops")
     g.add_argument("--draft-tokens", type=_count(1), help="tokens per draft (default 4; with --draft-loops)")
     _exit_flags(g)
 
@@ -447,7 +449,9 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
     x.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
     x.add_argument("--out", required=True, help="the directory to write")
-    x.add_argument("--n-loops", type=_count(1), help="default generation depth (default: max_loop_iters)")
+    x.add_argument("--n-loops", type=_count(1), help="the depth transformers' generate, and mythos generate, "
+                                                     "info and serve on the export, run by default "
+                                                     "(default: max_loop_iters)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (the `serve` extra)")
     src = sv.add_mutually_exclusive_group(required=True)

@@ -380,6 +380,15 @@ def test_an_exports_generation_depth_is_the_cli_default(run_dir, tmp_path, monke
     assert depths == [1]
     with pytest.raises(ValueError, match="--preset and --random-init go without --checkpoint"):
         cli.serve_command(out, None, True, "127.0.0.1", 0, 8)
+    # served: requests default to the export's depth, also past max_loop_iters (2 here)
+    import openmythos.serving.server as server
+
+    engines = []
+    monkeypatch.setattr(server, "serve", lambda engine, *a, **k: engines.append(engine))
+    deep = cli.export_hf_command(str(run_dir), str(tmp_path / "deep"), n_loops=4)
+    for folder, want in ((out, (1, 2)), (deep, (4, 4)), (str(run_dir), (2, 2))):
+        cli.serve_command(folder, None, False, "127.0.0.1", 0, 8)
+        assert (engines[-1].default_loops, engines[-1].max_loops) == want
 
 
 def test_a_diverged_run_exits_1_with_its_message(monkeypatch, capsys):
