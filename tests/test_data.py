@@ -495,7 +495,8 @@ def test_rank_shards_are_disjoint_slices_of_the_global_batch(ramp):
     assert all(len(s) == batch for s in shards)
 
 
-@pytest.mark.parametrize("max_tokens, scored", [(0, 102), (900, 102), (25, 20), (5, 10), (60, 60)])
+@pytest.mark.parametrize("max_tokens, scored",
+                         [(0, 102), (900, 102), (100, 102), (25, 20), (5, 10), (60, 60)])
 def test_the_scored_target_count_is_what_evaluation_scores(max_tokens, scored):
     # whole windows of 10: a subset takes a multiple of them (at least one), never a partial one
     from openmythos.evaluation import eval_batches, scored_targets
@@ -503,6 +504,24 @@ def test_the_scored_target_count_is_what_evaluation_scores(max_tokens, scored):
     packed = PackedTokens(np.arange(103, dtype=np.uint16))
     assert scored_targets(packed, 10, max_tokens) == scored
     assert sum(y.numel() for _, y in eval_batches(packed, 10, 4, max_tokens)) == scored
+
+
+@pytest.mark.parametrize("max_tokens, starts", [(0, list(range(0, 101, 10))), (60, [0, 20, 40, 50, 70, 90])])
+def test_eval_batches_spread_a_subset_and_split_the_windows_between_ranks(max_tokens, starts):
+    """A subset's windows are spread evenly from the first to the last (rounded, not floored),
+    and each rank scores a disjoint share of the windows one process would score: a rank that
+    scored them all wasted world_size times the compute."""
+    from openmythos.evaluation import eval_batches
+
+    packed = PackedTokens(np.arange(103, dtype=np.uint16))
+
+    def window_starts(rank: int = 0, world_size: int = 1) -> list[int]:
+        return [int(x[i, 0]) for x, _ in eval_batches(packed, 10, 4, max_tokens, rank, world_size)
+                for i in range(len(x))]
+
+    assert window_starts() == starts
+    shards = [window_starts(rank, 3) for rank in range(3)]
+    assert sorted(sum(shards, [])) == starts
 
 
 @pytest.mark.parametrize("world_size", [1, 3])

@@ -207,3 +207,29 @@ def test_the_resume_hint_of_a_distributed_run_is_a_torchrun_launch():
 def test_fsdp_with_muon_is_refused():
     with pytest.raises(ValueError, match=r"train.optimizer='muon'.*dist.strategy='fsdp'"):
         TrainConfig().override({"dist.strategy": "fsdp", "train.optimizer": "muon"})
+
+
+def test_the_rank_helpers_in_one_process_pass_values_through():
+    """Without a process group the cross-rank helpers return this process's own values: the
+    stop flags as given (a time limit or Ctrl-C stops the run), rho(A) for the log, and a
+    one-entry list of the throughput."""
+    from openmythos.training.distributed import DistEnv, any_rank, global_max, per_rank
+
+    env, cpu = DistEnv(), torch.device("cpu")
+    assert env.is_main and env.world_size == 1
+    assert any_rank([True, False], env, cpu) == [True, False]
+    assert global_max(0.75, env, cpu) == 0.75
+    assert per_rank(123.5, env, cpu) == [123.5]
+
+
+@pytest.mark.parametrize("present", ["RANK", "WORLD_SIZE"])
+def test_a_half_set_torchrun_environment_is_refused_by_name(monkeypatch, present):
+    """RANK without WORLD_SIZE (or the reverse) is no torchrun launch: the clear message, not a
+    KeyError on the missing variable."""
+    from openmythos.training.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(present, "0" if present == "RANK" else "2")
+    with pytest.raises(ValueError, match=r"dist.strategy='ddp' needs a torchrun launch"):
+        init_distributed("cpu", "ddp")

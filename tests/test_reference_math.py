@@ -17,7 +17,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from openmythos.data import PackedTokens
-from openmythos.evaluation.perplexity import bits_per_byte, evaluate, perplexity
+from openmythos.evaluation.perplexity import (
+    bits_per_byte,
+    depth_table,
+    evaluate,
+    loss_per_depth,
+    perplexity,
+    scored_targets,
+)
 from openmythos.generation import probabilities
 from openmythos.model.attention import Context, GQAttention, MLAttention
 from openmythos.model.layers import apply_rope, rope_angles
@@ -360,6 +367,64 @@ def test_evaluate_is_the_mean_cross_entropy_over_every_target():
     assert_close(loops, float(n_loops))
 
 
+def reference_loss(model, stream: np.ndarray, seq_len: int, n_loops: int) -> float:
+    """Mean next-token cross-entropy over consecutive whole windows, all in one forward pass
+    (the batch evaluate() makes of them when batch_size covers them all)."""
+    ids = torch.from_numpy(stream).long()
+    n = (len(ids) - 1) // seq_len * seq_len
+    x, y = ids[:n].view(-1, seq_len), ids[1:n + 1].view(-1, seq_len)
+    logits = model(x, n_loops=n_loops).logits.double()
+    return float(-(logits.log_softmax(-1).gather(-1, y[..., None])).mean())
+
+
+@torch.no_grad()
+def test_evaluate_a_split_shorter_than_one_window():
+    """A validation split shorter than seq_len + 1 tokens is scored as one window of all its
+    targets (scored_targets counts them alike), not refused as a window too long for it."""
+    model = small_model(std=0.1)
+    stream = np.random.default_rng(1).integers(0, 64, size=6)
+    loss, _ = evaluate(model, PackedTokens(stream), seq_len=32, batch_size=2, n_loops=2)
+    assert_close(loss, reference_loss(model, stream, 5, n_loops=2), atol=1e-5, rtol=1e-5)
+    assert scored_targets(PackedTokens(stream), 32) == 5
+
+
+@torch.no_grad()
+def test_evaluate_runs_in_eval_mode_and_under_the_autocast_it_is_given():
+    """evaluate() switches a model in training mode to eval mode (no dropout) and back, and
+    runs the forward under autocast_dtype: dropout left on, or bf16 evaluation silently in
+    fp32, gives another number than the reference."""
+    model = small_model(std=0.1, dropout=0.5).train()
+    seq_len, n_loops = 8, 2
+    stream = np.random.default_rng(2).integers(0, 64, size=1 + 4 * seq_len)
+    tokens = PackedTokens(stream)
+    loss, _ = evaluate(model, tokens, seq_len=seq_len, batch_size=4, n_loops=n_loops)
+    assert model.training
+    model.eval()
+    assert_close(loss, reference_loss(model, stream, seq_len, n_loops), atol=1e-5, rtol=1e-5)
+    model.train()
+    bf16, _ = evaluate(model, tokens, seq_len=seq_len, batch_size=4, n_loops=n_loops,
+                       autocast_dtype=torch.bfloat16)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = reference_loss(model, stream, seq_len, n_loops)
+    assert_close(bf16, reference, atol=2e-5, rtol=0)
+    assert abs(bf16 - loss) > 1e-4
+
+
+@torch.no_grad()
+def test_loss_per_depth_is_evaluate_at_each_depth():
+    """Each entry is the validation loss run at that depth (a sweep that ignored its depths
+    printed one loss in every row)."""
+    model = small_model(std=0.1)
+    seq_len = 8
+    stream = np.random.default_rng(3).integers(0, 64, size=1 + 4 * seq_len)
+    losses = loss_per_depth(model, PackedTokens(stream), [1, 3], seq_len=seq_len, batch_size=4)
+    assert list(losses) == [1, 3]
+    for n, loss in losses.items():
+        assert_close(loss, reference_loss(model, stream, seq_len, n), atol=1e-5, rtol=1e-5)
+    assert abs(losses[1] - losses[3]) > 1e-3
+
+
 @pytest.mark.parametrize("loss,bytes_per_token,expected", [
     (4 * math.log(2), 4.0, 1.0),
     (3 * math.log(2), 1.5, 2.0),
@@ -374,3 +439,18 @@ def test_perplexity_and_bytes_per_token():
     """perplexity = exp(loss); bytes_per_token = text bytes / tokens."""
     assert_close(perplexity(math.log(7.0)), 7.0)
     assert_close(PackedTokens(np.arange(10), n_bytes=35).bytes_per_token, 3.5)
+
+
+def test_a_diverged_loss_has_a_finite_perplexity():
+    """exp overflows a float past ~709.78 nats: a diverged run's report raised OverflowError."""
+    assert perplexity(1e4) == math.exp(700)
+
+
+def test_depth_table_rows():
+    """Each row: the depth, its loss, exp(loss), the loss in bits per byte and the loops run."""
+    table = depth_table({1: math.log(8), 4: 2 * math.log(2)}, bytes_per_token=2.0, loops={1: 1.0, 4: 2.5})
+    assert table.splitlines() == ["n_loops     loss        ppl  bits/byte  loops run",
+                                  "      1   2.0794       8.00     1.5000       1.00",
+                                  "      4   1.3863       4.00     1.0000       2.50"]
+    assert depth_table({2: 1.5}).splitlines() == ["n_loops     loss        ppl",
+                                                  "      2   1.5000       4.48"]

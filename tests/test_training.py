@@ -404,12 +404,94 @@ def test_optimizers_fit_a_least_squares_problem(optimizer):
     assert float(loss) < 0.05 * first
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_zero_gradient_step_is_exactly_the_decoupled_weight_decay(optimizer):
+    """With zero gradients a step is weight decay alone: the weight matrix (Muon's half or
+    AdamW's) shrinks by exactly 1 - lr * weight_decay and the embedding, bias and norm stay put.
+    Guards against Muon skipping its decay or applying 1 - weight_decay, a group decayed with
+    the wrong weight_decay, and build_optimizer dropping train.weight_decay (the least-squares
+    test runs with none)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    with torch.no_grad():
+        model[2].weight.uniform_(0.5, 1.5)  # not all ones, so a decay on it shows
+        model[2].bias.uniform_(-1, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, OptimConfig(optimizer=optimizer, lr=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.1 * 0.5) if name == "1.weight" else before[name]
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+
+
+def test_muon_steps_are_nesterov_momentum_orthogonalised_and_rms_matched():
+    """Two Muon steps against the update written out: buf = mu * buf + g, the Nesterov direction
+    g + mu * buf orthogonalised, scaled by lr * 0.2 * sqrt(max(rows, cols)), after the decay
+    1 - lr * wd. The first step alone cannot tell g, buf and g + mu * buf apart (orthogonalising
+    normalises them all to the same matrix), so a dropped Nesterov term or momentum, or another
+    default momentum than 0.95, shows only in the second; the scale shows in both."""
+    torch.manual_seed(0)
+    w, grads = torch.randn(16, 8), [torch.randn(16, 8) for _ in range(2)]
+    p = torch.nn.Parameter(w.clone())
+    opt = MuonAdamW([{"params": [p], "weight_decay": 0.1, "muon": True}], lr=0.02, betas=(0.9, 0.95),
+                    eps=1e-8)
+    expected, buf = w.clone(), torch.zeros_like(w)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.95 * buf + g
+        step = orthogonalise(g + 0.95 * buf).float() * 0.2 * math.sqrt(16)
+        expected = expected * (1 - 0.02 * 0.1) - 0.02 * step
+        torch.testing.assert_close(p.detach(), expected, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_build_optimizer_takes_its_settings_from_the_config(optimizer):
+    """Every group runs at train.lr with train.beta1/beta2 in that order, train.eps and, for Muon,
+    train.muon_momentum: a swapped pair of betas or a setting left at the optimizer's default
+    still fits the least-squares problem."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+    cfg = OptimConfig(optimizer=optimizer, lr=0.03, beta1=0.8, beta2=0.99, eps=1e-7, muon_momentum=0.7)
+    groups = build_optimizer(model, cfg).param_groups
+    settings = [(g["lr"], tuple(g["betas"]), g["eps"]) for g in groups]
+    assert settings == [(0.03, (0.8, 0.99), 1e-7)] * len(groups)
+    if optimizer == "muon":
+        assert [g["momentum"] for g in groups] == [0.7] * len(groups) and any(g["muon"] for g in groups)
+
+
+def test_newton_schulz_orthogonalises_a_spread_spectrum_in_its_default_steps():
+    """A gradient's singular values spread over orders of magnitude; the default five quintic
+    steps lift one at 1/100 of the largest into the band, fewer steps do not (random Gaussian
+    matrices, whose spectrum is narrow, pass with two)."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 48))
+    v, _ = torch.linalg.qr(torch.randn(32, 32))
+    g = u[:, :32] @ torch.diag(torch.logspace(0, -2, 32)) @ v.T
+    singular = torch.linalg.svdvals(orthogonalise(g).float())
+    assert singular.min() > 0.6 and singular.max() < 1.25
+
+
 def test_lr_warms_up_then_decays_to_the_floor():
     cfg = OptimConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.55)
     assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(150, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_lr_peaks_at_the_end_of_warmup_and_an_all_warmup_run_has_a_rate_at_its_end():
+    """The first step after warm-up runs at the peak rate, not above it (a `step <= warmup`
+    gave lr * (warmup + 1) / warmup there). A run that is all warm-up (train.warmup_steps ==
+    train.steps, allowed) has a rate at step `steps` too: a resume of the finished run asks
+    for it, and an empty cosine divided by zero."""
+    cfg = OptimConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(11, cfg) < 1.0
+    all_warmup = OptimConfig(steps=10, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    for clock in (False, True):
+        cfg = OptimConfig(**{**vars(all_warmup), "time_schedule": clock})
+        assert 0.1 <= lr_at(10, cfg, elapsed_s=1.0) <= 1.0
 
 
 def test_lr_follows_the_clock_when_the_time_limit_ends_the_run_first():
@@ -522,6 +604,30 @@ def test_loop_sampler_ranks_agree_and_resume():
     b.load_state_dict(a.state_dict())
     assert [a.sample(1) for _ in range(20)] == [b.sample(1) for _ in range(20)]
     assert all(isinstance(a.sample(4), int) for _ in range(3))
+
+
+def test_loop_sampler_clamps_to_its_bounds():
+    """Depths stay within [loops.min, loops.max] and reach both ends: a depth past loops.max
+    costs time and memory the config ruled out (the mean tests bound at 64, never reached)."""
+    cfg = LoopsConfig(sampler="poisson", mean=6, per="sequence", min=3, max=5)
+    depths = LoopSampler(cfg, seed=0).sample(1000)
+    assert (int(depths.min()), int(depths.max())) == (3, 5)
+
+
+@pytest.mark.parametrize("sampler", ["poisson", "lognormal-poisson"])
+def test_loop_sampler_draws_from_its_own_seeded_generator_alone(sampler):
+    """The depths come from the sampler's generator and nothing else: torch's global RNG is
+    neither read nor advanced (the data order and dropout must not depend on the depth
+    sampler, and a resume restores the depths from the sampler's state alone), and the seed
+    picks the sequence. The lognormal draw's randn and Poisson both once took the global RNG."""
+    cfg = LoopsConfig(sampler=sampler, mean=4, per="sequence", max=12)
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    depths = LoopSampler(cfg, 7).sample(64)
+    assert torch.equal(torch.get_rng_state(), rng)
+    torch.manual_seed(2)
+    assert torch.equal(LoopSampler(cfg, 7).sample(64), depths)
+    assert not torch.equal(LoopSampler(cfg, 8).sample(64), depths)
 
 
 # config files and overrides
