@@ -321,6 +321,39 @@ def test_corpus_errors(tmp_path):
         split_tail(Document("short", "one line only"))
 
 
+def test_a_hash_split_validates_about_val_fraction_of_the_documents():
+    """val_fraction is the share of documents that validate: the name hash is uniform on [0, 1)
+    (scaled to [0, 2), it validated half the documents asked for)."""
+    docs = [Document(f"doc{i:04d}.txt", f"text {i}") for i in range(2000)]
+    for fraction in (0.05, 0.3):
+        _, val = split_by_hash(docs, val_fraction=fraction)
+        assert abs(len(val) / len(docs) - fraction) < 0.02
+
+
+def test_copies_of_a_text_split_by_the_lowest_hash_among_their_names():
+    """A text held under several names validates when any of its names hashes below the
+    fraction, whatever their order (taking the last copy's hash made the split depend on it)."""
+    names = [f"copy{i}.txt" for i in range(200)]
+    low = next(n for n in names if corpus_mod._name_hash(n) < 0.05)
+    high = next(n for n in names if corpus_mod._name_hash(n) > 0.5)
+    others = [Document(f"other{i}.txt", f"text {i}") for i in range(10)]
+    for pair in ([low, high], [high, low]):
+        train, val = split_by_hash([Document(n, "shared text") for n in pair] + others)
+        assert sorted(d.name for d in val if d.text == "shared text") == sorted(pair)
+        assert "shared text" not in {d.text for d in train}
+
+
+def test_one_document_splits_at_a_line_break_first_and_else_at_the_point_itself():
+    """The cut points split_tail documents: the last line break in the window wins over a later
+    space, and text with neither splits exactly at (1 - fraction) of its characters."""
+    text = "x" * 860 + "\n" + "y" * 20 + " " + "z" * 118  # window [850, 900) at 10%
+    train, val = split_tail(Document("doc", text), val_fraction=0.1)
+    assert (train[0].text, val[0].text) == (text[:861], text[861:])
+    cjk = "没有空格的文字" * 100  # 700 characters: the point is 630
+    train, val = split_tail(Document("doc", cjk), val_fraction=0.1)
+    assert (train[0].text, val[0].text) == (cjk[:630], cjk[630:])
+
+
 @pytest.mark.parametrize("text", [
     "line of words\n" * 2000,  # cut at a line break
     "A title\n" + "one long paragraph of words " * 1000,  # no line break near the end: a space
@@ -424,6 +457,17 @@ def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
     atomic_write(path, lambda f: f.write(b"whole"))
     assert path.read_bytes() == b"whole"
     assert not abandoned.exists() and live.exists() and other.exists()
+
+
+def test_tokenizers_that_share_a_name_keep_separate_caches(docs, tmp_path):
+    """Two BPE vocabularies of one size share a file name prefix: the cache key must tell them
+    apart, else the second reads the first's entry and load_tokens refuses it."""
+    a = train_bpe(["one corpus of text " * 50], vocab_size=270)
+    b = train_bpe(["another, different corpus " * 50], vocab_size=270)
+    assert a.name == b.name and a.fingerprint != b.fingerprint
+    for tok in (a, b):
+        packed = tokenize_documents(docs, tok, tmp_path)
+        assert packed.tokens.tolist() == [i for d in docs for i in (*tok.encode(d.text), tok.eos_id)]
 
 
 def test_load_tokens_rejects_mismatch_and_corruption(docs, tmp_path, gpt2):
@@ -534,6 +578,24 @@ def test_eval_batches_predict_every_token_once(world_size):
             torch.testing.assert_close(y, x + 1)
             targets += y.flatten().tolist()
     assert sorted(targets) == list(range(1, 103))
+
+
+def test_sample_batch_draws_every_start_including_the_last():
+    """Starts run over [0, len - seq_len]: a split of exactly seq_len + 1 tokens has one window
+    (never drawing the last start failed on it, and never trained on a split's last token)."""
+    x, y = PackedTokens(np.arange(9, dtype=np.uint16)).sample_batch(3, 8, torch.Generator().manual_seed(0))
+    assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
+    x, _ = PackedTokens(np.arange(12, dtype=np.uint16)).sample_batch(200, 8, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1, 2, 3}
+
+
+def test_eval_windows_go_to_ranks_in_turn_the_remainder_too():
+    """Window i goes to rank i % world_size, the short remainder included (it went to rank 0,
+    which then ran more batches than the others)."""
+    packed = PackedTokens(np.arange(16, dtype=np.uint16))  # windows of 4 at 0, 4, 8; a 3 at 12
+    firsts = {rank: [int(x[0, 0]) for x, _ in packed.iter_eval_batches(1, 4, rank=rank, world_size=2)]
+              for rank in range(2)}
+    assert firsts == {0: [0, 8], 1: [4, 12]}
 
 
 @pytest.mark.parametrize(

@@ -328,6 +328,112 @@ def test_a_cache_built_for_another_model_is_refused(other, field):
     model(ids, cache=model.new_cache(1, 16).narrow(0, 1))  # its own, and a view of it, are fine
 
 
+@torch.no_grad()
+def test_padding_seen_through_a_view_masks_the_whole_caches_decode():
+    """A view shares its cache's padding flag: after a left-padded prefill through narrow(), a
+    decode on the whole cache must still mask the padding columns (with a flag of the view's
+    own, the cache attended to them)."""
+    model = small_model(std=0.1)
+    ids, mask = torch.tensor([[1, 2, 3], [0, 0, 4]]), torch.tensor([[1, 1, 1], [0, 0, 1]])
+    via_view, direct = model.new_cache(2, 16), model.new_cache(2, 16)
+    model(ids, cache=via_view.narrow(0, 2), attention_mask=mask)
+    model(ids, cache=direct, attention_mask=mask)
+    assert via_view.has_padding
+    step = torch.tensor([[5], [6]])
+    assert_close(model(step, cache=via_view).logits, model(step, cache=direct).logits)
+
+
+@torch.no_grad()
+def test_move_rows_carries_every_written_column_and_the_positions():
+    """move_rows (the engine reordering its rows) moves each row whole: its entries up to the
+    longest moving row's length, `valid`, `next_pos` and `lengths`. Copying only up to the
+    shortest moving row (a freshly admitted one holds none) lost the other rows' entries."""
+    model = small_model()
+    cache = model.new_cache(3, 16, packed=True)
+    for b, n in enumerate((2, 5, 0)):
+        if n:
+            model(torch.arange(1, n + 1)[None] + b, cache=cache.narrow(b, 1))
+    before = [[t.clone() for t in s.tensors] for s in cache.slots]
+    state = {name: getattr(cache, name).clone() for name in ("valid", "next_pos", "lengths")}
+    cache.move_rows([1, 2, 0], [0, 1, 2])  # row 1 (5 tokens) to 0, row 2 (empty) to 1, row 0 to 2
+    order = [1, 2, 0]
+    for slot, old in zip(cache.slots, before, strict=True):
+        for t, o in zip(slot.tensors, old, strict=True):
+            for dst, src in enumerate(order):
+                n = int(state["lengths"][src])
+                assert torch.equal(t[dst, :n], o[src, :n])
+    for name, value in state.items():
+        assert torch.equal(getattr(cache, name), value[order]), name
+
+
+def _padded_prefill(model, max_len):
+    ids, mask = torch.tensor([[1, 2, 3], [0, 0, 4]]), torch.tensor([[1, 1, 1], [0, 0, 1]])
+    cache = model.new_cache(2, max_len)
+    model(ids, cache=cache, attention_mask=mask)
+    return cache, ids, mask
+
+
+@torch.no_grad()
+def test_select_rows_continues_each_row_from_its_source():
+    """Beam search's reorder: row i continues from row index[i], its entries and its padding
+    mask alike, and decodes as a cache prefilled in that order."""
+    model = small_model(std=0.1)
+    cache, ids, mask = _padded_prefill(model, 16)
+    cache.select_rows(torch.tensor([1, 0]))
+    ref = model.new_cache(2, 16)
+    model(ids[[1, 0]], cache=ref, attention_mask=mask[[1, 0]])
+    for name in ("valid", "next_pos", "lengths"):
+        assert torch.equal(getattr(cache, name), getattr(ref, name)), name
+    step = torch.tensor([[6], [5]])
+    assert_close(model(step, cache=cache).logits, model(step, cache=ref).logits)
+
+
+@torch.no_grad()
+def test_copy_to_a_larger_cache_decodes_as_the_original():
+    """copy_to (a cache that outgrew its allocation) carries every row's columns, the padding
+    mask and the padding flag: the copy decodes as the original, left-padded or ragged."""
+    model = small_model(std=0.1)
+    small, _, _ = _padded_prefill(model, 8)
+    ragged = model.new_cache(2, 8, packed=True)
+    for b, n in enumerate((3, 5)):
+        model(torch.arange(1, n + 1)[None] + b, cache=ragged.narrow(b, 1))
+    for cache in (small, ragged):
+        big = model.new_cache(2, 16, packed=cache.packed)
+        cache.copy_to(big)
+        assert big.has_padding == cache.has_padding and torch.equal(big.lengths, cache.lengths)
+        step = torch.tensor([[6], [5]])
+        assert_close(model(step, cache=big).logits, model(step, cache=cache).logits)
+
+
+def test_rewind_stops_at_the_shortest_row():
+    """Rows of a packed cache hold different lengths: rewinding past the shortest is refused
+    (it left that row a negative length)."""
+    model = small_model()
+    cache = model.new_cache(2, 16, packed=True)
+    for b, n in enumerate((3, 5)):
+        model(torch.arange(1, n + 1)[None], cache=cache.narrow(b, 1))
+    with pytest.raises(ValueError, match=r"rewind: n must be an integer in \[0, 3\], got 4"):
+        cache.rewind(4)
+    cache.rewind(3)
+    assert cache.lengths.tolist() == [0, 2] and cache.next_pos.tolist() == [0, 2]
+
+
+def test_reset_empties_the_cache_and_forgets_its_padding():
+    model = small_model()
+    cache, _, _ = _padded_prefill(model, 16)
+    assert cache.has_padding
+    cache.reset()
+    assert not cache.has_padding and cache.length == 0 and cache.next_pos.tolist() == [0, 0]
+    assert not cache.valid.any()
+
+
+def test_a_per_loop_cache_ignores_the_unused_ring_length():
+    """kv_cache_ring means nothing to a per-loop cache: two such models of different ring
+    lengths take each other's caches (their layouts are the same)."""
+    model = small_model(kv_cache_ring=5)
+    model(torch.tensor([[1, 2]]), cache=small_model(kv_cache_ring=2).new_cache(1, 16))
+
+
 def test_rewind_takes_integers_only():
     import numpy as np
 

@@ -169,6 +169,23 @@ def test_ring_as_deep_as_the_loop_is_the_per_loop_cache():
 
 
 @torch.no_grad()
+def test_loop_t_writes_ring_slot_t_mod_ring():
+    """The ring policy's layout: loop t reads and writes slot t % kv_cache_ring, so after a
+    prompt slot 0 holds loop 2's entries and slot 1 loop 1's (clamping t to the last slot
+    instead left loop 0's in slot 0 and decoded differently)."""
+    ids = torch.randint(0, 64, (1, 5))
+    caches = {}
+    for policy in ("per_loop", "ring"):
+        model = small_model(kv_cache_policy=policy, kv_cache_ring=2)
+        caches[policy] = model.new_cache(1, 16, 3)
+        model(ids, n_loops=3, cache=caches[policy])
+    ring, per_loop = caches["ring"].loop_slots, caches["per_loop"].loop_slots
+    assert len(ring) == 2
+    for slot, loop in ((0, 2), (1, 1)):
+        assert_close(ring[slot].tensors[0], per_loop[loop].tensors[0])
+
+
+@torch.no_grad()
 def test_ring_cache_with_halting_keeps_halted_tokens_latest_entry():
     model = small_model(halting="act", kv_cache_policy="ring", kv_cache_ring=2)
     with torch.no_grad():

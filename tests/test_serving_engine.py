@@ -157,6 +157,36 @@ def test_cancel_frees_the_slot():
     assert engine.idle and events[-1].finish_reason == "cancelled"
 
 
+def test_a_request_cancelled_while_waiting_ends_without_running():
+    """Cancelled in the queue, a request ends at the next step and never takes a row: no token,
+    no loops (it used to wait for a row, prefill, and could stream a token before it ended)."""
+    engine = Engine(small_model(vocab_size=64), max_batch=1)
+    collect(engine, [1, 2], max_tokens=3, temperature=0)  # holds the only row
+    waiting, events = collect(engine, [3, 4], max_tokens=3, temperature=0)
+    engine.step()
+    engine.cancel(waiting)
+    engine.step()
+    assert [(e.kind, e.finish_reason) for e in events] == [("done", "cancelled")]
+    assert events[0].usage == {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2,
+                               "loops_executed": 0}
+    assert engine.stats()["waiting"] == 0
+    engine.run_until_idle()
+    assert len(events) == 1 and waiting.generated == []
+
+
+def test_stats_and_a_cancelling_shutdown_count_the_waiting_requests():
+    """stats() while a request waits for the only row, and shutdown(cancel=True) ends the
+    waiting requests at the next step as well as the running ones."""
+    engine = Engine(small_model(vocab_size=64), max_batch=1)
+    _, running = collect(engine, [1, 2], max_tokens=5, temperature=0)
+    _, waiting = collect(engine, [3], max_tokens=5, temperature=0)
+    engine.step()
+    assert engine.stats() == {"running": 1, "waiting": 1, "free_rows": 0}
+    engine.shutdown(cancel=True)
+    engine.step()
+    assert running[-1].finish_reason == waiting[-1].finish_reason == "cancelled" and engine.idle
+
+
 def test_stop_strings_and_eos_with_a_tokenizer():
     tok = ByteTokenizer()
     model = small_model(vocab_size=tok.vocab_size)
@@ -173,6 +203,23 @@ def test_stop_strings_and_eos_with_a_tokenizer():
     req, events = collect(engine, list(b"hello"), max_tokens=12, temperature=0)
     engine.run_until_idle()
     assert req.generated == free[:free.index(free[2])] and events[-1].finish_reason == "stop"
+
+
+def test_stop_strings_hold_back_only_what_could_begin_one():
+    """With stop strings, streaming holds back len(stop) - 1 characters, the most that could
+    still begin one; every other character goes out as soon as its token is decoded."""
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    script = iter(b"abcdef")
+    engine._sample = lambda req, logits, greedy: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=6, temperature=0, stop=("zz", "yyy"))
+    pieces = []
+    for _ in range(4):  # the prompt's step gives "a", then "b", "c", "d"
+        engine.step()
+        pieces.append("".join(e.text for e in events if e.kind == "token"))
+    assert pieces == ["", "", "a", "ab"]  # "yyy" may begin in the last two characters
+    engine.run_until_idle()
+    assert "".join(e.text for e in events if e.kind == "token") == req.text == "abcdef"
 
 
 @pytest.mark.parametrize("junk", [b"", b"\x80\x80", b"\xe4"])  # stray bytes before it
@@ -198,6 +245,30 @@ def test_loops_are_counted_per_request():
     # prompt positions plus every decoded token but the first (sampled from the prefill)
     assert ev1[-1].usage["loops_executed"] == 1 * (2 + 3)
     assert ev2[-1].usage["loops_executed"] == 3 * (2 + 3)
+
+
+def test_a_padded_vocabulary_never_serves_its_padding_ids():
+    """A model padded past its tokenizer's vocabulary: the engine decodes only the tokenizer's
+    ids, even when a padding id has the largest logit (it could not be decoded as text)."""
+    tok = ByteTokenizer()
+    model = small_model(vocab_size=320, std=0.1)
+    with torch.no_grad():  # the head is tied to the embedding: make the padding ids win
+        model.embed.weight[tok.vocab_size:] *= 50
+    engine = Engine(model, tokenizer=tok, max_batch=2)
+    reqs = [collect(engine, list(p), max_tokens=3, temperature=t) for p, t in ((b"hi", 0), (b"yo", 1.5))]
+    engine.run_until_idle()
+    for req, events in reqs:
+        assert events[-1].finish_reason in ("length", "stop") and req.generated
+        assert max(req.generated) < tok.vocab_size
+
+
+def test_usage_counts_the_prompt_and_the_completion():
+    """The done event's usage: total_tokens is prompt plus completion (OpenAI's meaning)."""
+    engine = Engine(small_model(vocab_size=64), max_batch=1)
+    _, events = collect(engine, [1, 2, 3], max_tokens=4, temperature=0, n_loops=2)
+    engine.run_until_idle()
+    assert events[-1].usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                "loops_executed": 2 * (3 + 3)}
 
 
 @pytest.mark.parametrize("prompt,params,needle", [
