@@ -350,6 +350,14 @@ TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
 }
 
 
+def check_fits(tokenizer: Tokenizer, vocab_size: int, where: str = "") -> None:
+    """A tokenizer whose every id embeds in a model of `vocab_size` rows (a model's vocabulary may
+    be larger: padded); `where` prefixes the error (e.g. the checkpoint)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{where}the tokenizer's vocab_size {tokenizer.vocab_size} exceeds the model's "
+                         f"{vocab_size}: its ids would not embed")
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Restore a tokenizer written by `Tokenizer.save`, whichever kind it is."""
     directory = Path(directory).expanduser()

@@ -10,7 +10,7 @@ from typing import Any
 
 from openmythos.data.corpus import NAMED_CORPORA, load_corpus
 from openmythos.experiments.common import ExperimentConfig, TimeBudget, fresh_dir
-from openmythos.training.config import TOKENIZERS, load_config
+from openmythos.training.config import TOKENIZERS, is_tokenizer_source, load_config
 from openmythos.training.trainer import METRICS, TrainingDiverged, read_metrics, train
 
 
@@ -24,7 +24,7 @@ class LMExperimentConfig(ExperimentConfig):
         super().__post_init__()
         if self.corpus not in NAMED_CORPORA and not (self.corpus.strip() and Path(self.corpus).expanduser().exists()):
             raise ValueError(f"corpus={self.corpus!r} is neither one of {NAMED_CORPORA} nor an existing path")
-        if self.tokenizer not in TOKENIZERS and not (self.tokenizer.strip() and Path(self.tokenizer).expanduser().is_dir()):
+        if not is_tokenizer_source(self.tokenizer):
             raise ValueError(f"tokenizer={self.tokenizer!r} is neither one of {TOKENIZERS} nor a saved "
                              "tokenizer's directory")
 

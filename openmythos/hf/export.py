@@ -24,7 +24,6 @@ from tokenizers import Tokenizer as TokenizersBackend
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from openmythos.config import MythosConfig
 from openmythos.data.tokenizer import (
     BPE_FILE,
     EOS_TOKEN,
@@ -32,6 +31,7 @@ from openmythos.data.tokenizer import (
     PAD_TOKEN,
     BPETokenizer,
     Tokenizer,
+    check_fits,
     gpt2_files_dir,
     load_tokenizer,
 )
@@ -105,7 +105,7 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
     model = getattr(model, "_orig_mod", model)  # torch.compile(model): its weights, without the prefix
     special: dict[str, Any] = {}
     if tokenizer is not None:
-        _check_vocab(tokenizer, model.cfg)
+        check_fits(tokenizer, model.cfg.vocab_size)
         special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                    "pad_token_id": tokenizer.pad_id}
     out = Path(out_dir).expanduser()
@@ -156,7 +156,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"
     model = OpenMythosForCausalLM.from_pretrained(path).model.to(device).eval()
     tokenizer = load_tokenizer(path) if (path / META_FILE).is_file() else None
     if tokenizer is not None:
-        _check_vocab(tokenizer, model.cfg)
+        check_fits(tokenizer, model.cfg.vocab_size)
     train_cfg = None
     if (path / TRAIN_CONFIG_FILE).is_file():
         from openmythos.training.config import TrainConfig
@@ -172,7 +172,3 @@ def _update_json(path: Path, **changes: Any) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2) + "\n")
 
 
-def _check_vocab(tokenizer: Tokenizer, cfg: MythosConfig) -> None:
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name} has vocab_size {tokenizer.vocab_size}, more "
-                         f"than the model's vocab_size {cfg.vocab_size}: they do not belong together")

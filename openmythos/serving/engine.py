@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openmythos.config import is_int
-from openmythos.data.tokenizer import TextStream, Tokenizer
+from openmythos.data.tokenizer import TextStream, Tokenizer, check_fits
 from openmythos.generation import check_sampling, is_greedy, sample
 from openmythos.model import OpenMythos
 
@@ -119,9 +119,8 @@ class Engine:
                             ("default_loops", default_loops)):
             if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"the tokenizer's vocab_size {tokenizer.vocab_size} exceeds the model's "
-                             f"{model.cfg.vocab_size}: its ids would not embed")
+        if tokenizer is not None:
+            check_fits(tokenizer, model.cfg.vocab_size)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk

@@ -47,6 +47,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from openmythos.config import MythosConfig
 from openmythos.data import PackedTokens, Tokenizer, load_tokenizer
+from openmythos.data.tokenizer import check_fits
 from openmythos.model import OpenMythos
 from openmythos.training.config import TrainConfig
 
@@ -165,9 +166,7 @@ def save_checkpoint(run_dir: Path, step: int, model: OpenMythos, train_cfg: Trai
     if train_cfg.data.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"train_cfg.data.seq_len={train_cfg.data.seq_len} exceeds the model's max_seq_len="
                          f"{model.cfg.max_seq_len}: pass the TrainConfig the model trains with")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer's vocab_size {tokenizer.vocab_size} exceeds the model's "
-                         f"{model.cfg.vocab_size}: its ids would not embed")
+    check_fits(tokenizer, model.cfg.vocab_size)
     root, tmp = Path(run_dir) / CHECKPOINTS, None
     try:
         tmp = _new_tmp(root, step)
@@ -471,9 +470,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"
     checkpoint directory or a run directory (its newest complete checkpoint)."""
     ckpt = open_checkpoint(checkpoint)
     tokenizer = ckpt.tokenizer()
-    if tokenizer.vocab_size > ckpt.model_cfg.vocab_size:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r}: tokenizer vocab_size {tokenizer.vocab_size} "
-                         f"exceeds the model's vocab_size {ckpt.model_cfg.vocab_size}")
+    check_fits(tokenizer, ckpt.model_cfg.vocab_size, f"checkpoint {str(ckpt.path)!r}: ")
     # built on the device, not on meta: meta init imports torch._dynamo, seconds that a small
     # model's random init does not cost
     with torch.device(device):

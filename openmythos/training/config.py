@@ -36,6 +36,11 @@ TOKENIZERS = tuple(TOKENIZER_KINDS)
 AUTO_RESUME = "auto"  # checkpoint.resume: continue run.out_dir if it holds a checkpoint
 
 
+def is_tokenizer_source(value: str) -> bool:
+    """One of TOKENIZERS, or a saved tokenizer's directory."""
+    return value in TOKENIZERS or (bool(value.strip()) and Path(value).expanduser().is_dir())
+
+
 @dataclass
 class RunConfig:
     name: str = "quickstart"

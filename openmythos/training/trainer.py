@@ -70,6 +70,7 @@ from openmythos.training.config import (
     TOKENIZERS,
     DataConfig,
     TrainConfig,
+    is_tokenizer_source,
     to_toml,
 )
 from openmythos.training.distributed import (
@@ -245,7 +246,7 @@ class Trainer:
         ckpt = open_checkpoint(resume) if resume else None
         if ckpt is not None:
             self._check_resume(ckpt)
-        elif cfg.data.tokenizer not in TOKENIZERS and not Path(cfg.data.tokenizer).expanduser().is_dir():
+        elif not is_tokenizer_source(cfg.data.tokenizer):
             # checked here, not in the config: a checkpoint carries its own copy of the tokenizer,
             # so loading one must not depend on the folder it was first read from
             raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} is neither one of {TOKENIZERS} "
