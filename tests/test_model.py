@@ -1,5 +1,7 @@
 """Whole-model behaviour: dtypes, meta-device initialisation and bad input."""
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -263,6 +265,24 @@ def test_meta_build_then_init_weights():
                 assert float(p.std()) == pytest.approx(float(q.std()), rel=0.5, abs=1e-6), name
     assert (model.moe.router_bias == 0).all()
     assert torch.isfinite(model(torch.randint(0, 64, (1, 4))).logits).all()
+
+
+@torch.no_grad()
+def test_init_weights_resets_the_constant_initialisations():
+    """init_weights() on a used model (or one built on the meta device, whose memory holds
+    anything) sets every constant start exactly: RMSNorm gains 1, the balancing bias 0, the
+    injection's log_A = log_dt = 0 and B = 0.1, the halting bias -log(max_loops - 1)."""
+    model = small_model(halting="act")
+    for p in model.parameters():
+        p.add_(0.5)
+    model.moe.router_bias.fill_(0.3)
+    model.init_weights()
+    norms = [m.weight for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) > 4 and all(torch.equal(w, torch.ones_like(w)) for w in norms)
+    assert torch.equal(model.moe.router_bias, torch.zeros(4))
+    inj = model.recurrent.injection
+    assert (inj.log_A == 0).all() and (inj.log_dt == 0).all() and torch.equal(inj.B, torch.full((64,), 0.1))
+    assert float(model.recurrent.act.halt.bias) == pytest.approx(-math.log(2))
 
 
 def test_act_at_init_runs_the_trained_depth():

@@ -114,3 +114,13 @@ def test_balance_loss_only_when_asked():
     assert make_moe().train()(x)[2] == 0
     aux = make_moe(balance_loss_weight=0.1).train()(x)[2]
     assert aux > 0 and aux.requires_grad
+
+
+def test_balance_loss_is_a_training_term_only():
+    """The balance loss is a training regulariser: in eval mode (evaluation, generation) it is 0
+    even when configured, with no graph behind it; the load is counted either way."""
+    x = torch.randn(16, 64)
+    moe = make_moe(balance_loss_weight=0.1)
+    _, load, aux = moe.eval()(x)
+    assert aux == 0 and not aux.requires_grad and load.sum() == 16 * 2
+    assert moe.train()(x)[2] > 0

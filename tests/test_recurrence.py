@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from openmythos.model.attention import Context
-from openmythos.model.recurrence import LTIInjection
-from tests.conftest import small_model
+from openmythos.model.recurrence import LTIInjection, build_injection
+from tests.conftest import small_config, small_model
 
 
 def sinusoid(t: int, dim: int, width: int) -> torch.Tensor:
@@ -101,6 +101,19 @@ def test_zoh_and_euler_gains():
     assert_close(inj.gain(), (1 - torch.exp(-dt * a_c)) / a_c * 0.1)
     inj.discretisation = "euler"
     assert_close(inj.gain(), torch.full((4,), dt * 0.1))
+
+
+@pytest.mark.parametrize("injection,a", [("lti", math.exp(-1.0)), ("free", math.exp(-1.0)), ("additive", 1.0)],
+                         ids=["lti", "free", "additive"])
+def test_each_injection_at_init_written_out(injection, a):
+    """h <- A*h + B*e + out at init, per injection: the free ablation starts from the LTI
+    injection's A = exp(-exp(0)) (so the two differ only in what training may do to A), the
+    additive one is the plain residual A = 1; every B starts at 0.1 (LTI: dt = 1)."""
+    inj = build_injection(small_config(injection=injection))
+    inj.init_weights()
+    assert_close(inj.decay(), torch.full((64,), a))
+    h, e, out = torch.randn(3, 64), torch.randn(3, 64), torch.randn(3, 64)
+    assert_close(inj(h, e, out), a * h + 0.1 * e + out)
 
 
 def graves_act(probs: list[list[float]], depth: int, threshold: float):
@@ -327,3 +340,88 @@ def test_kl_exit_matches_fixed_depth_at_its_exit():
     kl = small_model(halting="kl", kl_threshold=1e9, min_loops=3)
     fixed = small_model(halting="none")
     assert_close(kl(ids, n_loops=8).logits, fixed(ids, n_loops=3).logits)
+
+
+def kl_exit(probs: list[float], depth: int, threshold: float, min_loops: int) -> int:
+    """The KL exit for one token, written out: its readout P(class 0) per loop (two classes) ->
+    the loops it runs. It stops after loop t once KL(p_t || p_t-1) < threshold, t >= min_loops."""
+    for t in range(1, depth):
+        p, q = probs[t], probs[t - 1]
+        kl = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+        if kl < threshold and t + 1 >= min_loops:
+            return t + 1
+    return depth
+
+
+# per token, P(class 0) read at each loop. KL is not symmetric: (.5, .5) -> (.99, .01) moves
+# KL(p_t || p_t-1) = 0.64 but KL(p_t-1 || p_t) = 1.61, so a threshold of 1 tells the two apart
+KL_PROBS = [[0.5, 0.5, 0.5, 0.5], [0.5, 0.99, 0.99, 0.99], [0.99, 0.5, 0.5, 0.5],
+            [0.999, 0.001, 0.999, 0.001], [0.999, 0.999, 0.5, 0.5], [0.001, 0.999, 0.5, 0.99]]
+
+
+@pytest.mark.parametrize("n_loops", [2, 3, 4])
+def test_kl_exit_matches_the_kl_exit_written_out(n_loops):
+    """The loops each token runs and the state it leaves with, against the KL exit by hand:
+    guards the direction of the divergence, KL(p_t || p_t-1) as documented, not the reverse."""
+    model = small_model(halting="kl", coda_layers=0, kl_threshold=1.0)
+    loop = []
+
+    def inject(h, e, out, coefficients=None):
+        loop.append(None)
+        return torch.full_like(h, float(len(loop)))
+
+    model.recurrent.injection.forward = inject
+    expected = [kl_exit(probs, n_loops, 1.0, 1) for probs in KL_PROBS]
+    calls = []
+
+    def readout(h):  # the tokens still looping, in order, read their scripted distribution
+        t = len(calls)
+        calls.append(h.shape[0])
+        live = [i for i, ran in enumerate(expected) if ran > t]
+        assert h.shape[0] == len(live), (t, h.shape[0], live)
+        p = torch.tensor([KL_PROBS[i][t] for i in live])
+        return torch.stack([p, 1 - p], -1).log()
+
+    model.readout = readout
+    seen = {}
+    model.recurrent.register_forward_hook(lambda m, i, o: seen.update(out=o[0]))
+    out = model(torch.randint(0, 64, (2, 3)), n_loops=n_loops)
+    assert out.loops.flatten().tolist() == expected
+    state = torch.tensor(expected, dtype=torch.float32)  # the state after loop t is t + 1
+    assert_close(seen["out"], state.view(2, 3, 1).expand_as(seen["out"]))
+
+
+@torch.no_grad()
+def test_act_in_a_bf16_packed_call_matches_each_row_alone():
+    """A packed call (the serving engine's: each row's real tokens only) of a bf16 model with ACT
+    halting: the halting-weighted sum accumulates in fp32, which the packed path adds into by
+    index, so an output buffer in the model's dtype would fail (bf16 += fp32) there."""
+    model = small_model(halting="act").to(torch.bfloat16)
+    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.3)  # tokens halt at 2 and 3 loops
+    new = [torch.randint(0, 64, (n,)) for n in (1, 3, 4)]
+    ids = torch.stack([torch.cat([torch.zeros(4 - len(x), dtype=torch.long), x]) for x in new])
+    mask = (torch.arange(4) >= 4 - torch.tensor([len(x) for x in new]).unsqueeze(1)).long()
+    together, alone = model.new_cache(3, 16, 4, packed=True), model.new_cache(3, 16, 4, packed=True)
+    out = model(ids, n_loops=4, cache=together, attention_mask=mask, logits_to_keep=1)
+    assert out.logits.dtype == torch.bfloat16 and set(out.loops[out.loops > 0].tolist()) == {2, 3}
+    ref = [model(x[None], n_loops=4, cache=alone.narrow(b, 1), logits_to_keep=1).logits
+           for b, x in enumerate(new)]
+    assert_close(out.logits, torch.cat(ref))
+
+
+@pytest.mark.parametrize("halting", ["none", "act"])
+def test_truncated_backprop_leaves_out_the_balance_loss_of_loops_before_a_window(halting):
+    """Per-sequence depths with backprop_loops: a loop that ran any row before its backprop
+    window leaves its balance loss (one scalar over every row, which cannot be split) out of the
+    gradient. Depths (1, 6, 5) with 2 backprop loops: windows start at loops -1, 4 and 3, so
+    only loops 4 and 5 pass a balance-loss gradient on (deepest-first path and halting loop)."""
+    model = small_model(halting=halting, balance_loss_weight=0.1).train()
+    with torch.no_grad():
+        model.recurrent.act.halt.bias.fill_(-20.0)  # ACT never halts a row early here
+    per_loop = []
+    model.recurrent.block.ffn.register_forward_hook(lambda m, i, o: per_loop.append(o[2]))
+    out = model(torch.randint(0, 64, (3, 5)), n_loops=torch.tensor([1, 6, 5]), backprop_loops=2)
+    assert len(per_loop) == 6 and out.aux_loss.requires_grad
+    live = [t for t, aux in enumerate(per_loop) if aux.requires_grad]
+    grads = torch.autograd.grad(out.aux_loss, [per_loop[t] for t in live], allow_unused=True)
+    assert [t for t, g in zip(live, grads, strict=True) if g is not None and g != 0] == [4, 5]

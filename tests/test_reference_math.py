@@ -27,7 +27,8 @@ from openmythos.evaluation.perplexity import (
 )
 from openmythos.generation import probabilities
 from openmythos.model.attention import Context, GQAttention, MLAttention
-from openmythos.model.layers import apply_rope, rope_angles
+from openmythos.model.block import TransformerBlock
+from openmythos.model.layers import RMSNorm, SwiGLU, apply_rope, rope_angles
 from openmythos.model.moe import MoE
 from tests.conftest import small_config, small_model
 
@@ -99,6 +100,60 @@ def test_rope_scores_depend_only_on_the_position_difference():
 
 def reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@torch.no_grad()
+def test_rmsnorm_matches_the_definition_in_every_dtype(dtype):
+    """x / sqrt(mean(x^2) + eps) * weight, in fp32 then rounded once to x's dtype: the fused fp32
+    kernel and the low-precision path alike (bf16 and fp16 take their own code). Guards the mean
+    of squares, the eps (an all-zero row, as padding reads, must give zeros, not NaN) and the
+    output dtype."""
+    norm = RMSNorm(16, eps=1e-5)
+    norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 16) * 3
+    x[2] = 0.0
+    expected = reference_rmsnorm(x.to(dtype).double(), norm.weight.to(dtype).double(), 1e-5)
+    out = norm.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    assert_close(out, expected.to(dtype))
+    assert (out[2] == 0).all()
+
+
+def test_swiglu_matches_the_definition():
+    """down(silu(gate x) * up x) (Shazeer 2020): the gated branch is `gate`, not `up`, which the
+    checkpoints and exported weights name."""
+    ffn = SwiGLU(16, 24)
+    x = torch.randn(4, 16).double()
+    g, u, d = (m.weight.double() for m in (ffn.gate, ffn.up, ffn.down))
+    a = x @ g.T
+    expected = (a / (1 + torch.exp(-a)) * (x @ u.T)) @ d.T
+    assert_close(ffn(x.float()).double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@torch.no_grad()
+def test_pre_norm_block_written_out(attn_type):
+    """x + attn(attn_norm(x)), then + ffn(ffn_norm(.)): each branch reads its own norm of the
+    residual stream and adds onto the stream, not onto the normed input."""
+    cfg = small_config(attn_type=attn_type)
+    block = TransformerBlock(cfg).eval()
+    spread_weights(block)
+    x = torch.randn(2, 7, 64) * 2
+    ctx = causal_context(2, 7, cfg.qk_rope_head_dim if attn_type == "mla" else cfg.head_dim, POSITIONS)
+    h = x + block.attn(block.attn_norm(x), ctx, None)
+    assert_close(block(x, ctx), h + block.ffn(block.ffn_norm(h)), atol=1e-5, rtol=1e-5)
+
+
+def test_block_dropout_drops_both_branches():
+    """cfg.dropout drops each residual branch (attention and FFN output) in training: with both
+    branches stubbed to ones and x = 0, each output element is 0 + {0, 2} + {0, 2}, never odd."""
+    block = TransformerBlock(small_config(dropout=0.5)).train()
+    block.attn.forward = lambda x, ctx, kv=None, rows=None: torch.ones_like(x)
+    block.ffn.forward = lambda x: torch.ones_like(x)
+    out = block(torch.zeros(4, 8, 64), causal_context(4, 8, 8, torch.arange(8).expand(4, 8)))
+    assert set(out.unique().tolist()) == {0.0, 2.0, 4.0}
 
 
 def reference_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -320,8 +375,9 @@ def test_balance_loss_normalises_sigmoid_scores():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"attn_type": "gqa"}, {"q_lora_rank": 0, "n_experts": 6,
-                                                                  "n_experts_per_tok": 3}],
-                         ids=["mla", "gqa", "mla-direct-q"])
+                                                                  "n_experts_per_tok": 3},
+                                       {"n_shared_experts": 2}, {"n_shared_experts": 0}],
+                         ids=["mla", "gqa", "mla-direct-q", "two-shared", "no-shared"])
 def test_active_params_count_only_the_routed_experts_a_token_uses(overrides):
     """active_params_per_token = every parameter of the built model except the routed experts
     a token is not sent to: all shared weights plus n_experts_per_tok of the n_experts routed
