@@ -110,6 +110,9 @@ def test_flipped_bytes_fail_the_checksum(tmp_path, monkeypatch):
     # a peer that died mid-save breaks the collective: not the disk's doing
     (torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"),
      "did another rank fail"),
+    # either sign of a broken collective is enough: the error's type, or NCCL's words in a plain one
+    (torch.distributed.DistNetworkError("Broken pipe"), "did another rank fail"),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error"), "did another rank fail"),
 ])
 def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch, failure, hint):
     save(tmp_path, 1)
@@ -126,6 +129,20 @@ def test_an_interrupted_write_never_replaces_the_last_good_checkpoint(tmp_path, 
     assert find_checkpoint(tmp_path).name == "step_00000001"
     # nothing half-written is left to keep a full disk full
     assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir()] == ["step_00000001"]
+
+
+def test_a_failed_save_names_the_newest_checkpoint_kept(tmp_path, monkeypatch):
+    """The error names the checkpoint a resume would start from: the newest one, not the oldest
+    still on disk."""
+    for step in (1, 2):
+        save(tmp_path, step)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointWriteError, match="the newest checkpoint is still step_00000002$"):
+        save(tmp_path, 3)
 
 
 def test_resaving_a_step_replaces_it(tmp_path):
@@ -291,3 +308,64 @@ def test_a_checkpoint_that_could_not_be_used_is_refused_at_save(tmp_path):
     with pytest.raises(ValueError, match="tokenizer's vocab_size 258 exceeds the model's 64"):
         save_checkpoint(tmp_path, 1, small_model(0, vocab_size=64), CFG, ByteTokenizer(), {"step": 1}, 2)
     assert not (tmp_path / CHECKPOINTS).exists()
+
+
+def test_a_window_as_long_as_the_models_context_saves(tmp_path):
+    """data.seq_len == max_seq_len, the usual full-context setting, fits the model: only a
+    longer window is refused at save."""
+    model = small_model(0, vocab_size=ByteTokenizer().vocab_size, max_seq_len=64)
+    cfg = TrainConfig().override({"data.seq_len": 64})
+    path = save_checkpoint(tmp_path, 1, model, cfg, ByteTokenizer(), {"step": 1}, 2)
+    assert load_model(path)[2].data.seq_len == 64
+
+
+def test_model_weights_are_as_readable_as_the_rest_of_the_checkpoint(tmp_path):
+    """safetensors writes its file owner-only (0600): a colleague could read a run's config
+    and tokenizer but not its weights."""
+    _, path = save(tmp_path, 1)
+    assert (path / WEIGHTS).stat().st_mode & 0o777 == (path / "config.json").stat().st_mode & 0o777
+
+
+def test_pruning_keeps_the_checkpoint_just_written_beside_a_later_one(tmp_path):
+    """A later checkpoint (a resume from an earlier step, after a save that crashed) waits to be
+    replaced at its step: it does not count against `keep`, and pruning never deletes the
+    checkpoint just written in its favour."""
+    save(tmp_path, 1)
+    save(tmp_path, 5)
+    _, path = save(tmp_path, 2, keep=1)
+    assert path.is_dir()
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["step_00000002", "step_00000005"]
+
+
+def test_folders_named_like_steps_but_not_numbered_are_ignored(tmp_path):
+    """A folder such as checkpoints/step_best (a copy a user kept) is no checkpoint of the run:
+    it was taken for one, and int('best') crashed every resume and load."""
+    save(tmp_path, 1)
+    (tmp_path / CHECKPOINTS / "step_best").mkdir()
+    _, path = save(tmp_path, 2, keep=1)
+    assert find_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["step_00000002", "step_best"]
+
+
+def test_the_run_folder_of_a_checkpoint(tmp_path):
+    """<run>/checkpoints/step_N belongs to <run>; a checkpoint copied out on its own belongs
+    to the folder that holds it (not that folder's parent)."""
+    from openmythos.training.checkpoint import run_dir_of
+
+    _, path = save(tmp_path / "run", 1)
+    loose = shutil.copytree(path, tmp_path / "kept" / path.name)
+    assert run_dir_of(open_checkpoint(path)) == tmp_path / "run"
+    assert run_dir_of(open_checkpoint(loose)) == tmp_path / "kept"
+
+
+def test_a_checkpoint_without_split_digests_reports_no_changed_split(tmp_path):
+    """Checkpoints from before the data record hold no split digests: nothing to compare, so no
+    split is reported changed; a recorded one that differs is."""
+    from types import SimpleNamespace
+
+    _, path = save(tmp_path, 1)  # its state holds no "data"
+    ckpt = open_checkpoint(path)
+    train, val = SimpleNamespace(digest="aaaa"), SimpleNamespace(digest="bbbb")
+    assert ckpt.data == {} and ckpt.changed_splits(train, val) == []
+    ckpt.data = {"train": "aaaa", "val": "cccc"}
+    assert ckpt.changed_splits(train, val) == ["val"]

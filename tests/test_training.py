@@ -519,13 +519,20 @@ def test_a_resume_whose_time_budget_is_spent_trains_nothing(tmp_path):
     assert again["status"] == "time_limit" and again["steps"] == first["steps"]  # not one more each time
 
 
-def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path):
+def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path, monkeypatch):
     """Periodic evaluations counted towards train.max_minutes, while the schedule and a
     checkpoint count training alone: the run stopped with the cosine far from its floor, each
     resume of the finished run trained a few more steps, and the steps since the last log never
-    reached metrics.jsonl."""
+    reached metrics.jsonl. The trainer's clock is a fake one (10 ms per step): on a busy machine
+    a first step slower than the whole budget ended the run in its warm-up."""
+    import itertools
+    from types import SimpleNamespace
+
+    from openmythos.training import trainer as trainer_mod
     from openmythos.training.trainer import read_metrics
 
+    ticks = itertools.count()
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
     overrides = tiny_overrides(tmp_path, **{"train.steps": 1000, "train.max_minutes": 0.005,
                                             "eval.every": 1, "eval.max_tokens": 256, "run.log_every": 1000})
     first = train(load_config(None, overrides))
@@ -861,3 +868,61 @@ def test_sections_built_in_python_are_type_checked_by_name():
         with pytest.raises(ValueError, match=message):
             TrainConfig(**kwargs)
     assert TrainConfig(train=OptimConfig(lr=1)).train.lr == 1  # an int where a float goes, as in TOML
+
+
+def test_a_resume_with_another_batch_size_in_one_process_is_refused(tmp_path):
+    """train.batch_size may change on a resume only where the world size keeps the global batch:
+    in one process the same run cannot take another batch size."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2, "eval.samples": 0})
+    train(load_config(None, overrides))
+    with pytest.raises(ValueError, match=r"refusing to resume(.|\n)*global batch \(train.batch_size x world size\): "
+                                         r"4 -> 8"):
+        train(load_config(None, {**overrides, "train.batch_size": 8, "checkpoint.resume": overrides["run.out_dir"]}))
+
+
+def test_each_step_is_saved_once(tmp_path, monkeypatch):
+    """A periodic save at the last step is the final checkpoint too, and a resume of a finished
+    run does not write its checkpoint again: each step's checkpoint is written once."""
+    from openmythos.training import trainer as trainer_mod
+
+    saved, real = [], trainer_mod.save_checkpoint
+    monkeypatch.setattr(trainer_mod, "save_checkpoint",
+                        lambda run_dir, step, *args: saved.append(step) or real(run_dir, step, *args))
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 4, "checkpoint.every": 2, "eval.samples": 0})
+    train(load_config(None, overrides))
+    assert saved == [2, 4]
+    train(load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]}))
+    assert saved == [2, 4]
+
+
+def test_log_and_evaluation_cadence(tmp_path):
+    """A record every run.log_every steps plus one for the steps left at the end, and a
+    validation loss every eval.every steps, each at its step."""
+    from openmythos.training.trainer import read_metrics
+
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 5, "run.log_every": 2, "eval.every": 2,
+                                            "eval.max_tokens": 64, "eval.samples": 0})
+    train(load_config(None, overrides))
+    records = read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl")
+    assert [(r["step"], r["steps_logged"]) for r in records if "loss" in r] == [(2, 2), (4, 2), (5, 1)]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+
+
+def test_a_second_ctrl_c_aborts_and_the_handlers_are_restored():
+    """The first SIGINT or SIGTERM asks for a stop at the step's end; a second Ctrl-C aborts
+    at once, while a repeated SIGTERM (a scheduler's notice) still waits for the checkpoint.
+    Afterwards the process's own handlers are back."""
+    from openmythos.training.trainer import _StopRequest
+
+    before = {s: signal.getsignal(s) for s in _StopRequest.SIGNALS}
+    with _StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a second SIGTERM aborted the run before its checkpoint")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in _StopRequest.SIGNALS} == before
