@@ -1,11 +1,13 @@
 """The trainer, its config and its loop sampler, on a byte-level model small enough for CI."""
 
+import itertools
 import json
 import math
 import os
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -519,20 +521,23 @@ def test_a_resume_whose_time_budget_is_spent_trains_nothing(tmp_path):
     assert again["status"] == "time_limit" and again["steps"] == first["steps"]  # not one more each time
 
 
-def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path, monkeypatch):
-    """Periodic evaluations counted towards train.max_minutes, while the schedule and a
-    checkpoint count training alone: the run stopped with the cosine far from its floor, each
-    resume of the finished run trained a few more steps, and the steps since the last log never
-    reached metrics.jsonl. The trainer's clock is a fake one (10 ms per step): on a busy machine
-    a first step slower than the whole budget ended the run in its warm-up."""
-    import itertools
-    from types import SimpleNamespace
-
+@pytest.fixture
+def step_clock(monkeypatch):
+    """The trainer's clock, 10 ms per step whatever the machine's load: on a busy machine a
+    first step slower than a test's whole time budget ended the run in its warm-up."""
     from openmythos.training import trainer as trainer_mod
-    from openmythos.training.trainer import read_metrics
 
     ticks = itertools.count()
     monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
+
+
+def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path, step_clock):
+    """Periodic evaluations counted towards train.max_minutes, while the schedule and a
+    checkpoint count training alone: the run stopped with the cosine far from its floor, each
+    resume of the finished run trained a few more steps, and the steps since the last log never
+    reached metrics.jsonl."""
+    from openmythos.training.trainer import read_metrics
+
     overrides = tiny_overrides(tmp_path, **{"train.steps": 1000, "train.max_minutes": 0.005,
                                             "eval.every": 1, "eval.max_tokens": 256, "run.log_every": 1000})
     first = train(load_config(None, overrides))
@@ -545,7 +550,7 @@ def test_the_time_limit_counts_training_alone_and_logs_the_last_steps(tmp_path, 
     assert again["status"] == "time_limit" and again["steps"] == first["steps"]
 
 
-def test_a_time_limit_on_a_checkpoint_step_logs_its_steps_once(tmp_path):
+def test_a_time_limit_on_a_checkpoint_step_logs_its_steps_once(tmp_path, step_clock):
     """The last steps were logged after a periodic save at the same step had kept them in its
     log window: a resume with a longer budget averaged them into its first record again."""
     from openmythos.training.trainer import read_metrics
