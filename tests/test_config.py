@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -146,3 +147,49 @@ def test_mla_cache_holds_one_shared_rope_key():
 def test_a_preset_must_be_named():
     with pytest.raises(ValueError, match="preset must be a name, one of .*; got 5"):
         MythosConfig.from_preset(5)
+
+
+# from a mutation review: the boundaries and defaults the tests above left open
+
+def test_counts_default_to_the_configs_depth_and_context():
+    """flops_per_token() and kv_cache_bytes_per_token() without arguments (the benchmarks' MFU,
+    the README's example) count max_loop_iters loops at max_seq_len, nothing less."""
+    cfg = MythosConfig.from_preset("tiny")
+    assert cfg.flops_per_token() == cfg.flops_per_token(cfg.max_loop_iters, cfg.max_seq_len)
+    assert cfg.flops_per_token(backward=False) == cfg.flops_per_token(
+        cfg.max_loop_iters, cfg.max_seq_len, backward=False)
+    assert cfg.flops_per_token() != cfg.flops_per_token(1, cfg.max_seq_len)
+    assert cfg.kv_cache_bytes_per_token() == cfg.kv_cache_bytes_per_token(cfg.max_loop_iters)
+
+
+@pytest.mark.parametrize("injection", ["lti", "free", "additive"])
+def test_num_params_counts_every_injection(injection):
+    """The injection ablations build different parameters (A and B, B alone, none): num_params
+    must count each exactly, not only the presets' "lti"."""
+    cfg = MythosConfig.from_preset("tiny", injection=injection)
+    with torch.device("meta"):
+        assert count(OpenMythos(cfg)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(act_threshold=1.0),  # the closed end of (0, 1]
+    dict(n_experts=2, n_experts_per_tok=2),  # every expert for every token
+    dict(dropout=0.0, q_lora_rank=0, qk_nope_head_dim=0, prelude_layers=0, coda_layers=0),
+])
+def test_values_on_the_edge_of_a_range_are_accepted(overrides):
+    cfg = MythosConfig.from_preset("tiny", **overrides)
+    assert all(getattr(cfg, k) == v for k, v in overrides.items())
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(dropout=1.0), "dropout=1.0 must lie in [0, 1)"),  # drops every activation
+    (dict(kl_threshold=0.0), "kl_threshold=0.0 must be positive"),  # the KL exit never fires
+    (dict(norm_eps=0.0), "norm_eps=0.0 must be positive"),
+    (dict(rope_theta=0.0), "rope_theta=0.0 must be positive"),
+    (dict(kv_lora_rank=0), "kv_lora_rank=0 must be a positive integer"),  # an empty MLA latent
+    (dict(attn_type="gqa", n_heads=256, n_kv_heads=4), "dim=256 gives an odd head_dim=1; RoPE needs an even one"),
+    (dict(loop_embed_fraction=3), "loop_embed_fraction=3 gives an odd loop-embedding width 85 for dim=256"),
+])
+def test_values_just_past_a_range_are_refused_by_name(overrides, needle):
+    with pytest.raises(ValueError, match=re.escape(f"MythosConfig.{needle}")):
+        MythosConfig.from_preset("tiny", **overrides)

@@ -200,6 +200,44 @@ def test_get_tokenizer():
         get_tokenizer("bpe")
 
 
+# from a mutation review: the edges the tokenizer tests above left open
+
+def test_byte_tokenizer_ids_are_the_bytes_then_eos_then_pad():
+    tok = ByteTokenizer()
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (258, 256, 257)
+    assert tok.decode([104, tok.pad_id, tok.eos_id]) == "h<|pad|><|endoftext|>"
+
+
+def test_a_saved_tokenizer_without_a_recorded_fingerprint_loads(tmp_path):
+    """Older saves recorded no fingerprint: nothing to compare, so the tokenizer loads."""
+    ByteTokenizer().save(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "byte", "vocab_size": 258}))
+    assert load_tokenizer(tmp_path).fingerprint == ByteTokenizer().fingerprint
+
+
+def test_a_meta_file_that_is_not_an_object_is_corrupt(tmp_path):
+    for text in ("[1, 2]", '"byte"', "3"):  # meta["kind"] on these raises TypeError
+        (tmp_path / "tokenizer_meta.json").write_text(text)
+        with pytest.raises(ValueError, match="tokenizer meta file .* is corrupt"):
+            load_tokenizer(tmp_path)
+
+
+def test_bpe_trains_at_its_minimum_vocabulary_and_past_empty_documents():
+    """258 = every byte, EOS and PAD; an empty document among others (an empty file in a
+    folder corpus) is no reason to refuse the corpus."""
+    tok = train_bpe(["", "hello there, hello again"], vocab_size=258)
+    assert tok.vocab_size == 258 and tok.decode(tok.encode("hello")) == "hello"
+
+
+def test_a_text_stream_flushes_its_tail_once():
+    """A held tail is settled once: by the token that completes it, or by one flush."""
+    stream = TextStream(ByteTokenizer())
+    assert stream.push(0xC3) == "" and stream.tail == "\ufffd"  # the first byte of "é"
+    assert stream.push(0xA9) == "é" and stream.tail == "" and stream.flush() == ""
+    assert stream.push(0xC3) == ""
+    assert stream.flush() == "\ufffd" and stream.flush() == "" and stream.text == "é\ufffd"
+
+
 # corpora
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from openmythos.data.tokenizer import ByteTokenizer
 from openmythos.serving import Engine
+from openmythos.serving.engine import QueueFull
 from openmythos.serving.server import Limits, create_app
 from tests.conftest import small_model
 
@@ -397,3 +398,88 @@ def test_bounded_load_has_no_server_errors(app):
 
     codes = [r.status_code for r in call(app, go)]
     assert all(c < 500 for c in codes) and codes.count(200) == 200
+
+
+# from a mutation review: the edges of each limit, stop strings as whole strings, refusals that
+# name their field, and a request refused part way
+
+def _engine(**kwargs):
+    tok = ByteTokenizer()
+    return Engine(small_model(vocab_size=tok.vocab_size, max_seq_len=64), tokenizer=tok, **kwargs)
+
+
+@pytest.mark.parametrize("payload, limits", [
+    ({"prompt": "x" * 56, "max_tokens": 8}, Limits()),  # exactly fills the context of 64
+    ({"prompt": "x" * 10, "max_tokens": 1}, Limits(max_prompt_tokens=10)),
+    ({"prompt": "x", "max_tokens": 1, "n_loops": 3}, Limits()),  # the engine's max_loops
+    ({"prompt": "x", "max_tokens": 1, "stop": ["s"] * 16}, Limits()),  # MAX_STOPS
+    ({"prompt": "", "max_tokens": 1}, Limits()),  # an empty prompt starts from EOS
+])
+def test_a_request_exactly_at_a_limit_is_served(payload, limits):
+    r = call(create_app(_engine(max_batch=1), "tiny", limits), lambda c: c.post("/v1/completions", json=payload))
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_exactly_at_the_size_limit_is_read(app):
+    body = json.dumps({"prompt": "hi", "max_tokens": 1, "user": ""}).encode()
+    body = body[:-2] + b" " * (4096 - len(body)) + body[-2:]  # padded inside the object
+    assert len(body) == 4096
+    r = call(app, lambda c: c.post("/v1/completions", content=body, headers={"content-type": "application/json"}))
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("payload, field, message", [
+    ({"prompt": "x", "max_tokens": 64}, "max_tokens", "max_tokens=64 leaves no room for a prompt in the context of 64"),
+    ({"prompt": ["a", "b"], "stream": True}, "prompt", "stream supports a single prompt"),
+    ({"prompt": "x", "top_k": 0}, "top_k", "invalid 'top_k': Input should be greater than or equal to 1, got 0"),
+    ({"prompt": "x", "logit_bias": {"50": 10}}, "logit_bias", "invalid 'logit_bias'"),
+])
+def test_a_refusal_names_the_field_at_fault(payload, field, message):
+    app = create_app(_engine(max_batch=1), "tiny", Limits(max_tokens=512))
+    r = call(app, lambda c: c.post("/v1/completions", json=payload))
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert message in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("stop, stops", [("ab", ("ab",)), (["ab", "c"], ("ab", "c")), (None, ())])
+def test_stop_strings_reach_the_engine_whole(stop, stops, monkeypatch):
+    """A single stop string is one stop, not one per character."""
+    engine = _engine(max_batch=1)
+    seen, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda ids, params, cb: (seen.append(params.stop), submit(ids, params, cb))[1])
+    r = call(create_app(engine, "tiny"), lambda c: c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "stop": stop}))
+    assert r.status_code == 200 and seen == [stops], r.text
+
+
+def test_a_seed_makes_a_sampled_completion_repeat():
+    """Two requests on one engine (whose global generator moves on between them) sample the
+    same text under one seed."""
+    ask = {"prompt": "x", "max_tokens": 8, "temperature": 2.0, "seed": 7}
+
+    async def go(client):
+        return [(await client.post("/v1/completions", json=ask)).json()["choices"][0]["text"] for _ in range(2)]
+
+    first, second = call(create_app(_engine(max_batch=1), "tiny"), go)
+    assert first == second
+
+
+def test_a_list_refused_part_way_leaves_none_of_its_prompts_in_the_engine(monkeypatch):
+    """Prompt 2 of 2 finds the queue full: the 429 must cancel prompt 1, which was already
+    submitted, or it runs on with no one to answer, holding a row."""
+    engine = _engine(max_batch=1)
+    submitted, submit = [], engine.submit
+
+    def full_on_the_second(ids, params, cb):
+        if submitted:
+            raise QueueFull("every row is taken")
+        submitted.append(submit(ids, params, cb))
+        return submitted[-1]
+
+    async def go(client):  # read before the app's shutdown cancels every request anyway
+        r = await client.post("/v1/completions", json={"prompt": ["a", "b"]})
+        return r, [req.cancelled for req in submitted]
+
+    monkeypatch.setattr(engine, "submit", full_on_the_second)
+    r, cancelled = call(create_app(engine, "tiny"), go)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error", r.text
+    assert cancelled == [True]

@@ -68,3 +68,35 @@ def test_an_empty_split_is_refused_not_sampled_forever():
     with pytest.raises(ValueError, match="the test split holds no 1-hop query"):
         task.sample(4, 1, g, split="test")
     assert task.sample(4, 1, g)[0].shape == (4, 3) and task.sample(4, 2, g, split="test")[0].shape == (4, 4)
+
+
+# from a mutation review: the vocabulary, the split's size and batch's hop counts and split
+
+def test_tokens_fill_the_vocabulary_exactly():
+    """[PAD, QUERY, entities..., relations...]: the last relation is the last id of vocab_size,
+    and no entity shares an id with a relation."""
+    task = KHopTask(n_entities=20, n_relations=4)
+    assert task.vocab_size == 26
+    assert task.entity_token(0) == 2 and task.entity_token(19) == 21
+    assert task.relation_token(0) == 22 and task.relation_token(3) == task.vocab_size - 1
+
+
+def test_about_one_query_in_test_every_is_held_out():
+    task = KHopTask(n_entities=30, n_relations=3)
+    chains = torch.cartesian_prod(*[torch.arange(3)] * 3)
+    heads = torch.arange(30).repeat_interleave(len(chains))
+    held_out = task.is_test(heads, chains.repeat(30, 1)).float().mean().item()
+    assert abs(held_out - 1 / task.TEST_EVERY) < 0.03, held_out
+
+
+def test_batch_draws_every_hop_count_from_the_split_asked_for():
+    """Hop counts are uniform in 1..max_hops, max_hops included, and split="test" batches hold
+    test queries only."""
+    task = KHopTask(n_entities=30, n_relations=3)
+    for split in ("train", "test"):
+        ids, targets, hops = task.batch(200, 4, torch.Generator().manual_seed(0), width=8, split=split)
+        assert set(hops.tolist()) == {1, 2, 3, 4}
+        for row, target, k in zip(ids, targets, hops.tolist(), strict=True):
+            head, chain = decode(task, row)
+            assert len(chain) == k and target == task.entity_token(task.follow(torch.tensor([head]), torch.tensor([chain]))[0])
+            assert bool(task.is_test(torch.tensor([head]), torch.tensor([chain]))) == (split == "test")

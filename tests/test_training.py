@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -931,3 +932,74 @@ def test_a_second_ctrl_c_aborts_and_the_handlers_are_restored():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {s: signal.getsignal(s) for s in _StopRequest.SIGNALS} == before
+# from a mutation review: the range boundaries and parsing the tests above left open
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.steps": 0}, "train.steps=0 must be >= 1"),
+    ({"loops.backprop": -1}, "loops.backprop=-1 must be >= 0"),
+    ({"eval.temperature": -0.5}, "eval.temperature=-0.5 must be >= 0"),
+    ({"data.vocab_size": 257}, "data.vocab_size=257 must be >= 258 for a BPE"),  # 256 bytes, EOS, PAD
+    ({"run.seed": 2**64 - 1}, "run.seed=18446744073709551615 must be <= 2**64 - 2"),
+    ({"train.beta2": 1.0}, "train.beta2=1.0 must lie in [0, 1)"),
+    ({"train.eps": 0.0}, "train.eps=0.0 must be positive"),
+    ({"loops.mean": 0.5}, "loops.mean=0.5 must be >= 1"),
+    ({"loops.sigma": 0.0}, "loops.sigma=0.0 must be positive"),
+    ({"loops.min": 4, "loops.max": 3}, "loops.max=3 must be >= loops.min=4"),
+    ({"loops.sampler": "fixed", "loops.mean": 20}, "loops.mean=20.0 must be an integer depth in [loops.min, loops.max]"),
+    ({"loops.sampler": "fixed", "loops.mean": 2, "loops.min": 3}, "loops.mean=2.0 must be an integer depth"),
+    ({"eval.depths": []}, "eval.depths=[] must be a non-empty list of positive integers"),
+    ({"eval.sample_tokens": 0}, "eval.sample_tokens=0 must be >= 1"),
+])
+def test_values_just_past_a_range_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.min_lr_ratio": 1.0},  # a constant rate after warm-up
+    {"train.warmup_steps": 2000, "train.steps": 2000},  # a run that is all warm-up
+    {"loops.sampler": "fixed", "loops.mean": 3, "loops.min": 3, "loops.max": 3},
+    {"eval.top_k": 0},  # 0 keeps every token
+    {"run.seed": 2**64 - 2},
+    {"data.tokenizer": "bpe", "data.vocab_size": 258},
+    {"data.tokenizer": "byte", "data.vocab_size": 8},  # the BPE minimum binds a BPE only
+])
+def test_values_on_the_edge_of_a_range_are_accepted(overrides):
+    assert load_config(None, overrides).flat().items() >= overrides.items()
+
+
+def test_a_non_finite_float_built_in_python_is_refused_by_name():
+    """coerce refuses inf from TOML and the command line; a section built in Python skips it,
+    and inf passes every range check (train.max_minutes=inf, a budget that never ends)."""
+    with pytest.raises(ValueError, match="train.max_minutes=inf must be a finite number"):
+        TrainConfig(train=OptimConfig(max_minutes=math.inf))
+    with pytest.raises(ValueError, match="loops.sigma=nan must be"):
+        TrainConfig(loops=LoopsConfig(sigma=math.nan))
+
+
+def test_command_line_overrides_parse_both_spellings():
+    """--key value and --key=value, the value kept whole (an '=' inside it too), as strings for
+    coerce to parse."""
+    from openmythos.training.config import parse_overrides
+
+    args = ["--train.lr", "3e-4", "--run.name=a=b", "--eval.depths=1,2", "--run.out_dir", "--x"]
+    assert parse_overrides(args[:4]) == {"train.lr": "3e-4", "run.name": "a=b", "eval.depths": "1,2"}
+    assert parse_overrides(args[4:]) == {"run.out_dir": "--x"}
+    with pytest.raises(ValueError, match="expected a dotted override like --train.lr 3e-4, got 'train.lr'"):
+        parse_overrides(["train.lr", "1"])
+    with pytest.raises(ValueError, match="override '--train.lr' needs a value"):
+        parse_overrides(["--train.lr"])
+
+
+def test_a_list_of_floats_is_coerced_item_by_item():
+    assert [type(v) for v in coerce("key", "[0.5, 1]", list[float])] == [float, float]
+    assert [type(v) for v in coerce("key", "1, 2", list[float])] == [float, float]
+
+
+def test_an_empty_or_blank_tokenizer_source_is_no_folder(tmp_path):
+    """Path("") is the current folder: "" must not pass for a saved tokenizer's directory."""
+    from openmythos.training.config import is_tokenizer_source
+
+    assert is_tokenizer_source("byte") and is_tokenizer_source(str(tmp_path))
+    assert not is_tokenizer_source("") and not is_tokenizer_source("  ")
+    assert not is_tokenizer_source(str(tmp_path / "nowhere"))
