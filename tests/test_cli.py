@@ -403,3 +403,75 @@ def test_a_diverged_run_exits_1_with_its_message(monkeypatch, capsys):
     monkeypatch.setattr(cli, "train_command", diverging)
     assert cli.main(["train"]) == cli.EXIT_DIVERGED
     assert "mythos train: training diverged: 3 non-finite steps" in capsys.readouterr().err
+
+
+# ---- from a mutation review of the command line: bounds, defaults and exit codes ----
+
+
+def test_number_flags_accept_their_bounds_and_refuse_past_them(capsys):
+    """Off-by-one guards: port 65535 is a port, --timeout 0 is not positive, and eval's
+    --n-loops list refuses a depth of 0 as generate's --n-loops does."""
+    import argparse
+
+    from openmythos.cli import _int_list, _port, _positive_float
+
+    assert _port("65535") == 65535 and _int_list("1,2") == [1, 2]
+    for parse, text in ((_positive_float, "0"), (_int_list, "0,2")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--checkpoint", "x", "--n-loops", "0,2"])
+    assert exit_.value.code == 2 and "--n-loops: expected positive integers" in capsys.readouterr().err
+
+
+def test_stray_arguments_are_refused_outside_train_and_experiment(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "--preset", "tiny", "--bogus", "4"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus 4" in capsys.readouterr().err
+
+
+def test_generate_flags_reach_generate_with_their_defaults(monkeypatch):
+    """--top-k 0 keeps every token (top_k=None, not 0) and --draft-tokens defaults to 4."""
+    import openmythos.cli as cli
+
+    got = {}
+    monkeypatch.setattr(cli, "generate", lambda *a, **k: got.update(args=a, **k))
+    assert main(["generate", "--checkpoint", "x", "--prompt", "a", "--top-k", "0", "--draft-loops", "2"]) == 0
+    assert got["args"][5] is None and (got["draft_loops"], got["draft_tokens"]) == (2, 4)
+
+
+@pytest.mark.parametrize("error, code", [
+    (KeyboardInterrupt(), 130),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2),
+])
+def test_interrupts_and_out_of_memory_outside_train_have_their_exit_codes(monkeypatch, capsys, error, code):
+    import openmythos.cli as cli
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(cli, "info", fail)
+    assert main(["info", "--preset", "tiny"]) == code
+    error = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError is a bug: a traceback
+        main(["info", "--preset", "tiny"])
+
+
+def test_info_counts_at_the_given_depth_and_context():
+    from openmythos.cli import info
+    from openmythos.config import MythosConfig
+
+    cfg = MythosConfig.from_preset("tiny")
+    got = info(preset="tiny", n_loops=3, seq_len=100)
+    assert (got["flops_per_token_forward"], got["flops_per_token_train"]) == (
+        cfg.flops_per_token(3, 100, backward=False), cfg.flops_per_token(3, 100, backward=True))
+    assert got["flops_per_token_train"] > got["flops_per_token_forward"]
+    with pytest.raises(ValueError, match="exactly one of --preset NAME or --checkpoint DIR"):
+        info()
+
+
+def test_an_unknown_experiment_field_is_a_clear_error_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "stability", "--stepz", "3"]) == 2
+    assert "experiment 'stability' has no field 'stepz'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

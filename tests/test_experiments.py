@@ -246,3 +246,331 @@ def test_smoke_settings_keep_the_fields_a_user_set():
     given.given = frozenset({"smoke", "lrs"})  # but set by the user (run_experiment records it)
     given.smoke_defaults(lrs=[1e-3], steps=3)
     assert (len(given.lrs), given.steps) == (5, 3)
+
+
+# ---- from a mutation review of the experiments: what a reader of a report trusts ----
+
+
+def test_report_tables_and_head_state_what_they_measured(tmp_path):
+    """Guards a separator row one column short (a table markdown does not render), cells
+    rounded past 4 significant digits, a smoke report without its warning, and the machine
+    facts or wall time recorded wrongly."""
+    assert common.markdown_table(["a", "b"], [[1, 0.123456], ["x", 2.0]]) == (
+        "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| x | 2 |")
+    assert common.machine(7)["threads"] == 7 and common.machine(0)["threads"] == torch.get_num_threads()
+    report = Report("x", ActParetoConfig(out_dir=str(tmp_path / "x"), smoke=True))
+    report.started -= 90.0
+    payload = report.write()
+    assert payload["wall_seconds"] == pytest.approx(90.0, abs=1.0)
+    head = (tmp_path / "x" / "report.md").read_text().splitlines()[2]
+    assert "wall time 1.5 min" in head and head.endswith("**smoke run: numbers are meaningless**")
+
+
+def test_time_budget_shares_floors_and_no_cap(monkeypatch):
+    """Written-out shares: a fifth held back, each run's fit to what is left over the runs still
+    to come less the largest overhead seen, a 5 s floor (0 minutes would mean no limit to the
+    trainer), and budget_minutes=0 is no cap at all."""
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    b = TimeBudget(10.0, 4, start=0.0)
+    assert b.next_minutes() == pytest.approx(120 / 60)  # 0.8 * 600 s / 4
+    clock[0] = 200.0
+    b.finished(200.0, 120.0)  # 80 s overhead
+    assert b.next_minutes() == pytest.approx((400 / 3 - 80) / 60)
+    clock[0] = 263.0
+    b.finished(63.0, 53.0)  # a smaller overhead does not lower the largest seen
+    assert b.overhead_s == 80.0 and b.next_minutes() == pytest.approx((337 / 2 - 80) / 60)
+    clock[0] = 700.0  # past the budget: the floor, never 0 (= unlimited) or negative
+    assert b.next_minutes() == pytest.approx(5 / 60)
+    clock[0] = 1e6
+    assert TimeBudget(0.0, 3, start=0.0).next_minutes() == 0.0
+
+
+def test_threads_are_restored_after_an_experiment():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with common.threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_zero_is_refused_where_only_seeds_threads_and_budgets_may_be_zero():
+    """--steps 0 was run as 2 steps: only the NON_NEGATIVE fields may be 0."""
+    with pytest.raises(ValueError, match="steps=0 must be positive"):
+        ActParetoConfig(steps=0)
+    ActParetoConfig(seed=0, threads=0, budget_minutes=0, val_chars=0, ponder_weight=0)
+
+
+def test_lm_run_trains_with_the_experiments_own_settings(tmp_path, monkeypatch):
+    """The corpus split (the first val_chars of the held-out split; all of the corpus with 0) and
+    the TrainConfig each model trains with: AdamW, fixed depth, the experiment's seed, tokenizer
+    and its own run.dtype, and the overhead its budget learns from."""
+    from openmythos.data.corpus import load_corpus
+    from openmythos.experiments import lm
+
+    cfg = lm.LMExperimentConfig(corpus=FIXTURE, tokenizer="byte", val_chars=50, seed=7)
+    data = lm.corpus_split(cfg, tmp_path)
+    val = "\n\n".join(d.text for d in load_corpus(FIXTURE).val)[:50]
+    assert Path(data["data.val_path"]).read_text() == val and len(val) == 50
+    assert lm.corpus_split(lm.LMExperimentConfig(corpus=FIXTURE, tokenizer="byte", val_chars=0),
+                           tmp_path) == {"data.corpus": FIXTURE}
+    seen = []
+
+    def fake_train(train_cfg):
+        seen.append(train_cfg)
+        common.time.sleep(0.05)
+        return {"status": "completed", "train_time_s": 0.0}
+
+    monkeypatch.setattr(lm, "train", fake_train)
+    budget = TimeBudget(0.0, 1)
+    out = lm.lm_run(cfg, tmp_path / "m", {"dim": 32}, {**data, "run.dtype": "bf16"}, budget)
+    c = seen[0]
+    assert (c.train.optimizer, c.loops.sampler, c.run.seed, c.run.dtype, c.data.tokenizer) == (
+        "adamw", "fixed", 7, "bf16", "byte")
+    assert c.model.overrides["dim"] == 32 and out["diverged"] is False and out["metrics"] == []
+    assert budget.done == 1 and budget.overhead_s >= 0.04  # the wall time outside training
+
+
+def test_act_pareto_evaluate_scores_every_token_and_counts_loops():
+    """Loss and loops are per token over all batches, against a plain cross-entropy."""
+    from openmythos.experiments.act_pareto import evaluate
+    from tests.conftest import small_model
+
+    model = small_model(std=0.1)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g))
+               for _ in range(3)]
+    got = evaluate(model, batches, 2)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(
+            torch.cat([model(x, n_loops=2).logits.flatten(0, 1) for x, _ in batches]),
+            torch.cat([y.flatten() for _, y in batches]))
+    assert got["val_loss"] == pytest.approx(float(want), rel=1e-5) and got["mean_loops"] == 2.0
+
+
+def test_act_pareto_verdict_boundaries_are_inclusive():
+    """'within 0.01 nats', 'at most 75% of the loops', 'at least 1.2x': each bound counts."""
+    full = {"mean_loops": 8.0, "val_loss": 0.0, "tok_per_s": 100.0}
+    v = verdict([{"setting": 0.5, "mean_loops": 6.0, "val_loss": 0.01, "tok_per_s": 120.0}], full)
+    assert (v["setting"], v["saves_loops"], v["saves_time"]) == (0.5, True, True)
+    ActParetoConfig(act_thresholds=[1.0])
+    with pytest.raises(ValueError, match="must lie in"):
+        ActParetoConfig(act_thresholds=[1.01])
+
+
+def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(tmp_path, monkeypatch):
+    """With training replaced by losses on a known curve (dense: a + b ln(layers); looped: L_eff
+    = 2 + r^0.46), the experiment must build n-layer dense models and MoE blocks as wide as a
+    dense FFN, evaluate each at its own depth, scale the steps, count FLOPs at r loops, say
+    which runs the budget cut, and read phi = 0.46 back."""
+    from types import SimpleNamespace
+
+    from openmythos.config import MythosConfig
+    from openmythos.experiments import param_efficiency as pe
+
+    a, b, phi = 6.0, -0.5, 0.46
+    seen = {}
+
+    def fake_run(cfg, out_dir, model, settings, budget):
+        r = model["max_loop_iters"]
+        seen[out_dir.name] = (model, settings, budget.runs)
+        layers = model["prelude_layers"] + model["coda_layers"] + (1 if r == 1 else r ** phi)
+        return {"checkpoint": model, "val_loss": a + b * math.log(layers), "metrics": [],
+                "status": "time_limit" if r == 4 else "completed", "diverged": False}
+
+    monkeypatch.setattr(pe, "lm_run", fake_run)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)  # plots cost seconds
+    monkeypatch.setattr(pe, "open_checkpoint",
+                        lambda model: SimpleNamespace(model_cfg=MythosConfig.from_preset("tiny", **model)))
+    cfg = pe.ParamEfficiencyConfig(out_dir=str(tmp_path / "pe"), corpus=FIXTURE, tokenizer="byte",
+                                   val_chars=0, scale=2.0)
+    payload = pe.run(cfg)
+    results = {x["name"]: x for x in payload["results"]["runs"]}
+    assert sorted(seen) == ["dense-3", "dense-4", "dense-6", "looped-1x2", "looped-1x4"]
+    for name, (model, settings, runs) in seen.items():
+        r, x = model["max_loop_iters"], results[name]
+        mcfg = MythosConfig.from_preset("tiny", **model)
+        if name.startswith("dense"):
+            assert model["prelude_layers"] + model["coda_layers"] + 1 == x["layers"]
+        assert 2 * mcfg.expert_dim == mcfg.ffn_dim  # one routed + one shared = a dense SwiGLU
+        assert (settings["loops.mean"], settings["eval.n_loops"], settings["train.steps"], runs) == (r, r, 1000, 5)
+        assert x["flops_per_token"] == mcfg.flops_per_token(r, cfg.seq_len)
+    assert payload["results"]["phi"] == pytest.approx(phi)
+    assert payload["results"]["dense_fit"] == pytest.approx({"a": a, "b": b})
+    assert "not at equal tokens:** looped-1x4." in (tmp_path / "pe" / "report.md").read_text()
+
+
+def test_phi_is_undefined_for_a_flat_step_or_a_looped_run_without_a_loss():
+    """A dense curve that stays level between two depths did not fall; a looped run with no loss
+    (it diverged: L_eff is NaN) cannot be fitted either."""
+    def run(name, layers, loss, loops=1):
+        return {"name": name, "layers": layers, "val_loss": loss, "loops": loops}
+
+    level = [run("dense-3", 3, 6.3), run("dense-4", 4, 6.1), run("dense-6", 6, 6.1)]
+    assert "did not fall with every added layer" in why_phi_is_undefined(level, [])
+    dense = [run("dense-3", 3, 6.3), run("dense-4", 4, 6.1), run("dense-6", 6, 6.0)]
+    a, b = fit_log_curve([3, 4, 6], [6.3, 6.1, 6.0])
+    lost = {**run("looped-1x2", 4, math.nan, 2), "effective_layers": effective_layers(math.nan, a, b)}
+    assert why_phi_is_undefined(dense, [lost]) == "looped-1x2 did no better than 2 unique layers (L_eff <= 2)"
+
+
+def test_stability_judges_each_run_by_its_trace(tmp_path, monkeypatch):
+    """Diverged: aborted, or the mean of the last tenth of logged losses above the first loss;
+    learned: a validation loss below the unigram loss (a run that has none did not learn);
+    state norms compared at the last step every run reached; counts per injection."""
+    from openmythos.experiments import stability
+
+    def trace(losses):
+        return [{"step": i + 1, "loss": x, "rho": 0.5, "state_norm": float(i + 1)} for i, x in enumerate(losses)]
+
+    outs = {  # lti: ends at 5.8 but its last tenth averages 4.9 < 5; free: ends above where it began
+        "lti": {"metrics": trace([5.0] * 18 + [4.0, 5.8]), "diverged": False, "val_loss": 4.0, "unigram_loss": 4.5},
+        "free": {"metrics": trace([5.0] * 18 + [5.5, 5.5]), "diverged": False, "val_loss": 4.2, "unigram_loss": 4.5},
+        "additive": {"metrics": trace([5.0] * 10), "diverged": True, "error": "3 non-finite steps"},
+    }
+    seen = []
+
+    def fake_run(cfg, out_dir, model, settings, budget):
+        seen.append((settings, budget.runs))
+        return outs[model["injection"]]
+
+    monkeypatch.setattr(stability, "lm_run", fake_run)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)  # plots cost seconds
+    cfg = stability.StabilityConfig(out_dir=str(tmp_path / "s"), corpus=FIXTURE, tokenizer="byte", val_chars=0,
+                                    lrs=[1e-3], dtype="bf16", scale=2.0)
+    runs = {r["injection"]: r for r in stability.run(cfg)["results"]["runs"]}
+    assert {k: (r["diverged"], r["learned"]) for k, r in runs.items()} == {
+        "lti": (False, True), "free": (True, True), "additive": (True, False)}
+    assert runs["lti"]["final_loss"] == pytest.approx(4.9)
+    assert all((s["run.dtype"], s["train.steps"], n) == ("bf16", 200, 3) for s, n in seen)
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "state norm at step 10" in report  # the additive run stopped at step 10
+    assert "| lti | 0 / 1 | 1 / 1 |" in report and "| free | 1 / 1 | 1 / 1 |" in report
+    with pytest.raises(ValueError, match=r"injections \['nope'\] are not among"):
+        stability.run(stability.StabilityConfig(out_dir=str(tmp_path / "n"), corpus=FIXTURE,
+                                                tokenizer="byte", injections=["nope"]))
+
+
+def test_depth_extrapolation_sweeps_scores_and_picks_as_it_says(tmp_path, monkeypatch):
+    """With training and scoring replaced: test depths 1..4x the trained one, hops 1..2K, the
+    dense-params model at one loop, dense-compute with as many layers as the looped model runs,
+    steps scaled, the final loss a mean of the last 20, the best depth the one the train
+    split's long chains favour, and 'extrapolates' only for more loops than trained."""
+    import openmythos.experiments.depth_extrapolation as de
+
+    trained = {}
+
+    def fake_train(model, task, cfg, v, width, steps, minutes=0.0):
+        trained[v.name] = (model.cfg, steps, model.embed.weight.sum().item())
+        return [float(i) for i in range(30)]
+
+    def fake_accuracy(model, task, hops, n_loops, n, width, seed, split="test"):
+        act = model.cfg.halting == "act"  # its long chains are best at 1 loop, fewer than trained
+        best = 1 if act else 6
+        if split == "train":  # the short chains would pick 1 loop: they must not be asked
+            return (float(n_loops == 1) if hops <= 2 else 0.6 * (n_loops == best)), float(n_loops)
+        return (0.9 if hops <= 2 else 0.8 if n_loops == best else 0.1), float(n_loops)
+
+    monkeypatch.setattr(de, "train_variant", fake_train)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)  # plots cost seconds
+    monkeypatch.setattr(de, "accuracy", fake_accuracy)
+    payload = de.run(de.DepthExtrapolationConfig(smoke=True, scale=2.0, out_dir=str(tmp_path / "d")))
+    r = payload["results"]
+    assert list(r["fixed"]["accuracy"]) == [1, 2, 4, 6, 8]  # train_loops 2 (smoke), up to 4x
+    assert all(list(row) == [1, 2, 3, 4] for row in r["fixed"]["accuracy"].values())  # up to 2K hops
+    assert list(r["dense-params"]["accuracy"]) == [1] and trained["dense-params"][0].max_loop_iters == 1
+    dense = trained["dense-compute"][0]
+    assert dense.prelude_layers + dense.coda_layers + 1 == 2 + 2  # prelude + 2 loops + coda
+    assert {t[1] for t in trained.values()} == {8}  # smoke's 4 steps, scale 2
+    assert trained["fixed"][2] == trained["random"][2]  # each variant starts from the seed's weights
+    assert (r["fixed"]["best_loops"], r["act"]["best_loops"]) == (6, 1)
+    assert r["fixed"]["final_train_loss"] == pytest.approx(19.5)
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "- **fixed**: on 3–4 hops, 6 loops give 0.800 vs 0.100 at the trained depth (extrapolates)." in report
+    assert "- **act**: on 3–4 hops, 1 loops give 0.800 vs 0.100 at the trained depth (no gain from extra loops)." in report
+
+
+def test_act_pareto_sweeps_every_rule_at_its_settings(tmp_path, monkeypatch):
+    """With training replaced by a small ACT model: full depth is evaluated even when --depths
+    leaves it out, each ACT/KL point runs at its own threshold (and KL's min_loops), the steps
+    and ponder weight reach the trainer, and the report's columns are loss minus full depth's
+    and tokens/s over full depth's."""
+    from types import SimpleNamespace
+
+    from openmythos.experiments import act_pareto
+    from openmythos.experiments.common import markdown_table
+    from openmythos.model import OpenMythos
+    from tests.conftest import small_model
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 64, (8, 16), generator=g), torch.randint(0, 64, (8, 16), generator=g))
+               for _ in range(2)]
+    seen, exits, real = {}, [], OpenMythos.with_exit
+    monkeypatch.setattr(act_pareto, "lm_run", lambda cfg, out, model, settings, budget: seen.update(
+        settings=settings) or {"checkpoint": "ck", "status": "completed", "steps": 2})
+    monkeypatch.setattr(act_pareto, "load_model", lambda path, device: (
+        small_model(halting="act", max_loop_iters=3), None, SimpleNamespace(data=None)))
+    monkeypatch.setattr(act_pareto, "prepare_data", lambda data, tok: SimpleNamespace(
+        val=SimpleNamespace(iter_eval_batches=lambda b, t: iter(batches))))
+    monkeypatch.setattr(OpenMythos, "with_exit", lambda self, **kw: exits.append(kw) or real(self, **kw))
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)
+    cfg = ActParetoConfig(out_dir=str(tmp_path / "a"), corpus=FIXTURE, tokenizer="byte", val_chars=0, loops=3,
+                          depths=[1], act_thresholds=[0.5], kl_thresholds=[0.01], min_loops=2, seq_len=16,
+                          eval_tokens=256, scale=2.0, ponder_weight=0.05)
+    points = act_pareto.run(cfg)["results"]["points"]
+    assert [(p["rule"], p["setting"]) for p in points] == [("fixed", 1), ("fixed", 3), ("act", 0.5), ("kl", 0.01)]
+    assert exits[-2:] == [{"halting": "act", "act_threshold": 0.5},
+                          {"halting": "kl", "kl_threshold": 0.01, "min_loops": 2}]
+    assert (seen["settings"]["train.steps"], seen["settings"]["train.ponder_weight"]) == (1000, 0.05)
+    full = points[1]
+    row = markdown_table(["x"] * 7, [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"],
+                                       p["val_loss"] - full["val_loss"], p["tok_per_s"],
+                                       p["tok_per_s"] / full["tok_per_s"]] for p in points[:1]]).splitlines()[-1]
+    assert row in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_depth_extrapolation_trains_each_variant_as_described(monkeypatch):
+    """The random variant draws a depth per step (never below train_hops, so the longest
+    training chain fits) and backpropagates through the last `backprop` loops; the others run
+    their trained depth with full backprop. Accuracy reads the answer at the query token."""
+    from types import SimpleNamespace
+
+    import openmythos.experiments.depth_extrapolation as de
+
+    cfg = de.DepthExtrapolationConfig(n_entities=12, n_relations=3, train_hops=3, train_loops=2, dim=32,
+                                      batch_size=4, backprop=1, eval_examples=8)
+    task, width = de.KHopTask(12, 3, 0), 8
+    for v in de.variants(cfg)[:2]:
+        torch.manual_seed(0)
+        model = de.OpenMythos(de.model_config(cfg, task, v, width))
+        calls, forward = [], model.forward
+        model.forward = lambda ids, _calls=calls, _forward=forward, **kw: _calls.append(kw) or _forward(ids, **kw)
+        de.train_variant(model, task, cfg, v, width, steps=2)
+        depths = [c["n_loops"] for c in calls]
+        if v.random_depth:
+            assert min(depths) >= cfg.train_hops > cfg.train_loops  # drawn, and floored
+            assert {c["backprop_loops"] for c in calls} == {1}
+        else:
+            assert set(depths) == {2} and {c["backprop_loops"] for c in calls} == {None}
+    sampled, sample = {}, de.KHopTask.sample
+
+    def recorded(*args):
+        ids, sampled["targets"] = sample(*args)
+        return ids, sampled["targets"]
+
+    monkeypatch.setattr(de.KHopTask, "sample", recorded)
+
+    class Oracle(torch.nn.Module):  # answers every chain at its query token, and nowhere else
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(1, 1)
+
+        def forward(self, ids, n_loops):
+            logits = torch.zeros(*ids.shape, task.vocab_size)
+            logits[:, -1] = torch.nn.functional.one_hot(sampled["targets"], task.vocab_size).float()
+            return SimpleNamespace(logits=logits, loops=torch.full(ids.shape, n_loops))
+
+    assert de.accuracy(Oracle(), task, 2, 3, 8, width, seed=0) == (1.0, 3.0)
