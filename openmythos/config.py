@@ -76,7 +76,8 @@ class MythosConfig:
     # inference cache. "per_loop": a KV slot per loop, exact. "ring": kv_cache_ring slots, loop t
     # reads and writes slot t % kv_cache_ring, so the cache stops growing with depth; a new token
     # then sees each earlier token's entry from that token's latest loop in the slot, not from loop
-    # t (Huginn's ring buffer). The prompt itself is exact under both.
+    # t (Huginn's ring buffer). A prompt prefilled in one call is exact under both (the engine
+    # takes a prompt whole then; transformers' prefill_chunk_size is refused).
     kv_cache_policy: str = "per_loop"
     kv_cache_ring: int = 2
 

@@ -118,6 +118,20 @@ def test_greedy_generate_matches_ours(attn_type, halting):
     assert isinstance(cache, OpenMythosCache) and cache.kv.n_loops == 3
 
 
+def test_chunked_prefill_on_a_short_ring_is_refused_by_name():
+    """A ring cache shorter than the depth is exact only for a prompt prefilled in one call:
+    transformers' prefill_chunk_size gave other greedy tokens than our generate. Refused at the
+    depth asked for; a ring as deep as the loops chunks as before."""
+    model = tiny_model(kv_cache_policy="ring", kv_cache_ring=2)
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(2, VOCAB, (1, 20))
+    with pytest.raises(ValueError, match=r"prefill_chunk_size: a ring cache .*kv_cache_ring=2. shorter "
+                                         r"than the depth n_loops=3"):
+        hf.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=8, n_loops=3)
+    want = model.generate(ids, 2, temperature=0, n_loops=2)
+    assert torch.equal(hf.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=8, n_loops=2), want)
+
+
 def test_chunked_prefill_a_restart_and_a_passed_generation_config():
     from transformers import GenerationConfig
 

@@ -34,7 +34,7 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
     alone = [run_alone(model, p, max_tokens=m, temperature=0, n_loops=d)
              for p, d, m in zip(prompts, depths, budgets, strict=True)]
     assert len({tuple(a[:3]) for a in alone}) == len(prompts)  # a mixed-up row would show
-    engine = Engine(model, max_batch=3, prefill_chunk=4)
+    engine = Engine(model, max_batch=3, **({} if policy == "ring" else {"prefill_chunk": 4}))
     reqs = [collect(engine, p, max_tokens=m, temperature=0, n_loops=d)[0]
             for p, d, m in zip(prompts, depths, budgets, strict=True)]
     while not engine.idle:
@@ -44,6 +44,24 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
     for req, expected, m in zip(reqs, alone, budgets, strict=True):
         assert req.generated == expected
         assert len(req.generated) == m
+
+
+def test_a_ring_cache_prefills_each_prompt_whole_as_generate_does():
+    """A ring cache shorter than the depth is exact only for a prompt prefilled in one call: the
+    engine's default 64-token chunks made a longer prompt read its earlier chunks through the
+    ring, and the engine's greedy tokens differed from `generate`'s. A chunk size asked for
+    explicitly is refused by name."""
+    model = small_model(4, vocab_size=64, std=0.1, max_seq_len=128, kv_cache_policy="ring", kv_cache_ring=2)
+    prompt = torch.randint(0, 64, (80,), generator=torch.Generator().manual_seed(4)).tolist()
+    want = model.generate([prompt], 8, temperature=0)[0, 80:].tolist()
+    engine = Engine(model)
+    assert engine.prefill_chunk == model.cfg.max_seq_len
+    req, _ = collect(engine, prompt, max_tokens=8, temperature=0)
+    engine.run_until_idle()
+    assert req.generated == want
+    assert Engine(model, max_loops=2).prefill_chunk == 64  # a ring as deep as the loops is exact
+    with pytest.raises(ValueError, match="prefill_chunk=16: a ring cache .kv_cache_ring=2. shorter than max_loops=3"):
+        Engine(model, prefill_chunk=16)
 
 
 @pytest.mark.parametrize("halting", ["act", "kl"])

@@ -266,14 +266,21 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             if new is None and isinstance(total, int) and total > max(limit, inputs.shape[1]):
                 raise ValueError(f"max_length {total} exceeds max_seq_len={limit}: pass max_new_tokens "
                                  f"or a max_length <= {limit}")
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        if cache is not None:
             if n_loops is not None:
                 raise ValueError("a cache passed to generate has its own depth: build it as "
                                  "OpenMythosCache(n_loops) instead of passing n_loops")
         else:
             if n_loops is None:  # a passed generation config without one keeps the model's
                 n_loops = getattr(config, "n_loops", None) or getattr(self.generation_config, "n_loops", None)
-            kwargs[CACHE_FIELD] = OpenMythosCache(n_loops)
+            cache = kwargs[CACHE_FIELD] = OpenMythosCache(n_loops)
+        depth, cfg = cache.n_loops or self.model.cfg.max_loop_iters, self.model.cfg
+        if asked("prefill_chunk_size") and cfg.kv_cache_loop_slots(depth) < depth:
+            # a later chunk would read the earlier ones through the ring, not at its own loops
+            raise ValueError(f"prefill_chunk_size: a ring cache (kv_cache_policy={cfg.kv_cache_policy!r}, "
+                             f"kv_cache_ring={cfg.kv_cache_ring}) shorter than the depth n_loops={depth} is "
+                             "exact only for a prompt prefilled in one call")
         return super().generate(*args, **kwargs)
 
     @classmethod

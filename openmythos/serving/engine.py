@@ -4,7 +4,8 @@ Across requests (continuous batching): requests join and leave between steps. Ea
 request owns one row of a preallocated, packed KV cache (a row holds just its own tokens), so
 every model call runs on a contiguous view of the cache, never a copy. A step is one call: the
 next token of every decoding request and the next chunk of every prompt being prefilled, so a
-long prompt never stalls the requests that are decoding and a new one rides along with them.
+long prompt never stalls the requests that are decoding and a new one rides along with them
+(a ring cache shorter than the depth takes each prompt whole: only then is it exact).
 Rows are kept deepest first: the rows still looping at each depth are then a prefix of the
 batch, and the looped block runs on it densely, with no gathers (see
 RecurrentBlock._deepest_first).
@@ -44,6 +45,8 @@ from openmythos.generation import check_sampling, is_greedy, sample
 from openmythos.model import OpenMythos
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per step, unless a ring cache needs whole prompts
 
 
 class QueueFull(RuntimeError):
@@ -109,7 +112,7 @@ def _earliest(text: str, stops: tuple[str, ...]) -> int | None:
 
 class Engine:
     def __init__(self, model: OpenMythos, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_queue: int = 64, prefill_chunk: int = 64, max_len: int | None = None,
+                 max_queue: int = 64, prefill_chunk: int | None = None, max_len: int | None = None,
                  max_loops: int | None = None, admission: str = "depth",
                  admission_window: int | None = None, default_loops: int | None = None):
         if admission not in ("depth", "fifo"):
@@ -123,9 +126,17 @@ class Engine:
             check_fits(tokenizer, model.cfg.vocab_size)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = model.cfg.max_seq_len if max_len is None else max_len
         self.max_loops = model.cfg.max_loop_iters if max_loops is None else max_loops
+        # a ring cache shorter than the depth is exact only for a prompt prefilled in one call: a
+        # later chunk would read the earlier ones through the ring, not at its own loops
+        whole = model.cfg.kv_cache_loop_slots(self.max_loops) < self.max_loops
+        if whole and prefill_chunk is not None and prefill_chunk < self.max_len:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: a ring cache (kv_cache_ring="
+                             f"{model.cfg.kv_cache_ring}) shorter than max_loops={self.max_loops} "
+                             "prefills each prompt in one call; leave prefill_chunk unset")
+        self.prefill_chunk = self.max_len if whole else prefill_chunk or DEFAULT_PREFILL_CHUNK
         # a request without n_loops: default_loops, else the model's max_loop_iters; at most max_loops
         self.default_loops = min(default_loops or model.cfg.max_loop_iters, self.max_loops)
         self.admission = admission
