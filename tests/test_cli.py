@@ -377,7 +377,8 @@ def test_an_exports_generation_depth_is_the_cli_default(run_dir, tmp_path, monke
     real = cli.OpenMythos.stream
     monkeypatch.setattr(cli.OpenMythos, "stream", lambda self, *a, **k: depths.append(k["n_loops"]) or real(self, *a, **k))
     cli.generate(out, "My", max_new_tokens=2, out=io.StringIO())
-    assert depths == [1]
+    cli.generate(out, "My", max_new_tokens=2, n_loops=2, out=io.StringIO())  # an explicit depth wins
+    assert depths == [1, 2]
     with pytest.raises(ValueError, match="--preset and --random-init go without --checkpoint"):
         cli.serve_command(out, None, True, "127.0.0.1", 0, 8)
     # served: requests default to the export's depth, also past max_loop_iters (2 here)
@@ -389,6 +390,20 @@ def test_an_exports_generation_depth_is_the_cli_default(run_dir, tmp_path, monke
     for folder, want in ((out, (1, 2)), (deep, (4, 4)), (str(run_dir), (2, 2))):
         cli.serve_command(folder, None, False, "127.0.0.1", 0, 8)
         assert (engines[-1].default_loops, engines[-1].max_loops) == want
+    cli.serve_command(deep, None, False, "127.0.0.1", 0, 8, max_loops=3)  # an explicit cap wins
+    assert (engines[-1].default_loops, engines[-1].max_loops) == (3, 3)
+
+
+def test_eval_scores_at_most_max_tokens_at_each_depth(run_dir, monkeypatch):
+    """`mythos eval --max-tokens` reaches the evaluation of every depth, and the result counts
+    the tokens scored."""
+    import openmythos.cli as cli
+
+    calls, real = [], cli.evaluate_split
+    monkeypatch.setattr(cli, "evaluate_split", lambda *a, **k: calls.append((k["n_loops"], k["max_tokens"]))
+                        or real(*a, **k))
+    result = cli.evaluate(str(run_dir), n_loops=[1, 2], max_tokens=64)
+    assert calls == [(1, 64), (2, 64)] and result["tokens"] == 64
 
 
 def test_a_diverged_run_exits_1_with_its_message(monkeypatch, capsys):
