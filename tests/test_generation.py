@@ -24,13 +24,15 @@ def test_greedy_generate_matches_uncached_reference(attn_type):
 
 
 def test_prompts_of_different_lengths():
-    model = small_model()
+    # std=0.1: at the default init every step picks the same token, and a padded row that
+    # attended its padding gave the same continuation
+    model = small_model(std=0.1)
     prompts = [[3, 4, 5, 6, 7, 8], [9, 10]]
     out = model.generate(prompts, 5, temperature=0)
     for row, p in zip(out, prompts, strict=True):
         alone = model.generate([p], 5, temperature=0)[0]
         assert torch.equal(row[-5:], alone[-5:])
-    assert out.shape == (2, 6 + 5)
+    assert out.shape == (2, 6 + 5) and not torch.equal(out[0, -5:], out[1, -5:])
 
 
 def test_each_sequence_stops_at_its_own_eos():
@@ -46,6 +48,26 @@ def test_each_sequence_stops_at_its_own_eos():
             assert new[:k + 1] == ref_new[:k + 1] and all(t == eos for t in new[k:])
         else:
             assert new == ref_new
+
+
+def test_a_stopped_row_is_filled_with_eos_and_generation_ends_when_every_row_has():
+    """A row that produced eos_token_id keeps yielding it (not the tokens the model would have
+    gone on to choose), the other rows run on untouched, and generation ends as soon as every row
+    has stopped: guards the fill of finished rows and the early end. (At the default init every
+    step picks the same token, so the fill would be invisible: std=0.1 varies the continuations.)"""
+    model = small_model(std=0.1)
+    ids = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(0))
+    free = model.generate(ids, 10, temperature=0)[:, 4:]
+    eos = int(free[2, 1])
+    assert eos not in free[:2].flatten().tolist() and int(free[2, 0]) != eos
+    assert any(t != eos for t in free[2, 2:].tolist()), "row 2 goes on past its eos without the fill"
+    out = model.generate(ids, 10, temperature=0, eos_token_id=eos)[:, 4:]
+    assert torch.equal(out[:2], free[:2])
+    assert out[2].tolist() == free[2, :2].tolist() + [eos] * 8
+    # alone, the row ends at its eos: two new tokens, not ten
+    alone = model.generate(ids[2:], 10, temperature=0, eos_token_id=eos)
+    assert torch.equal(alone, torch.cat([ids[2:], free[2:, :2]], 1))
+    assert len(list(model.stream(ids[2:], 10, temperature=0, eos_token_id=eos))) == 2
 
 
 def test_stream_yields_what_generate_returns():
@@ -151,6 +173,26 @@ def greedy_capped(model, ids, steps, vocab):
     return ids[:, -steps:]
 
 
+def test_every_id_is_sampled_by_default_and_limits_are_inclusive():
+    """Without vocab_size every id of the model may be drawn, the last one included, and
+    vocab_size may equal the model's (the CLI passes the tokenizer's, which often does); a prompt
+    plus max_new_tokens may fill max_seq_len exactly; top_p=1 (no truncation) is accepted and
+    draws as no top_p. Guards off-by-one bounds that dropped the last id or refused the limits."""
+    model = small_model(std=0.1)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the last id's head row: a multiple of the current winner's
+        first = int(model(ids).logits[0, -1].argmax())
+        model.embed.weight[63] = 3 * model.embed.weight[first]
+        assert int(model(ids).logits[0, -1].argmax()) == 63
+    assert int(model.generate(ids, 1, temperature=0)[0, -1]) == 63
+    assert torch.equal(model.generate(ids, 3, temperature=0, vocab_size=64),
+                       model.generate(ids, 3, temperature=0))
+    assert model.generate(ids, 64 - 5, temperature=0).shape == (1, 64)
+    logits = torch.randn(200, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample(logits, 1.0, top_p=1.0, generator=torch.Generator().manual_seed(2)),
+                       sample(logits, 1.0, generator=torch.Generator().manual_seed(2)))
+
+
 def test_numpy_numbers_are_taken():
     import numpy as np
 
@@ -212,6 +254,29 @@ def test_speculative_stops_at_eos_and_at_max_new_tokens():
     for n in (1, 2, 7):
         out, _ = model.speculative_generate([prompt], n, n_loops=3, draft_tokens=4, temperature=0)
         assert out[0, 5:].tolist() == ref[:n]
+
+
+def test_speculative_counts_and_an_eos_among_the_kept_drafts():
+    """stats counts exactly: drafts at full depth are all kept, so 12 tokens at draft_tokens=4
+    take rounds of 4 + 4 + 1 (the last clipped to what is left) drafts, 9 drafted and kept, and
+    1 (prompt) + 5 + 5 + 2 model calls (each round's drafts and its one check). An eos_token_id
+    that is a kept draft ends the output there. At one loop the drafts differ from full depth, so
+    some are rejected (a draft run at the full depth would keep them all)."""
+    model = small_model(std=0.1)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    ref = model.generate(prompt, 12, n_loops=3, temperature=0)[0, 5:].tolist()
+    out, stats = model.speculative_generate(prompt, 12, n_loops=3, draft_loops=3, draft_tokens=4,
+                                            temperature=0)
+    assert out[0, 5:].tolist() == ref
+    assert stats == {"drafted": 9, "accepted": 9, "calls": 13}
+    # tokens 1-4 are the first round's drafts: an eos first produced among them stops there
+    i = next(i for i in range(1, 5) if ref[i] not in ref[:i])
+    out, _ = model.speculative_generate(prompt, 12, n_loops=3, draft_loops=3, draft_tokens=4,
+                                        temperature=0, eos_token_id=ref[i])
+    assert out[0, 5:].tolist() == ref[:i + 1]
+    _, stats = model.speculative_generate(prompt, 12, n_loops=3, draft_loops=1, draft_tokens=4,
+                                          temperature=0)
+    assert stats["accepted"] < stats["drafted"]
 
 
 @pytest.mark.slow

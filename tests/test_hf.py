@@ -507,3 +507,80 @@ def test_a_compiled_model_exports_as_its_module(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 8))
     loaded = load_pretrained(save_hf(torch.compile(model), tmp_path / "compiled"))[0]
     assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_forward_options_the_cache_depth_and_the_standard_config_names():
+    """return_dict=False gives a tuple; output_attentions is refused, not silently ignored;
+    use_cache=True builds its cache at the call's n_loops, which a later call without n_loops
+    runs at; the cache's first allocation (90 columns round up to a 128 block) stops at
+    max_seq_len, which a prompt and max_new_tokens may fill exactly; the wrapper is in the
+    wrapped model's mode; transformers' standard config names
+    (max_position_embeddings, num_attention_heads, hidden_size) read ours."""
+    model = tiny_model(max_seq_len=96)
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    assert hf.training is False and hf.model.training is False
+    ids = torch.randint(0, VOCAB, (1, 90))
+    out = hf(ids[:, :6], return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], model(ids[:, :6]).logits)
+    with pytest.raises(ValueError, match="neither attentions nor hidden states"):
+        hf(ids[:, :6], output_attentions=True)
+    cache = hf(ids, n_loops=2, use_cache=True).past_key_values
+    assert cache.n_loops == 2 and cache.kv.n_loops == 2 and cache.kv.max_len == 96
+    nxt = torch.tensor([[7]])
+    step = hf(nxt, past_key_values=cache, use_cache=True).logits  # at the cache's depth, 2
+    assert_close(step, model(torch.cat([ids, nxt], 1), n_loops=2).logits[:, -1:])
+    # a prompt and max_new_tokens that fill max_seq_len exactly are generated, not refused
+    assert hf.generate(ids, max_new_tokens=6, do_sample=False, n_loops=2).shape == (1, 96)
+    cfg = hf.config
+    assert (cfg.max_position_embeddings, cfg.num_attention_heads, cfg.hidden_size) == (
+        96, model.cfg.n_heads, model.cfg.dim)
+
+
+def test_from_pretrained_takes_a_subfolder_a_config_loading_info_and_sharded_variants(tmp_path):
+    """transformers' from_pretrained options pass through the pre-load directory check: a
+    `subfolder`, a `config` given in place of config.json, output_loading_info=True (a (model,
+    info) pair), and a sharded save under a `variant`, whose index transformers names
+    model.safetensors.index.VARIANT.json."""
+    model = tiny_model()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    want = model(ids).logits
+    hf.save_pretrained(tmp_path / "repo" / "sub")
+    loaded = OpenMythosForCausalLM.from_pretrained(tmp_path / "repo", subfolder="sub")
+    assert torch.equal(loaded(ids).logits, want)
+    loaded, info = OpenMythosForCausalLM.from_pretrained(tmp_path / "repo" / "sub", output_loading_info=True)
+    assert torch.equal(loaded(ids).logits, want)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    bare = shutil.copytree(tmp_path / "repo" / "sub", tmp_path / "bare")
+    (bare / "config.json").unlink()
+    assert torch.equal(OpenMythosForCausalLM.from_pretrained(bare, config=hf.config)(ids).logits, want)
+    hf.save_pretrained(tmp_path / "vs", variant="v1", max_shard_size="100KB")
+    assert torch.equal(OpenMythosForCausalLM.from_pretrained(tmp_path / "vs", variant="v1")(ids).logits, want)
+
+
+def test_export_metadata_and_what_load_pretrained_checks(tmp_path):
+    """save_hf writes into an existing empty folder; generation_config.json holds the tokenizer's
+    BOS/EOS/PAD (the byte tokenizer's PAD is not its EOS), the padded ids to suppress and the
+    default depth (max_loop_iters when n_loops is not given); tokenizer_config.json names a class
+    transformers 4.x has too and the model's context as model_max_length. A bad n_loops is
+    refused at export; load_pretrained refuses a corrupt run config and a tokenizer whose ids do
+    not embed in the model."""
+    tok, model = ByteTokenizer(), tiny_model(vocab_size=260, max_seq_len=96)
+    (tmp_path / "empty").mkdir()
+    out = save_hf(model, tmp_path / "empty", tok)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen.pop("transformers_version", None)
+    assert gen == {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257,
+                   "suppress_tokens": [258, 259], "n_loops": model.cfg.max_loop_iters}
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["model_max_length"] == 96
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 96
+    with pytest.raises(ValueError, match="n_loops must be a positive integer"):
+        save_hf(model, tmp_path / "bad", n_loops=0)
+    (out / "mythos_train_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="mythos_train_config.json' is corrupt"):
+        load_pretrained(out)
+    small = save_hf(tiny_model(vocab_size=200), tmp_path / "small")
+    tok.save(small)  # a tokenizer put beside it later, with ids up to 257
+    with pytest.raises(ValueError, match="vocab_size 258 exceeds the model's 200"):
+        load_pretrained(small)
