@@ -451,15 +451,17 @@ def test_random_traffic_is_served_as_each_request_alone(seed):
     # cache policy: each request's greedy tokens are those of its own run
     rng = random.Random(seed)
     for trial in range(6):
+        policy = rng.choice(["per_loop", "ring"])
         model = small_model(seed=trial, vocab_size=64, halting=rng.choice(["none", "act", "kl"]),
-                            attn_type=rng.choice(["mla", "gqa"]), kv_cache_policy=rng.choice(["per_loop", "ring"]),
+                            attn_type=rng.choice(["mla", "gqa"]), kv_cache_policy=policy,
                             kv_cache_ring=2, act_threshold=0.5, kl_threshold=1e-3, min_loops=1)
         with torch.no_grad():
             model.recurrent.act.halt.weight.normal_(0, 1.0)
         n = rng.randint(2, 7)
         prompts = [[rng.randrange(64) for _ in range(rng.randint(1, 14))] for _ in range(n)]
         depths, budgets = [rng.randint(1, 3) for _ in range(n)], [rng.randint(1, 9) for _ in range(n)]
-        engine = Engine(model, max_batch=rng.randint(1, 4), prefill_chunk=rng.randint(1, 6))
+        chunk = rng.randint(1, 6)  # a ring shorter than the depth takes prompts whole
+        engine = Engine(model, max_batch=rng.randint(1, 4), **({} if policy == "ring" else {"prefill_chunk": chunk}))
         reqs = [collect(engine, p, max_tokens=m, temperature=0, n_loops=d)[0]
                 for p, d, m in zip(prompts, depths, budgets, strict=True)]
         engine.run_until_idle()
