@@ -266,7 +266,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             if new is None and isinstance(total, int) and total > max(limit, inputs.shape[1]):
                 raise ValueError(f"max_length {total} exceeds max_seq_len={limit}: pass max_new_tokens "
                                  f"or a max_length <= {limit}")
-        cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        cache = kwargs["cache"] if kwargs.get("cache") is not None else kwargs.get("past_key_values")
         if cache is not None:
             if n_loops is not None:
                 raise ValueError("a cache passed to generate has its own depth: build it as "
@@ -275,7 +275,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             if n_loops is None:  # a passed generation config without one keeps the model's
                 n_loops = getattr(config, "n_loops", None) or getattr(self.generation_config, "n_loops", None)
             cache = kwargs[CACHE_FIELD] = OpenMythosCache(n_loops)
-        depth, cfg = cache.n_loops or self.model.cfg.max_loop_iters, self.model.cfg
+        cfg = self.model.cfg
+        depth = getattr(cache, "n_loops", None) or cfg.max_loop_iters
         if asked("prefill_chunk_size") and cfg.kv_cache_loop_slots(depth) < depth:
             # a later chunk would read the earlier ones through the ring, not at its own loops
             raise ValueError(f"prefill_chunk_size: a ring cache (kv_cache_policy={cfg.kv_cache_policy!r}, "
