@@ -51,16 +51,17 @@ def test_phi_fit_recovers_a_known_exponent():
     assert fit_phi(loops, eff) == pytest.approx(phi)
 
 
-def test_phi_is_not_read_off_runs_that_cannot_carry_it():
-    def run(name, layers, loss, loops=1):
-        return {"name": name, "layers": layers, "val_loss": loss, "loops": loops}
+def phi_run(name, layers, loss, loops=1):
+    return {"name": name, "layers": layers, "val_loss": loss, "loops": loops}
 
+
+def test_phi_is_not_read_off_runs_that_cannot_carry_it():
     # the committed run's dense curve: 6 layers no better than 4
-    flat = [run("dense-3", 3, 6.277), run("dense-4", 4, 6.034), run("dense-6", 6, 6.041)]
+    flat = [phi_run("dense-3", 3, 6.277), phi_run("dense-4", 4, 6.034), phi_run("dense-6", 6, 6.041)]
     assert "did not fall with every added layer" in why_phi_is_undefined(flat, [])
-    dense = [run("dense-3", 3, 6.3), run("dense-4", 4, 6.1), run("dense-6", 6, 6.0)]
+    dense = [phi_run("dense-3", 3, 6.3), phi_run("dense-4", 4, 6.1), phi_run("dense-6", 6, 6.0)]
     a, b = fit_log_curve([3, 4, 6], [6.3, 6.1, 6.0])
-    looped = [run("looped-1x2", 4, 6.2, 2), run("looped-1x4", 6, 6.5, 4)]  # worse than 3 dense layers
+    looped = [phi_run("looped-1x2", 4, 6.2, 2), phi_run("looped-1x4", 6, 6.5, 4)]  # worse than 3 dense layers
     for x in looped:
         x["effective_layers"] = effective_layers(x["val_loss"], a, b)
     assert why_phi_is_undefined(dense, looped) == "looped-1x4 did no better than 2 unique layers (L_eff <= 2)"
@@ -406,14 +407,11 @@ def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(tmp_path
 def test_phi_is_undefined_for_a_flat_step_or_a_looped_run_without_a_loss():
     """A dense curve that stays level between two depths did not fall; a looped run with no loss
     (it diverged: L_eff is NaN) cannot be fitted either."""
-    def run(name, layers, loss, loops=1):
-        return {"name": name, "layers": layers, "val_loss": loss, "loops": loops}
-
-    level = [run("dense-3", 3, 6.3), run("dense-4", 4, 6.1), run("dense-6", 6, 6.1)]
+    level = [phi_run("dense-3", 3, 6.3), phi_run("dense-4", 4, 6.1), phi_run("dense-6", 6, 6.1)]
     assert "did not fall with every added layer" in why_phi_is_undefined(level, [])
-    dense = [run("dense-3", 3, 6.3), run("dense-4", 4, 6.1), run("dense-6", 6, 6.0)]
+    dense = [phi_run("dense-3", 3, 6.3), phi_run("dense-4", 4, 6.1), phi_run("dense-6", 6, 6.0)]
     a, b = fit_log_curve([3, 4, 6], [6.3, 6.1, 6.0])
-    lost = {**run("looped-1x2", 4, math.nan, 2), "effective_layers": effective_layers(math.nan, a, b)}
+    lost = {**phi_run("looped-1x2", 4, math.nan, 2), "effective_layers": effective_layers(math.nan, a, b)}
     assert why_phi_is_undefined(dense, [lost]) == "looped-1x2 did no better than 2 unique layers (L_eff <= 2)"
 
 

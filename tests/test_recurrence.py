@@ -116,6 +116,17 @@ def test_each_injection_at_init_written_out(injection, a):
     assert_close(inj(h, e, out), a * h + 0.1 * e + out)
 
 
+def state_counts_loops(model) -> None:
+    """Make the state after loop t equal t + 1 everywhere (the injection returns it)."""
+    loop = []
+
+    def inject(h, e, out, coefficients=None):
+        loop.append(None)
+        return torch.full_like(h, float(len(loop)))
+
+    model.recurrent.injection.forward = inject
+
+
 def graves_act(probs: list[list[float]], depth: int, threshold: float):
     """ACT (Graves 2016) for one token, written out: its halting probabilities per loop ->
     the weight of each loop's state, the loops run and the ponder cost N + R."""
@@ -140,13 +151,7 @@ def test_act_matches_graves_act_written_out(n_loops):
     """The halting-weighted output, the loops each token runs and the ponder cost, against ACT
     by hand: the state after loop t is made t + 1 everywhere, so the output is sum_t w_t (t + 1)."""
     model = small_model(halting="act", coda_layers=0, act_threshold=0.99)
-    loop = []
-
-    def inject(h, e, out, coefficients=None):
-        loop.append(None)
-        return torch.full_like(h, float(len(loop)))
-
-    model.recurrent.injection.forward = inject
+    state_counts_loops(model)
     expected = [graves_act(probs, n_loops, 0.99) for probs in HALT_PROBS]
     calls = []
 
@@ -364,13 +369,7 @@ def test_kl_exit_matches_the_kl_exit_written_out(n_loops):
     """The loops each token runs and the state it leaves with, against the KL exit by hand:
     guards the direction of the divergence, KL(p_t || p_t-1) as documented, not the reverse."""
     model = small_model(halting="kl", coda_layers=0, kl_threshold=1.0)
-    loop = []
-
-    def inject(h, e, out, coefficients=None):
-        loop.append(None)
-        return torch.full_like(h, float(len(loop)))
-
-    model.recurrent.injection.forward = inject
+    state_counts_loops(model)
     expected = [kl_exit(probs, n_loops, 1.0, 1) for probs in KL_PROBS]
     calls = []
 
