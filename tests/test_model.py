@@ -503,3 +503,175 @@ def test_rewind_past_a_left_padded_rows_tokens_keeps_its_position():
     model(ids[:, :1], cache=fresh, attention_mask=mask[:, :1])  # the one column both keep
     assert fresh.next_pos.tolist() == cache.next_pos.tolist()
     assert torch.equal(fresh.valid, cache.valid)
+
+
+# ---- tests from a mutation review of OpenMythos.forward (each checked to fail with its mutant)
+
+
+def test_a_negative_target_id_is_refused_by_name():
+    """Only IGNORE_INDEX (-100) may stand for a left-out position: another negative id is
+    refused with the id (without the lower bound it reached cross_entropy as an index)."""
+    model, ids = small_model(), torch.randint(0, 64, (2, 12))
+    targets = torch.randint(0, 64, (2, 12))
+    targets[1, 3] = -5
+    with pytest.raises(ValueError, match=r"targets contains token id -5, outside \[0, vocab_size=64\)"):
+        model(ids, targets=targets)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["linear_cross_entropy", "torch<2.13"])
+def test_the_loss_head_runs_in_head_dtype(fused, monkeypatch):
+    """head_dtype applies to the loss's head as to the logits': the chunked head's matmuls get
+    bf16 operands (a loss that ignored head_dtype ran the fp32 head, matching the bf16 one
+    within the loss test's tolerance, so only the operands show it)."""
+    import openmythos.model.model as model_module
+
+    seen = []
+    if fused:
+        real = torch.nn.functional.linear_cross_entropy
+        monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy",
+                            lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or real(x, w, *a, **k))
+    else:
+        monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+        real = model_module._head_loss
+        monkeypatch.setattr(model_module, "_head_loss",
+                            lambda x, w, t: seen.append((x.dtype, w.to(x.dtype).dtype)) or real(x, w, t))
+    model = small_model()
+    ids, targets = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    model(ids, targets=targets, head_dtype=torch.bfloat16)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    seen.clear()
+    model(ids, targets=targets)
+    assert set(seen) == {(torch.float32, torch.float32)}
+
+
+@pytest.mark.parametrize("n_loops, needle", [
+    (torch.tensor([2, 0]), r"n_loops as a tensor must be \(2,\) positive integers"),
+    (torch.tensor([2, 2, 2]), r"n_loops as a tensor must be \(2,\) positive integers"),
+    (torch.tensor([[2, 2]]), r"n_loops as a tensor must be \(2,\) positive integers"),
+])
+def test_per_row_depths_are_checked(n_loops, needle):
+    """A (B,) tensor of depths: one per row, each at least 1 (a zero depth ran no loop for its row
+    and gave logits of the prelude and coda alone; a depth tensor of another length went on
+    to fail deep inside, or to be broadcast)."""
+    with pytest.raises(ValueError, match=needle):
+        small_model()(torch.zeros(2, 3, dtype=torch.long), n_loops=n_loops)
+
+
+def test_the_deepest_row_is_checked_against_the_caches_loop_slots():
+    """Per-row depths against a cache: the deepest row must fit the cache's loop slots, not the
+    shallowest (a row deeper than the cache has no slot to write)."""
+    model = small_model()
+    with pytest.raises(ValueError, match="n_loops=3 exceeds the cache's n_loops=2 slots"):
+        model(torch.zeros(2, 3, dtype=torch.long), n_loops=torch.tensor([1, 3]), cache=model.new_cache(2, 8, 2))
+
+
+@torch.no_grad()
+def test_with_exit_keeps_the_dtype_and_checks_min_loops():
+    """with_exit gives the model in its embedding's dtype (a bf16 model came back fp32, and then
+    refused its own caches); min_loops belongs to the KL exit and is refused under another rule."""
+    model = small_model().to(torch.bfloat16)
+    kl = model.with_exit(halting="kl", min_loops=2)
+    assert {p.dtype for p in kl.parameters() if p.dim() > 1} == {torch.bfloat16}
+    assert kl.embed.weight.dtype == torch.bfloat16 and kl.cfg.min_loops == 2
+    kl(torch.tensor([[1, 2, 3]]), cache=model.new_cache(1, 8))  # the original's cache fits the copy
+    with pytest.raises(ValueError, match="min_loops applies to halting='kl', but the rule is halting='none'"):
+        model.with_exit(min_loops=2)
+
+
+@torch.no_grad()
+def test_spectral_radius_is_the_largest_absolute_decay():
+    """rho(A) = max |A_i|: an unconstrained ("free") injection may learn a negative A, whose size
+    counts as much as a positive one's (the max without the abs reported 0.5 here, not 1.2)."""
+    model = small_model(injection="free")
+    model.recurrent.injection.A.copy_(torch.linspace(0.5, -1.2, 64))
+    assert model.spectral_radius() == pytest.approx(1.2)
+    lti = small_model()  # A = exp(-exp(0)) at init
+    assert lti.spectral_radius() == pytest.approx(math.exp(-1), rel=1e-6)
+
+
+@torch.no_grad()
+def test_compiled_decode_runs_only_for_a_plain_decode_step():
+    """compile_decode's graph covers one token per row, an int depth, no mask, no targets and
+    no gradients; every other call (a prefill, a padded step, per-row depths, a loss, a
+    training step) must take the eager forward, which handles it. A stand-in records the
+    calls that reach the compiled step."""
+    model = small_model()
+    calls = []
+    model.compiled_decode = lambda *args: calls.append(args[1]) or model._decode(*args)
+    cache = model.new_cache(2, 16)
+    model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache)  # prefill: several tokens
+    assert calls == []
+    step = torch.tensor([[7], [8]])
+    model(step, cache=cache, n_loops=2)
+    assert calls == [2]  # the plain decode step
+    model(step, cache=cache, attention_mask=torch.ones(2, 1, dtype=torch.long))
+    model(step, cache=cache, n_loops=torch.tensor([2, 3]))
+    out = model(step, cache=cache, targets=torch.tensor([[1], [2]]))
+    assert out.loss is not None and out.logits is None
+    with torch.enable_grad():
+        model(step, cache=cache)
+    assert calls == [2] and cache.length == 8
+
+
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@pytest.mark.parametrize("T", [2, 3])
+@torch.no_grad()
+def test_a_short_prompt_is_causal(attn_type, T):
+    """Without a cache or padding the call is causal through SDPA's is_causal: a position's
+    logits never depend on the tokens after it, for a two-token prompt too (is_causal taken
+    only for T > 2 let the first token read the second)."""
+    model = small_model(std=0.1, attn_type=attn_type)
+    ids = torch.randint(0, 64, (2, T))
+    full = model(ids).logits
+    for t in range(T - 1):
+        assert_close(full[:, t], model(ids[:, :t + 1]).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_packed_call_may_fill_the_cache_exactly():
+    """A packed call that brings a row to exactly max_len tokens fits (refusing it at >= cost
+    the cache its last column), and decodes like a dense cache holding the same tokens."""
+    model = small_model(std=0.1)
+    cache = model.new_cache(2, 8, packed=True)
+    model(torch.tensor([[1, 2, 3]]), cache=cache.narrow(0, 1))  # rows hold 3 and 0 tokens
+    ids = torch.tensor([[4, 5, 6, 7, 8], [0, 0, 0, 9, 10]])
+    out = model(ids, cache=cache, attention_mask=(ids > 0).long(), logits_to_keep=1)
+    assert cache.lengths.tolist() == [8, 2]
+    ref = model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), logits_to_keep=1)
+    assert_close(out.logits[:1], ref.logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_readout_is_the_head_on_a_looped_state():
+    """readout(h) = the head after the final norm: with no coda layers it gives the model's own
+    logits from the last loop's state (a readout without the norm, the KL exit's probe and
+    the logit lens, read logits of another scale)."""
+    model = small_model(std=0.1, coda_layers=0)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.normal_(1, 0.5)
+    ids = torch.randint(0, 64, (2, 7))
+    states = model.loop_states(ids, n_loops=3)
+    assert_close(model.readout(states[-1]), model(ids, n_loops=3).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_state_norm_is_the_mean_norm_of_the_final_state():
+    """MythosOutput.state_norm (logged in training) is the L2 norm of the recurrent block's final
+    state per position, averaged over positions: not their sum."""
+    model = small_model()
+    ids = torch.randint(0, 64, (2, 7))
+    final = model.loop_states(ids, n_loops=3)[-1]
+    want = final.norm(dim=-1).mean()
+    assert_close(model(ids, n_loops=3).state_norm, want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_default_cache_holds_a_whole_context():
+    """new_cache(B) holds max_seq_len tokens at the trained depth, in the model's dtype: a prompt
+    as long as the context fits it."""
+    model = small_model()
+    cache = model.new_cache(2)
+    assert (cache.max_len, cache.n_loops, cache.packed) == (64, 3, False)
+    model(torch.randint(0, 64, (2, 64)), cache=cache, logits_to_keep=1)
+    assert cache.length == 64
