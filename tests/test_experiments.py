@@ -12,7 +12,7 @@ from openmythos.data.tasks import KHopTask
 from openmythos.experiments import EXPERIMENTS, common, run_experiment
 from openmythos.experiments.act_pareto import ActParetoConfig, verdict
 from openmythos.experiments.common import Report, TimeBudget
-from openmythos.experiments.depth_extrapolation import prefix_targets
+from openmythos.experiments.depth_extrapolation import prefix_targets, training_batch
 from openmythos.experiments.param_efficiency import (
     effective_layers,
     fit_log_curve,
@@ -572,3 +572,14 @@ def test_depth_extrapolation_trains_each_variant_as_described(monkeypatch):
             return SimpleNamespace(logits=logits, loops=torch.full(ids.shape, n_loops))
 
     assert de.accuracy(Oracle(), task, 2, 3, 8, width, seed=0) == (1.0, 3.0)
+
+
+def test_about_one_taught_fact_in_test_every_comes_from_the_test_split():
+    """Training teaches the one-hop facts of both splits, each in its share: about one one-hop
+    row in TEST_EVERY is a test-split fact (a flipped comparison taught nine in ten)."""
+    task = KHopTask(12, 3, seed=0)
+    ids, targets = training_batch(task, 4000, 1, torch.Generator().manual_seed(0), 8)
+    heads, relations = ids[:, -3] - 2, ids[:, -2:-1] - 2 - task.n_entities  # <e_h> <r> QUERY
+    assert torch.equal(targets, task.entity_token(task.follow(heads, relations)))
+    share = float(task.is_test(heads, relations).float().mean())
+    assert 0.7 / task.TEST_EVERY < share < 1.3 / task.TEST_EVERY

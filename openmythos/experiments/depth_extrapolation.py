@@ -145,8 +145,6 @@ def training_batch(task: KHopTask, n: int, max_hops: int, generator: torch.Gener
     return ids, targets
 
 
-
-
 def prefix_targets(task: KHopTask, ids: torch.Tensor) -> torch.Tensor:
     """(B, T) targets that teach every prefix of a chain: at its i-th relation token, the entity
     reached after i hops; IGNORE_INDEX elsewhere. The test is unchanged (the answer at the query token),
