@@ -394,6 +394,19 @@ def test_an_exports_generation_depth_is_the_cli_default(run_dir, tmp_path, monke
     assert (engines[-1].default_loops, engines[-1].max_loops) == (3, 3)
 
 
+def test_generate_takes_a_prompt_that_fills_the_context_and_drafts_at_full_depth(run_dir):
+    """The limits are inclusive: a prompt plus --max-new-tokens exactly filling the context is
+    served, and --draft-loops may equal the depth asked for, also past max_loop_iters (2 here)."""
+    import openmythos.cli as cli
+    from openmythos.training import open_checkpoint
+
+    ckpt = open_checkpoint(run_dir)
+    room = ckpt.model_cfg.max_seq_len - len(ckpt.tokenizer().encode("My"))
+    cli.generate(str(run_dir), "My", max_new_tokens=room, temperature=0, out=io.StringIO())
+    cli.generate(str(run_dir), "My", max_new_tokens=2, n_loops=3, draft_loops=3, temperature=0,
+                 out=io.StringIO())
+
+
 def test_eval_scores_at_most_max_tokens_at_each_depth(run_dir, monkeypatch):
     """`mythos eval --max-tokens` reaches the evaluation of every depth, and the result counts
     the tokens scored."""
