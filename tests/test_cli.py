@@ -409,14 +409,25 @@ def test_generate_takes_a_prompt_that_fills_the_context_and_drafts_at_full_depth
 
 def test_eval_scores_at_most_max_tokens_at_each_depth(run_dir, monkeypatch):
     """`mythos eval --max-tokens` reaches the evaluation of every depth, and the result counts
-    the tokens scored."""
+    the tokens scored; a bf16 run is scored under bf16 autocast."""
     import openmythos.cli as cli
 
     calls, real = [], cli.evaluate_split
-    monkeypatch.setattr(cli, "evaluate_split", lambda *a, **k: calls.append((k["n_loops"], k["max_tokens"]))
-                        or real(*a, **k))
+    monkeypatch.setattr(cli, "evaluate_split", lambda *a, **k: calls.append(
+        (k["n_loops"], k["max_tokens"], k["autocast_dtype"])) or real(*a, **k))
     result = cli.evaluate(str(run_dir), n_loops=[1, 2], max_tokens=64)
-    assert calls == [(1, 64), (2, 64)] and result["tokens"] == 64
+    assert calls == [(1, 64, None), (2, 64, None)] and result["tokens"] == 64
+    # a run trained in bf16 is scored under bf16 autocast, as its trainer evaluated it
+    load = cli._load
+
+    def bf16_run(*args):
+        model, tokenizer, cfg = load(*args)
+        cfg.run.dtype = "bf16"
+        return model, tokenizer, cfg
+
+    monkeypatch.setattr(cli, "_load", bf16_run)
+    cli.evaluate(str(run_dir), n_loops=[1], max_tokens=64)
+    assert calls[-1] == (1, 64, torch.bfloat16)
 
 
 def test_a_diverged_run_exits_1_with_its_message(monkeypatch, capsys):
