@@ -275,7 +275,8 @@ def test_a_stream_past_its_deadline_says_so():
                                                                    "stream": True}) as r:
             return [line async for line in r.aiter_lines() if line.startswith("data: ")]
 
-    lines = call(app, go)
+    # bounded: a stream that misses its deadline of 0 s waits on its queue forever
+    lines = call(app, lambda c: asyncio.wait_for(go(c), 10))
     assert "did not finish within" in json.loads(lines[-2][6:])["error"]["message"]
     assert lines[-1] == "data: [DONE]"
 
@@ -489,3 +490,236 @@ def test_a_list_refused_part_way_leaves_none_of_its_prompts_in_the_engine(monkey
     r, cancelled = call(create_app(engine, "tiny"), go)
     assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error", r.text
     assert cancelled == [True]
+
+
+# from a mutation review of the serving paths: /health and /v1/models in full, a plain request's
+# deadline, a client gone from a plain request or a stream, the stream's finish_reason, the
+# app's shutdown and serve()'s settings
+
+def _slow(engine, monkeypatch, pause=0.05):
+    """Every engine step takes `pause` seconds longer: a request of 30 tokens runs 1.5 s."""
+    import time
+
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(pause), step()))
+
+
+def _recording(engine, monkeypatch):
+    """The engine's requests, in the order they were submitted."""
+    reqs, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda ids, params, cb: reqs.append(submit(ids, params, cb)) or reqs[-1])
+    return reqs
+
+
+async def _asgi(app, payload, gone, spec="2.3"):
+    """POST /v1/completions straight to the ASGI app (from a server speaking ASGI `spec`: 2.3 is
+    uvicorn's), the client disconnecting once `gone` (an asyncio.Event) is set; returns the
+    status and the body's chunks."""
+    body = json.dumps(payload).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+             "root_path": "", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    sent, status = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        if sent:
+            return sent.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        elif message.get("body"):
+            status.append(message["body"])
+
+    await app(scope, receive, send)
+    return status[0], status[1:]
+
+
+def test_health_and_models_in_full(monkeypatch):
+    """/health reports the engine's load (what a load balancer reads), /v1/models the list
+    OpenAI's clients parse, created when the server started, not at each call."""
+    import time
+    from types import SimpleNamespace
+
+    import openmythos.serving.server as server
+
+    before = int(time.time())
+    app = create_app(_engine(max_batch=4, max_queue=8), "tiny")
+    monkeypatch.setattr(server, "time", SimpleNamespace(time=lambda: before + 1000, monotonic=time.monotonic))
+    health, models = call(app, lambda c: asyncio.gather(c.get("/health"), c.get("/v1/models")))
+    assert health.json() == {"status": "ok", "running": 0, "waiting": 0, "free_rows": 4}
+    listed = models.json()
+    created = listed["data"][0].pop("created")
+    assert listed == {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "openmythos"}]}
+    assert before <= created <= before + 2, "created is the server's start, not the time of the call"
+
+
+def test_a_plain_request_past_its_deadline_is_a_504_and_frees_its_row(monkeypatch):
+    """A completion that outlives timeout_s is a 504 (a gateway timeout, not a 500), and its
+    request is cancelled in the engine rather than left running for no one."""
+    engine = _engine(max_batch=1)
+    _slow(engine, monkeypatch)
+    reqs = _recording(engine, monkeypatch)
+
+    async def go(client):  # read before the app's shutdown cancels every request anyway
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 30, "temperature": 0})
+        return r, [req.cancelled for req in reqs]
+
+    r, cancelled = call(create_app(engine, "tiny", Limits(timeout_s=0.2)), go)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"] == {"message": "the completion did not finish within 0.2 s", "type": "server_error",
+                                 "param": None}
+    assert cancelled == [True]
+
+
+def test_a_client_gone_from_a_plain_request_frees_its_rows(monkeypatch):
+    """A client that disconnects mid-completion gets its requests cancelled (every prompt of a
+    list) and the handler ends with a 499, not a 500 and a traceback in the log."""
+    engine = _engine(max_batch=2)
+    _slow(engine, monkeypatch)
+    reqs = _recording(engine, monkeypatch)
+    app = create_app(engine, "tiny")
+
+    async def go():
+        gone = asyncio.Event()
+        gone.set()  # the client is gone by the first check, half a second in
+        async with app.router.lifespan_context(app):
+            status, _ = await _asgi(app, {"prompt": ["a", "b"], "max_tokens": 30, "temperature": 0}, gone)
+            return status, [req.cancelled for req in reqs], [len(req.generated) for req in reqs]
+
+    status, cancelled, generated = asyncio.run(go())
+    assert status == 499 and cancelled == [True, True]
+    assert max(generated) < 30  # stopped part way
+
+
+def test_a_client_gone_from_a_stream_frees_its_row(monkeypatch):
+    """A streaming client that disconnects after its first chunk: the request is cancelled in
+    the engine at once, its row free for the next one."""
+    engine = _engine(max_batch=1)
+    _slow(engine, monkeypatch)
+    reqs = _recording(engine, monkeypatch)
+    app = create_app(engine, "tiny")
+
+    async def go():
+        gone = asyncio.Event()
+        async with app.router.lifespan_context(app):
+            watcher = asyncio.create_task(_set_when(gone, lambda: reqs and reqs[0].generated))
+            status, chunks = await asyncio.wait_for(
+                _asgi(app, {"prompt": "a", "max_tokens": 30, "temperature": 0, "stream": True}, gone), 10)
+            watcher.cancel()
+            return status, chunks, reqs[0].cancelled
+
+    status, chunks, cancelled = asyncio.run(go())
+    assert status == 200 and cancelled
+    assert b"[DONE]" not in b"".join(chunks)  # cut off part way, as the client left
+
+
+async def _set_when(event, ready):
+    while not ready():
+        await asyncio.sleep(0.01)
+    event.set()
+
+
+def test_a_streams_chunks_say_why_it_ended_only_at_the_end(app):
+    """OpenAI's clients read finish_reason from the chunks: null until the last, which says
+    why the completion ended ("length") and carries the usage; every chunk has one id."""
+    async def go(client):
+        async with client.stream("POST", "/v1/completions", json={
+                "prompt": "ab", "max_tokens": 4, "temperature": 0, "stream": True}) as r:
+            return [json.loads(line[6:]) for line in [line async for line in r.aiter_lines()]
+                    if line.startswith("data: {")]
+
+    chunks = call(app, go)
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6,
+                                   "loops_executed": chunks[-1]["usage"]["loops_executed"]}
+
+
+def test_the_apps_shutdown_cancels_what_is_still_running(monkeypatch):
+    """When the app stops (its lifespan ends), a request still in the engine is cancelled, and
+    the engine's thread has ended by the time the shutdown returns."""
+    import threading
+
+    from openmythos.serving.engine import SamplingParams
+
+    engine = _engine(max_batch=1)
+    _slow(engine, monkeypatch)
+    app, events, threads = create_app(engine, "tiny"), [], []
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            threads.extend(t for t in threading.enumerate() if t.name == "openmythos-engine")
+            engine.submit([1, 2], SamplingParams(max_tokens=30), events.append)
+            while not engine.stats()["running"]:
+                await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    assert events and events[-1].kind == "done" and events[-1].finish_reason == "cancelled"
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_serve_runs_the_app_with_its_address_limits_and_grace(monkeypatch):
+    """serve() hands uvicorn the host, port and grace period it was given, and the app it runs
+    applies the given limits."""
+    import openmythos.serving.server as server
+
+    servers, engine = [], _engine(max_batch=1)
+    monkeypatch.setattr(server._Server, "run", lambda self: servers.append(self))
+    server.serve(engine, "127.0.0.2", 8123, "tiny", Limits(max_tokens=3), grace_s=7)
+    (s,) = servers
+    assert (s.config.host, s.config.port, s.config.timeout_graceful_shutdown) == ("127.0.0.2", 8123, 7)
+    assert s.engine is engine
+    r = call(s.config.app, lambda c: c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}))
+    assert r.status_code == 400 and "cap of 3" in r.json()["error"]["message"], r.text
+
+
+def test_a_stream_waiting_in_the_queue_notices_its_client_left(monkeypatch):
+    """Under an ASGI 2.4 server Starlette no longer watches for a disconnect while it streams:
+    a stream still waiting for a row, which has sent nothing, must notice by itself that its
+    client left and leave the queue, or it takes a row later and runs for no one."""
+    from openmythos.serving.engine import SamplingParams
+
+    engine = _engine(max_batch=1)
+    _slow(engine, monkeypatch)
+    app = create_app(engine, "tiny")
+
+    async def go():
+        gone = asyncio.Event()
+        gone.set()
+        async with app.router.lifespan_context(app):
+            engine.submit([1, 2], SamplingParams(max_tokens=30), lambda ev: None)  # holds the one row
+            reqs = _recording(engine, monkeypatch)
+            status, chunks = await asyncio.wait_for(
+                _asgi(app, {"prompt": "a", "max_tokens": 30, "temperature": 0, "stream": True}, gone, spec="2.4"), 10)
+            return status, chunks, reqs[0].cancelled, len(reqs[0].generated)
+
+    status, chunks, cancelled, generated = asyncio.run(go())
+    assert status == 200 and cancelled and generated == 0 and chunks == []
+
+
+def test_a_list_cut_short_by_the_shutdown_is_a_503(monkeypatch):
+    """A shutdown that cancels one prompt of a list after another has finished: the request
+    is a 503, not a 200 whose last choice ends "cancelled" part way."""
+    import dataclasses
+
+    from openmythos.serving.server import SHUT_DOWN
+
+    engine = _engine(max_batch=2)
+    _slow(engine, monkeypatch)
+    submit, submitted = engine.submit, []
+
+    def first_is_short(ids, params, cb):  # prompt 0 ends after one token, and the shutdown starts then
+        if not submitted:
+            params = dataclasses.replace(params, max_tokens=1)
+            cb = lambda ev, cb=cb: (ev.kind == "done" and engine.shutdown(cancel=True), cb(ev))
+        submitted.append(submit(ids, params, cb))
+        return submitted[-1]
+
+    monkeypatch.setattr(engine, "submit", first_is_short)
+    r = call(create_app(engine, "tiny"), lambda c: c.post("/v1/completions", json={"prompt": ["a", "b"],
+                                                                                   "max_tokens": 30, "temperature": 0}))
+    assert r.status_code == 503 and r.json()["error"]["message"] == SHUT_DOWN, r.text
