@@ -496,12 +496,14 @@ def test_a_list_refused_part_way_leaves_none_of_its_prompts_in_the_engine(monkey
 # deadline, a client gone from a plain request or a stream, the stream's finish_reason, the
 # app's shutdown and serve()'s settings
 
-def _slow(engine, monkeypatch, pause=0.05):
-    """Every engine step takes `pause` seconds longer: a request of 30 tokens runs 1.5 s."""
+def _slow_engine(monkeypatch, max_batch, pause=0.05):
+    """An engine whose every step takes `pause` seconds longer: a request of 30 tokens runs 1.5 s."""
     import time
 
+    engine = _engine(max_batch=max_batch)
     step = engine.step
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(pause), step()))
+    return engine
 
 
 def _recording(engine, monkeypatch):
@@ -560,8 +562,7 @@ def test_health_and_models_in_full(monkeypatch):
 def test_a_plain_request_past_its_deadline_is_a_504_and_frees_its_row(monkeypatch):
     """A completion that outlives timeout_s is a 504 (a gateway timeout, not a 500), and its
     request is cancelled in the engine rather than left running for no one."""
-    engine = _engine(max_batch=1)
-    _slow(engine, monkeypatch)
+    engine = _slow_engine(monkeypatch, max_batch=1)
     reqs = _recording(engine, monkeypatch)
 
     async def go(client):  # read before the app's shutdown cancels every request anyway
@@ -578,8 +579,7 @@ def test_a_plain_request_past_its_deadline_is_a_504_and_frees_its_row(monkeypatc
 def test_a_client_gone_from_a_plain_request_frees_its_rows(monkeypatch):
     """A client that disconnects mid-completion gets its requests cancelled (every prompt of a
     list) and the handler ends with a 499, not a 500 and a traceback in the log."""
-    engine = _engine(max_batch=2)
-    _slow(engine, monkeypatch)
+    engine = _slow_engine(monkeypatch, max_batch=2)
     reqs = _recording(engine, monkeypatch)
     app = create_app(engine, "tiny")
 
@@ -598,8 +598,7 @@ def test_a_client_gone_from_a_plain_request_frees_its_rows(monkeypatch):
 def test_a_client_gone_from_a_stream_frees_its_row(monkeypatch):
     """A streaming client that disconnects after its first chunk: the request is cancelled in
     the engine at once, its row free for the next one."""
-    engine = _engine(max_batch=1)
-    _slow(engine, monkeypatch)
+    engine = _slow_engine(monkeypatch, max_batch=1)
     reqs = _recording(engine, monkeypatch)
     app = create_app(engine, "tiny")
 
@@ -646,8 +645,7 @@ def test_the_apps_shutdown_cancels_what_is_still_running(monkeypatch):
 
     from openmythos.serving.engine import SamplingParams
 
-    engine = _engine(max_batch=1)
-    _slow(engine, monkeypatch)
+    engine = _slow_engine(monkeypatch, max_batch=1)
     app, events, threads = create_app(engine, "tiny"), [], []
 
     async def go():
@@ -683,8 +681,7 @@ def test_a_stream_waiting_in_the_queue_notices_its_client_left(monkeypatch):
     client left and leave the queue, or it takes a row later and runs for no one."""
     from openmythos.serving.engine import SamplingParams
 
-    engine = _engine(max_batch=1)
-    _slow(engine, monkeypatch)
+    engine = _slow_engine(monkeypatch, max_batch=1)
     app = create_app(engine, "tiny")
 
     async def go():
@@ -708,8 +705,7 @@ def test_a_list_cut_short_by_the_shutdown_is_a_503(monkeypatch):
 
     from openmythos.serving.server import SHUT_DOWN
 
-    engine = _engine(max_batch=2)
-    _slow(engine, monkeypatch)
+    engine = _slow_engine(monkeypatch, max_batch=2)
     submit, submitted = engine.submit, []
 
     def first_is_short(ids, params, cb):  # prompt 0 ends after one token, and the shutdown starts then
