@@ -346,6 +346,16 @@ def test_head_dtype_setting(tmp_path, setting):
     assert trainer.head_dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, fast", [(True, True, True), (False, True, False),
+                                                    (False, False, False)])
+def test_bf16_head_only_on_amx_cpus(monkeypatch, amx, avx512_bf16, fast):
+    """AVX512-BF16 without AMX ran torch's bf16 matmuls at 0.5-0.7x fp32, so "auto" took a
+    slower head there (a step 1.26x slower in benchmarks/head_loss.py)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert has_fast_bf16(torch.device("cpu")) is fast
+
+
 def test_no_weight_decay_on_norms_embeddings_and_injection(tmp_path):
     model = Trainer(load_config(None, tiny_overrides(tmp_path))).model
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))

@@ -53,7 +53,7 @@ class RunConfig:
     dtype: str = "fp32"
     # dtype of the output head's matmuls in training steps (the loss is computed with the head,
     # chunk by chunk, never materialising the logits; evaluation stays fp32). "auto" picks bf16
-    # where bf16 matmuls run on hardware units (AMX / AVX512-BF16 CPUs, bf16 GPUs), else fp32:
+    # where bf16 matmuls beat fp32 (CPUs with AMX, bf16 GPUs; not AVX512-BF16 alone), else fp32:
     # the 8192-way head is the largest matmul of a tiny model's step, which bf16 and the chunked
     # loss made 1.44x faster (benchmarks/results/head_loss.json)
     head_dtype: str = "auto"

@@ -149,12 +149,13 @@ def resolve_device(name: str, field: str = "run.device") -> torch.device:
 
 
 def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run on hardware units here: a bf16 GPU, or a CPU with AMX or
-    AVX512-BF16 (elsewhere the CPU emulates bf16, slower than fp32)."""
+    """Whether bf16 matmuls beat fp32 here: a bf16 GPU, or a CPU with AMX tiles. AVX512-BF16
+    alone does not: on a Xeon without AMX, torch's bf16 matmuls ran at 0.5-0.7x fp32 at the
+    head's shapes (docs/performance.md), and elsewhere the CPU emulates bf16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
-    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    # private, hence getattr: a torch without the probe counts as no AMX
+    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
