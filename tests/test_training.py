@@ -1,5 +1,6 @@
 """The trainer, its config and its loop sampler, on a byte-level model small enough for CI."""
 
+import copy
 import itertools
 import json
 import math
@@ -390,7 +391,7 @@ def test_muon_optimizers_adamw_half_is_torchs_adamw():
         return list(model.parameters())
 
     ours = run(lambda groups: MuonAdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
-    ref = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
+    ref = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True))
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -455,7 +456,7 @@ def test_muon_steps_are_nesterov_momentum_orthogonalised_and_rms_matched():
         p.grad = g.clone()
         opt.step()
         buf = 0.95 * buf + g
-        step = orthogonalise(g + 0.95 * buf).float() * 0.2 * math.sqrt(16)
+        step = orthogonalise(g + 0.95 * buf, dtype=opt.ns_dtype).float() * 0.2 * math.sqrt(16)
         expected = expected * (1 - 0.02 * 0.1) - 0.02 * step
         torch.testing.assert_close(p.detach(), expected, atol=2e-4, rtol=0)
 
@@ -474,7 +475,8 @@ def test_build_optimizer_takes_its_settings_from_the_config(optimizer):
         assert [g["momentum"] for g in groups] == [0.7] * len(groups) and any(g["muon"] for g in groups)
 
 
-def test_newton_schulz_orthogonalises_a_spread_spectrum_in_its_default_steps():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_newton_schulz_orthogonalises_a_spread_spectrum_in_its_default_steps(dtype):
     """A gradient's singular values spread over orders of magnitude; the default five quintic
     steps lift one at 1/100 of the largest into the band, fewer steps do not (random Gaussian
     matrices, whose spectrum is narrow, pass with two)."""
@@ -482,8 +484,49 @@ def test_newton_schulz_orthogonalises_a_spread_spectrum_in_its_default_steps():
     u, _ = torch.linalg.qr(torch.randn(48, 48))
     v, _ = torch.linalg.qr(torch.randn(32, 32))
     g = u[:, :32] @ torch.diag(torch.logspace(0, -2, 32)) @ v.T
-    singular = torch.linalg.svdvals(orthogonalise(g).float())
+    singular = torch.linalg.svdvals(orthogonalise(g, dtype=dtype).float())
     assert singular.min() > 0.6 and singular.max() < 1.25
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_muon_iterates_in_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, amx):
+    """Newton-Schulz in bf16 (Jordan et al.) on AMX; without AMX bf16 matmuls ran at 0.5-0.7x
+    fp32, so Muon took 1.8x longer than needed there. Each step's update follows the dtype."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    opt = MuonAdamW([{"params": [p], "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8)
+    assert opt.ns_dtype == (torch.bfloat16 if amx else torch.float32)
+    g, w = torch.randn(16, 8), p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    step = orthogonalise(g * 1.95, dtype=opt.ns_dtype).float() * 0.2 * math.sqrt(16)
+    torch.testing.assert_close(p.detach(), w - 0.02 * step, atol=1e-6, rtol=0)
+
+
+def test_muon_loads_a_state_dict_saved_before_its_fused_flag():
+    """Checkpoints from before the AdamW groups ran fused have no 'fused' in their groups."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+
+    def make():
+        return MuonAdamW(param_groups(model, 0.1, muon=True), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+    model(torch.randn(4, 8)).square().mean().backward()
+    first = make()
+    first.step()
+    saved = copy.deepcopy(first.state_dict())
+    for group in saved["param_groups"]:
+        del group["fused"]
+    second = make()
+    second.load_state_dict(saved)
+    before = [p.detach().clone() for p in model.parameters()]
+    first.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before, strict=True):
+            p.copy_(b)
+    second.step()
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, atol=0, rtol=0)
 
 
 def test_lr_warms_up_then_decays_to_the_floor():

@@ -86,7 +86,7 @@ from openmythos.training.distributed import (
     per_rank,
 )
 from openmythos.training.loops import LoopSampler
-from openmythos.training.optim import build_optimizer, lr_at
+from openmythos.training.optim import build_optimizer, has_fast_bf16, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +146,6 @@ def resolve_device(name: str, field: str = "run.device") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{field}={name!r} but there are {torch.cuda.device_count()} CUDA devices")
     return device
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat fp32 here: a bf16 GPU, or a CPU with AMX tiles. AVX512-BF16
-    alone does not: on a Xeon without AMX, torch's bf16 matmuls ran at 0.5-0.7x fp32 at the
-    head's shapes (docs/performance.md), and elsewhere the CPU emulates bf16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    # private, hence getattr: a torch without the probe counts as no AMX
-    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> MythosConfig:
