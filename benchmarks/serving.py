@@ -11,7 +11,7 @@ done. Tokens/s counts only the tokens each request asked for. Greedy decoding, h
 every request does exactly the work it asked for.
 
     python benchmarks/serving.py [--preset tiny] [--requests 48] [--threads 2] [--rounds 3]
-    python benchmarks/serving.py --profile --threads 1     # where the engine's time goes
+    python benchmarks/serving.py --profile --threads 1     # where each mode's time goes
 
 Prints a table and a final JSON line.
 """
@@ -89,53 +89,53 @@ def percentile(xs, q):
 
 
 def profile(model, reqs, batch: int, max_loops: int) -> dict:
-    """Static batching, then the engine, each under cProfile: where the engine's time goes, and
-    a rough bound on what a perfect packing of rows by depth could reach on this machine, from
-    the fewest steps and loop-steps it would need and the measured cost of each."""
-    import cProfile
-    import pstats
+    """Static batching, then the engine, with timers around the model's calls and the looped
+    block's passes (a profiler's per-call overhead would weigh on the engine's Python more than
+    on static batching): each mode's steps, loop-steps, seconds per pass of the looped block and
+    per step for the rest (prelude, coda, head, prompts riding along, bookkeeping). From these,
+    two rough bounds on the engine at this machine's costs: with the rest of its step as cheap
+    as static batching's, and with a perfect packing of rows by depth (the fewest steps and
+    loop-steps it would need; not reachable online)."""
+    block = model.recurrent
 
-    deepest = []  # loops run by each step: its deepest row's
-    depths = Engine._depths
+    def measured(run) -> dict:
+        spent = {"loop_s": 0.0, "loop_steps": 0, "steps": 0}
+        step, forward = block._step, model.forward
 
-    def spy(engine, rows):
-        d = depths(engine, rows)
-        deepest.append(int(d.max()) if torch.is_tensor(d) else d)
-        return d
+        def timed_step(*args, **kwargs):
+            start = time.perf_counter()
+            out = step(*args, **kwargs)
+            spent["loop_s"] += time.perf_counter() - start
+            spent["loop_steps"] += 1
+            return out
 
-    def profiled(run):
-        prof = cProfile.Profile()
-        with torch.no_grad():
-            prof.enable()
-            seconds = max(run()[0])
-            prof.disable()
-        return seconds, {func: (calls, cumulative) for (_, _, func), (_, calls, _, cumulative, _)
-                         in pstats.Stats(prof).stats.items()}
+        def counted_forward(*args, **kwargs):
+            spent["steps"] += 1  # one model call per step: a prefill call or a decode step
+            return forward(*args, **kwargs)
 
-    static_s, _ = profiled(lambda: run_static(model, reqs, batch))
-    Engine._depths = spy
-    try:
-        engine_s, by_name = profiled(lambda: run_engine(model, reqs, batch, max_loops, "depth"))
-    finally:
-        Engine._depths = depths
-    steps, step_s = by_name["_advance"]
-    loop_s = by_name["_step"][1] / by_name["_step"][0]  # one pass of the looped block
-    fixed_s = (step_s - sum(deepest) * loop_s) / steps  # the rest of a step
+        block._step, model.forward = timed_step, counted_forward  # instance attributes shadow
+        try:
+            with torch.no_grad():
+                seconds = max(run()[0])
+        finally:
+            del block._step, model.forward
+        return {"s": seconds, **spent, "loop_ms": 1e3 * spent["loop_s"] / spent["loop_steps"],
+                "step_fixed_ms": 1e3 * (seconds - spent["loop_s"]) / spent["steps"]}
+
+    static = measured(lambda: run_static(model, reqs, batch))
+    engine = measured(lambda: run_engine(model, reqs, batch, max_loops, "depth"))
+    loop_s, fixed_s = engine["loop_ms"] / 1e3, engine["step_fixed_ms"] / 1e3
+    same_fixed_s = engine["steps"] * static["step_fixed_ms"] / 1e3 + engine["loop_steps"] * loop_s
     # every request's prompt rides in a step as well: a step per output token, less the first
     ideal_steps = math.ceil(sum(r["max_tokens"] for r in reqs) / batch)
     ideal_loop_steps = sum(r["n_loops"] * r["max_tokens"] for r in reqs) / batch
     ideal_s = ideal_steps * fixed_s + ideal_loop_steps * loop_s
-    # static batching: each batch prefills, then decodes until its longest output, every row at
-    # its deepest depth (as the engine's counts, the prefill call included)
-    groups = [reqs[i:i + batch] for i in range(0, len(reqs), batch)]
-    static_steps = [(max(r["max_tokens"] for r in g), max(r["n_loops"] for r in g)) for g in groups]
-    return {"static_s": static_s, "engine_s": engine_s, "engine_vs_static": static_s / engine_s,
-            "static_steps": sum(n for n, _ in static_steps),
-            "static_loop_steps": sum(n * d for n, d in static_steps),
-            "steps": steps, "loop_steps": sum(deepest), "steps_s": step_s,
-            "loop_ms": 1e3 * loop_s, "step_fixed_ms": 1e3 * fixed_s,
+    return {"static_s": static["s"], "engine_s": engine["s"], "engine_vs_static": static["s"] / engine["s"],
+            **{f"static_{key}": static[key] for key in ("steps", "loop_steps", "loop_ms", "step_fixed_ms")},
+            **{key: engine[key] for key in ("steps", "loop_steps", "loop_ms", "step_fixed_ms")},
+            "same_fixed_vs_static": static["s"] / same_fixed_s,
             "ideal_steps": ideal_steps, "ideal_loop_steps": ideal_loop_steps,
-            "ideal_engine_s": ideal_s, "ideal_vs_static": static_s / ideal_s}
+            "ideal_engine_s": ideal_s, "ideal_vs_static": static["s"] / ideal_s}
 
 
 def main() -> None:
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--profile", action="store_true",
-                    help="instead: one static and one profiled engine run, and the packing bound")
+                    help="instead: one timed static and engine run each, split into loop and step costs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -94,3 +94,25 @@ def test_cache_policy_quality_reports_bytes_per_token(monkeypatch):
         assert row["cache_bytes_per_token"] == cfg.kv_cache_bytes_per_token(3, torch.float32)
     assert per_loop["loss_increase"] == pytest.approx(0.0, abs=1e-4)
     assert per_loop["top1_agreement_with_full"] == 1.0
+
+
+def test_serving_profile_counts_each_modes_steps_and_loops():
+    """The profile's timers count what each mode ran: static batching one call per output token
+    of each batch's longest request, each at the batch's deepest depth (the counts the packing
+    bound compares against); the engine fewer loop-steps than that, on the same requests."""
+    from benchmarks.serving import profile, traffic
+    from tests.conftest import small_model
+
+    model = small_model(max_seq_len=128, max_loop_iters=4).eval()
+    reqs = traffic(5, model.cfg.vocab_size, 6, seed=1)
+    result = profile(model, reqs, batch=2, max_loops=6)
+    groups = [reqs[i:i + 2] for i in range(0, 5, 2)]
+    assert result["static_steps"] == sum(max(r["max_tokens"] for r in g) for g in groups)
+    assert result["static_loop_steps"] == sum(max(r["max_tokens"] for r in g) * max(r["n_loops"] for r in g)
+                                              for g in groups)
+    assert max(r["max_tokens"] for r in reqs) <= result["steps"] < result["static_steps"] + len(reqs)
+    assert result["loop_steps"] < result["static_loop_steps"]
+    assert result["engine_vs_static"] == pytest.approx(result["static_s"] / result["engine_s"])
+    assert all(result[k] > 0 for k in ("loop_ms", "step_fixed_ms", "static_loop_ms", "static_step_fixed_ms"))
+    assert model.forward.__func__ is type(model).forward  # the timers are gone afterwards
+    assert "_step" not in vars(model.recurrent)
