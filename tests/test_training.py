@@ -23,6 +23,7 @@ from openmythos.training import (
     find_checkpoint,
     train,
 )
+from openmythos.training.checkpoint import Checkpoint
 from openmythos.training.config import LoopsConfig, OptimConfig, coerce, load_config, to_toml
 from openmythos.training.optim import (
     MuonAdamW,
@@ -351,7 +352,7 @@ def test_head_dtype_setting(tmp_path, setting):
                                                     (False, False, False)])
 def test_bf16_head_only_on_amx_cpus(monkeypatch, amx, avx512_bf16, fast):
     """AVX512-BF16 without AMX ran torch's bf16 matmuls at 0.5-0.7x fp32, so "auto" took a
-    slower head there (a step 1.26x slower in benchmarks/head_loss.py)."""
+    slower head there (a step 1.31x slower in benchmarks/head_loss.py)."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert has_fast_bf16(torch.device("cpu")) is fast
@@ -504,19 +505,21 @@ def test_muon_iterates_in_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, amx
 
 
 def test_muon_loads_a_state_dict_saved_before_its_fused_flag():
-    """Checkpoints from before the AdamW groups ran fused have no 'fused' in their groups."""
+    """A state dict from before the AdamW groups ran fused has no 'fused' in its groups: it
+    loads, steps as the optimizer it came from, and its step counts (made on the CPU) move to
+    the parameters' device, where the fused kernel needs them (meta stands in for a GPU)."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
 
-    def make():
-        return MuonAdamW(param_groups(model, 0.1, muon=True), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    def make(net):
+        return MuonAdamW(param_groups(net, 0.1, muon=True), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
     model(torch.randn(4, 8)).square().mean().backward()
-    first = make()
+    first = make(model)
     first.step()
     saved = copy.deepcopy(first.state_dict())
     for group in saved["param_groups"]:
         del group["fused"]
-    second = make()
+    second = make(model)
     second.load_state_dict(saved)
     before = [p.detach().clone() for p in model.parameters()]
     first.step()
@@ -527,6 +530,33 @@ def test_muon_loads_a_state_dict_saved_before_its_fused_flag():
     second.step()
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, atol=0, rtol=0)
+    on_meta = make(copy.deepcopy(model).to("meta"))
+    on_meta.load_state_dict(copy.deepcopy(saved))
+    steps = [s["step"] for s in on_meta.state.values() if "step" in s]
+    assert steps and all(step.device.type == "meta" for step in steps)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_saved_before_adamw_ran_fused_resumes_fused(tmp_path, monkeypatch, optimizer):
+    """Its checkpoint's groups say fused=None (AdamW: torch's single-tensor loop on the CPU,
+    which loading would otherwise keep) or nothing (Muon)."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 3, "train.optimizer": optimizer})
+    train(load_config(None, overrides))
+    read = Checkpoint.trainer_state.func
+
+    def as_saved_before(self):
+        state = read(self)
+        old = {"fused": None} if optimizer == "adamw" else {}
+        groups = [{**{k: v for k, v in g.items() if k != "fused"}, **old}
+                  for g in state["optimizer"]["param_groups"]]
+        return {**state, "optimizer": {**state["optimizer"], "param_groups": groups}}
+
+    monkeypatch.setattr(Checkpoint, "trainer_state", property(as_saved_before))
+    trainer = Trainer(load_config(None, {**overrides, "checkpoint.resume": overrides["run.out_dir"]}))
+    try:
+        assert [g["fused"] for g in trainer.optimizer.param_groups] == [True] * len(trainer.optimizer.param_groups)
+    finally:
+        trainer.close()
 
 
 def test_lr_warms_up_then_decays_to_the_floor():

@@ -50,6 +50,7 @@ from openmythos.data import PackedTokens, Tokenizer, load_tokenizer
 from openmythos.data.tokenizer import check_fits
 from openmythos.model import OpenMythos
 from openmythos.training.config import TrainConfig
+from openmythos.training.optim import fused_groups
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
@@ -112,7 +113,7 @@ class Checkpoint:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
             return
-        whole = self.trainer_state["optimizer"]
+        whole = fused_groups(self.trainer_state["optimizer"])
         if not isinstance(model, FSDPModule):
             self.load_weights(model)
             optimizer.load_state_dict(whole)
