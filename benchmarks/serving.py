@@ -10,7 +10,7 @@ prompt, runs every token at the batch's deepest depth and decodes until its long
 done. Tokens/s counts only the tokens each request asked for. Greedy decoding, halting off, so
 every request does exactly the work it asked for.
 
-    python benchmarks/serving.py [--preset tiny] [--requests 48] [--threads 2] [--rounds 3]
+    python benchmarks/serving.py [--preset tiny] [--requests 48] [--threads 1] [--rounds 3]
     python benchmarks/serving.py --profile --threads 1     # where each mode's time goes
 
 Prints a table and a final JSON line.
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-loops", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="as mythos serve (benchmarks/threads.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-sequential", action="store_true")

@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from openmythos.config import HALTINGS, MythosConfig, is_int, preset_names
+from openmythos.config import HALTINGS, MythosConfig, check_threads, is_int, preset_names
 from openmythos.data import TextStream, path_documents, tokenize_documents, unigram_loss
 from openmythos.evaluation import bits_per_byte, depth_table, perplexity, scored_targets
 from openmythos.evaluation import evaluate as evaluate_split
@@ -417,6 +417,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate about N tokens, in windows spread over the data (0: all)")
     e.add_argument("--batch-size", type=_count(1))
     e.add_argument("--device", default="auto")
+    _threads_flag(e, 0, "whole-sequence forward passes gain from every core")
     _exit_flags(e)
 
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
@@ -436,6 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-loops", type=_count(1),
                    help="self-speculative decoding: draft at this many loops, verify at --n-loops")
     g.add_argument("--draft-tokens", type=_count(1), help="tokens per draft (default 4; with --draft-loops)")
+    _threads_flag(g, 1, DECODE_THREADS)
     _exit_flags(g)
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache bytes per token")
@@ -470,6 +472,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=_positive_float,
                     help="seconds a request may take before a 504 (default: 120)")
     sv.add_argument("--device", default="auto")
+    _threads_flag(sv, 1, DECODE_THREADS)
     _exit_flags(sv)
 
     xp = sub.add_parser("experiment", help="reproduce a claim: depth-extrapolation, "
@@ -496,6 +499,16 @@ def _experiment_fields() -> str:
                                    width=96) for name, (config, _) in EXPERIMENTS.items())
 
 
+# decoding is hundreds of small ops per token, each paying a hand-off between threads: on a
+# 2-core CPU two threads decoded 1.5-2.7x slower than one (benchmarks/threads.py, docs/serving.md)
+DECODE_THREADS = "decoding's small ops pay a hand-off between threads"
+
+
+def _threads_flag(parser: argparse.ArgumentParser, default: int, why: str) -> None:
+    parser.add_argument("--threads", type=_count(0), default=default,
+                        help=f"torch intra-op threads, 0: one per core (default {default}: {why})")
+
+
 def _exit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--halting", choices=HALTINGS,
                         help="run the weights with this exit rule instead of the run's (e.g. the KL exit "
@@ -518,7 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in ("train", "experiment"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    threads = torch.get_num_threads()  # put back on return, for a caller in the same process
     try:
+        if getattr(args, "threads", 0):  # eval, generate and serve (train: run.threads)
+            check_threads(args.threads, "--threads")
+            torch.set_num_threads(args.threads)
         if args.command == "train":
             summary = train_command(args.config, args.resume, parse_overrides(extra))
             # under torchrun a stop that saved is a success: a failure would start the workers
@@ -562,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -116,3 +116,14 @@ def test_serving_profile_counts_each_modes_steps_and_loops():
     assert all(result[k] > 0 for k in ("loop_ms", "step_fixed_ms", "static_loop_ms", "static_step_fixed_ms"))
     assert model.forward.__func__ is type(model).forward  # the timers are gone afterwards
     assert "_step" not in vars(model.recurrent)
+
+
+@pytest.mark.slow
+def test_threads_script_times_each_case_at_one_thread_and_the_default():
+    done = subprocess.run([sys.executable, "benchmarks/threads.py", "--rounds", "1", "--requests", "2",
+                           "--new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary["results"]) == {"generate, batch 1", "generate, batch 8", "engine, batch 8, 2 requests"}
+    for row in summary["results"].values():
+        assert row["1_threads_s"] > 0 and row["default_vs_one"] > 0

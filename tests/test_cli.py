@@ -514,3 +514,26 @@ def test_an_unknown_experiment_field_is_a_clear_error_before_anything_runs(tmp_p
     assert main(["experiment", "stability", "--stepz", "3"]) == 2
     assert "experiment 'stability' has no field 'stepz'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command, default", [
+    (["generate", "--checkpoint", "x", "--prompt", "a"], 1),
+    (["serve", "--preset", "tiny", "--random-init"], 1),
+    (["eval", "--checkpoint", "x"], 0),
+])
+def test_threads_flag_sets_torch_threads_for_the_command_alone(monkeypatch, capsys, command, default):
+    """Decoding defaults to one thread (two ran it 1.1-2.5x slower on a shared 2-core CPU),
+    evaluation to torch's default; the count is checked against the cores, and put back after."""
+    import openmythos.cli as cli
+
+    seen = []
+    for name in ("generate", "serve_command", "evaluate"):
+        monkeypatch.setattr(cli, name, lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    assert main(command) == 0
+    assert seen == [default or before] and torch.get_num_threads() == before
+    if (os.cpu_count() or 1) > 1:
+        assert main([*command, "--threads", "2"]) == 0 and seen[-1] == 2
+    calls, many = len(seen), (os.cpu_count() or 1) + 1
+    assert main([*command, "--threads", str(many)]) == 2 and len(seen) == calls  # refused before running
+    assert f"--threads={many} is more than this machine's" in capsys.readouterr().err
