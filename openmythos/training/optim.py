@@ -113,17 +113,16 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["muon"]:
                 for p in params:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    self._muon(p, group, self.state[p], self.ns_dtype)
+                    self._muon(p, group, self.state[p])
             elif params:
                 self._adamw(params, group)
 
-    @staticmethod
-    def _muon(p: torch.Tensor, group: dict, state: dict, ns_dtype: torch.dtype) -> None:
+    def _muon(self, p: torch.Tensor, group: dict, state: dict) -> None:
         if not state:
             state["momentum"] = torch.zeros_like(p)
         buf = state["momentum"].mul_(group["momentum"]).add_(p.grad)
         nesterov = p.grad.add(buf, alpha=group["momentum"])
-        update = orthogonalise(nesterov, group["ns_steps"], ns_dtype).to(p.dtype)
+        update = orthogonalise(nesterov, group["ns_steps"], self.ns_dtype).to(p.dtype)
         p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
 
     def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
