@@ -288,7 +288,7 @@ def section_decode_compiled(model: Model, args) -> dict:
     out = {}
     for B in (1, 8):
         torch._dynamo.reset()
-        model.net.compile_decode()
+        model.net.compile_decode(**({"options": json.loads(args.compile_options)} if args.compile_options else {}))
         out.update(section_decode(model, args, batches=(B,), warmup=max(args.warmup, 1)))
     return out
 
@@ -586,6 +586,8 @@ def run_worker(impl: str, config: str, attn: str, section: str, args, **extra) -
            "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     if args.checkpoint:
         cmd += ["--checkpoint", args.checkpoint]
+    if args.compile_options:
+        cmd += ["--compile-options", args.compile_options]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": ""}
@@ -642,6 +644,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default="",
                    help="a trained run or checkpoint directory: the cachepolicy section then also "
                         "measures each policy's held-out loss (quality cost)")
+    p.add_argument("--compile-options", default="",
+                   help="inductor options for decode_compiled as JSON, e.g. '{\"freezing\": true}'")
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--mem-loops", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mem-mode", help=argparse.SUPPRESS)

@@ -127,3 +127,13 @@ def test_threads_script_times_each_case_at_one_thread_and_the_default():
     assert set(summary["results"]) == {"generate, batch 1", "generate, batch 8", "engine, batch 8, 2 requests"}
     for row in summary["results"].values():
         assert row["1_threads_s"] > 0 and row["default_vs_one"] > 0
+
+
+def test_optimizer_script_times_each_variant():
+    done = subprocess.run([sys.executable, "benchmarks/optimizer.py", "--rounds", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary["step_ms"]) == {"muon, Newton-Schulz in bf16", "muon, Newton-Schulz in fp32",
+                                       "adamw, fused", "adamw, torch's CPU default"}
+    assert all(ms > 0 for ms in summary["step_ms"].values()) and summary["has_fast_bf16"] in (True, False)

@@ -351,7 +351,7 @@ def test_head_dtype_setting(tmp_path, setting):
 @pytest.mark.parametrize("amx, avx512_bf16, fast", [(True, True, True), (False, True, False),
                                                     (False, False, False)])
 def test_bf16_head_only_on_amx_cpus(monkeypatch, amx, avx512_bf16, fast):
-    """AVX512-BF16 without AMX ran torch's bf16 matmuls at 0.5-0.7x fp32, so "auto" took a
+    """AVX512-BF16 without AMX ran the head's bf16 matmuls at 0.55x fp32, so "auto" took a
     slower head there (a step 1.31x slower in benchmarks/head_loss.py)."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -491,8 +491,8 @@ def test_newton_schulz_orthogonalises_a_spread_spectrum_in_its_default_steps(dty
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_muon_iterates_in_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, amx):
-    """Newton-Schulz in bf16 (Jordan et al.) on AMX; without AMX bf16 matmuls ran at 0.5-0.7x
-    fp32, so Muon took 1.8x longer than needed there. Each step's update follows the dtype."""
+    """Newton-Schulz in bf16 (Jordan et al.) on AMX; without AMX a Muon step took 1.7x longer
+    in bf16 than in fp32 (benchmarks/optimizer.py). Each step's update follows the dtype."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     p = torch.nn.Parameter(torch.randn(16, 8))
     opt = MuonAdamW([{"params": [p], "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8)

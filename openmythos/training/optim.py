@@ -54,8 +54,8 @@ def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> l
 
 def has_fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls beat fp32 here: a bf16 GPU, or a CPU with AMX tiles. AVX512-BF16
-    alone does not: on a Xeon without AMX, torch's bf16 matmuls ran at 0.5-0.7x fp32 at the
-    head's shapes (docs/performance.md), and elsewhere the CPU emulates bf16."""
+    alone does not: on a Xeon without AMX, the head and Newton-Schulz ran at 0.55-0.6x their fp32
+    speed in bf16 (benchmarks/head_loss.py, optimizer.py), and elsewhere the CPU emulates bf16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     # private, hence getattr: a torch without the probe counts as no AMX
@@ -89,7 +89,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon on param groups flagged `muon`, AdamW on the others, as one optimizer (one state
     dict, one set of param groups for the schedule). The Newton-Schulz iteration runs in
     `ns_dtype`; None: bf16 (as Jordan et al.) where bf16 matmuls beat fp32 (has_fast_bf16),
-    else fp32 (on a CPU without AMX, bf16 made it 1.8x slower: a fifth of a tiny model's step)."""
+    else fp32 (on a CPU without AMX, bf16 made a tiny-preset step 1.7x slower:
+    benchmarks/optimizer.py)."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
                  momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
@@ -144,8 +145,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "muon":
         return MuonAdamW(param_groups(model, cfg.weight_decay, muon=True), cfg.lr, betas, cfg.eps,
                          cfg.muon_momentum)
-    # fused: one kernel for every tensor, on the CPU too (7x faster than torch's CPU default, a
-    # single-tensor loop, on the tiny preset)
+    # fused: one kernel for every tensor, on the CPU too (3.6x faster than torch's CPU default, a
+    # single-tensor loop, on the tiny preset: benchmarks/optimizer.py)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas,
                              eps=cfg.eps, fused=True)
 
