@@ -597,6 +597,24 @@ def test_lr_follows_the_clock_when_the_time_limit_ends_the_run_first():
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
 
 
+def test_wsd_holds_the_peak_then_cools_down_as_one_minus_sqrt():
+    """Warmup-stable-decay: the peak rate until the last cooldown_fraction of the steps after
+    warm-up, then lr * (min + (1 - min) * (1 - sqrt(x))) over the cooldown's fraction x, to the
+    floor at the end; on the clock as the cosine is."""
+    cfg = OptimConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd",
+                      cooldown_fraction=0.2, max_minutes=0.0)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert [lr_at(s, cfg) for s in (10, 50, 90)] == [1.0, 1.0, 1.0]  # cooldown from step 90
+    assert lr_at(95, cfg) == pytest.approx(0.1 + 0.9 * (1 - 0.25 ** 0.5))
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(200, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+    whole = OptimConfig(**{**vars(cfg), "cooldown_fraction": 1.0})
+    assert lr_at(10, whole) == 1.0 and lr_at(35, whole) == pytest.approx(0.1 + 0.9 * 0.5)
+    clocked = OptimConfig(**{**vars(cfg), "max_minutes": 1.0})
+    # 20 steps in 54 s: the clock, 90 % of the budget (99 steps' worth), is in the cooldown
+    assert lr_at(20, clocked, elapsed_s=54.0) == pytest.approx(lr_at(99, cfg)) and lr_at(99, cfg) < 1.0
+
+
 def test_a_resume_whose_time_budget_is_spent_trains_nothing(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 50, "train.max_minutes": 1e-4})
     first = train(load_config(None, overrides))
@@ -1019,6 +1037,9 @@ def test_a_second_ctrl_c_aborts_and_the_handlers_are_restored():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.steps": 0}, "train.steps=0 must be >= 1"),
+    ({"train.schedule": "linear"}, "train.schedule='linear'"),
+    ({"train.cooldown_fraction": 0.0}, "train.cooldown_fraction=0.0 must lie in (0, 1]"),
+    ({"train.cooldown_fraction": 1.5}, "train.cooldown_fraction=1.5 must lie in (0, 1]"),
     ({"loops.backprop": -1}, "loops.backprop=-1 must be >= 0"),
     ({"eval.temperature": -0.5}, "eval.temperature=-0.5 must be >= 0"),
     ({"data.vocab_size": 257}, "data.vocab_size=257 must be >= 258 for a BPE"),  # 256 bytes, EOS, PAD
@@ -1040,6 +1061,7 @@ def test_values_just_past_a_range_are_refused_by_name(overrides, message):
 
 @pytest.mark.parametrize("overrides", [
     {"train.min_lr_ratio": 1.0},  # a constant rate after warm-up
+    {"train.schedule": "wsd", "train.cooldown_fraction": 1.0},  # all cooldown after warm-up
     {"train.warmup_steps": 2000, "train.steps": 2000},  # a run that is all warm-up
     {"loops.sampler": "fixed", "loops.mean": 3, "loops.min": 3, "loops.max": 3},
     {"eval.top_k": 0},  # 0 keeps every token

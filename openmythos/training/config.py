@@ -31,6 +31,7 @@ LOOP_SAMPLERS = ("fixed", "poisson", "lognormal-poisson")
 LOOP_PER = ("batch", "sequence")
 DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 DIST_STRATEGIES = ("none", "ddp", "fsdp")
 TOKENIZERS = tuple(TOKENIZER_KINDS)
 AUTO_RESUME = "auto"  # checkpoint.resume: continue run.out_dir if it holds a checkpoint
@@ -100,7 +101,12 @@ class OptimConfig:
     batch_size: int = 8  # sequences per micro-batch (per rank)
     grad_accum: int = 1
     lr: float = 1e-2  # Muon at 6e-3, 1e-2 and 1.5e-2 gave the same loss after 150 steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # after warm-up: "cosine" decays to lr * min_lr_ratio over the run; "wsd" (warmup-stable-
+    # decay) holds lr, then cools down to lr * min_lr_ratio over the run's last cooldown_fraction
+    # as 1 - sqrt (Hagele et al. 2024), so a stable-phase checkpoint is a model at its peak rate
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2  # "wsd" only
+    min_lr_ratio: float = 0.1  # the rate at the schedule's end, as a fraction of lr
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -111,7 +117,7 @@ class OptimConfig:
     ponder_weight: float = 0.0  # ACT ponder cost in the loss; needs model.halting = "act"
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
     max_minutes: float = 7.0  # stop after this much training (then evaluate); 0 = no limit
-    time_schedule: bool = True  # the cosine ends at max_minutes when that comes before `steps`
+    time_schedule: bool = True  # the schedule ends at max_minutes when that comes before `steps`
 
 
 @dataclass
@@ -174,7 +180,7 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
 }
 # keys that may differ when resuming: they change where and how a run reports, not its numbers,
-# except train.max_minutes, a budget a resume may extend (with train.time_schedule, the cosine
+# except train.max_minutes, a budget a resume may extend (with train.time_schedule, the schedule
 # then stretches to the new end)
 RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile",
                   "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
@@ -210,6 +216,7 @@ class TrainConfig:
         _choice("run.dtype", r.dtype, DTYPES)
         _choice("run.head_dtype", r.head_dtype, ("auto",) + DTYPES)
         _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+        _choice("train.schedule", t.schedule, SCHEDULES)
         _choice("loops.sampler", lo.sampler, LOOP_SAMPLERS)
         _choice("loops.per", lo.per, LOOP_PER)
         _choice("dist.strategy", self.dist.strategy, DIST_STRATEGIES)
@@ -251,6 +258,7 @@ class TrainConfig:
         _check(t.lr > 0, "train.lr", t.lr, "must be positive")
         _check(t.eps > 0, "train.eps", t.eps, "must be positive")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
+        _check(0 < t.cooldown_fraction <= 1, "train.cooldown_fraction", t.cooldown_fraction, "must lie in (0, 1]")
         for key, value in (("train.beta1", t.beta1), ("train.beta2", t.beta2),
                            ("train.muon_momentum", t.muon_momentum)):
             _check(0 <= value < 1, key, value, "must lie in [0, 1)")

@@ -6,8 +6,8 @@
   0.2 * sqrt(max(rows, cols)) so that its RMS matches AdamW's (Liu et al. 2025, "Muon is Scalable
   for LLM Training"): the same learning rate and weight decay serve both halves.
 
-The schedule is linear warmup then cosine decay over the steps, or over the time budget when
-that ends the run first (`lr_at`).
+The schedule is linear warmup, then a cosine decay or warmup-stable-decay's constant rate and
+cooldown, over the steps or over the time budget when that ends the run first (`lr_at`).
 """
 
 from __future__ import annotations
@@ -152,22 +152,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def lr_at(step: int, cfg: OptimConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio.
+    """Linear warmup to cfg.lr over warmup_steps, then cfg.schedule down to lr * min_lr_ratio:
+    a cosine over the rest of the run, or ("wsd") the peak rate until the last
+    cooldown_fraction of the run and a 1 - sqrt cooldown over it.
 
-    The cosine ends at cfg.steps or, with cfg.max_minutes and cfg.time_schedule, at the time limit
-    when that comes first: once the elapsed training time is a larger fraction of max_minutes than
-    `step` is of `steps` (the time limit will stop the run first), the decay follows the clock,
-    counted in the steps that fraction of the run would be (so within a run the rate falls
-    continuously and never rises again; a resume with a larger max_minutes stretches the cosine
-    to the new end, which raises the rate, and the trainer says so). A run that the time limit
-    does not cut short (every test, any long GPU run) stays a pure function of the step and
-    resumes exactly; a time-limited one depends on the machine's speed.
+    The schedule ends at cfg.steps or, with cfg.max_minutes and cfg.time_schedule, at the time
+    limit when that comes first: once the elapsed training time is a larger fraction of
+    max_minutes than `step` is of `steps` (the time limit will stop the run first), the decay
+    follows the clock, counted in the steps that fraction of the run would be (so within a run
+    the rate falls continuously and never rises again; a resume with a larger max_minutes
+    stretches the schedule to the new end, which raises a decaying rate, and the trainer says
+    so). A run that the time limit does not cut short (every test, any long GPU run) stays a
+    pure function of the step and resumes exactly; a time-limited one depends on the machine's
+    speed.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     done = step
     if cfg.time_schedule and cfg.max_minutes:
         done = max(step, cfg.steps * elapsed_s / (60 * cfg.max_minutes))
-    progress = (done - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    progress = min(1.0, (done - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    if cfg.schedule == "wsd":
+        cooled = (progress - (1 - cfg.cooldown_fraction)) / cfg.cooldown_fraction
+        decay = 1 - math.sqrt(min(1.0, max(0.0, cooled)))
+    else:
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
