@@ -401,8 +401,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (no arguments: the CPU quickstart)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="any other --section.key VALUE overrides the config, e.g. "
-                              "--train.lr 3e-4 --model.dim 384 --loops.sampler poisson")
+                              "--train.lr 3e-4 --model.dim 384 --loops.sampler poisson;\n"
+                              "the sections' keys, with the quickstart's values:\n\n" + _train_fields())
     t.add_argument("--config", help="a TOML recipe, e.g. configs/tiny-cpu.toml")
     t.add_argument("--resume", metavar="DIR",
                    help="continue a run exactly from its newest checkpoint (a run or checkpoint dir); "
@@ -489,14 +491,32 @@ def _parser() -> argparse.ArgumentParser:
 def _experiment_fields() -> str:
     """Each experiment's fields and their defaults, for `mythos experiment --help`."""
     from openmythos.experiments import EXPERIMENTS
+
+    return _field_lines({name: dataclasses.asdict(config()) for name, (config, _) in EXPERIMENTS.items()})
+
+
+def _train_fields() -> str:
+    """Each config section's keys and the quickstart's values, for `mythos train --help`: the
+    model's are its preset's, each of which a recipe may override."""
+    from openmythos.training.config import TrainConfig
+
+    cfg = TrainConfig()
+    return _field_lines({**cfg.to_dict(), "model": {"preset": cfg.model.preset,
+                                                     **dataclasses.asdict(cfg.model_config())}})
+
+
+def _field_lines(tables: dict[str, dict]) -> str:
+    """name: key=value, ... per table, wrapped, as the command line takes the values (quoted
+    where a space or comma would make them ambiguous)."""
     from openmythos.experiments.common import flag_value
 
-    def fields(config: type) -> str:
-        defaults = config()  # every field has a default
-        return ", ".join(f"{f.name}={flag_value(getattr(defaults, f.name))}" for f in dataclasses.fields(config))
+    def shown(value) -> str:
+        text = flag_value(value)
+        return json.dumps(text) if isinstance(value, str) and any(c in text for c in " ,") else text
 
-    return "\n".join(textwrap.fill(fields(config), initial_indent=f"{name}: ", subsequent_indent="    ",
-                                   width=96) for name, (config, _) in EXPERIMENTS.items())
+    return "\n".join(textwrap.fill(", ".join(f"{key}={shown(value)}" for key, value in table.items()),
+                                   initial_indent=f"{name}: ", subsequent_indent="    ", width=96)
+                     for name, table in tables.items())
 
 
 # decoding is hundreds of small ops per token, each paying a hand-off between threads: on a

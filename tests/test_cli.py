@@ -537,3 +537,20 @@ def test_threads_flag_sets_torch_threads_for_the_command_alone(monkeypatch, caps
     calls, many = len(seen), (os.cpu_count() or 1) + 1
     assert main([*command, "--threads", str(many)]) == 2 and len(seen) == calls  # refused before running
     assert f"--threads={many} is more than this machine's" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_key_with_the_quickstarts_value(capsys):
+    """`mythos train --help` is where a user finds the --section.key overrides: every section's
+    keys with the values the quickstart runs, the model's from its preset, and a string with a
+    comma quoted so that it reads as one value."""
+    from openmythos.training.config import SECTIONS
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for section in SECTIONS:
+        assert f" {section}: " in text
+    for shown in ("lr=0.01,", "schedule=cosine,", "preset=tiny,", "dim=256,", "max_loop_iters=4,",
+                  'prompt="My fellow citizens,",', "depths=1,2,4,8,16,", "progress=true model:"):
+        assert shown in text
