@@ -144,6 +144,38 @@ def test_a_longer_time_budget_on_resume_says_the_rate_rises(tmp_path, caplog):
     assert "stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
 
 
+def test_a_resume_may_train_on_to_a_new_train_steps(tmp_path, caplog):
+    """train.steps may grow on resume: the run trains on to the new count. The schedule ends at
+    the new end, so a cosine at its floor rises again (and says so)."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 3, "train.warmup_steps": 1, "eval.samples": 0})
+    assert train(load_config(None, overrides))["steps"] == 3
+    with caplog.at_level("WARNING", logger="openmythos"):
+        longer = train(load_config(None, {**overrides, "train.steps": 6,
+                                          "checkpoint.resume": overrides["run.out_dir"]}))
+    assert longer["status"] == "completed" and longer["steps"] == 6
+    assert "train.steps 3 -> 6 stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
+
+
+def test_a_wsd_resume_in_the_stable_phase_keeps_the_rate(tmp_path, caplog, step_clock):
+    """With warmup-stable-decay a longer run continues at the peak rate: a run the clock stopped
+    in its stable phase resumes with a larger train.steps and budget without a jump."""
+    from openmythos.training.trainer import read_metrics
+
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 100, "train.max_minutes": 0.002,
+                                            "train.time_schedule": False, "train.schedule": "wsd",
+                                            "train.warmup_steps": 1, "run.log_every": 1,
+                                            "eval.samples": 0})
+    first = train(load_config(None, overrides))
+    assert first["status"] == "time_limit" and 1 < first["steps"] < 80  # stopped before the cooldown
+    with caplog.at_level("WARNING", logger="openmythos"):
+        again = train(load_config(None, {**overrides, "train.steps": 200, "train.max_minutes": 0.004,
+                                         "checkpoint.resume": overrides["run.out_dir"]}))
+    assert again["steps"] > first["steps"]
+    assert "learning-rate schedule" not in caplog.text
+    rates = [r["lr"] for r in read_metrics(Path(overrides["run.out_dir"]) / "metrics.jsonl") if "lr" in r]
+    assert rates[1:] == [3e-3] * (len(rates) - 1)  # the peak since warm-up, across the resume
+
+
 def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path):
     # its steps would be trained again beside the newer checkpoints, and pruning would delete
     # the new saves in their favour

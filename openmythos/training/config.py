@@ -180,12 +180,13 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
 }
 # keys that may differ when resuming: they change where and how a run reports, not its numbers,
-# except train.max_minutes, a budget a resume may extend (with train.time_schedule, the schedule
-# then stretches to the new end)
+# except train.steps and train.max_minutes, the run's length, which a resume may change to train
+# on (the schedule then ends at the new end: with "wsd" a resume in the stable phase keeps the
+# rate, the cooldown moves)
 RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compile",
                   "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
                   "run.threads", "run.name", "checkpoint.resume", "checkpoint.every",
-                  "checkpoint.keep", "train.max_minutes", "data.cache_dir",
+                  "checkpoint.keep", "train.steps", "train.max_minutes", "data.cache_dir",
                   # evaluation reads the model and draws from its own generators: never training's
                   *(f"eval.{f.name}" for f in fields(EvalConfig)))
 

@@ -416,10 +416,13 @@ class Trainer:
         self.last_saved = self.step
         log.info("resumed from %s at step %d", ckpt.path, self.step)
         saved, now = (lr_at(self.step, c.train, self.train_time) for c in (ckpt.train_cfg, self.cfg))
-        if now > saved * 1.01:  # a longer train.max_minutes stretches a clock-driven cosine
-            log.warning("train.max_minutes %s -> %s stretches the learning-rate schedule to the new "
-                        "end: the rate rises from %.3g to %.3g at this step and decays again from there",
-                        ckpt.train_cfg.train.max_minutes, self.cfg.train.max_minutes, saved, now)
+        if not math.isclose(now, saved, rel_tol=0.01):  # the run's new length moved a decaying rate
+            lengths = ", ".join(f"train.{key} {getattr(ckpt.train_cfg.train, key)} -> {getattr(self.cfg.train, key)}"
+                                for key in ("steps", "max_minutes")
+                                if getattr(ckpt.train_cfg.train, key) != getattr(self.cfg.train, key))
+            log.warning("%s %s the learning-rate schedule to the new end: the rate %s from %.3g to %.3g at "
+                        "this step and follows the new schedule from there", lengths,
+                        "stretches" if now > saved else "shortens", "rises" if now > saved else "falls", saved, now)
         changed = ckpt.changed_splits(self.data.train, self.data.val)
         if changed:
             log.warning("the run's %s split differs from the one it trained on (its files changed): "
