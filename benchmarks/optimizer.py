@@ -60,7 +60,7 @@ def main() -> None:
     for name, ms in results.items():
         print(f"{name:<30} {ms:>8.1f} ms")
     print(json.dumps({"benchmark": "optimizer", "preset": args.preset, "threads": args.threads,
-                      "has_fast_bf16": has_fast_bf16(torch.device("cpu")), "step_ms": results}))
+                      "rounds": args.rounds, "has_fast_bf16": has_fast_bf16(torch.device("cpu")), "step_ms": results}))
 
 
 if __name__ == "__main__":
