@@ -362,11 +362,13 @@ def test_act_pareto_verdict_boundaries_are_inclusive():
         ActParetoConfig(act_thresholds=[1.01])
 
 
-def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(repeats, tmp_path, monkeypatch):
     """With training replaced by losses on a known curve (dense: a + b ln(layers); looped: L_eff
     = 2 + r^0.46), the experiment must build n-layer dense models and MoE blocks as wide as a
     dense FFN, evaluate each at its own depth, scale the steps, count FLOPs at r loops, say
-    which runs the budget cut, and read phi = 0.46 back."""
+    which runs the budget cut, and read phi = 0.46 back. With two seeds the losses lie 0.01 on
+    either side of the curve: the fit reads their mean, the report their spread."""
     from types import SimpleNamespace
 
     from openmythos.config import MythosConfig
@@ -376,10 +378,11 @@ def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(tmp_path
     seen = {}
 
     def fake_run(cfg, out_dir, model, settings, budget):
-        r = model["max_loop_iters"]
+        r, seed = model["max_loop_iters"], settings["run.seed"]
         seen[out_dir.name] = (model, settings, budget.runs)
         layers = model["prelude_layers"] + model["coda_layers"] + (1 if r == 1 else r ** phi)
-        return {"checkpoint": model, "val_loss": a + b * math.log(layers), "metrics": [],
+        off = 0.01 * (2 * seed - (repeats - 1))  # 0 for one seed, -0.01 and 0.01 for two
+        return {"checkpoint": model, "val_loss": a + b * math.log(layers) + off, "metrics": [],
                 "status": "time_limit" if r == 4 else "completed", "diverged": False}
 
     monkeypatch.setattr(pe, "lm_run", fake_run)
@@ -387,21 +390,26 @@ def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(tmp_path
     monkeypatch.setattr(pe, "open_checkpoint",
                         lambda model: SimpleNamespace(model_cfg=MythosConfig.from_preset("tiny", **model)))
     cfg = pe.ParamEfficiencyConfig(out_dir=str(tmp_path / "pe"), corpus=FIXTURE, tokenizer="byte",
-                                   val_chars=0, scale=2.0)
+                                   val_chars=0, scale=2.0, repeats=repeats)
     payload = pe.run(cfg)
     results = {x["name"]: x for x in payload["results"]["runs"]}
-    assert sorted(seen) == ["dense-3", "dense-4", "dense-6", "looped-1x2", "looped-1x4"]
-    for name, (model, settings, runs) in seen.items():
-        r, x = model["max_loop_iters"], results[name]
+    names = ["dense-3", "dense-4", "dense-6", "looped-1x2", "looped-1x4"]
+    assert sorted(seen) == (names if repeats == 1 else [f"{n}-seed{s}" for n in names for s in (0, 1)])
+    for folder, (model, settings, runs) in seen.items():
+        r, x = model["max_loop_iters"], results[folder.removesuffix("-seed0").removesuffix("-seed1")]
         mcfg = MythosConfig.from_preset("tiny", **model)
-        if name.startswith("dense"):
+        if folder.startswith("dense"):
             assert model["prelude_layers"] + model["coda_layers"] + 1 == x["layers"]
         assert 2 * mcfg.expert_dim == mcfg.ffn_dim  # one routed + one shared = a dense SwiGLU
-        assert (settings["loops.mean"], settings["eval.n_loops"], settings["train.steps"], runs) == (r, r, 1000, 5)
+        assert (settings["loops.mean"], settings["eval.n_loops"], settings["train.steps"], runs) == (r, r, 1000, 5 * repeats)
         assert x["flops_per_token"] == mcfg.flops_per_token(r, cfg.seq_len)
+        assert x["val_loss_spread"] == pytest.approx(0.02 * (repeats - 1))
+        assert [y["seed"] for y in x["seeds"]] == list(range(repeats))
     assert payload["results"]["phi"] == pytest.approx(phi)
     assert payload["results"]["dense_fit"] == pytest.approx({"a": a, "b": b})
-    assert "not at equal tokens:** looped-1x4." in (tmp_path / "pe" / "report.md").read_text()
+    report = (tmp_path / "pe" / "report.md").read_text()
+    assert "not at equal tokens:** looped-1x4." in report
+    assert ("spread between seeds" in report) == (repeats > 1)
 
 
 def test_phi_is_undefined_for_a_flat_step_or_a_looped_run_without_a_loss():
@@ -413,6 +421,10 @@ def test_phi_is_undefined_for_a_flat_step_or_a_looped_run_without_a_loss():
     a, b = fit_log_curve([3, 4, 6], [6.3, 6.1, 6.0])
     lost = {**phi_run("looped-1x2", 4, math.nan, 2), "effective_layers": effective_layers(math.nan, a, b)}
     assert why_phi_is_undefined(dense, [lost]) == "looped-1x2 did no better than 2 unique layers (L_eff <= 2)"
+    # with seeds, a fall within either model's spread between seeds is noise too
+    noisy = [{**x, "val_loss_spread": spread} for x, spread in zip(dense, [0.05, 0.12, 0.03], strict=True)]
+    assert why_phi_is_undefined(noisy, []) == ("the dense models' loss fell by no more than the spread "
+                                               "between seeds from 4 to 6 layers, so depth is not measured")
 
 
 def test_stability_judges_each_run_by_its_trace(tmp_path, monkeypatch):

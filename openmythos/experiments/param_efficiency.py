@@ -9,7 +9,9 @@ so "layers" means the same thing on both sides.
 The dense losses are fitted as loss = a + b*ln(layers); a looped model's loss then reads off its
 effective layer count L_eff, and with the prelude and coda counted once,
 L_eff - 2 = r^phi. phi is fitted by least squares over the looped models (the literature reports
-phi ~ 0.46, "How much is one recurrence worth", 2026).
+phi ~ 0.46, "How much is one recurrence worth", 2026). With `repeats` > 1 every model trains
+once per seed (seed, seed + 1, ...), the fit reads each model's mean loss, and the report gives
+the spread between seeds beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class ParamEfficiencyConfig(LMExperimentConfig):
     batch_size: int = 8
     seq_len: int = 64
     lr: float = 3e-3
+    repeats: int = 1  # seeds per model: differences under the spread between seeds are not evidence
 
 
 def fit_log_curve(layers: list[float], losses: list[float]) -> tuple[float, float]:
@@ -57,11 +60,18 @@ def fit_phi(loops: list[int], looped_layers: list[float]) -> float:
 
 def why_phi_is_undefined(dense: list[dict], looped: list[dict]) -> str | None:
     """The reason phi cannot be read off these runs, or None. The fit assumes loss falls with
-    unique depth (a dense curve that does not is noise, and any phi fitted to it is too), and a
+    unique depth (a dense curve that does not is noise, and any phi fitted to it is too; with
+    several seeds, each fall must exceed the spread between seeds of the two models), and a
     log of L_eff - 2 (a looped model no better than its prelude and coda alone has none)."""
-    by_depth = [x["val_loss"] for x in sorted(dense, key=lambda x: x["layers"])]
-    if any(math.isnan(x) for x in by_depth) or any(b >= a for a, b in itertools.pairwise(by_depth)):
+    by_depth = sorted(dense, key=lambda x: x["layers"])
+    if any(math.isnan(x["val_loss"]) for x in by_depth) or any(
+            b["val_loss"] >= a["val_loss"] for a, b in itertools.pairwise(by_depth)):
         return "the dense models' loss did not fall with every added layer, so depth is not measured"
+    within = [f"{a['layers']} to {b['layers']} layers" for a, b in itertools.pairwise(by_depth)
+              if a["val_loss"] - b["val_loss"] <= max(a.get("val_loss_spread", 0), b.get("val_loss_spread", 0))]
+    if within:
+        return (f"the dense models' loss fell by no more than the spread between seeds from "
+                f"{', '.join(within)}, so depth is not measured")
     worse = [x["name"] for x in looped if not x["effective_layers"] > 2]
     if worse:
         return f"{', '.join(worse)} did no better than 2 unique layers (L_eff <= 2)"
@@ -96,24 +106,33 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
             # n unique layers: prelude + coda = n - 1, and one pass of the (MoE = dense) block
             model = {**block, "prelude_layers": (n - 1) // 2, "coda_layers": n - 1 - (n - 1) // 2,
                      "max_loop_iters": 1}
-            runs.append(("dense", n, 1, model))
+            runs.append((f"dense-{n}", "dense", n, 1, model))
         for r in cfg.loops:
-            runs.append(("looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
-                                               "max_loop_iters": r}))
+            runs.append((f"looped-1x{r}", "looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
+                                                              "max_loop_iters": r}))
+        seeds = [cfg.seed + i for i in range(cfg.repeats)]
         rows, results = [], []
-        budget = TimeBudget(cfg.budget_minutes, len(runs))
-        for kind, layers, r, model in runs:
-            name = f"{kind}-{layers}" if kind == "dense" else f"looped-1x{r}"
-            out = lm_run(cfg, report.out / name, model,
-                         {**settings, "loops.mean": r, "eval.n_loops": r}, budget)
-            # the model as trained, with the tokenizer's vocabulary (none if it diverged)
-            mcfg = open_checkpoint(out["checkpoint"]).model_cfg if "checkpoint" in out else None
+        budget = TimeBudget(cfg.budget_minutes, len(runs) * len(seeds))
+        for name, kind, layers, r, model in runs:
+            outs = [lm_run(cfg, report.out / (name if cfg.repeats == 1 else f"{name}-seed{seed}"), model,
+                           {**settings, "run.seed": seed, "loops.mean": r, "eval.n_loops": r}, budget)
+                    for seed in seeds]
+            # the model as trained, with the tokenizer's vocabulary (none if every seed diverged)
+            built = next((out["checkpoint"] for out in outs if "checkpoint" in out), None)
+            mcfg = open_checkpoint(built).model_cfg if built else None
+            per_seed = [{"seed": seed, "val_loss": out.get("val_loss", math.nan), "tokens": out.get("tokens_seen"),
+                         "train_time_s": out.get("train_time_s"), "status": out.get("status")}
+                        for seed, out in zip(seeds, outs, strict=True)]
+            losses = [x["val_loss"] for x in per_seed]
+            statuses = [x["status"] for x in per_seed]
             results.append({"name": name, "kind": kind, "layers": layers, "loops": r,
                             "params": mcfg.num_params() if mcfg else math.nan,
                             "flops_per_token": mcfg.flops_per_token(r, cfg.seq_len) if mcfg else math.nan,
-                            "val_loss": out.get("val_loss", math.nan),
-                            "train_time_s": out.get("train_time_s"), "tokens": out.get("tokens_seen"),
-                            "status": out.get("status")})
+                            "val_loss": sum(losses) / len(losses),  # NaN if any seed has none
+                            "val_loss_spread": max(losses) - min(losses) if all(map(math.isfinite, losses)) else math.nan,
+                            "tokens": min((x["tokens"] for x in per_seed if x["tokens"] is not None), default=None),
+                            "status": "time_limit" if "time_limit" in statuses else statuses[0],
+                            "seeds": per_seed})
     dense = [x for x in results if x["kind"] == "dense"]
     looped = [x for x in results if x["kind"] == "looped"]
     a, b = fit_log_curve([x["layers"] for x in dense], [x["val_loss"] for x in dense])
@@ -124,13 +143,16 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
                                              [x["effective_layers"] - 2 for x in looped])
     report.results = {"runs": results, "dense_fit": {"a": a, "b": b}, "phi": phi,
                       "phi_undefined_because": undefined}
+    spread = ["spread between seeds"] if cfg.repeats > 1 else []
     for x in results:
-        rows.append([x["name"], x["params"], x["layers"], x["loops"], x["flops_per_token"],
-                     x["tokens"], x["val_loss"], x.get("effective_layers", "")])
+        rows.append([x["name"], x["params"], x["layers"], x["loops"], x["flops_per_token"], x["tokens"],
+                     x["val_loss"], *([x["val_loss_spread"]] if spread else []), x.get("effective_layers", "")])
     cut = [x["name"] for x in results if x["status"] == "time_limit"]
-    report.add("## Validation loss at equal training tokens\n\n" + markdown_table(
+    report.add("## Validation loss at equal training tokens\n\n"
+               + (f"Each model trained with seeds {', '.join(map(str, seeds))}: the mean loss, and "
+                  "the largest minus the smallest.\n\n" if spread else "") + markdown_table(
         ["model", "params", "layer passes", "loops", "train FLOPs/token", "train tokens",
-         "val loss (nats/token)", "effective unique layers"], rows)
+         "val loss (nats/token)", *spread, "effective unique layers"], rows)
         + (f"\n\n**Cut short by the time budget, so not at equal tokens:** {', '.join(cut)}." if cut else ""))
     verdict = (f"phi is not measurable here: {undefined}" if undefined else
                f"phi = {phi:.2f} (a loop is worth r^{phi:.2f} unique layers; the literature reports ~0.46)")
