@@ -412,15 +412,44 @@ def test_param_efficiency_matches_its_models_and_reads_phi_off_the_runs(repeats,
     assert ("spread between seeds" in report) == (repeats > 1)
 
 
+def test_param_efficiency_names_a_model_whose_seed_diverged(tmp_path, monkeypatch):
+    """One seed of dense-4 diverges: the model's status says so, the report lists it, and phi is
+    refused for that reason (not for a dense curve that "did not fall")."""
+    from types import SimpleNamespace
+
+    from openmythos.config import MythosConfig
+    from openmythos.experiments import param_efficiency as pe
+
+    def fake_run(cfg, out_dir, model, settings, budget):
+        if out_dir.name == "dense-4-seed1":
+            return {"error": "3 non-finite steps", "metrics": [], "diverged": True}
+        layers = model["prelude_layers"] + model["coda_layers"] + model["max_loop_iters"]
+        return {"checkpoint": model, "val_loss": 6.0 - 0.1 * layers, "metrics": [], "status": "completed",
+                "train_time_s": 2.0, "diverged": False}
+
+    monkeypatch.setattr(pe, "lm_run", fake_run)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)
+    monkeypatch.setattr(pe, "open_checkpoint",
+                        lambda model: SimpleNamespace(model_cfg=MythosConfig.from_preset("tiny", **model)))
+    payload = pe.run(pe.ParamEfficiencyConfig(out_dir=str(tmp_path / "pe"), corpus=FIXTURE, tokenizer="byte",
+                                              val_chars=0, repeats=2))
+    runs = {x["name"]: x for x in payload["results"]["runs"]}
+    assert [x["status"] for x in runs["dense-4"]["seeds"]] == ["completed", "diverged"]
+    assert runs["dense-4"]["status"] == "diverged" and runs["dense-3"]["status"] == "completed"
+    assert runs["dense-4"]["train_time_s"] == 2.0  # the seeds that trained
+    assert payload["results"]["phi_undefined_because"] == "dense-4 has no validation loss (a run diverged)"
+    assert "**Diverged (no validation loss):** dense-4." in (tmp_path / "pe" / "report.md").read_text()
+
+
 def test_phi_is_undefined_for_a_flat_step_or_a_looped_run_without_a_loss():
     """A dense curve that stays level between two depths did not fall; a looped run with no loss
-    (it diverged: L_eff is NaN) cannot be fitted either."""
+    (it diverged: L_eff is NaN) cannot be fitted either, and says why."""
     level = [phi_run("dense-3", 3, 6.3), phi_run("dense-4", 4, 6.1), phi_run("dense-6", 6, 6.1)]
     assert "did not fall with every added layer" in why_phi_is_undefined(level, [])
     dense = [phi_run("dense-3", 3, 6.3), phi_run("dense-4", 4, 6.1), phi_run("dense-6", 6, 6.0)]
     a, b = fit_log_curve([3, 4, 6], [6.3, 6.1, 6.0])
     lost = {**phi_run("looped-1x2", 4, math.nan, 2), "effective_layers": effective_layers(math.nan, a, b)}
-    assert why_phi_is_undefined(dense, [lost]) == "looped-1x2 did no better than 2 unique layers (L_eff <= 2)"
+    assert why_phi_is_undefined(dense, [lost]) == "looped-1x2 has no validation loss (a run diverged)"
     # with seeds, a fall within either model's spread between seeds is noise too
     noisy = [{**x, "val_loss_spread": spread} for x, spread in zip(dense, [0.05, 0.12, 0.03], strict=True)]
     assert why_phi_is_undefined(noisy, []) == ("the dense models' loss fell by no more than the spread "

@@ -156,6 +156,14 @@ def test_a_resume_may_train_on_to_a_new_train_steps(tmp_path, caplog):
     assert "train.steps 3 -> 6 stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
 
 
+def test_a_resume_below_the_checkpoints_step_is_refused_by_name(tmp_path):
+    """A train.steps below the step already trained names both: the run cannot end in its past."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 4, "train.warmup_steps": 1, "eval.samples": 0})
+    train(load_config(None, overrides))
+    with pytest.raises(ValueError, match=r"train.steps=2 is below the step of the checkpoint resumed from \(4, "):
+        train(load_config(None, {**overrides, "train.steps": 2, "checkpoint.resume": overrides["run.out_dir"]}))
+
+
 def test_a_wsd_resume_in_the_stable_phase_keeps_the_rate(tmp_path, caplog, step_clock):
     """With warmup-stable-decay a longer run continues at the peak rate: a run the clock stopped
     in its stable phase resumes with a larger train.steps and budget without a jump."""

@@ -63,9 +63,11 @@ def why_phi_is_undefined(dense: list[dict], looped: list[dict]) -> str | None:
     unique depth (a dense curve that does not is noise, and any phi fitted to it is too; with
     several seeds, each fall must exceed the spread between seeds of the two models), and a
     log of L_eff - 2 (a looped model no better than its prelude and coda alone has none)."""
+    lost = [x["name"] for x in dense + looped if math.isnan(x["val_loss"])]
+    if lost:
+        return f"{', '.join(lost)} has no validation loss (a run diverged)"
     by_depth = sorted(dense, key=lambda x: x["layers"])
-    if any(math.isnan(x["val_loss"]) for x in by_depth) or any(
-            b["val_loss"] >= a["val_loss"] for a, b in itertools.pairwise(by_depth)):
+    if any(b["val_loss"] >= a["val_loss"] for a, b in itertools.pairwise(by_depth)):
         return "the dense models' loss did not fall with every added layer, so depth is not measured"
     within = [f"{a['layers']} to {b['layers']} layers" for a, b in itertools.pairwise(by_depth)
               if a["val_loss"] - b["val_loss"] <= max(a.get("val_loss_spread", 0), b.get("val_loss_spread", 0))]
@@ -121,17 +123,20 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
             built = next((out["checkpoint"] for out in outs if "checkpoint" in out), None)
             mcfg = open_checkpoint(built).model_cfg if built else None
             per_seed = [{"seed": seed, "val_loss": out.get("val_loss", math.nan), "tokens": out.get("tokens_seen"),
-                         "train_time_s": out.get("train_time_s"), "status": out.get("status")}
+                         "train_time_s": out.get("train_time_s"),
+                         "status": "diverged" if out["diverged"] else out.get("status")}
                         for seed, out in zip(seeds, outs, strict=True)]
             losses = [x["val_loss"] for x in per_seed]
             statuses = [x["status"] for x in per_seed]
+            times = [x["train_time_s"] for x in per_seed if x["train_time_s"] is not None]
             results.append({"name": name, "kind": kind, "layers": layers, "loops": r,
                             "params": mcfg.num_params() if mcfg else math.nan,
                             "flops_per_token": mcfg.flops_per_token(r, cfg.seq_len) if mcfg else math.nan,
                             "val_loss": sum(losses) / len(losses),  # NaN if any seed has none
                             "val_loss_spread": max(losses) - min(losses) if all(map(math.isfinite, losses)) else math.nan,
                             "tokens": min((x["tokens"] for x in per_seed if x["tokens"] is not None), default=None),
-                            "status": "time_limit" if "time_limit" in statuses else statuses[0],
+                            "train_time_s": sum(times) / len(times) if times else None,  # per seed
+                            "status": next((s for s in ("diverged", "time_limit") if s in statuses), statuses[0]),
                             "seeds": per_seed})
     dense = [x for x in results if x["kind"] == "dense"]
     looped = [x for x in results if x["kind"] == "looped"]
@@ -148,12 +153,14 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
         rows.append([x["name"], x["params"], x["layers"], x["loops"], x["flops_per_token"], x["tokens"],
                      x["val_loss"], *([x["val_loss_spread"]] if spread else []), x.get("effective_layers", "")])
     cut = [x["name"] for x in results if x["status"] == "time_limit"]
+    diverged = [x["name"] for x in results if x["status"] == "diverged"]
     report.add("## Validation loss at equal training tokens\n\n"
                + (f"Each model trained with seeds {', '.join(map(str, seeds))}: the mean loss, and "
                   "the largest minus the smallest.\n\n" if spread else "") + markdown_table(
         ["model", "params", "layer passes", "loops", "train FLOPs/token", "train tokens",
          "val loss (nats/token)", *spread, "effective unique layers"], rows)
-        + (f"\n\n**Cut short by the time budget, so not at equal tokens:** {', '.join(cut)}." if cut else ""))
+        + (f"\n\n**Cut short by the time budget, so not at equal tokens:** {', '.join(cut)}." if cut else "")
+        + (f"\n\n**Diverged (no validation loss):** {', '.join(diverged)}." if diverged else ""))
     verdict = (f"phi is not measurable here: {undefined}" if undefined else
                f"phi = {phi:.2f} (a loop is worth r^{phi:.2f} unique layers; the literature reports ~0.46)")
     report.add(f"## Fit\n\nDense: loss = {a:.4f} {b:+.4f}·ln(layers). {verdict}.\n\n"

@@ -330,6 +330,10 @@ class Trainer:
         if saved_batch != cfg.train.batch_size * self.env.world_size:
             changed.append(f"global batch (train.batch_size x world size): {saved_batch} -> "
                            f"{cfg.train.batch_size * self.env.world_size}")
+        step = ckpt.trainer_state["step"]
+        if cfg.train.steps < step:  # a shorter run is another run: its end has passed
+            raise ValueError(f"train.steps={cfg.train.steps} is below the step of the checkpoint "
+                             f"resumed from ({step}, {str(ckpt.path)!r}): a resume trains on from there")
         if changed:
             raise ValueError(f"refusing to resume from {str(ckpt.path)!r}: the config differs "
                              "from the one it was trained with (saved -> now):\n  "
