@@ -80,6 +80,19 @@ def why_phi_is_undefined(dense: list[dict], looped: list[dict]) -> str | None:
     return None
 
 
+def over_seeds(runs: list[dict]) -> dict:
+    """One model's runs, one per seed, as one: the mean loss (NaN if a seed has none) and the
+    spread between seeds, the fewest tokens, the mean training time, and the worst status."""
+    losses = [x["val_loss"] for x in runs]
+    statuses = [x["status"] for x in runs]
+    times = [x["train_time_s"] for x in runs if x["train_time_s"] is not None]
+    return {"val_loss": sum(losses) / len(losses),
+            "val_loss_spread": max(losses) - min(losses) if all(map(math.isfinite, losses)) else math.nan,
+            "tokens": min((x["tokens"] for x in runs if x["tokens"] is not None), default=None),
+            "train_time_s": sum(times) / len(times) if times else None,
+            "status": next((s for s in ("diverged", "time_limit") if s in statuses), statuses[0])}
+
+
 def block_overrides(width: int) -> dict:
     half = (width * 4 // 3) // 2
     return {"dim": width, "kv_lora_rank": width // 4, "q_lora_rank": width // 2, "n_experts": 1,
@@ -126,18 +139,10 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
                          "train_time_s": out.get("train_time_s"),
                          "status": "diverged" if out["diverged"] else out.get("status")}
                         for seed, out in zip(seeds, outs, strict=True)]
-            losses = [x["val_loss"] for x in per_seed]
-            statuses = [x["status"] for x in per_seed]
-            times = [x["train_time_s"] for x in per_seed if x["train_time_s"] is not None]
             results.append({"name": name, "kind": kind, "layers": layers, "loops": r,
                             "params": mcfg.num_params() if mcfg else math.nan,
                             "flops_per_token": mcfg.flops_per_token(r, cfg.seq_len) if mcfg else math.nan,
-                            "val_loss": sum(losses) / len(losses),  # NaN if any seed has none
-                            "val_loss_spread": max(losses) - min(losses) if all(map(math.isfinite, losses)) else math.nan,
-                            "tokens": min((x["tokens"] for x in per_seed if x["tokens"] is not None), default=None),
-                            "train_time_s": sum(times) / len(times) if times else None,  # per seed
-                            "status": next((s for s in ("diverged", "time_limit") if s in statuses), statuses[0]),
-                            "seeds": per_seed})
+                            **over_seeds(per_seed), "seeds": per_seed})
     dense = [x for x in results if x["kind"] == "dense"]
     looped = [x for x in results if x["kind"] == "looped"]
     a, b = fit_log_curve([x["layers"] for x in dense], [x["val_loss"] for x in dense])
