@@ -532,6 +532,36 @@ def test_depth_extrapolation_sweeps_scores_and_picks_as_it_says(tmp_path, monkey
     assert "- **act**: on 3–4 hops, 1 loops give 0.800 vs 0.100 at the trained depth (no gain from extra loops)." in report
 
 
+def test_depth_extrapolation_repeats_reads_the_mean_over_seeds(tmp_path, monkeypatch):
+    """With two seeds every variant trains twice, on its seed's task; the report's accuracies
+    are the means, the best depth is picked on the mean choice score (6 loops: 0.3 against 8
+    loops' 0.25, though the first seed alone prefers 8), and each seed's long-chain accuracy is
+    listed."""
+    import openmythos.experiments.depth_extrapolation as de
+
+    trained = set()
+
+    def fake_train(model, task, cfg, v, width, steps, minutes=0.0):
+        trained.add((v.name, cfg.seed, task.seed))
+        return [float(cfg.seed)] * 4
+
+    def fake_accuracy(model, task, hops, n_loops, n, width, seed, split="test"):
+        if split == "train":
+            return ((0.5 if n_loops == 8 else 0.0) if seed == 0 else (0.6 if n_loops == 6 else 0.0)), 1.0
+        return (0.9 if hops <= 2 else (0.8 if seed == 0 else 0.6) if n_loops == 6 else 0.1), 1.0
+
+    monkeypatch.setattr(de, "train_variant", fake_train)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)
+    monkeypatch.setattr(de, "accuracy", fake_accuracy)
+    r = de.run(de.DepthExtrapolationConfig(smoke=True, repeats=2, out_dir=str(tmp_path / "d")))["results"]
+    assert trained == {(v.name, s, s) for v in de.variants(de.DepthExtrapolationConfig(train_loops=2)) for s in (0, 1)}
+    fixed = r["fixed"]
+    assert fixed["best_loops"] == 6 and fixed["accuracy"][6][3] == pytest.approx(0.7)
+    assert fixed["final_train_loss"] == pytest.approx(0.5) and len(fixed["by_seed"]) == 2
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "Each variant trained with seeds 0, 1" in report and "| 0.800 / 0.600 |" in report
+
+
 def test_act_pareto_sweeps_every_rule_at_its_settings(tmp_path, monkeypatch):
     """With training replaced by a small ACT model: full depth is evaluated even when --depths
     leaves it out, each ACT/KL point runs at its own threshold (and KL's min_loops), the steps

@@ -9,6 +9,7 @@ the same parameters (the same network at one loop) and a dense model with the sa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from statistics import fmean
@@ -54,6 +55,9 @@ class DepthExtrapolationConfig(ExperimentConfig):
     backprop: int = 4  # truncated backprop window of the random-depth variant
     ponder_weight: float = 0.01
     eval_examples: int = 256
+    # seeds (seed, seed + 1, ...), each with its own task draw and models: the report reads the
+    # mean accuracies and picks the best depth on their mean
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -194,49 +198,78 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
         cfg.smoke_defaults(n_entities=12, n_relations=3, train_hops=2, train_loops=2, dim=32, steps=4,
                            batch_size=8, eval_examples=16)
     report = Report("depth-extrapolation", cfg)
-    task = KHopTask(cfg.n_entities, cfg.n_relations, cfg.seed)
     max_hops = 2 * cfg.train_hops
-    width = max_hops + 2
     loop_grid = sorted({1, 2, cfg.train_loops // 2 or 1, cfg.train_loops, 2 * cfg.train_loops,
                         3 * cfg.train_loops, 4 * cfg.train_loops})
-    steps = max(1, round(cfg.steps * cfg.scale))
-    results: dict[str, dict] = {}
-    budget = TimeBudget(cfg.budget_minutes, len(variants(cfg)))
+    budget = TimeBudget(cfg.budget_minutes, len(variants(cfg)) * cfg.repeats)
     with threads(cfg.threads):
-        for v in variants(cfg):
-            started = time.perf_counter()
-            torch.manual_seed(cfg.seed)
-            model = OpenMythos(model_config(cfg, task, v, width)).to(resolve_device(cfg.device, "device"))
-            trained = time.perf_counter()
-            losses = train_variant(model, task, cfg, v, width, steps, budget.next_minutes())
-            train_s = time.perf_counter() - trained
-            grid = loop_grid if v.loops != 1 else [1]
-            acc = {n: {k: accuracy(model, task, k, n, cfg.eval_examples, width, cfg.seed)
-                       for k in range(1, max_hops + 1)} for n in grid}
-            # the best depth for long chains is chosen on other long chains, so that the accuracy
-            # reported at it is not the maximum of several noisy cells: those outside the test
-            # split, which training never shows either (it stops at train_hops), and disjoint
-            # from the test chains by construction
-            best = max(grid, key=lambda n: fmean(
-                accuracy(model, task, k, n, cfg.eval_examples, width, cfg.seed, "train")[0]
-                for k in range(cfg.train_hops + 1, max_hops + 1)))
-            results[v.name] = {
-                "description": v.description, "params": model.cfg.num_params(),
-                "train_loops": v.loops or cfg.train_loops, "best_loops": best,
-                "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-                "accuracy": {n: {k: a for k, (a, _) in row.items()} for n, row in acc.items()},
-                "mean_loops": {n: {k: m for k, (_, m) in row.items()} for n, row in acc.items()},
-                "steps": len(losses), "train_seconds": round(train_s, 1), "losses": losses,
-            }
-            budget.finished(time.perf_counter() - started, train_s)
+        runs = [train_and_score(dataclasses.replace(cfg, seed=cfg.seed + i), loop_grid, budget)
+                for i in range(cfg.repeats)]
+    results = {name: over_seeds([r[name] for r in runs]) for name in runs[0]}
     report.results = {k: {kk: vv for kk, vv in r.items() if kk != "losses"} for k, r in results.items()}
     _write(report, cfg, results, loop_grid, max_hops)
     return report.write()
 
 
+def train_and_score(cfg: DepthExtrapolationConfig, loop_grid: list[int], budget: TimeBudget) -> dict[str, dict]:
+    """Every variant trained on cfg.seed's task and scored at every depth of loop_grid."""
+    task = KHopTask(cfg.n_entities, cfg.n_relations, cfg.seed)
+    max_hops = 2 * cfg.train_hops
+    width = max_hops + 2
+    steps = max(1, round(cfg.steps * cfg.scale))
+    results: dict[str, dict] = {}
+    for v in variants(cfg):
+        started = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        model = OpenMythos(model_config(cfg, task, v, width)).to(resolve_device(cfg.device, "device"))
+        trained = time.perf_counter()
+        losses = train_variant(model, task, cfg, v, width, steps, budget.next_minutes())
+        train_s = time.perf_counter() - trained
+        grid = loop_grid if v.loops != 1 else [1]
+        acc = {n: {k: accuracy(model, task, k, n, cfg.eval_examples, width, cfg.seed)
+                   for k in range(1, max_hops + 1)} for n in grid}
+        # the best depth for long chains is chosen on other long chains, so that the accuracy
+        # reported at it is not the maximum of several noisy cells: those outside the test
+        # split, which training never shows either (it stops at train_hops), and disjoint
+        # from the test chains by construction
+        choice = {n: fmean(accuracy(model, task, k, n, cfg.eval_examples, width, cfg.seed, "train")[0]
+                           for k in range(cfg.train_hops + 1, max_hops + 1)) for n in grid}
+        results[v.name] = {
+            "description": v.description, "params": model.cfg.num_params(),
+            "train_loops": v.loops or cfg.train_loops, "choice": choice,
+            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "accuracy": {n: {k: a for k, (a, _) in row.items()} for n, row in acc.items()},
+            "mean_loops": {n: {k: m for k, (_, m) in row.items()} for n, row in acc.items()},
+            "steps": len(losses), "train_seconds": round(train_s, 1), "losses": losses,
+        }
+        budget.finished(time.perf_counter() - started, train_s)
+    return results
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One variant's runs, one per seed, as one: accuracies, loops run, depth choice scores,
+    final loss, training time and loss curve averaged (the curve over the steps all of them
+    reached), the fewest steps, and the best depth picked on the mean choice score. One run is
+    returned as it is, with its best depth."""
+    first = runs[0]
+
+    def mean(key: str) -> dict:
+        return {n: {k: fmean(r[key][n][k] for r in runs) for k in row} for n, row in first[key].items()}
+
+    choice = {n: fmean(r["choice"][n] for r in runs) for n in first["choice"]}
+    steps = min(r["steps"] for r in runs)
+    return {**first, "choice": choice, "best_loops": max(choice, key=choice.get),
+            "accuracy": mean("accuracy"), "mean_loops": mean("mean_loops"),
+            "final_train_loss": fmean(r["final_train_loss"] for r in runs), "steps": steps,
+            "train_seconds": round(fmean(r["train_seconds"] for r in runs), 1),
+            "losses": [fmean(r["losses"][i] for r in runs) for i in range(steps)],
+            **({"by_seed": [r["accuracy"] for r in runs]} if len(runs) > 1 else {})}
+
+
 def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_grid: list[int],
            max_hops: int) -> None:
     K = cfg.train_hops
+    seeds = [cfg.seed + i for i in range(cfg.repeats)] if cfg.repeats > 1 else []
     rows = []
     verdicts = []
     for name, r in results.items():
@@ -245,9 +278,11 @@ def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_gr
         best_n = r["best_loops"]
         long_trained = fmean(trained[k] for k in range(K + 1, max_hops + 1))
         long_best = fmean(acc[best_n][k] for k in range(K + 1, max_hops + 1))
+        per_seed = [" / ".join(f"{fmean(a[best_n][k] for k in range(K + 1, max_hops + 1)):.3f}"
+                               for a in r["by_seed"])] if seeds else []
         rows.append([name, r["params"], r["steps"], r["train_seconds"], r["train_loops"],
                      fmean(trained[k] for k in range(1, K + 1)),
-                     long_trained, best_n, long_best])
+                     long_trained, best_n, long_best, *per_seed])
         if len(acc) > 1:
             gained = long_best - long_trained
             verdicts.append(f"- **{name}**: on {K + 1}–{max_hops} hops, {best_n} loops give "
@@ -255,10 +290,14 @@ def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_gr
                             f"({'extrapolates' if gained > 0.02 and best_n > r['train_loops'] else 'no gain from extra loops'}).")
     steps = max(1, round(cfg.steps * cfg.scale))
     cut = [f"{name} ({r['steps']} of {steps} steps)" for name, r in results.items() if r["steps"] < steps]
-    report.add("## Accuracy on held-out chains\n\n" + markdown_table(
+    report.add("## Accuracy on held-out chains\n\n"
+               + (f"Each variant trained with seeds {', '.join(map(str, seeds))}, each drawing its own "
+                  "task: accuracies are the means over seeds, the best depth is picked on their mean, "
+                  "and the last column gives each seed's.\n\n" if seeds else "") + markdown_table(
         ["variant", "params", "train steps", "train s", "trained loops", f"acc 1–{K} hops (trained depth)",
          f"acc {K + 1}–{max_hops} hops (trained depth)", "best loops (long chains)",
-         f"acc {K + 1}–{max_hops} hops (best loops)"], rows)
+         f"acc {K + 1}–{max_hops} hops (best loops)",
+         *([f"acc {K + 1}–{max_hops} hops (best loops), per seed"] if seeds else [])], rows)
         + (f"\n\n**Cut short by the time budget** (each variant trains for the same time): "
            f"{', '.join(cut)}." if cut else ""))
     report.add("## Does depth extrapolate?\n\n" + "\n".join(verdicts) + "\n\nChance is "
