@@ -493,6 +493,76 @@ def test_stability_judges_each_run_by_its_trace(tmp_path, monkeypatch):
                                                 tokenizer="byte", injections=["nope"]))
 
 
+def test_stability_repeats_trains_every_setting_on_each_seed(tmp_path, monkeypatch):
+    """With two seeds every (injection, lr) trains once per seed, in a folder of its own and with
+    that seed; the runs table names the seed and the counts are over every run."""
+    from openmythos.experiments import stability
+
+    seen = []
+
+    def fake_run(cfg, out_dir, model, settings, budget):
+        seen.append((out_dir.name, settings["run.seed"], budget.runs))
+        losses = [5.0, 6.0] if (model["injection"], settings["run.seed"]) == ("free", 4) else [5.0, 4.0]
+        return {"metrics": [{"step": i + 1, "loss": x, "rho": 0.5, "state_norm": 1.0} for i, x in enumerate(losses)],
+                "diverged": False, "val_loss": 4.0, "unigram_loss": 4.5}
+
+    monkeypatch.setattr(stability, "lm_run", fake_run)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)
+    cfg = stability.StabilityConfig(out_dir=str(tmp_path / "s"), corpus=FIXTURE, tokenizer="byte", val_chars=0,
+                                    lrs=[1e-3, 4e-3], injections=["lti", "free"], seed=3, repeats=2)
+    runs = stability.run(cfg)["results"]["runs"]
+    assert seen == [(f"{i}-lr{lr:g}-seed{s}", s, 8) for i in ("lti", "free") for lr in (1e-3, 4e-3) for s in (3, 4)]
+    assert [(r["seed"], r["diverged"]) for r in runs if r["injection"] == "free"] == [
+        (3, False), (4, True), (3, False), (4, True)]
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| injection | lr | seed | diverged |" in report and "| free | 0.001 | 4 | yes |" in report
+    assert "| lti | 0 / 4 | 4 / 4 |" in report and "| free | 2 / 4 | 4 / 4 |" in report
+
+
+def test_act_pareto_repeats_averages_each_point_over_seeds(tmp_path, monkeypatch):
+    """With two seeds two models train, each with its seed, and each is swept; a point's loss,
+    loops and tokens/s are the means over the models, its spread the range of its loss gaps to
+    full depth, and the verdict reads the means."""
+    from types import SimpleNamespace
+
+    from openmythos.experiments import act_pareto
+    from tests.conftest import small_model
+
+    seeds, current = [], {}
+
+    def fake_run(cfg, out, model, settings, budget):
+        seeds.append((out.name, settings["run.seed"], budget.runs))
+        return {"checkpoint": settings["run.seed"], "status": "completed", "steps": 2}
+
+    def fake_evaluate(model, batches, n_loops):  # at 1 loop seed 0 loses 0.1 nats more than seed 1
+        loops, gap = {"act": (1.5, 0.005), "kl": (2.0, 0.02)}.get(
+            model.cfg.halting, (n_loops, {1: 0.3 - 0.1 * current["seed"], 3: 0.0}.get(n_loops)))
+        return {"val_loss": 4.0 + current["seed"] + gap, "mean_loops": loops,
+                "tok_per_s": 100.0 * (1 + current["seed"]) / loops}
+
+    def fake_load(path, device):
+        current["seed"] = path
+        return small_model(halting="act", max_loop_iters=3), None, SimpleNamespace(data=None)
+
+    monkeypatch.setattr(act_pareto, "lm_run", fake_run)
+    monkeypatch.setattr(act_pareto, "load_model", fake_load)
+    monkeypatch.setattr(act_pareto, "prepare_data", lambda data, tok: SimpleNamespace(
+        val=SimpleNamespace(iter_eval_batches=lambda b, t: iter([None]))))
+    monkeypatch.setattr(act_pareto, "evaluate", fake_evaluate)
+    monkeypatch.setattr(Report, "figure", lambda *a, **k: None)
+    cfg = ActParetoConfig(out_dir=str(tmp_path / "a"), corpus=FIXTURE, tokenizer="byte", val_chars=0, loops=3,
+                          depths=[1], act_thresholds=[0.5], kl_thresholds=[0.01], repeats=2)
+    results = act_pareto.run(cfg)["results"]
+    assert seeds == [("model-seed0", 0, 2), ("model-seed1", 1, 2)]
+    points = {(p["rule"], p["setting"]): p for p in results["points"]}
+    assert points["fixed", 1]["val_loss"] == pytest.approx(4.75) and points["fixed", 1]["gap_spread"] == pytest.approx(0.1)
+    assert points["fixed", 3]["tok_per_s"] == pytest.approx(50.0) and points["act", 0.5]["mean_loops"] == 1.5
+    assert [t["seed"] for t in results["train"]] == [0, 1]
+    assert results["verdicts"]["act"]["setting"] == 0.5 and results["verdicts"]["act"]["saves_time"]
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "seeds 0, 1" in report and "spread of Δ between seeds" in report and "means over 2 seeds" in report
+
+
 def test_depth_extrapolation_sweeps_scores_and_picks_as_it_says(tmp_path, monkeypatch):
     """With training and scoring replaced: test depths 1..4x the trained one, hops 1..2K, the
     dense-params model at one loop, dense-compute with as many layers as the looped model runs,

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
 
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
+from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run, width
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import load_model
 from openmythos.training.trainer import prepare_data, resolve_device
@@ -67,57 +69,37 @@ def run(cfg: ActParetoConfig) -> dict:
                            act_thresholds=[0.5, 0.99], kl_thresholds=[1e-2])
     report = Report("act-pareto", cfg)
     steps = max(2, round(cfg.steps * cfg.scale))
-    width = {"dim": cfg.dim, "kv_lora_rank": cfg.dim // 4, "q_lora_rank": cfg.dim // 2,
-             "expert_dim": cfg.dim // 2}
-    # one training run; the budget holds back a fifth of the time for the evaluations below
-    budget = TimeBudget(cfg.budget_minutes, 1)
+    budget = TimeBudget(cfg.budget_minutes, cfg.repeats)  # a fifth held back for the evaluations
+    data = corpus_split(cfg, report.out)
     with threads(cfg.threads):
-        out = lm_run(cfg, report.out / "model", {"halting": "act", "max_loop_iters": cfg.loops, **width},
-                     {**corpus_split(cfg, report.out), "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
-                      "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
-                      "train.ponder_weight": cfg.ponder_weight,
-                      "run.dtype": "bf16",  # as in the measured run
-                      "loops.mean": cfg.loops, "loops.max": cfg.loops, "eval.depths": [cfg.loops],
-                      "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
-                     budget)
-        if out.get("diverged"):
-            raise ValueError(f"act-pareto: training diverged at lr={cfg.lr} ({out['error']}); "
-                             "try a smaller --lr")
-        model, tokenizer, train_cfg = load_model(out["checkpoint"], resolve_device(cfg.device, "device"))
-        data = prepare_data(train_cfg.data, tokenizer)
-        batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
-                                     data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]
-        evaluate(model, batches[:1], 1)  # warm-up: the first point's tokens/s would pay for it
-        points = []
-        for n in sorted({*cfg.depths, cfg.loops}):  # full depth is the baseline, asked for or not
-            points.append({"rule": "fixed", "setting": n,
-                           **evaluate(model.with_exit(halting="none"), batches, n)})
-        for thr in cfg.act_thresholds:
-            points.append({"rule": "act", "setting": thr,
-                           **evaluate(model.with_exit(halting="act", act_threshold=thr), batches, cfg.loops)})
-        for thr in cfg.kl_thresholds:
-            points.append({"rule": "kl", "setting": thr,
-                           **evaluate(model.with_exit(halting="kl", kl_threshold=thr,
-                                                   min_loops=cfg.min_loops), batches, cfg.loops)})
-    train = {k: out.get(k) for k in ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}
-    full = next(p for p in points if p["rule"] == "fixed" and p["setting"] == cfg.loops)
+        runs = [train_and_sweep(cfg, report.out / ("model" if cfg.repeats == 1 else f"model-seed{seed}"),
+                                {**data, "run.seed": seed}, steps, budget) for seed in cfg.seeds]
+    train = [r["train"] for r in runs]
+    points = over_seeds([r["points"] for r in runs], cfg.loops)
+    full = full_depth(points, cfg.loops)
     verdicts = {rule: verdict([p for p in points if p["rule"] == rule], full) for rule in ("act", "kl")}
     report.results = {"points": points, "train": train, "verdicts": verdicts}
+    spread = cfg.repeats > 1
     rows = [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"], p["val_loss"] - full["val_loss"],
-             p["tok_per_s"], p["tok_per_s"] / full["tok_per_s"]] for p in points]
-    cut = (f"\n\n**Training was cut short by the time budget** at step {train['steps']} of {steps}."
-           if train["status"] == "time_limit" else "")
-    report.add("## Quality against compute\n\n" + markdown_table(
-        ["exit rule", "setting", "mean loops", "val loss", f"Δ loss vs {cfg.loops} loops", "tokens/s",
-         f"speed vs {cfg.loops} loops"], rows) + cut)
+             *([p["gap_spread"]] if spread else []), p["tok_per_s"], p["tok_per_s"] / full["tok_per_s"]]
+            for p in points]
+    cut = [f"seed {t['seed']} at step {t['steps']}" for t in train if t["status"] == "time_limit"]
+    report.add("## Quality against compute\n\n"
+               + (f"Each point is the mean over models trained with seeds {', '.join(map(str, cfg.seeds))}; "
+                  "the spread is the largest minus the smallest of their loss gaps to full depth.\n\n"
+                  if spread else "") + markdown_table(
+        ["exit rule", "setting", "mean loops", "val loss", f"Δ loss vs {cfg.loops} loops",
+         *(["spread of Δ between seeds"] if spread else []), "tokens/s", f"speed vs {cfg.loops} loops"], rows)
+        + (f"\n\n**Training was cut short by the time budget** ({', '.join(cut)} of {steps})." if cut else ""))
     report.add("## Does halting pay?\n\n" + "\n".join(
         f"- **{rule}**: {v['summary']}" for rule, v in verdicts.items()) + "\n\n"
         f"The rule: among an exit rule's settings within {LOSS_TOLERANCE} nats of full depth's loss, "
         f"the one with the fewest loops; it saves compute if it runs at most {LOOPS_SAVED:.0%} of the "
-        f"loops, and time if its tokens/s are at least {FASTER}x full depth's (one seed, one timing "
-        "per point, after a warm-up).")
+        f"loops, and time if its tokens/s are at least {FASTER}x full depth's ("
+        + (f"means over {cfg.repeats} seeds" if spread else "one seed")
+        + ", one timing per point and model, after a warm-up).")
     report.add("Settings: fixed = n_loops; act = halting threshold (trained at "
-               f"{model.cfg.act_threshold}); kl = KL threshold in nats, at least {cfg.min_loops} loops. "
+               f"{runs[0]['act_threshold']}); kl = KL threshold in nats, at least {cfg.min_loops} loops. "
                "The KL readout applies the final norm and LM head to the looped state directly "
                "(the coda is skipped), so the exit itself costs one vocabulary projection per loop.")
 
@@ -154,3 +136,55 @@ def verdict(points: list[dict], full: dict) -> dict:
                        f"loops {'saved' if saves_loops else 'not saved'}, "
                        f"time {'saved' if saves_time else 'not saved'}"}
 
+
+def train_and_sweep(cfg: ActParetoConfig, out_dir: Path, settings: dict, steps: int,
+                    budget: TimeBudget) -> dict:
+    """One ACT model trained, then evaluated at every point of the sweep: fixed depths (full
+    depth among them, asked for or not), ACT thresholds and KL thresholds."""
+    out = lm_run(cfg, out_dir, {"halting": "act", "max_loop_iters": cfg.loops, **width(cfg.dim)},
+                 {**settings, "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
+                  "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
+                  "train.ponder_weight": cfg.ponder_weight,
+                  "run.dtype": "bf16",  # as in the measured run
+                  "loops.mean": cfg.loops, "loops.max": cfg.loops, "eval.depths": [cfg.loops],
+                  "eval.max_tokens": cfg.eval_tokens, "eval.depth_max_tokens": cfg.eval_tokens},
+                 budget)
+    if out.get("diverged"):
+        raise ValueError(f"act-pareto: training diverged at lr={cfg.lr} (seed {settings['run.seed']}: "
+                         f"{out['error']}); try a smaller --lr")
+    model, tokenizer, train_cfg = load_model(out["checkpoint"], resolve_device(cfg.device, "device"))
+    data = prepare_data(train_cfg.data, tokenizer)
+    batches = [b for _, b in zip(range(max(1, cfg.eval_tokens // (8 * cfg.seq_len))),
+                                 data.val.iter_eval_batches(8, cfg.seq_len), strict=False)]
+    evaluate(model, batches[:1], 1)  # warm-up: the first point's tokens/s would pay for it
+    points = [{"rule": "fixed", "setting": n, **evaluate(model.with_exit(halting="none"), batches, n)}
+              for n in sorted({*cfg.depths, cfg.loops})]
+    points += [{"rule": "act", "setting": thr,
+                **evaluate(model.with_exit(halting="act", act_threshold=thr), batches, cfg.loops)}
+               for thr in cfg.act_thresholds]
+    points += [{"rule": "kl", "setting": thr,
+                **evaluate(model.with_exit(halting="kl", kl_threshold=thr, min_loops=cfg.min_loops),
+                           batches, cfg.loops)} for thr in cfg.kl_thresholds]
+    train = {"seed": settings["run.seed"],
+             **{k: out.get(k) for k in ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}}
+    return {"train": train, "points": points, "act_threshold": model.cfg.act_threshold}
+
+
+def full_depth(points: list[dict], loops: int) -> dict:
+    return next(p for p in points if p["rule"] == "fixed" and p["setting"] == loops)
+
+
+def over_seeds(runs: list[list[dict]], loops: int) -> list[dict]:
+    """The seeds' sweeps as one: each point's loss, loops and tokens/s averaged, and the spread
+    between seeds of its loss gap to full depth (the difference the verdict reads). One sweep is
+    returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    fulls = [full_depth(points, loops) for points in runs]
+    merged = []
+    for same in zip(*runs, strict=True):
+        gaps = [p["val_loss"] - f["val_loss"] for p, f in zip(same, fulls, strict=True)]
+        merged.append({"rule": same[0]["rule"], "setting": same[0]["setting"],
+                       **{k: fmean(p[k] for p in same) for k in ("val_loss", "mean_loops", "tok_per_s")},
+                       "gap_spread": max(gaps) - min(gaps)})
+    return merged

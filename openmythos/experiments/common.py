@@ -40,6 +40,7 @@ class ExperimentConfig:
     threads: int = 1
     budget_minutes: float = 14.0  # wall-clock cap on all training; 0 = none (scaled runs)
     device: str = "auto"  # auto: a GPU when there is one, else the CPU
+    repeats: int = 1  # seeds per model (seed, seed + 1, ...): differences under their spread are not evidence
 
     # numeric fields that may be 0; every other number (or list of them) must be positive
     NON_NEGATIVE = frozenset({"seed", "threads", "budget_minutes", "val_chars", "ponder_weight"})
@@ -57,6 +58,10 @@ class ExperimentConfig:
                     raise ValueError(f"{f.name}={value!r} must be {rule}")
         check_threads(self.threads, "threads")
         resolve_device(self.device, "device")  # e.g. cuda where there is none: before any folder
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.repeats)]
 
     def smoke_defaults(self, **settings: Any) -> None:
         """--smoke: seconds-long settings, for the fields the user did not set (`given`, which

@@ -54,10 +54,7 @@ class DepthExtrapolationConfig(ExperimentConfig):
     prefix_loss: bool = True  # also teach every chain prefix (see `prefix_targets`)
     backprop: int = 4  # truncated backprop window of the random-depth variant
     ponder_weight: float = 0.01
-    eval_examples: int = 256
-    # seeds (seed, seed + 1, ...), each with its own task draw and models: the report reads the
-    # mean accuracies and picks the best depth on their mean
-    repeats: int = 1
+    eval_examples: int = 256  # with `repeats`, each seed draws its own task and models
 
 
 @dataclass(frozen=True)
@@ -203,8 +200,8 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
                         3 * cfg.train_loops, 4 * cfg.train_loops})
     budget = TimeBudget(cfg.budget_minutes, len(variants(cfg)) * cfg.repeats)
     with threads(cfg.threads):
-        runs = [train_and_score(dataclasses.replace(cfg, seed=cfg.seed + i), loop_grid, budget)
-                for i in range(cfg.repeats)]
+        runs = [train_and_score(dataclasses.replace(cfg, seed=seed), loop_grid, budget)
+                for seed in cfg.seeds]
     results = {name: over_seeds([r[name] for r in runs]) for name in runs[0]}
     report.results = {k: {kk: vv for kk, vv in r.items() if kk != "losses"} for k, r in results.items()}
     _write(report, cfg, results, loop_grid, max_hops)
@@ -269,7 +266,7 @@ def over_seeds(runs: list[dict]) -> dict:
 def _write(report: Report, cfg: DepthExtrapolationConfig, results: dict, loop_grid: list[int],
            max_hops: int) -> None:
     K = cfg.train_hops
-    seeds = [cfg.seed + i for i in range(cfg.repeats)] if cfg.repeats > 1 else []
+    seeds = cfg.seeds if cfg.repeats > 1 else []
     rows = []
     verdicts = []
     for name, r in results.items():

@@ -29,6 +29,11 @@ class LMExperimentConfig(ExperimentConfig):
                              "tokenizer's directory")
 
 
+def width(dim: int) -> dict[str, int]:
+    """Overrides that make the tiny preset `dim` wide, its latent ranks and experts in proportion."""
+    return {"dim": dim, "kv_lora_rank": dim // 4, "q_lora_rank": dim // 2, "expert_dim": dim // 2}
+
+
 def corpus_split(cfg: LMExperimentConfig, out: Path) -> dict[str, str]:
     """Data overrides: train on the corpus's train split, validate on the first `val_chars`
     characters of its held-out split. The trainer's final evaluation reads the whole validation

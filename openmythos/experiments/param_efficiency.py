@@ -34,7 +34,6 @@ class ParamEfficiencyConfig(LMExperimentConfig):
     batch_size: int = 8
     seq_len: int = 64
     lr: float = 3e-3
-    repeats: int = 1  # seeds per model: differences under the spread between seeds are not evidence
 
 
 def fit_log_curve(layers: list[float], losses: list[float]) -> tuple[float, float]:
@@ -125,7 +124,7 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
         for r in cfg.loops:
             runs.append((f"looped-1x{r}", "looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
                                                               "max_loop_iters": r}))
-        seeds = [cfg.seed + i for i in range(cfg.repeats)]
+        seeds = cfg.seeds
         rows, results = [], []
         budget = TimeBudget(cfg.budget_minutes, len(runs) * len(seeds))
         for name, kind, layers, r, model in runs:

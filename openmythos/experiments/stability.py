@@ -10,12 +10,13 @@ the split's unigram loss (token frequencies alone).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
 from openmythos.config import INJECTIONS
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
+from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run, width
 from openmythos.training.config import DTYPES
 
 
@@ -46,36 +47,34 @@ def run(cfg: StabilityConfig) -> dict:
     report = Report("stability", cfg)
     steps = max(3, round(cfg.steps * cfg.scale))
     results = []
-    budget = TimeBudget(cfg.budget_minutes, len(cfg.injections) * len(cfg.lrs))
+    budget = TimeBudget(cfg.budget_minutes, len(cfg.injections) * len(cfg.lrs) * cfg.repeats)
     data = corpus_split(cfg, report.out)
-    width = {"dim": cfg.dim, "kv_lora_rank": cfg.dim // 4, "q_lora_rank": cfg.dim // 2,
-             "expert_dim": cfg.dim // 2}
     with threads(cfg.threads):
-        for injection in cfg.injections:
-            for lr in cfg.lrs:
-                name = f"{injection}-lr{lr:g}"
-                out = lm_run(cfg, report.out / name,
-                    {"injection": injection, "halting": "none", "max_loop_iters": cfg.loops, **width},
-                    {**data, "train.steps": steps, "train.lr": lr, "train.batch_size": cfg.batch_size,
-                     "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
-                     "loops.mean": cfg.loops, "loops.max": cfg.loops, "run.log_every": 1,
-                     "run.dtype": cfg.dtype, "train.max_bad_steps": 3, "eval.max_tokens": 16384,
-                     "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096}, budget)
-                trace = [r for r in out["metrics"] if "loss" in r]
-                tail = trace[-max(1, len(trace) // 10):]
-                first = trace[0]["loss"] if trace else math.nan
-                last = sum(r["loss"] for r in tail) / len(tail) if trace else math.nan
-                diverged = out["diverged"] or not math.isfinite(last) or last > first
-                results.append({
-                    "name": name, "injection": injection, "lr": lr, "diverged": diverged,
-                    "steps": out.get("steps", len(trace)), "status": out.get("status", "diverged"),
-                    "first_loss": first, "final_loss": last, "val_loss": out.get("val_loss", math.nan),
-                    "unigram_loss": out.get("unigram_loss", math.nan),
-                    "learned": out.get("val_loss", math.inf) < out.get("unigram_loss", -math.inf),
-                    "max_rho": max((r["rho"] for r in trace), default=math.nan),
-                    "max_state_norm": max((r["state_norm"] for r in trace), default=math.nan),
-                    "trace": [{k: r[k] for k in ("step", "loss", "rho", "state_norm")} for r in trace],
-                })
+        for injection, lr, seed in itertools.product(cfg.injections, cfg.lrs, cfg.seeds):
+            name = f"{injection}-lr{lr:g}" + (f"-seed{seed}" if cfg.repeats > 1 else "")
+            out = lm_run(cfg, report.out / name,
+                {"injection": injection, "halting": "none", "max_loop_iters": cfg.loops, **width(cfg.dim)},
+                {**data, "run.seed": seed, "train.steps": steps, "train.lr": lr,
+                 "train.batch_size": cfg.batch_size,
+                 "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
+                 "loops.mean": cfg.loops, "loops.max": cfg.loops, "run.log_every": 1,
+                 "run.dtype": cfg.dtype, "train.max_bad_steps": 3, "eval.max_tokens": 16384,
+                 "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096}, budget)
+            trace = [r for r in out["metrics"] if "loss" in r]
+            tail = trace[-max(1, len(trace) // 10):]
+            first = trace[0]["loss"] if trace else math.nan
+            last = sum(r["loss"] for r in tail) / len(tail) if trace else math.nan
+            diverged = out["diverged"] or not math.isfinite(last) or last > first
+            results.append({
+                "name": name, "injection": injection, "lr": lr, "seed": seed, "diverged": diverged,
+                "steps": out.get("steps", len(trace)), "status": out.get("status", "diverged"),
+                "first_loss": first, "final_loss": last, "val_loss": out.get("val_loss", math.nan),
+                "unigram_loss": out.get("unigram_loss", math.nan),
+                "learned": out.get("val_loss", math.inf) < out.get("unigram_loss", -math.inf),
+                "max_rho": max((r["rho"] for r in trace), default=math.nan),
+                "max_state_norm": max((r["state_norm"] for r in trace), default=math.nan),
+                "trace": [{k: r[k] for k in ("step", "loss", "rho", "state_norm")} for r in trace],
+            })
     report.results = {"runs": results}
     # runs cut short by the time budget are compared where all of them still were
     common = min((r["trace"][-1]["step"] for r in results if r["trace"]), default=0)
@@ -83,12 +82,13 @@ def run(cfg: StabilityConfig) -> dict:
     def norm_at(r: dict) -> float:
         return next((t["state_norm"] for t in r["trace"] if t["step"] >= common), math.nan)
 
-    rows = [[r["injection"], r["lr"], "yes" if r["diverged"] else "no", "yes" if r["learned"] else "no",
-             r["steps"], r["final_loss"], r["val_loss"], r["max_rho"], norm_at(r), r["max_state_norm"]]
-            for r in results]
+    seed = ["seed"] if cfg.repeats > 1 else []
+    rows = [[r["injection"], r["lr"], *([r["seed"]] if seed else []), "yes" if r["diverged"] else "no",
+             "yes" if r["learned"] else "no", r["steps"], r["final_loss"], r["val_loss"], r["max_rho"],
+             norm_at(r), r["max_state_norm"]] for r in results]
     unigram = next((r["unigram_loss"] for r in results if math.isfinite(r["unigram_loss"])), math.nan)
     report.add("## Runs\n\n" + markdown_table(
-        ["injection", "lr", "diverged", f"learned (val loss < unigram {unigram:.3f})", "steps",
+        ["injection", "lr", *seed, "diverged", f"learned (val loss < unigram {unigram:.3f})", "steps",
          "final train loss", "val loss", "max rho(A)", f"state norm at step {common}",
          "max state norm"], rows))
     summary = []
