@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from openmythos import OpenMythos
@@ -653,6 +654,21 @@ def test_readout_is_the_head_on_a_looped_state():
     ids = torch.randint(0, 64, (2, 7))
     states = model.loop_states(ids, n_loops=3)
     assert_close(model.readout(states[-1]), model(ids, n_loops=3).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_token_corr_is_the_mean_cosine_between_distinct_positions():
+    """MythosOutput.token_corr (logged in training) is the cosine similarity of the final states
+    of every pair of distinct positions in a sequence, averaged over pairs and sequences; it is
+    None for a single position and for a cached call."""
+    model = small_model()
+    ids = torch.randint(0, 64, (3, 6))
+    final = F.normalize(model.loop_states(ids, n_loops=3)[-1], dim=-1)
+    cos = final @ final.transpose(1, 2)  # (B, T, T)
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert_close(model(ids, n_loops=3).token_corr, cos[:, off].mean(), atol=1e-5, rtol=1e-5)
+    assert model(ids[:, :1], n_loops=3).token_corr is None
+    assert model(ids, n_loops=3, cache=model.new_cache(3, 8)).token_corr is None
 
 
 @torch.no_grad()

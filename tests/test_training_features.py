@@ -120,6 +120,7 @@ def test_gradient_accumulation_steps_on_the_mean_of_the_micro_batches(tmp_path):
     assert record["loss"] == pytest.approx(sum(float(o.loss.detach()) for o in outs) / 2, rel=1e-6)
     assert record["loops"] == 2.0  # the fixed sampler's depth, not the state norm
     assert record["state_norm"] == pytest.approx(sum(float(o.state_norm.detach()) for o in outs) / 2, rel=1e-6)
+    assert record["token_corr"] == pytest.approx(sum(float(o.token_corr) for o in outs) / 2, rel=1e-6)
     B, T = trainer.cfg.train.batch_size, trainer.cfg.data.seq_len
     assert record["tokens"] == trainer.tokens_seen == 2 * B * T
     trainer.close()

@@ -70,6 +70,15 @@ def check_targets(targets: torch.Tensor, shape: tuple[int, int], vocab_size: int
         raise ValueError(f"{name} leave every position out ({IGNORE_INDEX})")
 
 
+def token_correlation(x: torch.Tensor) -> torch.Tensor:
+    """The mean cosine similarity between the states of distinct positions of each sequence in
+    x (B, T, D), T > 1, averaged over sequences: from the sum of unit vectors, whose squared norm
+    is T plus every ordered pair's cosine, in O(B T D)."""
+    T = x.shape[1]
+    unit = F.normalize(x.detach().float(), dim=-1)
+    return ((unit.sum(1).square().sum(-1) - unit.square().sum((1, 2))) / (T * (T - 1))).mean()
+
+
 @dataclass
 class MythosOutput:
     logits: torch.Tensor | None  # (B, T, vocab); None when `targets` asked for the loss instead
@@ -79,6 +88,10 @@ class MythosOutput:
     expert_load: torch.Tensor  # (E,) tokens routed to each expert, summed over loops
     state_norm: torch.Tensor  # mean L2 norm of the recurrent output state
     loss: torch.Tensor | None = None  # mean cross-entropy against `targets`, when given
+    # mean cosine similarity between the recurrent output states of a sequence's distinct
+    # positions (Parcae's collapse telemetry: near 1, the positions carry one state); computed on
+    # whole sequences (no cache, two positions or more), else None
+    token_corr: torch.Tensor | None = None
 
 
 class OpenMythos(nn.Module):
@@ -274,6 +287,7 @@ class OpenMythos(nn.Module):
         if rows is not None:
             x = x.flatten(0, 1)[rows]
         state_norm = x.detach().float().norm(dim=-1).mean()
+        corr = token_correlation(x) if cache is None and rows is None and T > 1 else None
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, cache.coda[i] if cache else None, rows)
         if rows is not None:  # padding positions read a zero state
@@ -289,7 +303,7 @@ class OpenMythos(nn.Module):
         else:
             logits = x @ self.embed.weight.T
         return MythosOutput(logits, torch.stack(ctx.aux_losses).sum(), ponder, loops,
-                            torch.stack(ctx.expert_loads).sum(0), state_norm, loss)
+                            torch.stack(ctx.expert_loads).sum(0), state_norm, loss, corr)
 
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, head_dtype: torch.dtype | None):
         """The mean cross-entropy of targets checked by check_targets."""

@@ -490,7 +490,7 @@ class Trainer:
         torch.manual_seed(int(seeds.generate_state(1)[0]))
         # summed over micro-batches, read back in one transfer: cross-entropy, loops per token,
         # state norm, ponder cost
-        stats = torch.zeros(4, device=self.device)
+        stats = torch.zeros(5, device=self.device)
         load = torch.zeros(model.cfg.n_experts, device=self.device, dtype=torch.long)
         for micro in range(accum):
             x, y = self.data.train.sample_batch(B, T, self.data_gen, rank=self.env.rank,
@@ -505,7 +505,7 @@ class Trainer:
                 loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
                 (loss / accum).backward()
             load += out.expert_load
-            stats += torch.stack([ce, out.loops.float().mean(), out.state_norm,
+            stats += torch.stack([ce, out.loops.float().mean(), out.state_norm, out.token_corr,
                                   out.ponder_loss]).detach().float()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         # under FSDP2 the norm is a replicated DTensor, computed over every rank's shards
@@ -514,7 +514,7 @@ class Trainer:
             dist.all_reduce(load)  # every rank moves the router bias by the global load
             dist.all_reduce(stats)  # report the global means, identical on every rank
             stats /= self.env.world_size
-        loss_value, loops, state_norm, ponder = (stats / accum).tolist()
+        loss_value, loops, state_norm, token_corr, ponder = (stats / accum).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -532,7 +532,8 @@ class Trainer:
             rho = global_max(model.spectral_radius(), self.env, self.device)
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                   "tokens": self.tokens_seen, "tok_per_s": tokens / dt, "loops": loops, "rho": rho,
-                  "state_norm": state_norm, "load_entropy": _entropy(load), "ponder": ponder,
+                  "state_norm": state_norm, "token_corr": token_corr, "load_entropy": _entropy(load),
+                  "ponder": ponder,
                   "skipped": self.skipped, "time": self.train_time}
         if self.env.world_size > 1:  # the global load above, and each rank's own tokens/s
             record["tok_per_s_rank"] = per_rank(tokens / self.env.world_size / dt, self.env,
