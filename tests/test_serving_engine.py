@@ -240,6 +240,21 @@ def test_stop_strings_hold_back_only_what_could_begin_one():
     assert "".join(e.text for e in events if e.kind == "token") == req.text == "abcdef"
 
 
+@pytest.mark.parametrize("stop", [("",), ("", "zz")])
+def test_an_empty_stop_string_stops_and_holds_nothing(stop):
+    """An empty stop string matches nowhere and holds no text back: the stream and the final
+    text are the completion's whole text, as with no stop strings (it used to lose all but the
+    first character)."""
+    tok = ByteTokenizer()
+    engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
+    script = iter(b"abcdef")
+    engine._sample = lambda req, logits, greedy: next(script)
+    req, events = collect(engine, list(b"hi"), max_tokens=6, temperature=0, stop=stop)
+    engine.run_until_idle()
+    assert "".join(e.text for e in events if e.kind == "token") == req.text == "abcdef"
+    assert events[-1].finish_reason == "length"
+
+
 @pytest.mark.parametrize("junk", [b"", b"\x80\x80", b"\xe4"])  # stray bytes before it
 def test_streamed_text_keeps_characters_split_over_tokens_whole(junk):
     tok = ByteTokenizer()

@@ -312,7 +312,7 @@ class Engine:
             return self._finish(req, "stop")
         req.text = text
         # hold back an unfinished character, and settled text that could still begin a stop string
-        hold = max((len(s) - 1 for s in req.params.stop), default=0)
+        hold = max((len(s) - 1 for s in req.params.stop if s), default=0)  # "" stops nothing
         visible = len(settled) - hold
         if visible > req.emitted:
             req.on_event(Event("token", text=text[req.emitted:visible], token=token))
