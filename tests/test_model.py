@@ -293,6 +293,17 @@ def test_act_at_init_runs_the_trained_depth():
     assert not torch.allclose(model(ids, n_loops=2).logits, model(ids, n_loops=4).logits)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("depth, threshold", [  # at L = 1 a threshold of 1 is out of a finite bias's reach
+    (L, t) for L in (1, 2, 3, 16, 60, 101, 128) for t in (0.3, 0.5, 0.9, 0.99, 1.0) if (L, t) != (1, 1.0)])
+def test_act_at_init_runs_the_trained_depth_at_any_threshold(depth, threshold):
+    """Every token halts at exactly max_loop_iters at init, given more loops: the halting
+    probability was 1/L whatever the threshold, which stopped at ceil(threshold * L) (half the
+    depth at 0.5, a loop early at 0.99 from L = 101) and at 2 loops for L = 1."""
+    model = small_model(halting="act", max_loop_iters=depth, act_threshold=threshold)
+    assert (model(torch.randint(0, 64, (2, 3)), n_loops=depth + 2).loops == depth).all()
+
+
 BAD_INPUTS = [
     (lambda m: m(torch.tensor([[1, 64]])), ValueError, "token id 64"),
     (lambda m: m(torch.tensor([[-1, 2]])), ValueError, "token id -1"),

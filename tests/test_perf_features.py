@@ -311,6 +311,19 @@ def test_compiled_model_decodes_like_eager():
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_loop_states_of_a_compiled_model_after_a_forward():
+    """loop_states reads each loop's state through a hook, which a loop body compiled before it
+    would never call: after a compiled forward it used to find no states at all."""
+    model = small_model(halting="none").eval()
+    ids = torch.randint(0, 64, (2, 8))
+    want = model.loop_states(ids, n_loops=3)
+    model.compile_blocks(backend="eager")
+    model(ids, n_loops=3)
+    assert_close(model.loop_states(ids, n_loops=3), want)
+    assert model.recurrent.compiled_step is not None  # still compiled afterwards
+
+
 def test_compiled_model_with_ragged_halting_matches_eager():
     # halted rows: the packed attention grid's size is data, so the body splits around it
     _compile_counters()

@@ -206,12 +206,16 @@ class OpenMythos(nn.Module):
             raise ValueError("loop_states runs one depth for every sequence: n_loops must be an int")
         model = self if self.cfg.halting == "none" else self.with_exit(halting="none")
         states = []  # the injection's output is the state after each loop
-        hook = model.recurrent.injection.register_forward_hook(lambda _m, _args, h: states.append(h))
+        recurrent = model.recurrent
+        hook = recurrent.injection.register_forward_hook(lambda _m, _args, h: states.append(h))
+        # a graph compiled before the hook existed would not call it: the eager step instead
+        step, recurrent.compiled_step = recurrent.compiled_step, None
         try:
             with eval_mode(model):  # no dropout: the states a generation reads
                 model(input_ids, n_loops=depth, logits_to_keep=1)
         finally:
             hook.remove()
+            recurrent.compiled_step = step
         return torch.stack(states).view(depth, B, T, -1)
 
     @torch.no_grad()

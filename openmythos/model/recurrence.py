@@ -168,16 +168,24 @@ def _loop_embedding(t: int, dim: int, width: int, dtype: torch.dtype,
 
 
 class ACTHalting(nn.Module):
-    def __init__(self, dim: int, max_loops: int):
+    def __init__(self, dim: int, max_loops: int, threshold: float):
         super().__init__()
         self.halt = nn.Linear(dim, 1)
         self.max_loops = max_loops
+        self.threshold = threshold
 
     def init_weights(self) -> None:
-        # p = 1 / max_loops everywhere at init, so every token runs the trained depth before it
-        # learns to stop early (a random init halts after ~2 loops and makes depth meaningless)
+        """One halting probability p0 everywhere at init, so that every token runs the trained
+        depth L before it learns to stop early (a random init halts after ~2 loops and makes
+        depth meaningless): L * p0 reaches the threshold and (L - 1) * p0 stays below it, each
+        by at least half a step. p0 = 1/L (the L states averaged uniformly) where the threshold
+        allows it, from 1 - 1/(2L) up to 0.999; else threshold / (L - 0.5), kept below 1 for a
+        finite bias (so at L = 1 a threshold above 1 - 1e-6 does not halt at init)."""
+        L, threshold = self.max_loops, self.threshold
+        p0 = 1 / L if 1 - 0.5 / L <= threshold <= 0.999 else threshold / (L - 0.5)
+        p0 = min(p0, 1 - 1e-6)
         nn.init.zeros_(self.halt.weight)
-        nn.init.constant_(self.halt.bias, -math.log(self.max_loops - 1) if self.max_loops > 1 else 0.0)
+        nn.init.constant_(self.halt.bias, math.log(p0) - math.log1p(-p0))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.halt(h).float()).squeeze(-1)
@@ -230,7 +238,7 @@ class RecurrentBlock(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.block = TransformerBlock(cfg, use_moe=True)
         self.injection = build_injection(cfg)
-        self.act = ACTHalting(cfg.dim, cfg.max_loop_iters)
+        self.act = ACTHalting(cfg.dim, cfg.max_loop_iters, cfg.act_threshold)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
         # opt-in, set from outside (OpenMythos.enable_activation_checkpointing / compile_blocks)
         self.checkpoint_loops = False
