@@ -236,7 +236,10 @@ def _load(checkpoint: str, device: str):
     model, tokenizer, cfg = _hf().load_pretrained(checkpoint, resolve_device(device, "--device"))
     if tokenizer is None:
         raise ValueError(f"{checkpoint!r} has no tokenizer (tokenizer_meta.json): export it with one")
-    return model, tokenizer, cfg or TrainConfig()
+    if cfg is None:  # the quickstart's, in windows the model takes
+        cfg = TrainConfig()
+        cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)
+    return model, tokenizer, cfg
 
 
 def _model_config(checkpoint: str) -> MythosConfig:
@@ -303,8 +306,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _flags(args: list[str]) -> dict[str, str]:
-    """["--smoke", "--scale=4", "--out_dir", "x"] -> {"smoke": "true", "scale": "4", "out_dir": "x"}:
+def _flags(args: list[str]) -> dict[str, str | bool]:
+    """["--smoke", "--scale=4", "--out_dir", "x"] -> {"smoke": True, "scale": "4", "out_dir": "x"}:
     a flag with no value is a true boolean."""
     out, i = {}, 0
     while i < len(args):
@@ -313,7 +316,7 @@ def _flags(args: list[str]) -> dict[str, str]:
         key, eq, value = args[i][2:].partition("=")
         if not eq:
             bare = i + 1 == len(args) or args[i + 1].startswith("--")
-            value = "true" if bare else args[i + 1]
+            value = True if bare else args[i + 1]
             i += not bare
         out[key.replace("-", "_")] = value
         i += 1
@@ -389,6 +392,8 @@ def experiment_command(name: str, overrides: dict[str, str]) -> dict:
     for key, text in overrides.items():
         if key not in types:
             raise ValueError(f"experiment {name!r} has no field {key!r}; fields: {sorted(types)}")
+        if text is True and types[key] is not bool:  # `--out_dir` with its value forgotten
+            raise ValueError(f"--{key} needs a value: only a true/false field may stand alone")
         fields[key] = coerce(key, text, types[key])
     payload = run_experiment(name, **fields)
     out = Path(payload["config"]["out_dir"]).expanduser()

@@ -68,9 +68,23 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = 
     return logits.softmax(-1)
 
 
+def check_left_padding(mask: torch.Tensor) -> None:
+    """A batch of prompts' attention_mask (B, T): 0s then 1s in every row, whose last column is
+    its last token, where generation's first new token reads."""
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left padding (0s, then 1s, in every row): a row's "
+                         "next token follows its last position")
+    if not bool(mask[:, -1].all()):  # left padding: a row's last column is its last token
+        row = int((mask[:, -1] == 0).nonzero()[0])
+        raise ValueError(f"attention_mask row {row} marks no real token: every prompt needs one")
+
+
 def _left_pad(input_ids, attention_mask, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(input_ids, torch.Tensor):
         return input_ids, attention_mask
+    if not isinstance(input_ids, (list, tuple)):
+        raise TypeError(f"input_ids must be a (batch, seq_len) tensor or a list of token-id lists, "
+                        f"got {type(input_ids).__name__}")
     if not input_ids:
         raise ValueError("input_ids as a list must hold at least one token-id list")
     bad = next((i for i, p in enumerate(input_ids) if not (isinstance(p, Sequence) and len(p))), None)
@@ -145,12 +159,7 @@ def stream(model, input_ids, max_new_tokens: int, n_loops: int | torch.Tensor | 
     if ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-        if bool((mask[:, 1:] < mask[:, :-1]).any()):
-            raise ValueError("attention_mask must be left padding (0s, then 1s, in every row): a row's "
-                             "next token follows its last position")
-        if not bool(mask[:, -1].all()):  # left padding: a row's last column is its last token
-            row = int((mask[:, -1] == 0).nonzero()[0])
-            raise ValueError(f"attention_mask row {row} marks no real token: every prompt needs one")
+        check_left_padding(mask)
     B, T = ids.shape
     total = _total_length(model, T, max_new_tokens)
     n_loops = model.check_loops(n_loops, B)

@@ -276,9 +276,19 @@ def test_experiment_flags_take_a_value_or_stand_alone():
     from openmythos.cli import _flags
 
     assert _flags(["--smoke", "--scale=4", "--out-dir", "x", "--lr", "-1"]) == {
-        "smoke": "true", "scale": "4", "out_dir": "x", "lr": "-1"}
+        "smoke": True, "scale": "4", "out_dir": "x", "lr": "-1"}
     with pytest.raises(ValueError, match="expected --field"):
         _flags(["smoke"])
+
+
+def test_an_experiment_field_with_its_value_forgotten_is_refused(tmp_path, monkeypatch):
+    """`--out_dir` alone used to run the whole experiment into a folder named "true"."""
+    from openmythos.cli import experiment_command
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--out_dir needs a value"):
+        experiment_command("stability", {"smoke": True, "out_dir": True})
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,11 @@ def test_bad_sampling_arguments(kwargs, needle):
         model.generate(**args)
 
 
+def test_input_ids_of_another_type_are_named():
+    with pytest.raises(TypeError, match="a list of token-id lists, got ndarray"):  # was numpy's
+        small_model().generate(np.array([[1, 2, 3]]), 2)  # "truth value ... is ambiguous"
+
+
 def test_a_padded_vocabulary_samples_only_the_tokenizers_ids():
     """vocab_size caps what is sampled: a model padded past its tokenizer's vocabulary (the 1b
     recipe's 50304 for GPT-2's 50257) sampled padding ids that no tokenizer decodes."""
@@ -194,7 +200,6 @@ def test_every_id_is_sampled_by_default_and_limits_are_inclusive():
 
 
 def test_numpy_numbers_are_taken():
-    import numpy as np
 
     model = small_model()
     assert model.generate(torch.zeros(1, 2, dtype=torch.long), np.int64(3)).shape == (1, 5)
@@ -213,7 +218,6 @@ def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
     ids = torch.randint(0, 64, (1, 4))
     assert torch.equal(model.generate(ids, 3, 2, 0.0), model.generate(ids, 3, n_loops=2, temperature=0.0))
     # prompts as lists of numpy integers
-    import numpy as np
 
     assert torch.equal(model.generate([list(np.array([5, 6, 7]))], 2, temperature=0, eos_token_id=np.int64(3)),
                        model.generate([[5, 6, 7]], 2, temperature=0, eos_token_id=3))

@@ -428,6 +428,25 @@ def test_bad_calls():
     held = hf(ids, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="the cache already holds every input token"):
         hf.generate(ids, cache=held, max_new_tokens=2, do_sample=False)
+    # right padding: the first new token read a padding position's logits, silently
+    with pytest.raises(ValueError, match="left padding"):
+        hf.generate(ids, attention_mask=torch.tensor([[1, 1, 0, 0]]), max_new_tokens=2, do_sample=False)
+    # input_ids checked before the cache or the labels read their shape (cryptic errors before)
+    for bad, error in ((ids[0], ValueError), (ids[None], ValueError), (ids.tolist(), TypeError)):
+        with pytest.raises(error, match="input_ids"):
+            hf(bad, use_cache=True)
+
+
+def test_mythos_eval_of_an_export_without_a_run_reads_windows_the_model_takes(exported, capsys):
+    """An export without a run's config evaluates in the quickstart's 256-token windows, cut to
+    the model's max_seq_len (96 here): 256 was refused, with no flag to change it."""
+    from openmythos.cli import _load, main
+
+    assert _load(str(exported[1]), "cpu")[2].data.seq_len == 96
+    text = str(Path(__file__).parent / "data" / "train_small.txt")
+    assert main(["eval", "--checkpoint", str(exported[1]), "--data", text, "--n-loops", "2",
+                 "--max-tokens", "192"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["loss_per_depth"]["2"]["loss"] > 0
 
 
 def test_save_pretrained_touches_only_its_own_files(tmp_path):

@@ -336,6 +336,11 @@ BAD_INPUTS = [
     (lambda m: m(torch.zeros(1, 2, dtype=torch.long), backprop_loops=True), ValueError, "backprop_loops"),
     (lambda m: m(torch.zeros(1, 2, dtype=torch.long), head_dtype=torch.int64), ValueError, "head_dtype"),
     (lambda m: m(torch.zeros(1, 2, dtype=torch.long), head_dtype="bf16"), ValueError, "head_dtype"),
+    # an additive mask's "keep everything" read as all padding: every token saw only itself
+    (lambda m: m(torch.zeros(2, 2, dtype=torch.long), attention_mask=torch.zeros(2, 2)),
+     ValueError, "attention_mask marks no real token"),
+    (lambda m: m.readout(torch.zeros(2, 63)), ValueError, r"readout takes looped states \(\.\.\., dim=64\)"),
+    (lambda m: m.readout(torch.zeros(2, 64, dtype=torch.long)), ValueError, "floating dtype, got .* torch.int64"),
 ]
 
 

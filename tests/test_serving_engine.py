@@ -327,6 +327,38 @@ def test_bad_requests_are_refused(prompt, params, needle):
     assert engine.idle
 
 
+@pytest.mark.parametrize("params,on_event,needle", [
+    ({"max_tokens": 2}, print, "params must be a SamplingParams, got dict"),
+    (SamplingParams(max_tokens=2), None, "on_event must be callable, got None"),
+])
+def test_a_bad_params_or_callback_is_refused_at_submit(params, on_event, needle):
+    """Found only in a step, it failed every request in the step (and a None callback, called
+    again for the error event, ended the engine thread)."""
+    engine = Engine(small_model(vocab_size=64), max_batch=2)
+    with pytest.raises(TypeError, match=needle):
+        engine.submit([1, 2], params, on_event)
+    assert engine.idle
+
+
+def test_a_callback_that_raises_ends_its_step_and_the_engine_serves_on():
+    engine = Engine(small_model(vocab_size=64), max_batch=2)
+    thread = threading.Thread(target=engine.serve_forever)
+    thread.start()
+    try:
+        def broken(event):
+            raise RuntimeError("a client's bug")
+
+        engine.submit([1, 2], SamplingParams(max_tokens=3, temperature=0), broken)
+        done = threading.Event()
+        _, served = collect(engine, [3, 4], max_tokens=3, temperature=0)
+        engine.submit([5], SamplingParams(max_tokens=1), lambda ev: ev.kind == "done" and done.set())
+        assert done.wait(30) and thread.is_alive()
+    finally:
+        engine.shutdown()
+        thread.join(30)
+    assert served[-1].kind == "done"
+
+
 @pytest.mark.parametrize("name", ["max_batch", "max_queue", "prefill_chunk", "max_len", "max_loops",
                                   "admission_window"])
 def test_bad_engine_settings_are_refused(name):

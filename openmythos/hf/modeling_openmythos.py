@@ -25,6 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from openmythos.config import is_int
+from openmythos.generation import check_left_padding
 from openmythos.hf.configuration_openmythos import OpenMythosHFConfig
 from openmythos.model.cache import KVCache
 from openmythos.model.model import IGNORE_INDEX, OpenMythos, check_targets
@@ -178,6 +179,10 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"logits_to_keep={logits_to_keep} with labels: the loss needs every position")
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("OpenMythos takes input_ids (inputs_embeds are not supported)")
+        if not isinstance(input_ids, torch.Tensor):  # checked before the cache and labels read its shape
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         if labels is not None:
             check_targets(labels, tuple(input_ids.shape), self.config.vocab_size, "labels")
             # position t's logits predict labels[t + 1]: labels[:, 0] is never a target
@@ -258,6 +263,9 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         if asked("cache_implementation"):
             raise ValueError("cache_implementation: OpenMythos builds its own cache (OpenMythosCache)")
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # right padding: the first new token
+            check_left_padding(mask)  # would read a padding position's logits, silently
         limit, new, total = self.config.max_seq_len, asked("max_new_tokens"), asked("max_length")
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:  # else it fails at the limit,
             if isinstance(new, int) and inputs.shape[1] + new > limit:  # its tokens lost

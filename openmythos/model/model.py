@@ -129,6 +129,10 @@ class OpenMythos(nn.Module):
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Logits read directly from a looped state (the coda skipped): the KL exit's probe."""
+        if not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.shape[-1:] == (self.cfg.dim,)):
+            got = f"{tuple(h.shape)} {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"readout takes looped states (..., dim={self.cfg.dim}) of a floating "
+                             f"dtype, got {got}")
         return self.norm(h) @ self.embed.weight.T
 
     def with_exit(self, **fields: Any) -> OpenMythos:
@@ -392,9 +396,7 @@ class OpenMythos(nn.Module):
         if bool(rising.any()):
             raise ValueError(f"attention_mask must be left padding (0s, then 1s, in every row) when rows hold "
                              f"different lengths or the cache is packed; row {int(rising.nonzero()[0])} is not")
-        n = new_valid.sum(1)
-        if not bool(n.any()):
-            raise ValueError("attention_mask marks no real token: a packed call needs at least one")
+        n = new_valid.sum(1)  # at least one token somewhere (_check_inputs)
         longest = int((cache.lengths + n).max())
         if longest > cache.max_len:
             raise ValueError(f"cache overflow: a row would hold {longest} tokens > cache "
@@ -439,6 +441,9 @@ class OpenMythos(nn.Module):
             # an additive mask (0 keep, -inf drop) would otherwise be read inverted, silently
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
             raise ValueError(f"attention_mask must hold 1 for a token and 0 for padding, got a value {bad!r}")
+        if attention_mask is not None and not bool(attention_mask.any()):  # e.g. an additive mask's
+            # "keep everything", which would be read as all padding, every token seeing only itself
+            raise ValueError("attention_mask marks no real token: it must hold 1 for a token and 0 for padding")
         if cache is not None:
             if cache.batch_size != B:
                 raise ValueError(f"cache was built for batch_size={cache.batch_size}, input_ids has batch {B}")

@@ -155,6 +155,11 @@ class Engine:
     # the caller's side
     def submit(self, prompt: list[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> Request:
+        # checked here: a bad one found in a step would fail every request in it
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not callable(on_event):
+            raise TypeError(f"on_event must be callable, got {on_event!r}")
         params.validate(self.max_loops)
         if hasattr(prompt, "tolist"):  # a tensor or numpy array of ids
             prompt = prompt.tolist()
@@ -363,7 +368,10 @@ class Engine:
             except Exception:  # a failed step ends the requests it ran, not the engine
                 log.exception("engine step failed: ending its %d requests with an error", len(self.rows))
                 for req in self.rows:
-                    req.on_event(Event("done", finish_reason="error", usage=self._usage(req)))
+                    try:  # a callback that raised in the step may raise again
+                        req.on_event(Event("done", finish_reason="error", usage=self._usage(req)))
+                    except Exception:
+                        log.exception("a request's on_event failed on its error event")
                 self.rows = []
 
     def shutdown(self, cancel: bool = False) -> None:
