@@ -132,6 +132,20 @@ def test_chunked_prefill_on_a_short_ring_is_refused_by_name():
     assert torch.equal(hf.generate(ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=8, n_loops=2), want)
 
 
+def test_chunked_prefill_of_a_batch_whose_first_chunk_is_all_padding():
+    """Left padding longer than a chunk makes a chunk of padding alone: a cached call that marks
+    no token is valid (only a whole-sequence call without one is refused), and the tokens are
+    those of one prefill."""
+    hf = OpenMythosForCausalLM.from_openmythos(tiny_model())
+    ids = torch.randint(2, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :6], mask[1, :7] = 0, 0
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    got = hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                      prefill_chunk_size=4)
+    assert torch.equal(got, want)
+
+
 def test_chunked_prefill_a_restart_and_a_passed_generation_config():
     from transformers import GenerationConfig
 

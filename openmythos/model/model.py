@@ -396,7 +396,9 @@ class OpenMythos(nn.Module):
         if bool(rising.any()):
             raise ValueError(f"attention_mask must be left padding (0s, then 1s, in every row) when rows hold "
                              f"different lengths or the cache is packed; row {int(rising.nonzero()[0])} is not")
-        n = new_valid.sum(1)  # at least one token somewhere (_check_inputs)
+        n = new_valid.sum(1)
+        if not bool(n.any()):
+            raise ValueError("attention_mask marks no real token: a packed call needs at least one")
         longest = int((cache.lengths + n).max())
         if longest > cache.max_len:
             raise ValueError(f"cache overflow: a row would hold {longest} tokens > cache "
@@ -441,8 +443,9 @@ class OpenMythos(nn.Module):
             # an additive mask (0 keep, -inf drop) would otherwise be read inverted, silently
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)].flatten()[0].item()
             raise ValueError(f"attention_mask must hold 1 for a token and 0 for padding, got a value {bad!r}")
-        if attention_mask is not None and not bool(attention_mask.any()):  # e.g. an additive mask's
-            # "keep everything", which would be read as all padding, every token seeing only itself
+        if cache is None and attention_mask is not None and not bool(attention_mask.any()):
+            # e.g. an additive mask's "keep everything", read as all padding: every token would see
+            # only itself (with a cache, a chunk of a left-padded prompt may be padding alone)
             raise ValueError("attention_mask marks no real token: it must hold 1 for a token and 0 for padding")
         if cache is not None:
             if cache.batch_size != B:
