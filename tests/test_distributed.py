@@ -202,6 +202,9 @@ def test_the_resume_hint_of_a_distributed_run_is_a_torchrun_launch():
             in report({**summary, "world_size": 4, "local_world_size": 4}))
     assert ("resume with: torchrun --nnodes=2 (and its rendezvous flags) --nproc_per_node=8 -m openmythos.cli "
             "train --resume runs/x" in report({**summary, "world_size": 16, "local_world_size": 8}))
+    # one process under torchrun (configs/1b-gpu.toml on one GPU): FSDP2 still needs the launcher
+    assert ("resume with: torchrun --nproc_per_node=1 -m openmythos.cli train --resume runs/x"
+            in report({**summary, "strategy": "fsdp"}))
 
 
 def test_fsdp_with_muon_is_refused():

@@ -122,6 +122,57 @@ def test_resume_after_ctrl_c_is_exact(tmp_path, monkeypatch, loops):
     assert resumed["val_loss"] == json.loads((straight / "run" / "summary.json").read_text())["val_loss"]
 
 
+def test_a_resume_that_dies_leaves_no_earlier_summary_behind(tmp_path, monkeypatch):
+    """summary.json is a retry loop's signal (docs/distributed.md): a resume that crashed used
+    to leave the finished attempt's "completed" in place."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2, "eval.samples": 0})
+    assert train(load_config(None, overrides))["status"] == "completed"
+
+    def crash(self):
+        raise RuntimeError("a worker died")
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError, match="a worker died"):
+        train(load_config(None, {**overrides, "train.steps": 4, "checkpoint.resume": overrides["run.out_dir"]}))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["steps"] == 2
+
+
+def test_a_resume_into_another_folder_writes_its_checkpoint_there(tmp_path):
+    """A finished run resumed into a new --run.out_dir trains nothing; its summary named a
+    checkpoint in the new folder that was never written."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2, "eval.samples": 0})
+    train(load_config(None, overrides))
+    moved = train(load_config(None, {**overrides, "run.out_dir": str(tmp_path / "b"),
+                                     "checkpoint.resume": overrides["run.out_dir"]}))
+    assert Path(moved["checkpoint"]).parent == tmp_path / "b" / "checkpoints"
+    assert find_checkpoint(tmp_path / "b") == Path(moved["checkpoint"])
+
+
+def test_a_run_on_a_relative_corpus_resumes_from_anywhere_and_after_a_move(tmp_path, monkeypatch, caplog):
+    """The corpus path is kept absolute (a relative one made the run impossible to resume from
+    another folder), and a moved corpus may be named on resume: its digest, not its path, says
+    whether it is the same data."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(TEXT, tmp_path / "data" / "train.txt")
+    monkeypatch.chdir(tmp_path / "data")
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2, "eval.samples": 0, "data.corpus": "train.txt"})
+    train(load_config(None, overrides))
+    assert load_config(tmp_path / "run" / "config.toml").data.corpus == str(tmp_path / "data" / "train.txt")
+    monkeypatch.chdir(tmp_path)
+
+    def resume(**overrides):  # `mythos train --resume RUN`: the checkpoint's own config
+        from openmythos.cli import train_command
+
+        return train_command(resume=str(tmp_path / "run"), overrides=overrides)
+
+    assert resume(**{"train.steps": 3})["steps"] == 3
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    with caplog.at_level("WARNING", logger="openmythos"):
+        summary = resume(**{"train.steps": 4, "data.corpus": str(tmp_path / "moved" / "train.txt")})
+    assert summary["steps"] == 4 and "differs from the one it trained on" not in caplog.text
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 3})
     train(load_config(None, overrides))
@@ -797,6 +848,10 @@ def test_toml_dotted_overrides_and_round_trip(tmp_path):
     assert cfg.model_config().dim == 128 and cfg.model_config().n_heads == 8
     (tmp_path / "again.toml").write_text(to_toml(cfg))
     assert load_config(tmp_path / "again.toml") == cfg
+    # what JSON escapes in ways TOML refuses: a character past U+FFFF, and DEL left as it is
+    odd = cfg.override({"eval.prompt": "Hello 😀\x7f\x00\t\"", "run.name": "café"})
+    (tmp_path / "odd.toml").write_text(to_toml(odd), encoding="utf-8")
+    assert load_config(tmp_path / "odd.toml") == odd
     assert cfg.diff(cfg.override({"train.steps": 160})) == ["train.steps: 150 -> 160"]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from openmythos.config import MythosConfig, preset_names
+from openmythos.data.corpus import NAMED_CORPORA
 from openmythos.data.tokenizer import TOKENIZER_KINDS
 
 if sys.version_info >= (3, 11):
@@ -187,6 +188,9 @@ RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compil
                   "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
                   "run.threads", "run.name", "checkpoint.resume", "checkpoint.every",
                   "checkpoint.keep", "train.steps", "train.max_minutes", "data.cache_dir",
+                  # where the data lies: the splits' digests say whether it is the same data (a
+                  # resume on other data is warned about)
+                  "data.corpus", "data.val_path",
                   # evaluation reads the model and draws from its own generators: never training's
                   *(f"eval.{f.name}" for f in fields(EvalConfig)))
 
@@ -311,6 +315,14 @@ class TrainConfig:
                 flat[f"{section}.{key}"] = value
         return cls().override(flat)
 
+    def with_absolute_data_paths(self) -> TrainConfig:
+        """data.corpus and data.val_path, where they are paths, made absolute: a resume from
+        another working directory still finds them."""
+        paths = {f"data.{key}": str(Path(value).expanduser().resolve())
+                 for key, value in (("corpus", self.data.corpus), ("val_path", self.data.val_path))
+                 if value and value not in NAMED_CORPORA and Path(value).expanduser().exists()}
+        return self.override(paths)
+
     def override(self, flat: dict[str, Any]) -> TrainConfig:
         """A copy with dotted keys set ("train.lr" -> 3e-4); string values are parsed like TOML."""
         sections = {name: dataclasses.asdict(getattr(self, name))
@@ -341,13 +353,18 @@ class TrainConfig:
                 for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
 
 
+def _toml_value(value: Any) -> str:
+    """A scalar or list as TOML: JSON's, but for what TOML reads otherwise, a character past
+    U+FFFF (JSON escapes it as a surrogate pair: written as itself) and DEL (escaped)."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def to_toml(cfg: TrainConfig) -> str:
     """The config as a TOML recipe that `load_config` reads back to an equal TrainConfig."""
     lines = []
     for section, table in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        # JSON scalars and int lists are valid TOML: strings, numbers, booleans and arrays
-        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -162,9 +162,10 @@ def lr_at(step: int, cfg: OptimConfig, elapsed_s: float = 0.0) -> float:
     follows the clock, counted in the steps that fraction of the run would be (so within a run
     the rate falls continuously and never rises again; a resume with a larger max_minutes
     stretches the schedule to the new end, which raises a decaying rate, and the trainer says
-    so). A run that the time limit does not cut short (every test, any long GPU run) stays a
-    pure function of the step and resumes exactly; a time-limited one depends on the machine's
-    speed.
+    so). A run without a time limit (max_minutes 0, or time_schedule off) is a pure function of
+    the step and resumes exactly; with one, the rate follows the clock wherever the clock runs
+    ahead of the steps, even for a while in a run that ends on its step count (a slow phase
+    early on), and so depends on the machine's speed.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

@@ -228,7 +228,8 @@ class Trainer:
                                  "(torchrun): set --dist.strategy ddp or fsdp")
             env = (init_distributed(self.device.type, cfg.dist.strategy)
                    if cfg.dist.strategy != "none" else DistEnv())
-        self.cfg, self.env = cfg, env
+        self.cfg = cfg = cfg.with_absolute_data_paths()
+        self.env = env
         if not env.is_main:  # rank 0 alone reports; the other ranks speak only on errors
             logging.getLogger("openmythos").setLevel(logging.ERROR)
         resume = cfg.checkpoint.resume
@@ -417,7 +418,9 @@ class Trainer:
         for key in ("step", "tokens_seen", "skipped", "bad_in_row", "train_time"):
             setattr(self, key, state[key])
         self.log_window = state.get("log_window", [])  # absent from older checkpoints
-        self.last_saved = self.step
+        # this step is saved, unless the run continues in another folder, which then gets its own
+        same_dir = run_dir_of(ckpt).resolve() == self.run_dir.resolve()
+        self.last_saved = self.step if same_dir else -1
         log.info("resumed from %s at step %d", ckpt.path, self.step)
         saved, now = (lr_at(self.step, c.train, self.train_time) for c in (ckpt.train_cfg, self.cfg))
         if not math.isclose(now, saved, rel_tol=0.01):  # the run's new length moved a decaying rate
@@ -592,7 +595,9 @@ class Trainer:
         cfg, main = self.cfg, self.env.is_main
         metrics = _Metrics(self.run_dir / METRICS, keep_until=self.step) if main else None
         if main:
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            (self.run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+            # an earlier attempt's summary must not outlive this one: a retry loop reads its status
+            self._write_summary({"status": "running", "run_dir": str(self.run_dir), "steps": self.step})
             log.info("run dir %s | %s | %.2fM params (%.2fM active) | %d train / %d val tokens",
                      self.run_dir, self.data.tokenizer.name, self.model.cfg.num_params() / 1e6,
                      self.model.cfg.active_params_per_token() / 1e6, len(self.data.train),
@@ -648,7 +653,7 @@ class Trainer:
             with gathered(self.engine, cfg.dist.reshard_recurrent):
                 summary.update(self.final_eval())
         if main:
-            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            self._write_summary(summary)
             _plot(self.run_dir / METRICS, self.run_dir / "loss.png")
         if self.env.world_size > 1:
             # the ranks leave together: one that tore its process group down while rank 0 still
@@ -679,6 +684,9 @@ class Trainer:
         if metrics:
             metrics.write(record)
 
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.run_dir / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+
     def _summary(self, status: str, checkpoint: Path) -> dict[str, Any]:
         return {"status": status, "run_dir": str(self.run_dir), "checkpoint": str(checkpoint),
                 "steps": self.step, "tokens_seen": self.tokens_seen,
@@ -686,7 +694,8 @@ class Trainer:
                 "tok_per_s": round(self.tokens_seen / max(self.train_time, 1e-9), 1),
                 "skipped_steps": self.skipped, "params": self.model.cfg.num_params(),
                 "active_params": self.model.cfg.active_params_per_token(), "world_size": self.env.world_size,
-                "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size))}
+                "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size)),
+                "strategy": self.cfg.dist.strategy}
 
     def final_eval(self) -> dict[str, Any]:
         """Full validation loss, the unigram baseline, the depth sweep and a few samples."""
@@ -792,7 +801,7 @@ def report(summary: dict[str, Any]) -> str:
         # the same global batch: the same number of processes
         world, local = summary.get("world_size", 1), summary.get("local_world_size", 1)
         launch = "mythos train"
-        if world > 1:
+        if world > 1 or summary.get("strategy", "none") != "none":  # DDP and FSDP2 need torchrun
             nodes = f"--nnodes={world // local} (and its rendezvous flags) " if world > local else ""
             launch = f"torchrun {nodes}--nproc_per_node={local} -m openmythos.cli train"
         lines.append(f"resume with: {launch} --resume {summary['run_dir']}")
