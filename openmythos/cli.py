@@ -380,7 +380,7 @@ def _check_address(host: str, port: int) -> None:
         raise ValueError(f"cannot listen on --host {host!r} --port {port}: {e.strerror or e}") from e
 
 
-def experiment_command(name: str, overrides: dict[str, str]) -> dict:
+def experiment_command(name: str, overrides: dict[str, str | bool]) -> dict:
     """`mythos experiment NAME [--smoke] [--field value ...]`: see openmythos/experiments."""
     from openmythos.experiments import EXPERIMENTS, run_experiment
 

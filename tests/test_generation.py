@@ -200,7 +200,6 @@ def test_every_id_is_sampled_by_default_and_limits_are_inclusive():
 
 
 def test_numpy_numbers_are_taken():
-
     model = small_model()
     assert model.generate(torch.zeros(1, 2, dtype=torch.long), np.int64(3)).shape == (1, 5)
     ids = torch.randint(0, 64, (2, 3))
@@ -218,7 +217,6 @@ def test_the_model_methods_take_the_generation_arguments_by_name_and_position():
     ids = torch.randint(0, 64, (1, 4))
     assert torch.equal(model.generate(ids, 3, 2, 0.0), model.generate(ids, 3, n_loops=2, temperature=0.0))
     # prompts as lists of numpy integers
-
     assert torch.equal(model.generate([list(np.array([5, 6, 7]))], 2, temperature=0, eos_token_id=np.int64(3)),
                        model.generate([[5, 6, 7]], 2, temperature=0, eos_token_id=3))
 

@@ -301,7 +301,10 @@ def test_act_at_init_runs_the_trained_depth_at_any_threshold(depth, threshold):
     probability was 1/L whatever the threshold, which stopped at ceil(threshold * L) (half the
     depth at 0.5, a loop early at 0.99 from L = 101) and at 2 loops for L = 1."""
     model = small_model(halting="act", max_loop_iters=depth, act_threshold=threshold)
-    assert (model(torch.randint(0, 64, (2, 3)), n_loops=depth + 2).loops == depth).all()
+    ids = torch.randint(0, 64, (2, 3))
+    assert (model(ids, n_loops=depth + 2).loops == depth).all()
+    with torch.autocast("cpu", torch.bfloat16):  # a bf16 halting logit halted early from L ~ 40
+        assert (model(ids, n_loops=depth + 2).loops == depth).all()
 
 
 BAD_INPUTS = [

@@ -311,7 +311,6 @@ def test_compiled_model_decodes_like_eager():
 
 
 @torch.no_grad()
-@torch.no_grad()
 def test_loop_states_of_a_compiled_model_after_a_forward():
     """loop_states reads each loop's state through a hook, which a loop body compiled before it
     would never call: after a compiled forward it used to find no states at all."""
@@ -324,6 +323,7 @@ def test_loop_states_of_a_compiled_model_after_a_forward():
     assert model.recurrent.compiled_step is not None  # still compiled afterwards
 
 
+@torch.no_grad()
 def test_compiled_model_with_ragged_halting_matches_eager():
     # halted rows: the packed attention grid's size is data, so the body splits around it
     _compile_counters()

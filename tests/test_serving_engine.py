@@ -240,8 +240,8 @@ def test_stop_strings_hold_back_only_what_could_begin_one():
     assert "".join(e.text for e in events if e.kind == "token") == req.text == "abcdef"
 
 
-@pytest.mark.parametrize("stop", [("",), ("", "zz")])
-def test_an_empty_stop_string_stops_and_holds_nothing(stop):
+@pytest.mark.parametrize("stop", [("",), ("", "zz")])  # alone it lost the text; beside another, it
+def test_an_empty_stop_string_stops_and_holds_nothing(stop):  # must not shrink that one's hold
     """An empty stop string matches nowhere and holds no text back: the stream and the final
     text are the completion's whole text, as with no stop strings (it used to lose all but the
     first character)."""

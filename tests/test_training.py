@@ -171,6 +171,31 @@ def test_a_run_on_a_relative_corpus_resumes_from_anywhere_and_after_a_move(tmp_p
     with caplog.at_level("WARNING", logger="openmythos"):
         summary = resume(**{"train.steps": 4, "data.corpus": str(tmp_path / "moved" / "train.txt")})
     assert summary["steps"] == 4 and "differs from the one it trained on" not in caplog.text
+    other = tmp_path / "other.txt"  # another path to other data: refused, naming the split
+    other.write_text(TEXT.read_text()[::-1])
+    with pytest.raises(ValueError, match=r"data.corpus name other data than the run trained on \(its train"):
+        resume(**{"train.steps": 5, "data.corpus": str(other)})
+
+
+def test_a_new_data_path_on_resume_needs_the_checkpoints_digests(tmp_path, monkeypatch):
+    """A checkpoint from before the split digests cannot vouch for data at a new path: refused;
+    a path given relative in an older run and absolute now is not a new path."""
+    cfg = load_config(None, tiny_overrides(tmp_path)).with_absolute_data_paths()
+    ckpt = SimpleNamespace(train_cfg=cfg.override({"data.corpus": str(tmp_path / "elsewhere.txt")}), data={})
+    trainer = SimpleNamespace(cfg=cfg, data=None)
+    with pytest.raises(ValueError, match="data.corpus differ from the checkpoint's, which records no digest"):
+        Trainer._check_moved_data(trainer, ckpt)
+    monkeypatch.chdir(TEXT.parent)
+    ckpt.train_cfg = cfg.override({"data.corpus": TEXT.name})
+    Trainer._check_moved_data(trainer, ckpt)  # the same file: nothing to check
+
+
+def test_one_token_windows_train_and_log_no_token_correlation(tmp_path):
+    """token_corr needs two positions: with data.seq_len 1 it is NaN, not a crash."""
+    train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 2, "data.seq_len": 1, "eval.samples": 0})))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(math.isnan(r["token_corr"]) and math.isfinite(r["loss"]) for r in steps)
 
 
 def test_resume_refuses_a_different_config(tmp_path):

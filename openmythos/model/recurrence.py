@@ -172,7 +172,7 @@ class ACTHalting(nn.Module):
         super().__init__()
         self.halt = nn.Linear(dim, 1)
         self.max_loops = max_loops
-        self.threshold = threshold
+        self.threshold = threshold  # init_weights' alone: a run may halt at another (with_exit)
 
     def init_weights(self) -> None:
         """One halting probability p0 everywhere at init, so that every token runs the trained
@@ -188,7 +188,10 @@ class ACTHalting(nn.Module):
         nn.init.constant_(self.halt.bias, math.log(p0) - math.log1p(-p0))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.halt(h).float()).squeeze(-1)
+        # in fp32 under autocast too (a product and a sum, which autocast leaves alone): a bf16
+        # logit rounds by more than init_weights' half-step margin from L ~ 40 and halts early
+        w, b = self.halt.weight.float(), self.halt.bias.float()
+        return torch.sigmoid((h.float() * w).sum(-1) + b)
 
 
 def _slot(slots: list | None, t: int):

@@ -188,8 +188,8 @@ RESUME_MUTABLE = ("dist.strategy", "dist.activation_checkpointing", "dist.compil
                   "dist.reshard_recurrent", "run.out_dir", "run.progress", "run.log_every",
                   "run.threads", "run.name", "checkpoint.resume", "checkpoint.every",
                   "checkpoint.keep", "train.steps", "train.max_minutes", "data.cache_dir",
-                  # where the data lies: the splits' digests say whether it is the same data (a
-                  # resume on other data is warned about)
+                  # where the data lies, if it is the same data (the splits' digests: a resume on
+                  # other data is refused, Trainer._check_moved_data)
                   "data.corpus", "data.val_path",
                   # evaluation reads the model and draws from its own generators: never training's
                   *(f"eval.{f.name}" for f in fields(EvalConfig)))

@@ -43,7 +43,7 @@ from openmythos.data import (
     train_bpe,
     unigram_loss,
 )
-from openmythos.data.corpus import atomic_write
+from openmythos.data.corpus import NAMED_CORPORA, atomic_write
 from openmythos.evaluation import (
     autocast,
     bits_per_byte,
@@ -255,6 +255,8 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
 
         self.data = prepare_data(cfg.data, ckpt.tokenizer() if ckpt else None)
+        if ckpt is not None:
+            self._check_moved_data(ckpt)
         if len(self.data.train) < cfg.data.seq_len + 1:  # before the run folder exists
             raise ValueError(f"data.seq_len={cfg.data.seq_len} needs at least {cfg.data.seq_len + 1} "
                              f"training tokens; the train split of {cfg.data.corpus!r} has "
@@ -342,6 +344,24 @@ class Trainer:
                              "settings fix its schedule and numbers); it may change only "
                              + ", ".join([k for k in RESUME_MUTABLE if not k.startswith("eval.")] + ["eval.*"])
                              + ". For other settings, start a new run without --resume.")
+
+    def _check_moved_data(self, ckpt: Checkpoint) -> None:
+        """A resume may find the run's data at another path (a corpus that moved) only if it is
+        the same data: the splits' digests, which the checkpoint records, must match."""
+        def where(path: str) -> str:  # a path as an absolute one (an older run kept it as typed)
+            return str(Path(path).expanduser().resolve()) if path and path not in NAMED_CORPORA else path
+
+        moved = [f"data.{key}" for key in ("corpus", "val_path")
+                 if where(getattr(ckpt.train_cfg.data, key)) != getattr(self.cfg.data, key)]
+        if not moved:
+            return
+        if not {"train", "val"} <= set(ckpt.data):
+            raise ValueError(f"{' and '.join(moved)} differ from the checkpoint's, which records no digest "
+                             "of its data to check the new path against: resume with the run's own")
+        changed = ckpt.changed_splits(self.data.train, self.data.val)
+        if changed:
+            raise ValueError(f"{' and '.join(moved)} name other data than the run trained on (its "
+                             f"{' and '.join(changed)} split differs): a resume continues on the same data")
 
     def _run_dir(self, ckpt: Checkpoint | None) -> Path:
         cfg = self.cfg.run
@@ -508,7 +528,8 @@ class Trainer:
                 loss = ce + cfg.train.ponder_weight * out.ponder_loss + out.aux_loss
                 (loss / accum).backward()
             load += out.expert_load
-            stats += torch.stack([ce, out.loops.float().mean(), out.state_norm, out.token_corr,
+            corr = ce.new_tensor(math.nan) if out.token_corr is None else out.token_corr  # seq_len 1
+            stats += torch.stack([ce, out.loops.float().mean(), out.state_norm, corr,
                                   out.ponder_loss]).detach().float()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         # under FSDP2 the norm is a replicated DTensor, computed over every rank's shards
