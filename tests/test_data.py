@@ -98,10 +98,24 @@ def test_a_text_stream_settles_what_the_whole_decode_says(tokenizer):
         stream, pieces = TextStream(tokenizer), []
         for i in ids:
             pieces.append(stream.push(i))
-            assert len(stream._held) <= 3 and tokenizer.decode(ids[:len(pieces)]).startswith(stream.text)
+            # held: the bytes of one unfinished character at most (each a U+FFFD in the tail)
+            assert len(stream.tail) <= 3 and tokenizer.decode(ids[:len(pieces)]).startswith(stream.text)
         pieces.append(stream.flush())
         assert "".join(pieces) == stream.text == tokenizer.decode(ids)
         assert ids is not text or not any("\ufffd" in p for p in pieces)
+
+
+def test_a_text_stream_settles_characters_across_straddling_tokens(tokenizer):
+    """Byte-level tokens may hold the end of one character and the start of the next, for many
+    tokens in a row (GPT-2 on "蹚鎒規疯"; a small BPE on CJK, most strings): holding back at most
+    three tokens settled a whole character as U+FFFD pieces."""
+    rng = random.Random(1)
+    texts = ["蹚鎒規疯", *("".join(chr(rng.randrange(0x4E00, 0x5000)) for _ in range(8)) for _ in range(50))]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        stream = TextStream(tokenizer)
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+        assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces), (text, ids)
 
 
 def test_decode_rejects_out_of_range_ids(tokenizer):
@@ -227,6 +241,15 @@ def test_bpe_trains_at_its_minimum_vocabulary_and_past_empty_documents():
     folder corpus) is no reason to refuse the corpus."""
     tok = train_bpe(["", "hello there, hello again"], vocab_size=258)
     assert tok.vocab_size == 258 and tok.decode(tok.encode("hello")) == "hello"
+
+
+def test_a_huge_bpe_vocabulary_is_what_the_text_allows():
+    """The trainer allocates for the vocabulary it is asked for: 10**9 aborted the process
+    (a typo's zeros); asked for no more than the text's merges can make, it builds the same
+    tokenizer."""
+    text = "hello there, hello again"
+    reachable = 258 + len(text)
+    assert train_bpe([text], vocab_size=10**9).fingerprint == train_bpe([text], vocab_size=reachable).fingerprint
 
 
 def test_a_text_stream_flushes_its_tail_once():

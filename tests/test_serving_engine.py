@@ -415,6 +415,9 @@ class _MergedTokenizer(ByteTokenizer):
     def _decode(self, ids):
         return super()._decode([b for i in ids for b in (b"x\xc3" if i == 258 else [i])])
 
+    def token_bytes(self, token):
+        return b"x\xc3" if token == 258 else super().token_bytes(token)
+
 
 def test_a_stop_string_in_the_held_tail_still_cuts_at_eos():
     # token 258's text, "x" and an unfinished character, is held; EOS next makes it final, and

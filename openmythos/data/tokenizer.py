@@ -9,6 +9,7 @@ restores whichever kind was saved.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import importlib.util
@@ -38,6 +39,12 @@ GPT2_FILE_SHA256 = {
 }
 GPT2_VOCAB_SIZE = 50257
 N_BYTES = 256
+
+# byte-level BPE's alphabet (GPT-2's bytes_to_unicode, which `tokenizers`' ByteLevel uses and does
+# not expose): printable Latin-1 bytes are their own character, the other 68 take U+0100 onwards
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+_BYTE_OF_CHAR = {chr(b): b for b in _PRINTABLE} | {
+    chr(N_BYTES + i): b for i, b in enumerate(b for b in range(N_BYTES) if b not in _PRINTABLE)}
 
 
 def checked_text(text: str) -> str:
@@ -111,6 +118,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
 
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a special token: its literal text): decode(ids) is their
+        concatenation decoded as UTF-8, a malformed sequence as U+FFFD."""
+
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -138,6 +150,9 @@ class ByteTokenizer(Tokenizer):
 
     def _encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < N_BYTES else (EOS_TOKEN if token == self.eos_id else PAD_TOKEN).encode()
 
     def _decode(self, ids: list[int]) -> str:
         specials = {self.eos_id: EOS_TOKEN, self.pad_id: PAD_TOKEN}
@@ -189,6 +204,12 @@ class BPETokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._tok.id_to_token(token)
+        if token in (self.eos_id, self.pad_id):
+            return piece.encode()
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
     def save(self, directory: str | Path) -> Path:
         directory = super().save(directory)
         self._tok.save(str(directory / BPE_FILE))
@@ -220,8 +241,11 @@ def train_bpe(texts_or_files: Iterable[str | Path], vocab_size: int = 8192) -> B
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # each merge takes a symbol out of the text, so none can make more than its bytes allow; the
+    # trainer allocates for what it is asked (1e9 aborted the process), and stops there anyway
+    reachable = min_vocab + sum(len(text.encode("utf-8")) for text in texts)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=min(vocab_size, reachable),
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -310,37 +334,37 @@ class GPT2Tokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token)
+
 
 class TextStream:
     """Incremental decoding for streamed text: push token ids one at a time and get the text
     each one settles, text no later token can change. A byte-level token can end inside a UTF-8
-    character; the tokens of such a tail (a character has at most 4 bytes, so at most 3 tokens
-    of an unfinished one) are held until it is whole, or until the next bytes show that it never
-    will be (then it settles as U+FFFD). Each token costs O(1)."""
+    character (or hold the end of one and the start of the next): the tokens' bytes go through
+    an incremental UTF-8 decoder, which holds the bytes of an unfinished character until it is
+    whole, or until the next bytes show that it never will be (then it settles as U+FFFD, as
+    `decode` has it). Each token costs O(1)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.text = ""  # settled
-        self.tail = ""  # the held tokens' text as it decodes now
-        self._held: list[int] = []
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def tail(self) -> str:
+        """The held bytes of an unfinished character, as they decode now (U+FFFD)."""
+        return self._utf8.getstate()[0].decode("utf-8", errors="replace")
 
     def push(self, token: int) -> str:
         """The text that `token` settles (may be empty)."""
-        decode, pending = self.tokenizer.decode, [*self._held, token]
-        new, self._held, self.tail = decode(pending), [], ""
-        if new.endswith("\ufffd"):  # maybe an unfinished character: hold the shortest tail
-            # that ends in it and decodes apart from what comes before (no character spans the cut)
-            for cut in range(len(pending) - 1, max(len(pending) - 3, 0) - 1, -1):
-                head, tail = decode(pending[:cut]), decode(pending[cut:])
-                if head + tail == new:
-                    new, self._held, self.tail = head, pending[cut:], tail
-                    break
+        new = self._utf8.decode(self.tokenizer.token_bytes(token))
         self.text += new
         return new
 
     def flush(self) -> str:
         """The held tail's text, settled as it decodes now (the stream has ended)."""
-        tail, self._held, self.tail = self.tail, [], ""
+        tail = self._utf8.decode(b"", final=True)
         self.text += tail
         return tail
 
