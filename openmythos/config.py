@@ -254,8 +254,8 @@ class MythosConfig:
         LM head and causal attention at `seq_len` (mean context seq_len / 2); embeddings, norms and
         elementwise work are left out, as in the PaLM / nanoGPT convention.
         """
-        n_loops = self.max_loop_iters if n_loops is None else n_loops
-        seq_len = self.max_seq_len if seq_len is None else seq_len
+        n_loops = _count("n_loops", self.max_loop_iters if n_loops is None else n_loops)
+        seq_len = _count("seq_len", self.max_seq_len if seq_len is None else seq_len)
         d = self.dim
         dense_mm = self._attn_matmul_params() + 3 * d * self.ffn_dim
         loop_mm = (self._attn_matmul_params() + d * self.n_experts
@@ -278,7 +278,9 @@ class MythosConfig:
                                  dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes the KV cache holds per token: one entry per dense layer and per loop slot (one
         per loop, or at most kv_cache_ring with the ring policy)."""
-        n_loops = self.kv_cache_loop_slots(self.max_loop_iters if n_loops is None else n_loops)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+        n_loops = self.kv_cache_loop_slots(_count("n_loops", self.max_loop_iters if n_loops is None else n_loops))
         if self.attn_type == "gqa":
             per_layer = 2 * self.n_kv_heads * self.head_dim
         else:
@@ -310,6 +312,13 @@ def _is_field_int(value: Any) -> bool:
     """A config field's integer: a Python int, not a bool nor a numpy integer (which JSON
     cannot write)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(name: str, value: Any) -> int:
+    """An accounting method's loop count or sequence length: a positive integer."""
+    if not (is_int(value) and value >= 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

@@ -162,6 +162,20 @@ def test_counts_default_to_the_configs_depth_and_context():
     assert cfg.kv_cache_bytes_per_token() == cfg.kv_cache_bytes_per_token(cfg.max_loop_iters)
 
 
+@pytest.mark.parametrize("call, needle", [
+    (lambda c: c.flops_per_token(-5, 256), "n_loops must be a positive integer, got -5"),
+    (lambda c: c.flops_per_token(2.5), "n_loops must be a positive integer, got 2.5"),
+    (lambda c: c.flops_per_token(True), "n_loops must be a positive integer, got True"),
+    (lambda c: c.flops_per_token(4, -256), "seq_len must be a positive integer, got -256"),
+    (lambda c: c.kv_cache_bytes_per_token(0), "n_loops must be a positive integer, got 0"),
+    (lambda c: c.kv_cache_bytes_per_token(4, "bfloat16"), "dtype must be a torch.dtype, got 'bfloat16'"),
+])
+def test_the_accounting_refuses_what_it_cannot_count(call, needle):
+    """Nonsense in, a number out, before (a negative depth gave positive FLOPs, negative bytes)."""
+    with pytest.raises(ValueError, match=needle):
+        call(MythosConfig.from_preset("tiny"))
+
+
 @pytest.mark.parametrize("injection", ["lti", "free", "additive"])
 def test_num_params_counts_every_injection(injection):
     """The injection ablations build different parameters (A and B, B alone, none): num_params

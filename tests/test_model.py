@@ -586,6 +586,21 @@ def test_the_deepest_row_is_checked_against_the_caches_loop_slots():
 
 
 @torch.no_grad()
+def test_with_exit_and_loop_states_leave_the_random_stream_alone():
+    """with_exit built its copy with a fresh init, which drew from the global generator: one
+    logit-lens call between seeded steps moved every later draw (and allocated the model again,
+    in fp32 on the CPU, whatever the original's device and dtype)."""
+    model = small_model(halting="act")
+    ids = torch.randint(0, 64, (2, 5))
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    model.with_exit(halting="none")
+    model.loop_states(ids, n_loops=3)
+    assert torch.equal(torch.rand(3), want)
+    assert model.recurrent.cfg.halting == "act"  # loop_states ran halting off for its call only
+
+
 def test_with_exit_keeps_the_dtype_and_checks_min_loops():
     """with_exit gives the model in its embedding's dtype (a bf16 model came back fp32, and then
     refused its own caches); min_loops belongs to the KL exit and is refused under another rule."""

@@ -155,7 +155,9 @@ class OpenMythos(nn.Module):
                 raise ValueError(f"{name} applies to halting={rule!r}, but the rule is halting={halting!r} "
                                  f"(set halting={rule!r} too)")
         p = self.embed.weight
-        model = OpenMythos(self.cfg.replace(**fields)).to(p.device, p.dtype)
+        with torch.device("meta"):  # no init: it would draw from the global RNG and fill memory once more
+            model = OpenMythos(self.cfg.replace(**fields))
+        model = model.to(dtype=p.dtype).to_empty(device=p.device)
         model.load_state_dict(self.state_dict())
         return model.train(self.training)
 
@@ -208,18 +210,20 @@ class OpenMythos(nn.Module):
         depth = self.check_loops(n_loops, B, None)
         if not is_int(depth):
             raise ValueError("loop_states runs one depth for every sequence: n_loops must be an int")
-        model = self if self.cfg.halting == "none" else self.with_exit(halting="none")
         states = []  # the injection's output is the state after each loop
-        recurrent = model.recurrent
+        recurrent = self.recurrent
         hook = recurrent.injection.register_forward_hook(lambda _m, _args, h: states.append(h))
-        # a graph compiled before the hook existed would not call it: the eager step instead
-        step, recurrent.compiled_step = recurrent.compiled_step, None
+        # for this call, every loop for every token, on the eager step: a graph compiled before
+        # the hook existed would not call it (and a copy of the model without halting would cost
+        # its memory again)
+        saved = recurrent.cfg, recurrent.compiled_step
+        recurrent.cfg, recurrent.compiled_step = recurrent.cfg.replace(halting="none"), None
         try:
-            with eval_mode(model):  # no dropout: the states a generation reads
-                model(input_ids, n_loops=depth, logits_to_keep=1)
+            with eval_mode(self):  # no dropout: the states a generation reads
+                self(input_ids, n_loops=depth, logits_to_keep=1)
         finally:
             hook.remove()
-            recurrent.compiled_step = step
+            recurrent.cfg, recurrent.compiled_step = saved
         return torch.stack(states).view(depth, B, T, -1)
 
     @torch.no_grad()

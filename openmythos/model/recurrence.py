@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -188,10 +189,11 @@ class ACTHalting(nn.Module):
         nn.init.constant_(self.halt.bias, math.log(p0) - math.log1p(-p0))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # in fp32 under autocast too (a product and a sum, which autocast leaves alone): a bf16
-        # logit rounds by more than init_weights' half-step margin from L ~ 40 and halts early
-        w, b = self.halt.weight.float(), self.halt.bias.float()
-        return torch.sigmoid((h.float() * w).sum(-1) + b)
+        # in fp32 under autocast too: a bf16 logit rounds by more than init_weights' half-step
+        # margin from L ~ 40 and halts early
+        with torch.autocast(h.device.type, enabled=False):
+            logit = F.linear(h.float(), self.halt.weight.float(), self.halt.bias.float())
+        return torch.sigmoid(logit).squeeze(-1)
 
 
 def _slot(slots: list | None, t: int):
