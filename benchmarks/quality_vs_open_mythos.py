@@ -149,6 +149,8 @@ def peer_worker(args: argparse.Namespace) -> None:
 
 
 def run_ours(out: Path, minutes: float, threads: int | None, env: dict) -> dict:
+    from openmythos.training.config import load_config
+
     cmd = [sys.executable, "-m", "openmythos.cli", "train", "--run.out_dir", str(out),
            "--train.max_minutes", str(minutes), "--run.progress", "false"]
     if threads is not None:
@@ -159,6 +161,7 @@ def run_ours(out: Path, minutes: float, threads: int | None, env: dict) -> dict:
         raise SystemExit(f"our run failed ({done.returncode}):\n{done.stderr[-4000:]}")
     summary = json.loads((out / "summary.json").read_text())
     summary["command_s"] = round(time.perf_counter() - t0, 1)
+    summary["config"] = load_config(out / "config.toml").to_dict()  # as it ran, overrides included
     return summary
 
 
@@ -285,7 +288,7 @@ def main() -> None:
         "threads": threads or "torch default", "cpus": os.cpu_count(),
         "omp_wait_policy": env["OMP_WAIT_POLICY"], **data,
         "ours": {**{k: ours[k] for k in keys}, "val_bpb": bpb(ours["val_loss"], bpt),
-                 "command_s": ours["command_s"], "config": quickstart.to_dict()},
+                 "command_s": ours["command_s"], "config": ours["config"]},
     }
     if peer:
         record["peer"] = {**{k: peer[k] for k in keys}, "val_bpb": bpb(peer["val_loss"], bpt),

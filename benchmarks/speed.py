@@ -661,6 +661,12 @@ def main() -> None:
     unknown = set(sections) - set(CORE_SECTIONS) - set(OURS_ONLY)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
+    for flag, given, known in (("--configs", args.configs, CONFIGS), ("--attn", args.attn, ATTN)):
+        if set(given.split(",")) - set(known):
+            p.error(f"{flag} {given!r}: choose among {sorted(known)}")
+    small = [f"--{name} {getattr(args, name)}" for name in ("threads", "repeats", "rounds") if getattr(args, name) < 1]
+    if small:
+        p.error(f"{', '.join(small)}: must be at least 1")
     if args.vs_open_mythos and not args.peer_python.exists():
         p.error(f"{args.peer_python} not found: run bash benchmarks/setup_open_mythos.sh first")
 

@@ -269,7 +269,7 @@ def _human(n: int) -> str:
     return f"{n:,}"
 
 
-def _count(least: int) -> typing.Callable[[str], int]:
+def int_at_least(least: int) -> typing.Callable[[str], int]:
     """An argparse type: an integer >= least."""
     def parse(text: str) -> int:
         try:
@@ -283,14 +283,14 @@ def _count(least: int) -> typing.Callable[[str], int]:
 
 
 def _port(text: str) -> int:
-    port = _count(0)(text)
+    port = int_at_least(0)(text)
     if port > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {port}")
     return port
 
 
 def _seed(text: str) -> int:
-    seed = _count(0)(text)
+    seed = int_at_least(0)(text)
     if seed >= 2**64:
         raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {seed}")
     return seed
@@ -420,9 +420,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="a text file or folder to evaluate on (default: the run's "
                                   "validation split)")
     e.add_argument("--n-loops", type=_int_list, help="depths, e.g. 1,2,4,8,16 (default: the run's)")
-    e.add_argument("--max-tokens", type=_count(0), default=0,
+    e.add_argument("--max-tokens", type=int_at_least(0), default=0,
                    help="evaluate about N tokens, in windows spread over the data (0: all)")
-    e.add_argument("--batch-size", type=_count(1))
+    e.add_argument("--batch-size", type=int_at_least(1))
     e.add_argument("--device", default="auto")
     _threads_flag(e, 0, "whole-sequence forward passes gain from every core")
     _exit_flags(e)
@@ -430,20 +430,20 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a sampled continuation of a prompt")
     g.add_argument("--checkpoint", required=True, help="a run, checkpoint or export-hf directory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_count(1), default=128)
-    g.add_argument("--n-loops", type=_count(1),
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
+    g.add_argument("--n-loops", type=int_at_least(1),
                    help="depth (default: an export's generation depth, else max_loop_iters)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    g.add_argument("--top-k", type=_count(0), default=50, help="0 keeps every token")
+    g.add_argument("--top-k", type=int_at_least(0), default=50, help="0 keeps every token")
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--compile", action="store_true",
                    help="compile the whole decode step (torch.compile; the first token waits for "
                         "it, the rest run faster: needs a model trained with halting none)")
-    g.add_argument("--draft-loops", type=_count(1),
+    g.add_argument("--draft-loops", type=int_at_least(1),
                    help="self-speculative decoding: draft at this many loops, verify at --n-loops")
-    g.add_argument("--draft-tokens", type=_count(1), help="tokens per draft (default 4; with --draft-loops)")
+    g.add_argument("--draft-tokens", type=int_at_least(1), help="tokens per draft (default 4; with --draft-loops)")
     _threads_flag(g, 1, DECODE_THREADS)
     _exit_flags(g)
 
@@ -451,14 +451,14 @@ def _parser() -> argparse.ArgumentParser:
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=preset_names())
     src.add_argument("--checkpoint", help="a run, checkpoint or export-hf directory")
-    i.add_argument("--n-loops", type=_count(1), help="depth for FLOPs and KV bytes (default: an export's "
+    i.add_argument("--n-loops", type=int_at_least(1), help="depth for FLOPs and KV bytes (default: an export's "
                                                      "generation depth, else max_loop_iters)")
-    i.add_argument("--seq-len", type=_count(1), help="context for attention FLOPs (default: max_seq_len)")
+    i.add_argument("--seq-len", type=int_at_least(1), help="context for attention FLOPs (default: max_seq_len)")
 
     x = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
     x.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
     x.add_argument("--out", required=True, help="the directory to write")
-    x.add_argument("--n-loops", type=_count(1), help="the depth transformers' generate, and mythos generate, "
+    x.add_argument("--n-loops", type=int_at_least(1), help="the depth transformers' generate, and mythos generate, "
                                                      "info and serve on the export, run by default "
                                                      "(default: max_loop_iters)")
 
@@ -469,13 +469,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--random-init", action="store_true", help="serve an untrained --preset model")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_port, default=8000)
-    sv.add_argument("--max-batch", type=_count(1), default=8, help="requests decoded together")
-    sv.add_argument("--max-queue", type=_count(1), default=64,
+    sv.add_argument("--max-batch", type=int_at_least(1), default=8, help="requests decoded together")
+    sv.add_argument("--max-queue", type=int_at_least(1), default=64,
                     help="requests waiting for a row; past it the server answers 429")
-    sv.add_argument("--max-loops", type=_count(1),
+    sv.add_argument("--max-loops", type=int_at_least(1),
                     help="the deepest n_loops a request may ask (default: the model's max_loop_iters)")
-    sv.add_argument("--max-tokens", type=_count(1), help="cap on a request's max_tokens (default: 512)")
-    sv.add_argument("--max-prompt-tokens", type=_count(1), help="(default: 2048)")
+    sv.add_argument("--max-tokens", type=int_at_least(1), help="cap on a request's max_tokens (default: 512)")
+    sv.add_argument("--max-prompt-tokens", type=int_at_least(1), help="(default: 2048)")
     sv.add_argument("--timeout", type=_positive_float,
                     help="seconds a request may take before a 504 (default: 120)")
     sv.add_argument("--device", default="auto")
@@ -530,7 +530,7 @@ DECODE_THREADS = "decoding's small ops pay a hand-off between threads"
 
 
 def _threads_flag(parser: argparse.ArgumentParser, default: int, why: str) -> None:
-    parser.add_argument("--threads", type=_count(0), default=default,
+    parser.add_argument("--threads", type=int_at_least(0), default=default,
                         help=f"torch intra-op threads, 0: one per core (default {default}: {why})")
 
 
@@ -540,7 +540,7 @@ def _exit_flags(parser: argparse.ArgumentParser) -> None:
                              "on a model trained without halting; act only for a run trained with it)")
     parser.add_argument("--act-threshold", type=float, help="with --halting act (default: the run's)")
     parser.add_argument("--kl-threshold", type=float, help="with --halting kl (default: the run's)")
-    parser.add_argument("--min-loops", type=_count(1), help="with --halting kl (default: the run's)")
+    parser.add_argument("--min-loops", type=int_at_least(1), help="with --halting kl (default: the run's)")
 
 
 def _exit_rule(args: argparse.Namespace) -> dict[str, Any]:

@@ -108,6 +108,9 @@ def test_the_recorded_command_repeats_the_run(tmp_path, monkeypatch):
     cfg = ActParetoConfig(smoke=True, depths=[1, 2], lr=1e-3)
     cfg.given = frozenset({"smoke", "depths", "lr"})
     assert Report("act-pareto", cfg).command() == "mythos experiment act-pareto --depths 1,2 --lr 0.001 --smoke true"
+    cfg = ActParetoConfig(smoke=True, corpus=FIXTURE, out_dir=str(tmp_path / "my run"))
+    cfg.given = frozenset({"smoke", "out_dir"})  # a value with a space, quoted for the shell
+    assert Report("act-pareto", cfg).command() == f"mythos experiment act-pareto --out_dir '{tmp_path}/my run' --smoke true"
 
 
 def test_unknown_experiment_and_field():
@@ -124,10 +127,19 @@ def test_unknown_experiment_and_field():
     ("stability", {"corpus": "nope"}, "corpus='nope' is neither one of"),
     ("act-pareto", {"corpus": ""}, "corpus='' is neither one of"),
     ("param-efficiency", {"tokenizer": "foo"}, "tokenizer='foo' is neither one of"),
+    # found by the model or the task, after the folder and the corpus copy or a first training
+    ("depth-extrapolation", {"attn_type": "foo", "smoke": True}, "attn_type='foo' is not one of"),
+    ("depth-extrapolation", {"n_entities": 7, "n_relations": 1, "smoke": True}, "holds no 4-hop query"),
+    ("act-pareto", {"dim": 30}, "MythosConfig"),
+    ("act-pareto", {"min_loops": 9}, "min_loops=9 exceeds loops=8"),
+    ("param-efficiency", {"dim": 6}, "MythosConfig"),
+    ("stability", {"dim": 30}, "MythosConfig"),
+    ("stability", {"lrs": [1e-3, 1e-3]}, r"lrs=\[0.001, 0.001\] lists a value twice"),
 ])
 def test_a_bad_device_corpus_or_tokenizer_is_refused_before_any_folder(name, fields, message, tmp_path, monkeypatch):
     """They were found once the first model started, as run.device / data.tokenizer, after the
-    report's folder and the data copies were written."""
+    report's folder and the data copies were written (a model field or a task too small for its
+    hops, after a first model had trained; a value listed twice ran twice into one folder)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message):
         run_experiment(name, **fields)
@@ -172,7 +184,7 @@ def test_act_pareto_trains_at_its_loop_count_and_names_a_divergence(tmp_path, mo
 
 @pytest.mark.parametrize("fields, message", [
     ({"dense_layers": [4]}, "two or more different positive depths"),
-    ({"dense_layers": [4, 4]}, "two or more different positive depths"),
+    ({"dense_layers": [4, 4]}, "lists a value twice"),
     ({"loops": [1, 2]}, "loop counts >= 2"),
     ({"loops": []}, "loop counts >= 2"),
 ])
@@ -504,7 +516,8 @@ def test_stability_repeats_trains_every_setting_on_each_seed(tmp_path, monkeypat
         seen.append((out_dir.name, settings["run.seed"], budget.runs))
         losses = [5.0, 6.0] if (model["injection"], settings["run.seed"]) == ("free", 4) else [5.0, 4.0]
         return {"metrics": [{"step": i + 1, "loss": x, "rho": 0.5, "state_norm": 1.0} for i, x in enumerate(losses)],
-                "diverged": False, "val_loss": 4.0, "unigram_loss": 4.5}
+                "diverged": False, "val_loss": 4.0, "unigram_loss": 4.5, "steps": 2,
+                "status": "time_limit" if out_dir.name == "lti-lr0.004-seed3" else "completed"}
 
     monkeypatch.setattr(stability, "lm_run", fake_run)
     monkeypatch.setattr(Report, "figure", lambda *a, **k: None)
@@ -517,6 +530,7 @@ def test_stability_repeats_trains_every_setting_on_each_seed(tmp_path, monkeypat
     report = (tmp_path / "s" / "report.md").read_text()
     assert "| injection | lr | seed | diverged |" in report and "| free | 0.001 | 4 | yes |" in report
     assert "| lti | 0 / 4 | 4 / 4 |" in report and "| free | 2 / 4 | 4 / 4 |" in report
+    assert "**Cut short by the time budget** (each run trains for the same time), of 100 steps: lti-lr0.004-seed3 (2)" in report
 
 
 def test_act_pareto_repeats_averages_each_point_over_seeds(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run, width
+from openmythos.experiments.lm import LMExperimentConfig, check_models, corpus_split, lm_run, width
 from openmythos.model import OpenMythos
 from openmythos.training.checkpoint import load_model
 from openmythos.training.trainer import prepare_data, resolve_device
@@ -45,6 +45,7 @@ class ActParetoConfig(LMExperimentConfig):
             raise ValueError(f"act_thresholds={self.act_thresholds!r} must lie in (0, 1]")
 
 
+
 @torch.no_grad()
 def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]],
              n_loops: int) -> dict[str, float]:
@@ -67,6 +68,9 @@ def run(cfg: ActParetoConfig) -> dict:
     if cfg.smoke:
         cfg.smoke_defaults(loops=3, steps=2, batch_size=2, seq_len=32, eval_tokens=256, depths=[1, 3],
                            act_thresholds=[0.5, 0.99], kl_thresholds=[1e-2])
+    if cfg.min_loops > cfg.loops:  # the KL exit could never stop before the last loop
+        raise ValueError(f"min_loops={cfg.min_loops} exceeds loops={cfg.loops}")
+    check_models(model_overrides(cfg))
     report = Report("act-pareto", cfg)
     steps = max(2, round(cfg.steps * cfg.scale))
     budget = TimeBudget(cfg.budget_minutes, cfg.repeats)  # a fifth held back for the evaluations
@@ -141,7 +145,7 @@ def train_and_sweep(cfg: ActParetoConfig, out_dir: Path, settings: dict, steps: 
                     budget: TimeBudget) -> dict:
     """One ACT model trained, then evaluated at every point of the sweep: fixed depths (full
     depth among them, asked for or not), ACT thresholds and KL thresholds."""
-    out = lm_run(cfg, out_dir, {"halting": "act", "max_loop_iters": cfg.loops, **width(cfg.dim)},
+    out = lm_run(cfg, out_dir, model_overrides(cfg),
                  {**settings, "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                   "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
                   "train.ponder_weight": cfg.ponder_weight,
@@ -168,6 +172,10 @@ def train_and_sweep(cfg: ActParetoConfig, out_dir: Path, settings: dict, steps: 
     train = {"seed": settings["run.seed"],
              **{k: out.get(k) for k in ("status", "steps", "val_loss", "train_time_s", "tok_per_s")}}
     return {"train": train, "points": points, "act_threshold": model.cfg.act_threshold}
+
+
+def model_overrides(cfg: ActParetoConfig) -> dict:
+    return {"halting": "act", "max_loop_iters": cfg.loops, **width(cfg.dim)}
 
 
 def full_depth(points: list[dict], loops: int) -> dict:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,8 @@ class ExperimentConfig:
                 rule = ">= 0" if f.name in self.NON_NEGATIVE else "positive"
                 if not (x >= 0 if rule == ">= 0" else x > 0):
                     raise ValueError(f"{f.name}={value!r} must be {rule}")
+            if isinstance(value, list) and len(set(value)) < len(value):  # one folder, counted twice
+                raise ValueError(f"{f.name}={value!r} lists a value twice")
         check_threads(self.threads, "threads")
         resolve_device(self.device, "device")  # e.g. cuda where there is none: before any folder
 
@@ -166,7 +169,7 @@ class Report:
         caller set (run_experiment records them), whether it came from the shell or from Python."""
         given = sorted(getattr(self.cfg, "given", ()))
         return " ".join(["mythos experiment", self.name,
-                         *(f"--{name} {flag_value(getattr(self.cfg, name))}" for name in given)])
+                         *(f"--{name} {shlex.quote(flag_value(getattr(self.cfg, name)))}" for name in given)])
 
     def write(self) -> dict[str, Any]:
         wall = time.time() - self.started

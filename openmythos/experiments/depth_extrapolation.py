@@ -10,6 +10,7 @@ the same parameters (the same network at one loop) and a dense model with the sa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from statistics import fmean
@@ -194,6 +195,7 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
     if cfg.smoke:
         cfg.smoke_defaults(n_entities=12, n_relations=3, train_hops=2, train_loops=2, dim=32, steps=4,
                            batch_size=8, eval_examples=16)
+    check(cfg)
     report = Report("depth-extrapolation", cfg)
     max_hops = 2 * cfg.train_hops
     loop_grid = sorted({1, 2, cfg.train_loops // 2 or 1, cfg.train_loops, 2 * cfg.train_loops,
@@ -206,6 +208,18 @@ def run(cfg: DepthExtrapolationConfig) -> dict:
     report.results = {k: {kk: vv for kk, vv in r.items() if kk != "losses"} for k, r in results.items()}
     _write(report, cfg, results, loop_grid, max_hops)
     return report.write()
+
+
+def check(cfg: DepthExtrapolationConfig) -> None:
+    """Before any folder, what would fail minutes in: every variant's model, and a query of
+    every hop count scored (1 to 2 x train_hops) in both splits of every seed's task."""
+    width = 2 * cfg.train_hops + 2
+    for seed in cfg.seeds:
+        task = KHopTask(cfg.n_entities, cfg.n_relations, seed)
+        for v in variants(cfg):
+            model_config(cfg, task, v, width)
+        for hops, split in itertools.product(range(1, 2 * cfg.train_hops + 1), ("train", "test")):
+            task.sample(1, hops, torch.Generator().manual_seed(seed), width, split)
 
 
 def train_and_score(cfg: DepthExtrapolationConfig, loop_grid: list[int], budget: TimeBudget) -> dict[str, dict]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openmythos.config import MythosConfig
 from openmythos.data.corpus import NAMED_CORPORA, load_corpus
 from openmythos.experiments.common import ExperimentConfig, TimeBudget, fresh_dir
 from openmythos.training.config import TOKENIZERS, is_tokenizer_source, load_config
@@ -27,6 +28,14 @@ class LMExperimentConfig(ExperimentConfig):
         if not is_tokenizer_source(self.tokenizer):
             raise ValueError(f"tokenizer={self.tokenizer!r} is neither one of {TOKENIZERS} nor a saved "
                              "tokenizer's directory")
+
+
+def check_models(*models: dict[str, Any]) -> None:
+    """Models given as overrides of the tiny preset (as `lm_run` takes them), checked before any
+    folder is made: a bad width found after the corpus copy, or a first model's training, would
+    cost that time and leave the folder behind."""
+    for model in models:
+        MythosConfig.from_preset("tiny", **model)
 
 
 def width(dim: int) -> dict[str, int]:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run
+from openmythos.experiments.lm import LMExperimentConfig, check_models, corpus_split, lm_run
 from openmythos.training import open_checkpoint
 
 
@@ -107,23 +107,24 @@ def run(cfg: ParamEfficiencyConfig) -> dict:
     if not cfg.loops or min(cfg.loops) < 2:
         raise ValueError(f"param-efficiency: loops={cfg.loops} needs loop counts >= 2 (one loop "
                          "is a dense model)")
-    report = Report("param-efficiency", cfg)
     block = block_overrides(cfg.dim)
+    runs = []
+    for n in cfg.dense_layers:
+        # n unique layers: prelude + coda = n - 1, and one pass of the (MoE = dense) block
+        model = {**block, "prelude_layers": (n - 1) // 2, "coda_layers": n - 1 - (n - 1) // 2,
+                 "max_loop_iters": 1}
+        runs.append((f"dense-{n}", "dense", n, 1, model))
+    for r in cfg.loops:
+        runs.append((f"looped-1x{r}", "looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
+                                                          "max_loop_iters": r}))
+    check_models(*(model for *_, model in runs))
+    report = Report("param-efficiency", cfg)
     steps = max(2, round(cfg.steps * cfg.scale))
     settings = {**corpus_split(cfg, report.out), "train.steps": steps, "train.batch_size": cfg.batch_size, "train.lr": cfg.lr,
                 "train.warmup_steps": max(1, steps // 20), "data.seq_len": cfg.seq_len,
                 "eval.max_tokens": 8192, "eval.depth_max_tokens": 4096,
                 "eval.depths": [1], "loops.max": max([*cfg.loops, 1])}
-    runs = []
     with threads(cfg.threads):
-        for n in cfg.dense_layers:
-            # n unique layers: prelude + coda = n - 1, and one pass of the (MoE = dense) block
-            model = {**block, "prelude_layers": (n - 1) // 2, "coda_layers": n - 1 - (n - 1) // 2,
-                     "max_loop_iters": 1}
-            runs.append((f"dense-{n}", "dense", n, 1, model))
-        for r in cfg.loops:
-            runs.append((f"looped-1x{r}", "looped", 2 + r, r, {**block, "prelude_layers": 1, "coda_layers": 1,
-                                                              "max_loop_iters": r}))
         seeds = cfg.seeds
         rows, results = [], []
         budget = TimeBudget(cfg.budget_minutes, len(runs) * len(seeds))

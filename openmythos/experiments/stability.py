@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from openmythos.config import INJECTIONS
 from openmythos.experiments.common import Report, TimeBudget, markdown_table, threads
-from openmythos.experiments.lm import LMExperimentConfig, corpus_split, lm_run, width
+from openmythos.experiments.lm import LMExperimentConfig, check_models, corpus_split, lm_run, width
 from openmythos.training.config import DTYPES
 
 
@@ -44,6 +44,9 @@ def run(cfg: StabilityConfig) -> dict:
     unknown = set(cfg.injections) - set(INJECTIONS)
     if unknown:
         raise ValueError(f"injections {sorted(unknown)} are not among {INJECTIONS}")
+    models = {i: {"injection": i, "halting": "none", "max_loop_iters": cfg.loops, **width(cfg.dim)}
+              for i in cfg.injections}
+    check_models(*models.values())
     report = Report("stability", cfg)
     steps = max(3, round(cfg.steps * cfg.scale))
     results = []
@@ -53,7 +56,7 @@ def run(cfg: StabilityConfig) -> dict:
         for injection, lr, seed in itertools.product(cfg.injections, cfg.lrs, cfg.seeds):
             name = f"{injection}-lr{lr:g}" + (f"-seed{seed}" if cfg.repeats > 1 else "")
             out = lm_run(cfg, report.out / name,
-                {"injection": injection, "halting": "none", "max_loop_iters": cfg.loops, **width(cfg.dim)},
+                models[injection],
                 {**data, "run.seed": seed, "train.steps": steps, "train.lr": lr,
                  "train.batch_size": cfg.batch_size,
                  "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
@@ -83,6 +86,7 @@ def run(cfg: StabilityConfig) -> dict:
         return next((t["state_norm"] for t in r["trace"] if t["step"] >= common), math.nan)
 
     seed = ["seed"] if cfg.repeats > 1 else []
+    cut = [(r["name"], r["steps"]) for r in results if r["status"] == "time_limit"]
     rows = [[r["injection"], r["lr"], *([r["seed"]] if seed else []), "yes" if r["diverged"] else "no",
              "yes" if r["learned"] else "no", r["steps"], r["final_loss"], r["val_loss"], r["max_rho"],
              norm_at(r), r["max_state_norm"]] for r in results]
@@ -90,7 +94,10 @@ def run(cfg: StabilityConfig) -> dict:
     report.add("## Runs\n\n" + markdown_table(
         ["injection", "lr", *seed, "diverged", f"learned (val loss < unigram {unigram:.3f})", "steps",
          "final train loss", "val loss", "max rho(A)", f"state norm at step {common}",
-         "max state norm"], rows))
+         "max state norm"], rows)
+        + (f"\n\n**Cut short by the time budget** (each run trains for the same time), of {steps} steps: "
+           f"{', '.join(f'{name} ({n})' for name, n in cut)}; the counts below compare runs of "
+           "different lengths." if cut else ""))
     summary = []
     for injection in cfg.injections:
         runs = [r for r in results if r["injection"] == injection]
