@@ -235,7 +235,8 @@ def _load(checkpoint: str, device: str):
         return load_model(checkpoint, resolve_device(device, "--device"))
     model, tokenizer, cfg = _hf().load_pretrained(checkpoint, resolve_device(device, "--device"))
     if tokenizer is None:
-        raise ValueError(f"{checkpoint!r} has no tokenizer (tokenizer_meta.json): export it with one")
+        raise ValueError(f"{checkpoint!r} has no tokenizer_meta.json, the record of its tokenizer: write the "
+                         "folder with mythos export-hf or openmythos.hf.save_hf(model, dir, tokenizer)")
     if cfg is None:  # the quickstart's, in windows the model takes
         cfg = TrainConfig()
         cfg.data.seq_len = min(cfg.data.seq_len, model.cfg.max_seq_len)

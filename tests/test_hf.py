@@ -223,6 +223,8 @@ def test_tokenizer_files(exported, tokenizer):
     assert hf_tok(text)["input_ids"] == ids
     assert hf_tok.decode(ids) == tokenizer.decode(ids) == text
     assert load_tokenizer(path).encode(text) == ids  # our own loader reads the directory too
+    # only what the model takes (transformers 4.x added token_type_ids, which forward refuses)
+    assert set(hf_tok(["a b", "c"], padding=True)) == {"input_ids", "attention_mask"}
 
 
 @pytest.mark.parametrize("kind", ["byte", "gpt2"])
@@ -309,6 +311,29 @@ def test_pipeline_generates_text(exported, tokenizer):
     ids, eos = tokenizer.encode(prompt), tokenizer.eos_id
     new = model.generate([ids], 8, temperature=0, n_loops=2, eos_token_id=eos)[0, len(ids):].tolist()
     assert text == prompt + tokenizer.decode(new[:new.index(eos)] if eos in new else new)
+    # without a length: the pipeline's own default asked for 256 new tokens past the context
+    assert generator(prompt, do_sample=False)[0]["generated_text"].startswith(text)
+
+
+def test_hf_training_features_reach_the_core():
+    """Activation checkpointing through transformers' switch (Trainer's gradient_checkpointing),
+    the expert load for the router bias, and a cache as deep as the deepest row of a depth
+    tensor (it was built at max_loop_iters)."""
+    model = tiny_model().train()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    out = hf(ids, labels=ids, n_loops=2)
+    assert torch.equal(out.expert_load, model(ids, n_loops=2).expert_load)
+    want = torch.autograd.grad(out.loss, model.embed.weight)[0]
+    hf.gradient_checkpointing_enable()
+    assert hf.is_gradient_checkpointing and model.recurrent.checkpoint_loops
+    got = torch.autograd.grad(hf(ids, labels=ids, n_loops=2).loss, model.embed.weight)[0]
+    assert_close(got, want)
+    hf.gradient_checkpointing_disable()
+    assert not hf.is_gradient_checkpointing
+    deep = torch.tensor([model.cfg.max_loop_iters + 2, 1])
+    with torch.no_grad():
+        assert_close(hf.eval()(ids, use_cache=True, n_loops=deep).logits, hf(ids, n_loops=deep).logits)
 
 
 def test_export_from_training_checkpoint(tokenizer, tmp_path):
@@ -604,7 +629,7 @@ def test_export_metadata_and_what_load_pretrained_checks(tmp_path):
     gen = json.loads((out / "generation_config.json").read_text())
     gen.pop("transformers_version", None)
     assert gen == {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257,
-                   "suppress_tokens": [258, 259], "n_loops": model.cfg.max_loop_iters}
+                   "suppress_tokens": [258, 259], "n_loops": model.cfg.max_loop_iters, "max_length": 96}
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["model_max_length"] == 96
     assert AutoTokenizer.from_pretrained(out).model_max_length == 96

@@ -60,6 +60,8 @@ def to_hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None) -
         unk_token=None,
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        # what the model takes: transformers 4.x adds token_type_ids by default, which it refuses
+        model_input_names=["input_ids", "attention_mask"],
     )
     ids = (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id, len(hf))
     want = (tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id, tokenizer.vocab_size)
@@ -118,7 +120,9 @@ def save_hf(model: OpenMythos, out_dir: str | Path, tokenizer: Tokenizer | None 
         # a padded vocabulary (GPT-2's 50257 to 50304): its extra ids decode to nothing, so HF's
         # generate never samples them, as ours (vocab_size=) and the server do not
         special["suppress_tokens"] = list(range(tokenizer.vocab_size, model.cfg.vocab_size))
-    hf.generation_config = GenerationConfig(**special, n_loops=n_loops or model.cfg.max_loop_iters)
+    # max_length: pipeline() otherwise asks for 256 new tokens, past a short context
+    hf.generation_config = GenerationConfig(**special, n_loops=n_loops or model.cfg.max_loop_iters,
+                                            max_length=model.cfg.max_seq_len)
     hf.save_pretrained(out)
     for weights in out.glob("*.safetensors"):
         readable_as_umask(weights)

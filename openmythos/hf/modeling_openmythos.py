@@ -111,6 +111,9 @@ class OpenMythosCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None  # MoE balance loss
     ponder_loss: torch.Tensor | None = None  # ACT ponder cost
     loops: torch.Tensor | None = None  # (B, T) loops run per position
+    # (E,) tokens routed to each expert: a training loop of its own keeps the aux-loss-free balancing
+    # with `model.model.update_router_bias(expert_load)` after each optimizer step
+    expert_load: torch.Tensor | None = None
 
 
 class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
@@ -118,6 +121,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["TransformerBlock", "RecurrentBlock"]
+    supports_gradient_checkpointing = True  # through the core's own, per loop iteration
 
     def __init__(self, config: OpenMythosHFConfig):
         super().__init__(config)
@@ -138,6 +142,18 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         # injection and MoE each have one), and from_pretrained refuses checkpoints with missing
         # weights, so transformers' generic initialisation must not touch anything
         return
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The core's activation checkpointing, one loop iteration at a time (the prelude and coda
+        are not checkpointed); `gradient_checkpointing_kwargs` are not used."""
+        self.model.enable_activation_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.enable_activation_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.recurrent.checkpoint_loops
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed
@@ -193,8 +209,8 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
             cache = past_key_values
         if cache is not None and not isinstance(cache, OpenMythosCache):
             raise TypeError(f"the cache must be an OpenMythosCache, got {type(cache).__name__}")
-        if use_cache and cache is None:
-            cache = OpenMythosCache(n_loops if isinstance(n_loops, int) else None)
+        if use_cache and cache is None:  # as deep as the deepest row
+            cache = OpenMythosCache(int(n_loops.max()) if isinstance(n_loops, torch.Tensor) else n_loops)
         if n_loops is None and cache is not None:
             n_loops = cache.n_loops
         kv = None
@@ -211,6 +227,7 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
         result = OpenMythosCausalLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss,
                                           ponder_loss=out.ponder_loss, loops=out.loops,
+                                          expert_load=out.expert_load,
                                           **{CACHE_FIELD: cache if kv is not None else None})
         if return_dict is None:
             return_dict = self.config.return_dict
