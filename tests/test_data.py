@@ -98,11 +98,22 @@ def test_a_text_stream_settles_what_the_whole_decode_says(tokenizer):
         stream, pieces = TextStream(tokenizer), []
         for i in ids:
             pieces.append(stream.push(i))
-            # held: the bytes of one unfinished character at most (each a U+FFFD in the tail)
+            # held: the bytes of one unfinished character at most, one U+FFFD or (bytes that
+            # no character can finish, known as such only at the next byte) one per byte
             assert len(stream.tail) <= 3 and tokenizer.decode(ids[:len(pieces)]).startswith(stream.text)
         pieces.append(stream.flush())
         assert "".join(pieces) == stream.text == tokenizer.decode(ids)
         assert ids is not text or not any("\ufffd" in p for p in pieces)
+
+
+def test_a_text_stream_names_a_token_id_it_cannot_decode(tokenizer):
+    """Its tokens' bytes come from token_bytes, checked as decode checks ids (a byte id past the
+    vocabulary came out as <|pad|>; GPT-2 and BPE raised KeyError and TypeError)."""
+    stream = TextStream(tokenizer)
+    with pytest.raises(ValueError, match=f"token id {tokenizer.vocab_size} is out of range"):
+        stream.push(tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="token must be an integer token id, got True"):
+        stream.push(True)
 
 
 def test_a_text_stream_settles_characters_across_straddling_tokens(tokenizer):

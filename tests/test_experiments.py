@@ -135,6 +135,7 @@ def test_unknown_experiment_and_field():
     ("param-efficiency", {"dim": 6}, "MythosConfig"),
     ("stability", {"dim": 30}, "MythosConfig"),
     ("stability", {"lrs": [1e-3, 1e-3]}, r"lrs=\[0.001, 0.001\] lists a value twice"),
+    ("stability", {"lrs": [1e-3, 1.0000001e-3]}, "two rates that print alike"),
 ])
 def test_a_bad_device_corpus_or_tokenizer_is_refused_before_any_folder(name, fields, message, tmp_path, monkeypatch):
     """They were found once the first model started, as run.device / data.tokenizer, after the

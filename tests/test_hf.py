@@ -325,11 +325,14 @@ def test_hf_training_features_reach_the_core():
     out = hf(ids, labels=ids, n_loops=2)
     assert torch.equal(out.expert_load, model(ids, n_loops=2).expert_load)
     want = torch.autograd.grad(out.loss, model.embed.weight)[0]
-    hf.gradient_checkpointing_enable()
+    # transformers' own switch, with the arguments its Trainer passes (5.x: every_n_layers)
+    enable = getattr(hf, "activation_checkpointing_enable", hf.gradient_checkpointing_enable)
+    enable()
     assert hf.is_gradient_checkpointing and model.recurrent.checkpoint_loops
+    assert getattr(hf, "is_activation_checkpointing", True)
     got = torch.autograd.grad(hf(ids, labels=ids, n_loops=2).loss, model.embed.weight)[0]
     assert_close(got, want)
-    hf.gradient_checkpointing_disable()
+    getattr(hf, "activation_checkpointing_disable", hf.gradient_checkpointing_disable)()
     assert not hf.is_gradient_checkpointing
     deep = torch.tensor([model.cfg.max_loop_iters + 2, 1])
     with torch.no_grad():

@@ -415,8 +415,8 @@ class _MergedTokenizer(ByteTokenizer):
     def _decode(self, ids):
         return super()._decode([b for i in ids for b in (b"x\xc3" if i == 258 else [i])])
 
-    def token_bytes(self, token):
-        return b"x\xc3" if token == 258 else super().token_bytes(token)
+    def _token_bytes(self, token):
+        return b"x\xc3" if token == 258 else super()._token_bytes(token)
 
 
 def test_a_stop_string_in_the_held_tail_still_cuts_at_eos():

@@ -105,23 +105,26 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """Text of integer token ids (a list, or a tensor or array of an integer dtype)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        for i, token in enumerate(ids):
-            ids[i] = _token_id(token)
-            if ids[i] is None:
-                raise ValueError(f"ids[{i}] must be an integer token id, got {token!r}")
-            if not 0 <= ids[i] < self.vocab_size:
-                raise ValueError(
-                    f"token id {ids[i]} is out of range for {self.name} (vocab_size {self.vocab_size})"
-                )
-        return self._decode(ids)
+        return self._decode([self._checked_id(token, f"ids[{i}]") for i, token in enumerate(ids)])
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
 
-    @abstractmethod
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (a special token: its literal text): decode(ids) is their
         concatenation decoded as UTF-8, a malformed sequence as U+FFFD."""
+        return self._token_bytes(self._checked_id(token, "token"))
+
+    @abstractmethod
+    def _token_bytes(self, token: int) -> bytes: ...
+
+    def _checked_id(self, token: object, name: str) -> int:
+        value = _token_id(token)
+        if value is None:
+            raise ValueError(f"{name} must be an integer token id, got {token!r}")
+        if not 0 <= value < self.vocab_size:
+            raise ValueError(f"token id {value} is out of range for {self.name} (vocab_size {self.vocab_size})")
+        return value
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -151,7 +154,7 @@ class ByteTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def token_bytes(self, token: int) -> bytes:
+    def _token_bytes(self, token: int) -> bytes:
         return bytes([token]) if token < N_BYTES else (EOS_TOKEN if token == self.eos_id else PAD_TOKEN).encode()
 
     def _decode(self, ids: list[int]) -> str:
@@ -204,7 +207,7 @@ class BPETokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def token_bytes(self, token: int) -> bytes:
+    def _token_bytes(self, token: int) -> bytes:
         piece = self._tok.id_to_token(token)
         if token in (self.eos_id, self.pad_id):
             return piece.encode()
@@ -334,7 +337,7 @@ class GPT2Tokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
 
-    def token_bytes(self, token: int) -> bytes:
+    def _token_bytes(self, token: int) -> bytes:
         return self._enc.decode_single_token_bytes(token)
 
 

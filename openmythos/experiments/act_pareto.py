@@ -45,7 +45,6 @@ class ActParetoConfig(LMExperimentConfig):
             raise ValueError(f"act_thresholds={self.act_thresholds!r} must lie in (0, 1]")
 
 
-
 @torch.no_grad()
 def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]],
              n_loops: int) -> dict[str, float]:

@@ -36,6 +36,8 @@ class StabilityConfig(LMExperimentConfig):
         super().__post_init__()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES}")
+        if len({f"{lr:g}" for lr in self.lrs}) < len(self.lrs):  # a run's folder is named by lr{lr:g}
+            raise ValueError(f"lrs={self.lrs!r} holds two rates that print alike: their runs would share a folder")
 
 
 def run(cfg: StabilityConfig) -> dict:

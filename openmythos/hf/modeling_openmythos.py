@@ -143,16 +143,20 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         # weights, so transformers' generic initialisation must not touch anything
         return
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """The core's activation checkpointing, one loop iteration at a time (the prelude and coda
-        are not checkpointed); `gradient_checkpointing_kwargs` are not used."""
-        self.model.enable_activation_checkpointing(True)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.enable_activation_checkpointing(False)
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None,
+                                    **kwargs: Any) -> None:
+        """What transformers' gradient/activation_checkpointing_enable and _disable (and Trainer's
+        gradient_checkpointing=True) call, in 4.x and 5.x: the core's activation checkpointing,
+        one loop iteration at a time with torch's non-reentrant checkpoint (the prelude and coda
+        are not checkpointed; transformers' function and its every_n_layers are not used)."""
+        self.model.enable_activation_checkpointing(enable)
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_gradient_checkpointing(self) -> bool:  # transformers 4.x reads this one,
+        return self.model.recurrent.checkpoint_loops
+
+    @property
+    def is_activation_checkpointing(self) -> bool:  # 5.x this one
         return self.model.recurrent.checkpoint_loops
 
     def get_input_embeddings(self) -> torch.nn.Embedding:

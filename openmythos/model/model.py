@@ -205,7 +205,9 @@ class OpenMythos(nn.Module):
     def loop_states(self, input_ids: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
         """(n_loops, B, T, D): the looped state after each loop, with every loop run for every
         token (halting off) in eval mode, for a logit lens (`readout(states[t])`: loop t's logits read before
-        the coda) or the recurrence's convergence (`(states[1:] - states[:-1]).norm(dim=-1)`)."""
+        the coda) or the recurrence's convergence (`(states[1:] - states[:-1]).norm(dim=-1)`).
+        For the call, the looped block runs halting off and eager: not while another thread
+        runs the model."""
         B, T = self._check_inputs(input_ids, None, None)[:2]
         depth = self.check_loops(n_loops, B, None)
         if not is_int(depth):
