@@ -173,7 +173,7 @@ def test_a_run_on_a_relative_corpus_resumes_from_anywhere_and_after_a_move(tmp_p
     assert summary["steps"] == 4 and "differs from the one it trained on" not in caplog.text
     other = tmp_path / "other.txt"  # another path to other data: refused, naming the split
     other.write_text(TEXT.read_text()[::-1])
-    with pytest.raises(ValueError, match=r"data.corpus name other data than the run trained on \(its train"):
+    with pytest.raises(ValueError, match=r"data.corpus: other data than the run trained on \(its train"):
         resume(**{"train.steps": 5, "data.corpus": str(other)})
 
 
@@ -183,7 +183,7 @@ def test_a_new_data_path_on_resume_needs_the_checkpoints_digests(tmp_path, monke
     cfg = load_config(None, tiny_overrides(tmp_path)).with_absolute_data_paths()
     ckpt = SimpleNamespace(train_cfg=cfg.override({"data.corpus": str(tmp_path / "elsewhere.txt")}), data={})
     trainer = SimpleNamespace(cfg=cfg, data=None)
-    with pytest.raises(ValueError, match="data.corpus differ from the checkpoint's, which records no digest"):
+    with pytest.raises(ValueError, match="data.corpus: not the checkpoint's, which records no digest"):
         Trainer._check_moved_data(trainer, ckpt)
     monkeypatch.chdir(TEXT.parent)
     ckpt.train_cfg = cfg.override({"data.corpus": TEXT.name})

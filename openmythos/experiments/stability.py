@@ -57,14 +57,13 @@ def run(cfg: StabilityConfig) -> dict:
     with threads(cfg.threads):
         for injection, lr, seed in itertools.product(cfg.injections, cfg.lrs, cfg.seeds):
             name = f"{injection}-lr{lr:g}" + (f"-seed{seed}" if cfg.repeats > 1 else "")
-            out = lm_run(cfg, report.out / name,
-                models[injection],
-                {**data, "run.seed": seed, "train.steps": steps, "train.lr": lr,
-                 "train.batch_size": cfg.batch_size,
-                 "train.warmup_steps": max(1, steps // 10), "data.seq_len": cfg.seq_len,
-                 "loops.mean": cfg.loops, "loops.max": cfg.loops, "run.log_every": 1,
-                 "run.dtype": cfg.dtype, "train.max_bad_steps": 3, "eval.max_tokens": 16384,
-                 "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096}, budget)
+            out = lm_run(cfg, report.out / name, models[injection],
+                         {**data, "run.seed": seed, "train.steps": steps, "train.lr": lr,
+                          "train.batch_size": cfg.batch_size, "train.warmup_steps": max(1, steps // 10),
+                          "data.seq_len": cfg.seq_len, "loops.mean": cfg.loops, "loops.max": cfg.loops,
+                          "run.log_every": 1, "run.dtype": cfg.dtype, "train.max_bad_steps": 3,
+                          "eval.max_tokens": 16384, "eval.depths": [cfg.loops], "eval.depth_max_tokens": 4096},
+                         budget)
             trace = [r for r in out["metrics"] if "loss" in r]
             tail = trace[-max(1, len(trace) // 10):]
             first = trace[0]["loss"] if trace else math.nan

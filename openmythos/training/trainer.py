@@ -355,13 +355,14 @@ class Trainer:
                  if where(getattr(ckpt.train_cfg.data, key)) != getattr(self.cfg.data, key)]
         if not moved:
             return
+        given = " and ".join(moved)
         if not {"train", "val"} <= set(ckpt.data):
-            raise ValueError(f"{' and '.join(moved)} differ from the checkpoint's, which records no digest "
-                             "of its data to check the new path against: resume with the run's own")
+            raise ValueError(f"{given}: not the checkpoint's, which records no digest of its data to check "
+                             "a new path against: resume with the run's own")
         changed = ckpt.changed_splits(self.data.train, self.data.val)
         if changed:
-            raise ValueError(f"{' and '.join(moved)} name other data than the run trained on (its "
-                             f"{' and '.join(changed)} split differs): a resume continues on the same data")
+            raise ValueError(f"{given}: other data than the run trained on (its {' and '.join(changed)} "
+                             "split differs): a resume continues on the same data")
 
     def _run_dir(self, ckpt: Checkpoint | None) -> Path:
         cfg = self.cfg.run
