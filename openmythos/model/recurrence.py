@@ -178,10 +178,11 @@ class ACTHalting(nn.Module):
     def init_weights(self) -> None:
         """One halting probability p0 everywhere at init, so that every token runs the trained
         depth L before it learns to stop early (a random init halts after ~2 loops and makes
-        depth meaningless): L * p0 reaches the threshold and (L - 1) * p0 stays below it, each
-        by at least half a step. p0 = 1/L (the L states averaged uniformly) where the threshold
-        allows it, from 1 - 1/(2L) up to 0.999; else threshold / (L - 0.5), kept below 1 for a
-        finite bias (so at L = 1 a threshold above 1 - 1e-6 does not halt at init)."""
+        depth meaningless): L * p0 reaches the threshold and (L - 1) * p0 stays below it. p0 =
+        1/L (the L states averaged uniformly) where the threshold allows it, from 1 - 1/(2L) up
+        to 0.999 (below by at least half a step, above by 1 - threshold); else threshold /
+        (L - 0.5) (half a step either side), kept below 1 for a finite bias (so at L = 1 a
+        threshold above 1 - 1e-6 does not halt at init)."""
         L, threshold = self.max_loops, self.threshold
         p0 = 1 / L if 1 - 0.5 / L <= threshold <= 0.999 else threshold / (L - 0.5)
         p0 = min(p0, 1 - 1e-6)
