@@ -910,6 +910,16 @@ def test_invalid_values_are_rejected(overrides, message):
         load_config(None, overrides)
 
 
+def test_act_with_truncated_backprop_is_refused(tmp_path):
+    """The window is placed by the sampled depth and ACT may halt a token before it: the token
+    then trained no loop, and under FSDP2 a rank whose tokens all did skipped the looped block's
+    reduce-scatter (a gloo collective mismatch at step 8 of a 2-rank run)."""
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"model.halting": "act", "loops.backprop": 1}))
+    with pytest.raises(ValueError, match="loops.backprop=1 with model.halting='act'"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_halting_kl_cannot_train_but_its_checkpoints_load(tmp_path):
     from conftest import small_model
 

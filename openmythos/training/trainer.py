@@ -221,6 +221,13 @@ class Trainer:
             raise ValueError("model.halting='kl' cannot train: the KL exit needs a trained readout (an "
                              "untrained model stops every token after ~2 loops); train with 'none' or 'act', "
                              "then run the trained weights with it (mythos eval --halting kl, OpenMythos.with_exit)")
+        if cfg.model_config().halting == "act" and cfg.loops.backprop:
+            # the window is the last k of the sampled loops, and ACT may stop a token before it:
+            # such a token trains no loop, and under FSDP2 a rank whose tokens all did skipped the
+            # looped block's reduce-scatter that the others issued (a collective mismatch)
+            raise ValueError(f"loops.backprop={cfg.loops.backprop} with model.halting='act': ACT decides each "
+                             "token's depth as it runs, so a window placed by the sampled depth may leave a "
+                             "token no loop to learn from; train ACT with loops.backprop 0")
         if env is None:
             if cfg.dist.strategy == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # each rank would train the whole run alone, into the same folder
