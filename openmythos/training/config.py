@@ -318,9 +318,9 @@ class TrainConfig:
     def with_absolute_data_paths(self) -> TrainConfig:
         """data.corpus and data.val_path, where they are paths, made absolute: a resume from
         another working directory still finds them."""
-        paths = {f"data.{key}": str(Path(value).expanduser().resolve())
+        paths = {f"data.{key}": absolute_data_path(value)
                  for key, value in (("corpus", self.data.corpus), ("val_path", self.data.val_path))
-                 if value and value not in NAMED_CORPORA and Path(value).expanduser().exists()}
+                 if value and Path(value).expanduser().exists()}
         return self.override(paths)
 
     def override(self, flat: dict[str, Any]) -> TrainConfig:
@@ -351,6 +351,12 @@ class TrainConfig:
         a, b = self.flat(), other.flat()
         return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
                 for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
+def absolute_data_path(value: str) -> str:
+    """A data.corpus or data.val_path that is a path, as an absolute one; a named corpus and ""
+    as they are."""
+    return str(Path(value).expanduser().resolve()) if value and value not in NAMED_CORPORA else value
 
 
 def _toml_value(value: Any) -> str:

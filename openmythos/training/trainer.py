@@ -43,7 +43,7 @@ from openmythos.data import (
     train_bpe,
     unigram_loss,
 )
-from openmythos.data.corpus import NAMED_CORPORA, atomic_write
+from openmythos.data.corpus import atomic_write
 from openmythos.evaluation import (
     autocast,
     bits_per_byte,
@@ -70,6 +70,7 @@ from openmythos.training.config import (
     TOKENIZERS,
     DataConfig,
     TrainConfig,
+    absolute_data_path,
     is_tokenizer_source,
     to_toml,
 )
@@ -355,11 +356,8 @@ class Trainer:
     def _check_moved_data(self, ckpt: Checkpoint) -> None:
         """A resume may find the run's data at another path (a corpus that moved) only if it is
         the same data: the splits' digests, which the checkpoint records, must match."""
-        def where(path: str) -> str:  # a path as an absolute one (an older run kept it as typed)
-            return str(Path(path).expanduser().resolve()) if path and path not in NAMED_CORPORA else path
-
-        moved = [f"data.{key}" for key in ("corpus", "val_path")
-                 if where(getattr(ckpt.train_cfg.data, key)) != getattr(self.cfg.data, key)]
+        moved = [f"data.{key}" for key in ("corpus", "val_path")  # an older run kept its path as typed
+                 if absolute_data_path(getattr(ckpt.train_cfg.data, key)) != getattr(self.cfg.data, key)]
         if not moved:
             return
         given = " and ".join(moved)
