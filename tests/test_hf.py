@@ -339,6 +339,46 @@ def test_hf_training_features_reach_the_core():
         assert_close(hf.eval()(ids, use_cache=True, n_loops=deep).logits, hf(ids, n_loops=deep).logits)
 
 
+def test_router_bias_callback_balances_under_the_trainer(tmp_path):
+    """transformers' Trainer with RouterBiasCallback moves the router bias once per optimizer
+    step, by the load of all that step's micro-batches, and never by its evaluation passes."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from openmythos.hf import RouterBiasCallback
+
+    model = tiny_model(n_experts=4, n_experts_per_tok=1, router_bias_rate=0.05).train()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    # the expected loads: every step trains on all four rows (2 per batch x 2 accumulated), and
+    # with lr 0 only the bias changes between the steps
+    reference = tiny_model(n_experts=4, n_experts_per_tok=1, router_bias_rate=0.05).train()
+    expected = []
+    for _ in range(2):
+        with torch.no_grad():
+            expected.append(reference(ids).expert_load)
+        reference.update_router_bias(expected[-1])
+
+    seen = []
+    update = model.update_router_bias
+    model.update_router_bias = lambda load: (seen.append(load.clone()), update(load))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=2, learning_rate=0.0,
+                             eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True)
+    Trainer(hf, args, train_dataset=data, eval_dataset=data, callbacks=[RouterBiasCallback()]).train()
+
+    assert len(seen) == 2
+    for got, want in zip(seen, expected, strict=True):
+        assert_close(got, want)
+    assert_close(model.moe.router_bias, reference.moe.router_bias)
+    assert model.moe.router_bias.abs().sum() > 0
+    with pytest.raises(TypeError, match="needs an OpenMythos model"):
+        RouterBiasCallback().on_train_begin(args, None, None, model=torch.nn.Linear(2, 2))
+
+
 def test_export_from_training_checkpoint(tokenizer, tmp_path):
     from openmythos.training import TrainConfig, save_checkpoint
 

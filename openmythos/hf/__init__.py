@@ -13,6 +13,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
     raise ImportError("openmythos.hf needs transformers: pip install 'openmythos[hf]'") from e
 from packaging.version import Version
 
+from openmythos.hf.callbacks import RouterBiasCallback
 from openmythos.hf.configuration_openmythos import OpenMythosHFConfig
 from openmythos.hf.export import export_hf, load_pretrained, save_hf, to_hf_tokenizer
 from openmythos.hf.modeling_openmythos import (
@@ -40,6 +41,7 @@ __all__ = [
     "OpenMythosCausalLMOutput",
     "OpenMythosForCausalLM",
     "OpenMythosHFConfig",
+    "RouterBiasCallback",
     "export_hf",
     "load_pretrained",
     "save_hf",

@@ -112,7 +112,8 @@ class OpenMythosCausalLMOutput(CausalLMOutputWithPast):
     ponder_loss: torch.Tensor | None = None  # ACT ponder cost
     loops: torch.Tensor | None = None  # (B, T) loops run per position
     # (E,) tokens routed to each expert: a training loop of its own keeps the aux-loss-free balancing
-    # with `model.model.update_router_bias(expert_load)` after each optimizer step
+    # with `model.model.update_router_bias(expert_load)` after each optimizer step (transformers'
+    # Trainer: openmythos.hf.RouterBiasCallback)
     expert_load: torch.Tensor | None = None
 
 
