@@ -253,6 +253,44 @@ def test_fp16_forward_is_finite():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("attn_type,halting", [("mla", "act"), ("gqa", "kl"), ("mla", "none")])
+def test_an_fp64_model_is_fp64_throughout(attn_type, halting):
+    """An fp64 model as a numerical reference: its gradients pass gradcheck end to end (the
+    norms, rotations, router and halting scores, injection and loss ran through fp32 before),
+    and reading fp32 states casts them rather than failing in the matmul."""
+    from torch.func import functional_call
+
+    model = small_model(attn_type=attn_type, halting=halting, std=0.1).double()
+    ids, names = torch.randint(0, 64, (2, 5)), ("recurrent.injection.B", "recurrent.norm.weight")
+    params = tuple(dict(model.named_parameters())[n].detach().clone().requires_grad_() for n in names)
+
+    def loss(*values):
+        out = functional_call(model, dict(zip(names, values, strict=True)), (ids,),
+                              {"n_loops": 3, "targets": ids})
+        return out.loss + out.ponder_loss
+
+    assert loss(*params).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss, params, fast_mode=True)
+    states = model.loop_states(ids, 2)
+    assert_close(model.readout(states.float()), model.readout(states), atol=1e-5, rtol=1e-5)
+
+
+def test_act_runs_under_a_low_precision_default_dtype():
+    """Building in bf16 through torch's default dtype (as llama-style code does): ACT's sums are
+    fp32 whatever the default (they took it and failed once rows halted)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        torch.manual_seed(0)
+        model = OpenMythos(small_config(halting="act", act_threshold=0.5)).eval()
+        with torch.no_grad():
+            model.recurrent.act.halt.weight.normal_(0, 1.0)  # ragged exits
+            out = model(torch.randint(0, 64, (2, 10)), n_loops=3)
+    finally:
+        torch.set_default_dtype(default)
+    assert 1 < out.loops.float().mean() < 3 and torch.isfinite(out.logits).all()
+
+
 def test_meta_build_then_init_weights():
     cfg = small_config()
     with torch.device("meta"):

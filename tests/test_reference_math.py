@@ -78,6 +78,16 @@ def test_rope_matches_complex_rotation():
     assert_close(pair_norms(out), pair_norms(x), atol=1e-5, rtol=1e-5)
 
 
+def test_rope_of_an_fp64_model_is_exact_in_fp64():
+    """Angles and rotation in fp64 for an fp64 model (they went through fp32: ~1e-7 off)."""
+    x = torch.randn(2, 9, 3, 16, dtype=torch.float64)
+    positions = torch.tensor([list(range(9)), list(range(1000, 1009))])
+    cos, sin = rope_angles(positions, 16, THETA, torch.float64)
+    out = apply_rope(x, cos, sin)
+    assert out.dtype == torch.float64
+    assert_close(out, reference_rope(x, positions, THETA))
+
+
 def test_rope_scores_depend_only_on_the_position_difference():
     """After rotation, q_m . k_n is a function of m - n alone (the point of RoPE), and it does
     change with m - n: guards against rotations that are absolute, or absent."""
@@ -102,14 +112,14 @@ def reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["fp32", "bf16", "fp16", "fp64"])
 @torch.no_grad()
 def test_rmsnorm_matches_the_definition_in_every_dtype(dtype):
     """x / sqrt(mean(x^2) + eps) * weight, in fp32 then rounded once to x's dtype: the fused fp32
-    kernel and the low-precision path alike (bf16 and fp16 take their own code). Guards the mean
-    of squares, the eps (an all-zero row, as padding reads, must give zeros, not NaN) and the
-    output dtype."""
+    kernel and the low-precision path alike (bf16 and fp16 take their own code); fp64 all in fp64,
+    not through fp32. Guards the mean of squares, the eps (an all-zero row, as padding reads, must
+    give zeros, not NaN) and the output dtype."""
     norm = RMSNorm(16, eps=1e-5)
     norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(5, 16) * 3
@@ -117,7 +127,8 @@ def test_rmsnorm_matches_the_definition_in_every_dtype(dtype):
     expected = reference_rmsnorm(x.to(dtype).double(), norm.weight.to(dtype).double(), 1e-5)
     out = norm.to(dtype)(x.to(dtype))
     assert out.dtype == dtype
-    assert_close(out, expected.to(dtype))
+    exact = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}  # fp32 gives ~1e-7
+    assert_close(out, expected.to(dtype), **exact)
     assert (out[2] == 0).all()
 
 

@@ -30,7 +30,7 @@ from openmythos.generation import (
 from openmythos.model.attention import Context, PackedRows
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import KVCache
-from openmythos.model.layers import RMSNorm, rope_angles
+from openmythos.model.layers import RMSNorm, compute_dtype, rope_angles
 from openmythos.model.moe import MoE
 from openmythos.model.recurrence import RecurrentBlock
 
@@ -43,7 +43,8 @@ def _head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
     # the cast inside: each chunk's weight gradient comes back in the weight's (fp32) dtype, so
     # the sum over chunks never runs in bf16
     logits = x @ weight.to(x.dtype).T
-    return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.to(compute_dtype(logits.dtype)), targets, reduction="none",
+                           ignore_index=IGNORE_INDEX)
 
 
 def _chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -128,12 +129,13 @@ class OpenMythos(nn.Module):
                        dtype=p.dtype, device=p.device, packed=packed)
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits read directly from a looped state (the coda skipped): the KL exit's probe."""
+        """Logits read directly from a looped state (the coda skipped): the KL exit's probe. A
+        state of another floating dtype (fp32 states of a bf16 model, say) is read in the model's."""
         if not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.shape[-1:] == (self.cfg.dim,)):
             got = f"{tuple(h.shape)} {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(f"readout takes looped states (..., dim={self.cfg.dim}) of a floating "
                              f"dtype, got {got}")
-        return self.norm(h) @ self.embed.weight.T
+        return self.norm(h.to(self.embed.weight.dtype)) @ self.embed.weight.T
 
     def with_exit(self, **fields: Any) -> OpenMythos:
         """The same weights under another exit rule, e.g. the KL exit (which reads the trained
@@ -334,11 +336,12 @@ class OpenMythos(nn.Module):
                                                 reduction="none", ignore_index=IGNORE_INDEX, options=chunks)
             else:
                 losses = _chunked_cross_entropy(x.flatten(0, 1), self.embed.weight, targets.flatten())
-        return losses.float().sum() / (targets != IGNORE_INDEX).sum()  # the mean over the positions kept
+        losses = losses.to(compute_dtype(losses.dtype))
+        return losses.sum() / (targets != IGNORE_INDEX).sum()  # the mean over the positions kept
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
-        return rope_angles(positions, rope_dim, self.cfg.rope_theta)
+        return rope_angles(positions, rope_dim, self.cfg.rope_theta, compute_dtype(self.embed.weight.dtype))
 
     def _context(self, input_ids: torch.Tensor, cache: KVCache | None,
                  attention_mask: torch.Tensor | None, packed: bool) -> Context:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmythos.config import MythosConfig
-from openmythos.model.layers import SwiGLU
+from openmythos.model.layers import SwiGLU, compute_dtype
 
 
 class MoE(nn.Module):
@@ -53,7 +53,8 @@ class MoE(nn.Module):
         """Returns expert ids (N, K), gate weights (N, K) and the unbiased scores (N, E). The
         gates are the chosen scores normalised over the K; with one expert per token, the score
         itself (normalised, the gate would be 1 and the router would get no gradient)."""
-        logits_NE = self.router(x_ND).float()
+        logits_NE = self.router(x_ND)
+        logits_NE = logits_NE.to(compute_dtype(logits_NE.dtype))
         scores_NE = logits_NE.softmax(-1) if self.score == "softmax" else logits_NE.sigmoid()
         idx_NK = (scores_NE + self.router_bias).topk(self.top_k, dim=-1).indices
         gates_NK = scores_NE.gather(-1, idx_NK)

@@ -28,7 +28,7 @@ from openmythos.config import MythosConfig
 from openmythos.model.attention import Context
 from openmythos.model.block import TransformerBlock
 from openmythos.model.cache import RollingKV
-from openmythos.model.layers import RMSNorm
+from openmythos.model.layers import RMSNorm, compute_dtype
 
 B_INIT = 0.1  # a small injection at init: the loop starts near the block's own update, e scaled down
 
@@ -65,19 +65,19 @@ class LTIInjection(_Injection):
         # (eps is the spacing above 1, twice the one below: a margin)
         x_min = math.log(-math.log1p(-torch.finfo(dtype).eps))
         # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already
-        return (self.log_dt + self.log_A).float().clamp(x_min, 20.0)
+        return (self.log_dt + self.log_A).to(compute_dtype(dtype)).clamp(x_min, 20.0)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A, in fp32, bounded so that it stays strictly below 1 once cast to `dtype`."""
+        """A, in compute_dtype(dtype), bounded so that it stays strictly below 1 once cast to `dtype`."""
         return torch.exp(-torch.exp(self._log_rate(dtype)))
 
     def gain(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        dt = self.log_dt.float().clamp(-20.0, 20.0).exp()  # finite for any parameter value
+        dt = self.log_dt.to(compute_dtype(dtype)).clamp(-20.0, 20.0).exp()  # finite for any parameter value
         if self.discretisation == "euler":
-            return dt * self.B.float()
+            return dt * self.B.to(dt.dtype)
         # zero-order hold: (1 - A) / A_c * B with A_c = exp(log_A) = z / dt; expm1 keeps it exact
         z = torch.exp(self._log_rate(dtype))
-        return dt * (-torch.expm1(-z) / z) * self.B.float()
+        return dt * (-torch.expm1(-z) / z) * self.B.to(dt.dtype)
 
     def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decay(dtype).to(dtype), self.gain(dtype).to(dtype)
@@ -96,7 +96,7 @@ class FreeInjection(_Injection):
         nn.init.constant_(self.B, B_INIT)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.A.float()
+        return self.A.to(compute_dtype(dtype))
 
     def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.A.to(dtype), self.B.to(dtype)
@@ -113,7 +113,7 @@ class AdditiveInjection(_Injection):
         nn.init.constant_(self.B, B_INIT)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.ones_like(self.B, dtype=torch.float32)
+        return torch.ones_like(self.B, dtype=compute_dtype(dtype))
 
     def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(self.B, dtype=dtype), self.B.to(dtype)
@@ -162,8 +162,9 @@ def _loop_embedding(t: int, dim: int, width: int, dtype: torch.dtype,
     # a constant of (t, dim, width): built once, not at every loop of every call, and never as an
     # inference tensor (a first call under inference_mode), which training could not save
     with torch.inference_mode(False):
-        freqs = 10000.0 ** (-torch.arange(0, width, 2, device=device, dtype=torch.float32) / width)
-        emb = torch.zeros(dim, device=device, dtype=torch.float32)
+        exact = compute_dtype(dtype)
+        freqs = 10000.0 ** (-torch.arange(0, width, 2, device=device, dtype=exact) / width)
+        emb = torch.zeros(dim, device=device, dtype=exact)
         emb[:width] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
         return emb.to(dtype)
 
@@ -193,7 +194,8 @@ class ACTHalting(nn.Module):
         # in fp32 under autocast too: a bf16 logit rounds by more than init_weights' half-step
         # margin from L ~ 40 and halts early
         with torch.autocast(h.device.type, enabled=False):
-            logit = F.linear(h.float(), self.halt.weight.float(), self.halt.bias.float())
+            exact = compute_dtype(h.dtype)
+            logit = F.linear(h.to(exact), self.halt.weight.to(exact), self.halt.bias.to(exact))
         return torch.sigmoid(logit).squeeze(-1)
 
 
@@ -346,7 +348,7 @@ class RecurrentBlock(nn.Module):
                 h, kv = self._run_step(t, h, e, coefficients, kv, ctx, _slot(slots, t), None)
         self._fill_deeper(slots, depth - 1, depth, ctx)
         steps = torch.full((B, T), depth, device=h.device, dtype=torch.long)
-        return h.view(B, T, D), steps, torch.zeros((), device=h.device)
+        return h.view(B, T, D), steps, torch.zeros((), device=h.device, dtype=compute_dtype(h.dtype))
 
     def _halting_loop(self, h: torch.Tensor, e: torch.Tensor, ctx: Context, n_loops: int | torch.Tensor,
                       depth: int, limit: torch.Tensor | None, first_grad: int, grad_from: torch.Tensor | None,
@@ -359,9 +361,10 @@ class RecurrentBlock(nn.Module):
         act, kl = self.cfg.halting == "act", self.cfg.halting == "kl"
         kv = None  # the rolling keys of the previous loop, without a cache
         prev_logp = None  # (N, V) log-probabilities read at the previous loop, for the KL exit
-        out = torch.zeros(N, D, device=h.device, dtype=torch.float32 if act else h.dtype)
-        cum = torch.zeros(N, device=h.device)
-        ponder = torch.zeros(N, device=h.device)
+        exact = compute_dtype(h.dtype)  # ACT's sums, whatever the default dtype
+        out = torch.zeros(N, D, device=h.device, dtype=exact if act else h.dtype)
+        cum = torch.zeros(N, device=h.device, dtype=exact)
+        ponder = torch.zeros(N, device=h.device, dtype=exact)
         steps = torch.zeros(N, device=h.device, dtype=torch.long)
         live = _real_tokens(ctx, N, h.device)
         rows = ctx.tokens  # None: every row is live, with no gathers at all
@@ -389,12 +392,12 @@ class RecurrentBlock(nn.Module):
                     p, c = _constant_where(early, self.act(h_t)), _take(cum, rows)
                     stop |= c + p >= self.cfg.act_threshold
                     w = torch.where(stop, 1.0 - c, p)
-                    out = _add(out, rows, w.unsqueeze(-1) * h_t.float())
+                    out = _add(out, rows, w.unsqueeze(-1) * h_t.to(exact))
                     cum = _put(cum, rows, c + p)
                     ponder = _put(ponder, rows, torch.where(stop, t + 1 + (1.0 - c), 0.0))
                 else:
                     if kl:
-                        logp = _constant_where(early, torch.log_softmax(readout(h_t).float(), dim=-1))
+                        logp = _constant_where(early, torch.log_softmax(readout(h_t).to(exact), dim=-1))
                         if t > 0:
                             # KL(p_t || p_{t-1}): the prediction stopped moving, so stop looping
                             drift = (logp.exp() * (logp - _take(prev_logp, rows))).sum(-1)
@@ -471,7 +474,7 @@ class RecurrentBlock(nn.Module):
         if tokens is not None:  # back on the (B, T) grid, where padding ran no loops
             h = h.new_zeros(B * T, D).index_copy_(0, tokens, h)
             steps = torch.zeros_like(steps).index_copy_(0, tokens, steps[tokens])
-        return h.view(B, T, D), steps.view(B, T), torch.zeros((), device=h.device)
+        return h.view(B, T, D), steps.view(B, T), torch.zeros((), device=h.device, dtype=compute_dtype(h.dtype))
 
     @staticmethod
     def _fill_halted(slots: list | None, steps: torch.Tensor, n_loops: int | torch.Tensor, t: int,
