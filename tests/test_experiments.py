@@ -363,6 +363,15 @@ def test_act_pareto_evaluate_scores_every_token_and_counts_loops():
             torch.cat([model(x, n_loops=2).logits.flatten(0, 1) for x, _ in batches]),
             torch.cat([y.flatten() for _, y in batches]))
     assert got["val_loss"] == pytest.approx(float(want), rel=1e-5) and got["mean_loops"] == 2.0
+    # with ragged exits, a batch runs as deep as its deepest token
+    act = small_model(std=0.1, halting="act", act_threshold=0.5)
+    with torch.no_grad():
+        act.recurrent.act.halt.weight.normal_(0, 1.0)
+        loops = [act(x, n_loops=3).loops for x, _ in batches]
+    got = evaluate(act, batches, 3)
+    assert got["mean_loops"] == pytest.approx(float(torch.cat(loops).float().mean()))
+    assert got["batch_loops"] == pytest.approx(sum(float(run.max()) for run in loops) / 3)
+    assert got["batch_loops"] > got["mean_loops"]
 
 
 def test_act_pareto_verdict_boundaries_are_inclusive():
@@ -552,7 +561,7 @@ def test_act_pareto_repeats_averages_each_point_over_seeds(tmp_path, monkeypatch
     def fake_evaluate(model, batches, n_loops):  # at 1 loop seed 0 loses 0.1 nats more than seed 1
         loops, gap = {"act": (1.5, 0.005), "kl": (2.0, 0.02)}.get(
             model.cfg.halting, (n_loops, {1: 0.3 - 0.1 * current["seed"], 3: 0.0}.get(n_loops)))
-        return {"val_loss": 4.0 + current["seed"] + gap, "mean_loops": loops,
+        return {"val_loss": 4.0 + current["seed"] + gap, "mean_loops": loops, "batch_loops": loops + current["seed"],
                 "tok_per_s": 100.0 * (1 + current["seed"]) / loops}
 
     def fake_load(path, device):
@@ -572,6 +581,7 @@ def test_act_pareto_repeats_averages_each_point_over_seeds(tmp_path, monkeypatch
     points = {(p["rule"], p["setting"]): p for p in results["points"]}
     assert points["fixed", 1]["val_loss"] == pytest.approx(4.75) and points["fixed", 1]["gap_spread"] == pytest.approx(0.1)
     assert points["fixed", 3]["tok_per_s"] == pytest.approx(50.0) and points["act", 0.5]["mean_loops"] == 1.5
+    assert points["act", 0.5]["batch_loops"] == 2.0  # 1.5 and 2.5
     assert [t["seed"] for t in results["train"]] == [0, 1]
     assert results["verdicts"]["act"]["setting"] == 0.5 and results["verdicts"]["act"]["saves_time"]
     report = (tmp_path / "a" / "report.md").read_text()
@@ -680,7 +690,7 @@ def test_act_pareto_sweeps_every_rule_at_its_settings(tmp_path, monkeypatch):
                           {"halting": "kl", "kl_threshold": 0.01, "min_loops": 2}]
     assert (seen["settings"]["train.steps"], seen["settings"]["train.ponder_weight"]) == (1000, 0.05)
     full = points[1]
-    row = markdown_table(["x"] * 7, [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"],
+    row = markdown_table(["x"] * 8, [[p["rule"], p["setting"], p["mean_loops"], p["batch_loops"], p["val_loss"],
                                        p["val_loss"] - full["val_loss"], p["tok_per_s"],
                                        p["tok_per_s"] / full["tok_per_s"]] for p in points[:1]]).splitlines()[-1]
     assert row in (tmp_path / "a" / "report.md").read_text()

@@ -48,9 +48,10 @@ class ActParetoConfig(LMExperimentConfig):
 @torch.no_grad()
 def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]],
              n_loops: int) -> dict[str, float]:
-    """Loss, mean loops per token and tokens/s over fixed validation batches."""
+    """Loss, mean loops per token, loops run per batch (its deepest token's: a batch runs until
+    its last token halts) and tokens/s over fixed validation batches."""
     model.eval()
-    loss = loops = count = 0.0
+    loss = loops = count = deepest = 0.0
     start = time.perf_counter()
     device = model.embed.weight.device
     for x, y in batches:
@@ -58,9 +59,11 @@ def evaluate(model: OpenMythos, batches: list[tuple[torch.Tensor, torch.Tensor]]
         logits = out.logits.float().flatten(0, 1)
         loss += float(F.cross_entropy(logits, y.to(device).flatten(), reduction="sum"))
         loops += float(out.loops.float().sum())
+        deepest += float(out.loops.max())
         count += y.numel()
     elapsed = time.perf_counter() - start
-    return {"val_loss": loss / count, "mean_loops": loops / count, "tok_per_s": count / elapsed}
+    return {"val_loss": loss / count, "mean_loops": loops / count, "batch_loops": deepest / len(batches),
+            "tok_per_s": count / elapsed}
 
 
 def run(cfg: ActParetoConfig) -> dict:
@@ -83,7 +86,7 @@ def run(cfg: ActParetoConfig) -> dict:
     verdicts = {rule: verdict([p for p in points if p["rule"] == rule], full) for rule in ("act", "kl")}
     report.results = {"points": points, "train": train, "verdicts": verdicts}
     spread = cfg.repeats > 1
-    rows = [[p["rule"], p["setting"], p["mean_loops"], p["val_loss"], p["val_loss"] - full["val_loss"],
+    rows = [[p["rule"], p["setting"], p["mean_loops"], p["batch_loops"], p["val_loss"], p["val_loss"] - full["val_loss"],
              *([p["gap_spread"]] if spread else []), p["tok_per_s"], p["tok_per_s"] / full["tok_per_s"]]
             for p in points]
     cut = [f"seed {t['seed']} at step {t['steps']}" for t in train if t["status"] == "time_limit"]
@@ -91,8 +94,11 @@ def run(cfg: ActParetoConfig) -> dict:
                + (f"Each point is the mean over models trained with seeds {', '.join(map(str, cfg.seeds))}; "
                   "the spread is the largest minus the smallest of their loss gaps to full depth.\n\n"
                   if spread else "") + markdown_table(
-        ["exit rule", "setting", "mean loops", "val loss", f"Δ loss vs {cfg.loops} loops",
+        ["exit rule", "setting", "mean loops", "loops run per batch", "val loss", f"Δ loss vs {cfg.loops} loops",
          *(["spread of Δ between seeds"] if spread else []), "tokens/s", f"speed vs {cfg.loops} loops"], rows)
+        + "\n\nMean loops are per token; loops run per batch are its deepest token's (the batch loops "
+        "until its last token halts, on fewer live tokens each loop), the mean over the evaluation batches "
+        f"of 8 x {cfg.seq_len} tokens."
         + (f"\n\n**Training was cut short by the time budget** ({', '.join(cut)} of {steps})." if cut else ""))
     report.add("## Does halting pay?\n\n" + "\n".join(
         f"- **{rule}**: {v['summary']}" for rule, v in verdicts.items()) + "\n\n"
@@ -192,6 +198,6 @@ def over_seeds(runs: list[list[dict]], loops: int) -> list[dict]:
     for same in zip(*runs, strict=True):
         gaps = [p["val_loss"] - f["val_loss"] for p, f in zip(same, fulls, strict=True)]
         merged.append({"rule": same[0]["rule"], "setting": same[0]["setting"],
-                       **{k: fmean(p[k] for p in same) for k in ("val_loss", "mean_loops", "tok_per_s")},
+                       **{k: fmean(p[k] for p in same) for k in ("val_loss", "mean_loops", "batch_loops", "tok_per_s")},
                        "gap_spread": max(gaps) - min(gaps)})
     return merged
