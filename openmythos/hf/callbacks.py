@@ -26,6 +26,7 @@ class RouterBiasCallback(TrainerCallback):
         self._hook = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.on_train_end(args, state, control)  # a train() that raised left its hook behind
         # the core, found by its method: a trust_remote_code model has its own copy of the class
         self.core = next((m for m in model.modules() if hasattr(m, "update_router_bias")), None)
         if self.core is None:
