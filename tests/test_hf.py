@@ -377,6 +377,13 @@ def test_router_bias_callback_balances_under_the_trainer(tmp_path):
     assert model.moe.router_bias.abs().sum() > 0
     with pytest.raises(TypeError, match="needs an OpenMythos model"):
         RouterBiasCallback().on_train_begin(args, None, None, model=torch.nn.Linear(2, 2))
+    # a train() that raised never reached on_train_end: the next one counts each forward once
+    callback = RouterBiasCallback()
+    for _ in range(2):
+        callback.on_train_begin(args, None, None, model=hf)
+    out = hf.train()(ids[:1])
+    assert torch.equal(callback.load, out.expert_load)
+    callback.on_train_end(args, None, None)
 
 
 def test_export_from_training_checkpoint(tokenizer, tmp_path):
