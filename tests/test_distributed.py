@@ -45,6 +45,8 @@ def launch(out: Path, nproc: int, batch: int, *extra: str, strategy: str = "ddp"
                f"--nproc_per_node={nproc}", *train_args, "--dist.strategy", strategy]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # FSDP2's warning that a sharded module returned a view ("can produce wrong gradients")
+    assert "returned a view tensor" not in done.stderr
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
 

@@ -97,6 +97,11 @@ def parallelize(model: OpenMythos, cfg: DistConfig, *, device: torch.device,
                                   cast_forward_inputs=False)
         for block in [*model.prelude, *model.coda]:
             fully_shard(block, mp_policy=mp)
+        # FSDP2 warns of wrong gradients when a sharded module returns a view, on which an
+        # in-place op would skip its pre-backward hook: the looped state is its (N, D) rows viewed
+        # as (B, T, D). Nothing writes to it in place, but a copy (one pass over the state) ends
+        # the view and the warning; this hook runs before fully_shard's, registered after it
+        model.recurrent.register_forward_hook(lambda module, args, out: (out[0].clone(), *out[1:]))
         fully_shard(model.recurrent, mp_policy=mp, reshard_after_forward=cfg.reshard_recurrent)
         fully_shard(model, mp_policy=mp)  # the root: embedding, final norm and the tied head
         model.to_empty(device=device)
