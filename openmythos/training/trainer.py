@@ -188,20 +188,28 @@ def _entropy(load: torch.Tensor) -> float:
     return float(-(p * p.clamp(min=1e-12).log()).sum() / math.log(len(p))) if len(p) > 1 else 1.0
 
 
+class _Stopped(Exception):
+    """A signal during the final evaluation: it has nothing to keep, so it ends at once."""
+
+
 class _StopRequest:
     """The first Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary, where the
-    state is consistent, checkpoint and exit; a second Ctrl-C interrupts at once."""
+    state is consistent, checkpoint and exit; a second Ctrl-C interrupts at once. Once `at_once`
+    is set (the final evaluation, after the last checkpoint), a signal raises _Stopped."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> _StopRequest:
-        self.requested = False
+        self.requested = self.at_once = False
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # signals need the main thread
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.at_once:
+            self.requested = True
+            raise _Stopped
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
@@ -671,14 +679,27 @@ class Trainer:
             # checkpoint) is noted rather than fatal, and skips the final evaluation
             checkpoint = self.save(final=True) or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
             (stopped,) = any_rank([stop.requested], self.env, self.device)
+            if not stopped:
+                # the summary before the final evaluation (a minute of the quickstart), so that a
+                # run killed during it does not read as one still running at step 0; in one
+                # process a signal ends the evaluation at once (ranks could leave their
+                # collectives at different points: they evaluate to the end)
+                if main:
+                    self._write_summary({**self._summary(status, checkpoint), "final_eval": "running"})
+                stop.at_once = self.env.world_size == 1
+                try:
+                    with gathered(self.engine, cfg.dist.reshard_recurrent):
+                        evaluation = self.final_eval()
+                    stop.at_once = False
+                except _Stopped:
+                    stopped = True
         if stopped and status != "interrupted":
             log.warning("stopping: the checkpoint is written, the final evaluation skipped "
                         "(--resume runs it)")
             status = "interrupted"
         summary = self._summary(status, checkpoint)
         if not stopped:
-            with gathered(self.engine, cfg.dist.reshard_recurrent):
-                summary.update(self.final_eval())
+            summary.update(evaluation)
         if main:
             self._write_summary(summary)
             _plot(self.run_dir / METRICS, self.run_dir / "loss.png")
