@@ -440,12 +440,18 @@ def test_a_body_exactly_at_the_size_limit_is_read(app):
     ({"prompt": ["a", "b"], "stream": True}, "prompt", "stream supports a single prompt"),
     ({"prompt": "x", "top_k": 0}, "top_k", "invalid 'top_k': Input should be greater than or equal to 1, got 0"),
     ({"prompt": "x", "logit_bias": {"50": 10}}, "logit_bias", "invalid 'logit_bias'"),
+    ({"prompt": "x", "stop": ["s"] * 17}, "stop", "invalid 'stop': at most 16 stop strings, not 17"),
+    ({"prompt": ["a"] * 3}, "prompt", "3 prompts, but at most 2 fit (what this server can admit at once: "
+                                      "a batch of 1 and a queue of 1)"),
+    ({"prompt": ["a"] * 3}, "prompt", "3 prompts, but at most 2 fit (2 per request)"),
 ])
 def test_a_refusal_names_the_field_at_fault(payload, field, message):
-    app = create_app(_engine(max_batch=1), "tiny", Limits(max_tokens=512))
+    limits = Limits(max_tokens=512, max_batch_prompts=2 if "per request" in message else 16)
+    app = create_app(_engine(max_batch=1, max_queue=1 if "a queue of" in message else 8), "tiny", limits)
     r = call(app, lambda c: c.post("/v1/completions", json=payload))
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     assert message in r.json()["error"]["message"], r.text
+    assert "Value error" not in r.json()["error"]["message"]  # pydantic's prefix, not ours
 
 
 @pytest.mark.parametrize("stop, stops", [("ab", ("ab",)), (["ab", "c"], ("ab", "c")), (None, ())])

@@ -104,7 +104,7 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _few_stops(cls, v):  # each is searched for at every token, on the engine's thread
         if isinstance(v, list) and len(v) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(v)}")
         for text in [v] if isinstance(v, str) else v or ():
             checked_text(text)  # a lone surrogate could never match decoded text
         return v
@@ -193,6 +193,8 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         return _error(400, f"unknown field {field!r}", field)
     if first["type"] == "missing":
         return _error(400, f"missing field {field!r}", field)
+    if first["type"] == "value_error":  # our own validators' messages, which say what was wrong
+        return _error(400, f"invalid {field!r}: {first['ctx']['error']}", field)
     got = json.dumps(first["input"], default=repr)
     got = got if len(got) <= 80 else got[:77] + "..."
     return _error(400, f"invalid {field!r}: {first['msg']}, got {got}", field)
@@ -301,7 +303,9 @@ def _over_limits(body: CompletionRequest, n_prompts: int, engine: Engine, limits
     """The refusal of a request past this server's limits, before its prompts are tokenized."""
     most = min(limits.max_batch_prompts, engine.max_batch + engine.max_queue)  # more could never all be admitted
     if n_prompts > most:
-        return _error(400, f"at most {most} prompts per request", "prompt")
+        why = (f"{limits.max_batch_prompts} per request" if most == limits.max_batch_prompts else
+               f"what this server can admit at once: a batch of {engine.max_batch} and a queue of {engine.max_queue}")
+        return _error(400, f"{n_prompts} prompts, but at most {most} fit ({why})", "prompt")
     if body.max_tokens > limits.max_tokens:
         return _error(400, f"max_tokens={body.max_tokens} exceeds the cap of {limits.max_tokens}", "max_tokens")
     if body.max_tokens >= engine.max_len:
