@@ -358,30 +358,43 @@ def test_a_signal_during_the_final_save_is_noted_not_fatal(tmp_path, monkeypatch
     assert find_checkpoint(tmp_path / "run") == Path(summary["checkpoint"])
 
 
-def test_a_signal_during_the_final_evaluation_ends_it_and_says_interrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["evaluating", "writing the summary before it"])
+def test_a_signal_during_the_final_evaluation_ends_it_and_says_interrupted(when, tmp_path, monkeypatch):
     """The final evaluation runs after the last checkpoint: a SIGTERM during it ended the process
     with summary.json still saying running at step 0. Now the summary is written before the
-    evaluation, and a signal ends the evaluation at once with status interrupted."""
+    evaluation, and a signal, during it or while that summary is written, ends the evaluation at
+    once with status interrupted."""
     import os
     import signal
 
     from openmythos.training.trainer import SUMMARY, _StopRequest
 
-    seen = {}
+    seen, write = {}, Trainer._write_summary
+
+    def signal_if_handled():
+        if getattr(signal.getsignal(signal.SIGTERM), "__self__", None).__class__ is _StopRequest:
+            os.kill(os.getpid(), signal.SIGTERM)  # else it would kill pytest
 
     def evaluation_under_a_signal(self):
         seen.update(json.loads((self.run_dir / SUMMARY).read_text()))
-        if getattr(signal.getsignal(signal.SIGTERM), "__self__", None).__class__ is _StopRequest:
-            os.kill(os.getpid(), signal.SIGTERM)  # else it would kill pytest
+        signal_if_handled()
         raise AssertionError("the evaluation went on after the signal")
 
+    def write_under_a_signal(self, summary):
+        write(self, summary)
+        if "final_eval" in summary and when != "evaluating":
+            signal_if_handled()
+
     monkeypatch.setattr(Trainer, "final_eval", evaluation_under_a_signal)
+    monkeypatch.setattr(Trainer, "_write_summary", write_under_a_signal)
     summary = train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 3})))
-    assert (seen["status"], seen["steps"], seen["final_eval"]) == ("completed", 3, "running")
+    if when == "evaluating":
+        assert (seen["status"], seen["steps"], seen["final_eval"]) == ("completed", 3, "running")
+    else:
+        assert not seen  # the evaluation never started
     assert summary["status"] == "interrupted" and summary["steps"] == 3 and "val_loss" not in summary
     assert json.loads((tmp_path / "run" / SUMMARY).read_text()) == summary
-    assert signal.getsignal(signal.SIGTERM) is not None and not isinstance(
-        getattr(signal.getsignal(signal.SIGTERM), "__self__", None), _StopRequest)  # handlers restored
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), _StopRequest)
 
 
 def test_one_run_folder_trains_one_job_at_a_time(tmp_path):

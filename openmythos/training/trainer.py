@@ -207,8 +207,8 @@ class _StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.at_once:
-            self.requested = True
+        if self.at_once:  # once: a second signal, while the first unwinds, is only noted
+            self.at_once, self.requested = False, True
             raise _Stopped
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -679,20 +679,22 @@ class Trainer:
             # checkpoint) is noted rather than fatal, and skips the final evaluation
             checkpoint = self.save(final=True) or (self.run_dir / CHECKPOINTS / f"step_{self.step:08d}")
             (stopped,) = any_rank([stop.requested], self.env, self.device)
-            if not stopped:
-                # the summary before the final evaluation (a minute of the quickstart), so that a
-                # run killed during it does not read as one still running at step 0; in one
-                # process a signal ends the evaluation at once (ranks could leave their
-                # collectives at different points: they evaluate to the end)
-                if main:
-                    self._write_summary({**self._summary(status, checkpoint), "final_eval": "running"})
-                stop.at_once = self.env.world_size == 1
+            evaluation = None
+            if not stopped and self.env.world_size == 1:
+                # in one process a signal during the final evaluation (a minute of the
+                # quickstart) ends it at once: the checkpoint is written, a resume runs it again
+                stop.at_once = True
                 try:
-                    with gathered(self.engine, cfg.dist.reshard_recurrent):
-                        evaluation = self.final_eval()
+                    if not stop.requested:  # one that came since the any_rank above
+                        evaluation = self._final_evaluation(status, checkpoint)
                     stop.at_once = False
                 except _Stopped:
-                    stopped = True
+                    pass
+                stopped = evaluation is None
+        if not stopped and evaluation is None:
+            # ranks evaluate under the default handlers, as a signal could reach them at
+            # different points of its collectives: it ends the processes
+            evaluation = self._final_evaluation(status, checkpoint)
         if stopped and status != "interrupted":
             log.warning("stopping: the checkpoint is written, the final evaluation skipped "
                         "(--resume runs it)")
@@ -709,6 +711,14 @@ class Trainer:
             # torchrun then killed rank 0 before its files were written
             dist.barrier()
         return summary
+
+    def _final_evaluation(self, status: str, checkpoint: Path) -> dict[str, Any]:
+        """final_eval, with the summary written first: a run killed during the evaluation then
+        reads as trained and checkpointed, not as one still running at step 0."""
+        if self.env.is_main:
+            self._write_summary({**self._summary(status, checkpoint), "final_eval": "running"})
+        with gathered(self.engine, self.cfg.dist.reshard_recurrent):
+            return self.final_eval()
 
     def _log_evaluate_save(self, metrics: _Metrics | None, bar: tqdm) -> None:
         """After a step: its log record, evaluation and checkpoint, each when its schedule says."""
