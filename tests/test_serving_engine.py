@@ -46,6 +46,19 @@ def test_greedy_is_the_same_alone_or_batched(attn_type, policy):
         assert len(req.generated) == m
 
 
+def test_a_seeded_sampled_request_is_the_same_alone_or_batched():
+    """Sampling reads each request's own logits row (greedy rows alone would not show a mix-up:
+    every other equivalence test here is greedy)."""
+    model = small_model(vocab_size=64, std=0.1)
+    prompts, seeds = [[1, 2, 3, 4, 5], [7, 8], [9] * 6], [11, 12, 13]
+    alone = [run_alone(model, p, max_tokens=6, temperature=1.0, seed=s) for p, s in zip(prompts, seeds, strict=True)]
+    assert len({tuple(a) for a in alone}) == len(prompts)
+    engine = Engine(model, max_batch=3)
+    reqs = [collect(engine, p, max_tokens=6, temperature=1.0, seed=s)[0] for p, s in zip(prompts, seeds, strict=True)]
+    engine.run_until_idle()
+    assert [r.generated for r in reqs] == alone
+
+
 def test_a_ring_cache_prefills_each_prompt_whole_as_generate_does():
     """A ring cache shorter than the depth is exact only for a prompt prefilled in one call: the
     engine's default 64-token chunks made a longer prompt read its earlier chunks through the
@@ -420,13 +433,14 @@ class _MergedTokenizer(ByteTokenizer):
 
 
 def test_a_stop_string_in_the_held_tail_still_cuts_at_eos():
-    # token 258's text, "x" and an unfinished character, is held; EOS next makes it final, and
-    # the stop string in it must still cut
+    # token 258's text, "x" and an unfinished character, is held; EOS next makes it final (the
+    # unfinished byte as U+FFFD), and a stop string that only the final text holds must still cut
+    # (a stop of "x" alone cut at token 258 already, and never reached the EOS branch)
     tok = _MergedTokenizer()
     engine = Engine(small_model(vocab_size=tok.vocab_size), tokenizer=tok, max_batch=1)
     script = iter([ord("a"), 258, tok.eos_id])
     engine._sample = lambda req, logits, greedy: next(script)
-    req, events = collect(engine, list(b"hi"), max_tokens=8, temperature=0, stop=("x",))
+    req, events = collect(engine, list(b"hi"), max_tokens=8, temperature=0, stop=("x\ufffd",))
     engine.run_until_idle()
     assert req.text == "a" and events[-1].finish_reason == "stop"
     assert "".join(e.text for e in events if e.kind == "token") == "a"
