@@ -640,6 +640,21 @@ def test_eval_batches_spread_a_subset_and_split_the_windows_between_ranks(max_to
     assert sorted(sum(shards, [])) == starts
 
 
+def test_a_subset_of_a_split_of_whole_windows_takes_none_past_its_end():
+    """n tokens hold (n - 1) // seq_len whole windows: a split of exactly 10 windows' tokens has 9
+    (the 10th lacks its last target), and a subset spreads its windows over those 9. Counting 10
+    picked a window past the end: an IndexError."""
+    from openmythos.evaluation import eval_batches
+
+    packed = PackedTokens(np.arange(100, dtype=np.uint16))
+    batches = list(eval_batches(packed, 10, 4, max_tokens=50))
+    starts = [int(x[i, 0]) for x, _ in batches for i in range(len(x))]
+    assert starts == [0, 20, 40, 60, 80]
+    for x, y in batches:
+        assert x.shape == y.shape and x.shape[1] == 10
+        torch.testing.assert_close(y, x + 1)
+
+
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_eval_batches_predict_every_token_once(world_size):
     packed = PackedTokens(np.arange(103, dtype=np.uint16))

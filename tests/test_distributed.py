@@ -3,10 +3,13 @@ with the global batch, and checkpoints (whole or DCP shards) that resume across 
 strategies. The single-process run and each strategy's 2-process run are shared by the tests of a
 module (they are the expensive part); every launch has a timeout."""
 
+import datetime
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -238,3 +241,163 @@ def test_a_half_set_torchrun_environment_is_refused_by_name(monkeypatch, present
     monkeypatch.setenv(present, "0" if present == "RANK" else "2")
     with pytest.raises(ValueError, match=r"dist.strategy='ddp' needs a torchrun launch"):
         init_distributed("cpu", "ddp")
+
+
+def run_ranks(tmp_path: Path, fn, world_size: int = 2, timeout_s: float = 20.0) -> dict:
+    """fn(rank) in `world_size` forked processes that share one gloo group (no torchrun, no
+    re-import: well under a second): rank -> its return value. A rank that raises, or waits on a
+    collective the others never join (gloo's timeout), fails the test with its traceback. fn
+    returns plain Python values: a tensor would be passed by a handle that dies with its rank."""
+    import torch.distributed as dist
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    store = str(tmp_path / "gloo_store")
+
+    def main(rank: int) -> None:
+        torch.set_num_threads(1)
+        try:
+            dist.init_process_group("gloo", store=dist.FileStore(store, world_size), rank=rank,
+                                    world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+            results.put((rank, True, fn(rank)))
+            dist.destroy_process_group()
+        except BaseException:
+            results.put((rank, False, traceback.format_exc()))
+
+    procs = [ctx.Process(target=main, args=(rank,), daemon=True) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        got = [results.get(timeout=timeout_s + 30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    errors = [value for _, ok, value in got if not ok]
+    assert not errors, "\n".join(errors)
+    return {rank: value for rank, _, value in got}
+
+
+@pytest.mark.multiprocess
+def test_the_rank_helpers_across_two_processes(tmp_path):
+    """any_rank: a flag true on one rank is true on all (a time limit or Ctrl-C on one rank stops
+    every rank at the same step); global_max: the largest; per_rank: each rank's value in its
+    place. Each rank gets the same lists."""
+    from openmythos.training.distributed import DistEnv, any_rank, global_max, per_rank
+
+    def helpers(rank):
+        env, cpu = DistEnv(rank, 2, rank), torch.device("cpu")
+        return (any_rank([rank == 0, False, True], env, cpu), global_max([0.5, 0.25][rank], env, cpu),
+                per_rank([10.0, 20.0][rank], env, cpu))
+
+    assert run_ranks(tmp_path, helpers) == {rank: ([True, False, True], 0.5, [10.0, 20.0])
+                                            for rank in range(2)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("max_tokens", [0, 24], ids=["every-window", "a-subset"])
+def test_evaluate_on_two_ranks_is_evaluate_in_one_process(tmp_path, max_tokens):
+    """Ranks score disjoint windows (unequal shares: 5 windows and a remainder) and all-reduce
+    the summed loss, target count and loops: every rank returns the one-process loss and loops
+    per token (under ACT, so the loops differ by token), not its own share's."""
+    import numpy as np
+
+    from openmythos.data import PackedTokens
+    from openmythos.evaluation import evaluate
+    from tests.conftest import small_model
+
+    model = small_model(std=0.1, halting="act", act_threshold=0.5)
+    tokens = PackedTokens(np.random.default_rng(5).integers(0, 64, size=1 + 5 * 8 + 3))
+    kwargs = dict(seq_len=8, batch_size=2, n_loops=3, max_tokens=max_tokens)
+    single = evaluate(model, tokens, **kwargs)
+    got = run_ranks(tmp_path, lambda rank: evaluate(model, tokens, rank=rank, world_size=2, **kwargs))
+    for rank in range(2):
+        torch.testing.assert_close(got[rank], single, atol=1e-6, rtol=1e-6)
+
+
+def _fsdp_groups(unit):  # FSDP2's own state: no public reader of a unit's reshard setting
+    return unit._get_fsdp_state()._fsdp_param_groups
+
+
+@pytest.mark.multiprocess
+def test_gathered_holds_every_unit_whole_and_then_restores_each_ones_resharding(tmp_path):
+    """Inside `gathered` every FSDP2 unit stays all-gathered, so ranks may run different numbers
+    of forwards (rank 1 runs one more here: under the units' own resharding it would wait on an
+    all-gather rank 0 never joins); on exit each unit is sharded again and reshards after forward
+    as `parallelize` set it: prelude and coda yes, the looped block per dist.reshard_recurrent,
+    the root never (it is needed in backward)."""
+    from openmythos.model import OpenMythos
+    from openmythos.training.config import DistConfig
+    from openmythos.training.distributed import broadcast_full_weights, gathered, parallelize
+    from tests.conftest import small_config, small_model
+
+    def reshards(unit):
+        return all(g.post_forward_mesh_info is not None for g in _fsdp_groups(unit))
+
+    def run(rank):
+        seen = {}
+        for reshard in (False, True):
+            with torch.device("meta"):
+                model = OpenMythos(small_config())
+            parallelize(model, DistConfig(strategy="fsdp", reshard_recurrent=reshard),
+                        device=torch.device("cpu"))
+            reference = small_model(std=0.1)
+            broadcast_full_weights(model, reference.state_dict() if rank == 0 else {})
+            units = [model.prelude[0], model.recurrent, model.coda[0], model]
+            ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                model(ids)
+                set_up = [reshards(u) for u in units]
+                with gathered(model, reshard):
+                    for _ in range(rank + 1):
+                        logits = model(ids).logits
+                    inside = [all(g.is_unsharded for g in _fsdp_groups(u)) for u in units]
+                after = [reshards(u) for u in units]
+                sharded = [all(g.is_sharded for g in _fsdp_groups(u)) for u in units]
+                close = torch.allclose(logits, reference(ids).logits, atol=1e-5)
+            seen[reshard] = set_up, inside, after, sharded, close
+        return seen
+
+    expected = {reshard: ([True, reshard, True, False], [True] * 4, [True, reshard, True, False],
+                          [True] * 4, True) for reshard in (False, True)}
+    assert run_ranks(tmp_path, run) == {0: expected, 1: expected}
+
+
+def test_parallelize_checkpoints_the_loops_only_when_asked():
+    from openmythos.training.config import DistConfig
+    from openmythos.training.distributed import parallelize
+    from tests.conftest import small_model
+
+    for on in (False, True):
+        model = small_model()
+        assert parallelize(model, DistConfig(activation_checkpointing=on), device=torch.device("cpu")) is model
+        assert model.recurrent.checkpoint_loops is on
+
+
+def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
+    """The process's place from torchrun's variables (its GPU by LOCAL_RANK, not RANK: on a
+    second node they differ), nccl on CUDA and gloo on the CPU with the timeout given, and no
+    second init_process_group once a group exists. Rank 0 alone is the main process, not every
+    node's first."""
+    import torch.distributed as dist
+
+    from openmythos.training.distributed import DistEnv, init_distributed
+
+    calls, devices, initialized = [], [], [False]
+    monkeypatch.setattr(dist, "is_initialized", lambda: initialized[0])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert init_distributed("cuda", "ddp", timeout_s=30) == DistEnv(rank=5, world_size=8, local_rank=1)
+    assert devices == [1] and calls == [("nccl", datetime.timedelta(seconds=30))]
+    assert init_distributed("cpu", "fsdp").local_rank == 1
+    assert calls[1:] == [("gloo", datetime.timedelta(seconds=600))] and devices == [1]
+    initialized[0] = True
+    init_distributed("cpu", "ddp")
+    assert len(calls) == 2
+    assert DistEnv(0, 8, 0).is_main and not DistEnv(4, 8, 0).is_main
+

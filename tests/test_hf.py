@@ -377,13 +377,52 @@ def test_router_bias_callback_balances_under_the_trainer(tmp_path):
     assert model.moe.router_bias.abs().sum() > 0
     with pytest.raises(TypeError, match="needs an OpenMythos model"):
         RouterBiasCallback().on_train_begin(args, None, None, model=torch.nn.Linear(2, 2))
-    # a train() that raised never reached on_train_end: the next one counts each forward once
+    # a train() that raised never reached on_train_end (its hook) nor its optimizer step (the
+    # load of its last forwards): the next one counts each forward once, from zero
     callback = RouterBiasCallback()
-    for _ in range(2):
-        callback.on_train_begin(args, None, None, model=hf)
+    callback.on_train_begin(args, None, None, model=hf)
+    hf.train()(ids[1:2])
+    callback.on_train_begin(args, None, None, model=hf)
     out = hf.train()(ids[:1])
     assert torch.equal(callback.load, out.expert_load)
     callback.on_train_end(args, None, None)
+
+
+def test_router_bias_callback_moves_each_rank_by_the_load_summed_over_the_ranks(monkeypatch):
+    """Under torch.distributed every rank's bias moves by the load of all ranks' tokens (an
+    all-reduce SUM), as `mythos train` does: a rank that moved by its own load alone, or by the
+    largest count per expert, drifted from the others. The other rank is simulated: its load is
+    what the all-reduce adds."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from openmythos.hf import RouterBiasCallback, callbacks
+
+    other = torch.tensor([5, 0, 1, 3])  # the other rank's tokens per expert
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):
+        assert op == dist.ReduceOp.SUM
+        tensor += other
+
+    monkeypatch.setattr(callbacks, "dist", SimpleNamespace(
+        is_available=lambda: True, is_initialized=lambda: True, all_reduce=all_reduce,
+        ReduceOp=dist.ReduceOp))
+    model = tiny_model(n_experts=4, n_experts_per_tok=1, router_bias_rate=0.05).train()
+    hf = OpenMythosForCausalLM.from_openmythos(model)
+    seen = []
+    update = model.update_router_bias
+    model.update_router_bias = lambda load: (seen.append(load.clone()), update(load))
+    callback = RouterBiasCallback()
+    callback.on_train_begin(None, None, None, model=hf)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    own = hf(ids).expert_load.clone()
+    callback.on_optimizer_step(None, None, None)
+    callback.on_train_end(None, None, None)
+    assert len(seen) == 1 and torch.equal(seen[0], own + other)
+    reference = tiny_model(n_experts=4, n_experts_per_tok=1, router_bias_rate=0.05)
+    reference.update_router_bias(own + other)
+    assert_close(model.moe.router_bias, reference.moe.router_bias)
 
 
 def test_export_from_training_checkpoint(tokenizer, tmp_path):

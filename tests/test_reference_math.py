@@ -492,6 +492,29 @@ def test_loss_per_depth_is_evaluate_at_each_depth():
     assert abs(losses[1] - losses[3]) > 1e-3
 
 
+def test_evaluate_builds_no_graph_and_counts_the_loops_each_token_ran():
+    """evaluate() runs its forwards without autograd, called from code that has it on (a graph
+    kept per batch cost the activations' memory for nothing), and its loops are the mean over
+    targets of the loops each token ran: under ACT they differ by token, so a batch's deepest
+    depth per token gives another number. Windows scored one at a time are the reference."""
+    model = small_model(std=0.1, halting="act", act_threshold=0.5)
+    seq_len, n_loops = 8, 3
+    stream = np.random.default_rng(4).integers(0, 64, size=1 + 3 * seq_len + 5)
+    grad_modes = []
+    hook = model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    assert torch.is_grad_enabled()
+    _, loops = evaluate(model, PackedTokens(stream), seq_len=seq_len, batch_size=2, n_loops=n_loops)
+    hook.remove()
+    assert grad_modes and not any(grad_modes)
+
+    ids = torch.from_numpy(stream).long()
+    with torch.no_grad():
+        windows = [ids[s:min(s + seq_len, len(ids) - 1)] for s in range(0, len(ids) - 1, seq_len)]
+        ran = torch.cat([model(x[None], n_loops=n_loops).loops.flatten() for x in windows])
+    assert len(ran) == len(stream) - 1 and ran.min() < ran.max()  # the tokens halted apart
+    assert_close(loops, float(ran.double().mean()))
+
+
 @pytest.mark.parametrize("loss,bytes_per_token,expected", [
     (4 * math.log(2), 4.0, 1.0),
     (3 * math.log(2), 1.5, 2.0),
