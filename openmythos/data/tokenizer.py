@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import tiktoken
+import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -63,8 +64,9 @@ def checked_text(text: str) -> str:
 
 def _token_id(token: object) -> int | None:
     """An integer token id (an int, a numpy integer, an integer tensor of one element), else
-    None: a float or a digit string would be truncated or parsed, a bool read as 0 or 1."""
-    if isinstance(token, bool):
+    None: a float or a digit string would be truncated or parsed, a bool (Python's, or a
+    bool tensor, which ``operator.index`` accepts) read as 0 or 1."""
+    if isinstance(token, bool) or (isinstance(token, torch.Tensor) and token.dtype == torch.bool):
         return None
     try:
         return operator.index(token)
