@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from openmythos.model.moe import MoE
+from openmythos.model import moe as moe_module
+from openmythos.model.moe import MoE, _grouped_swiglu
 from tests.conftest import small_config
 
 
@@ -124,3 +125,60 @@ def test_balance_loss_is_a_training_term_only():
     _, load, aux = moe.eval()(x)
     assert aux == 0 and not aux.requires_grad and load.sum() == 16 * 2
     assert moe.train()(x)[2] > 0
+
+
+def test_router_scores_are_fp32_in_a_bf16_model():
+    # the bias moves the selection in steps of 1e-3, finer than bf16 resolves a score near 0.5
+    moe = make_moe().to(torch.bfloat16)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    _, gates, scores = moe.route(x)
+    assert scores.dtype == gates.dtype == torch.float32
+    assert_close(scores, moe.router(x).float().softmax(-1), atol=1e-6, rtol=1e-6)
+
+
+def test_init_weights_draws_the_experts_at_the_given_std():
+    moe = MoE(small_config())
+    moe.init_weights(std=0.5)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        assert float(w.detach().std()) == pytest.approx(0.5, rel=0.05)
+
+
+def test_route_gradient_matches_a_hand_written_router():
+    """The dispatch parity test takes its gates from route() itself, so it cannot see a wrong
+    gate gradient: here the gates' gradient is checked against softmax, gather and the
+    normalisation over the k written out (the selection is fixed by the forward pass)."""
+    moe = make_moe()
+    x = torch.randn(16, 64)
+    idx, gates, _ = moe.route(x)
+    chosen = (x @ moe.router.weight.T).softmax(-1).gather(-1, idx)
+    expected = chosen / chosen.sum(-1, keepdim=True)
+    g = torch.randn_like(gates)
+    grad, = torch.autograd.grad((gates * g).sum(), moe.router.weight)
+    grad_ref, = torch.autograd.grad((expected * g).sum(), moe.router.weight)
+    assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+@pytest.mark.parametrize("kernel", ["grouped_mm", "custom_op"])
+def test_each_expert_kernel_matches_the_eager_loop_also_under_autocast(kernel, monkeypatch):
+    """The kernels that CUDA (torch._grouped_mm) and torch.compile (the custom op) take, run on
+    the CPU by forcing their branch: the same rows, gradients and autocast dtype as the loop."""
+    E, D, Fd = 5, 16, 8
+    x = torch.randn(30, D, requires_grad=True)
+    ws = [torch.randn(E, Fd, D, requires_grad=True), torch.randn(E, Fd, D, requires_grad=True),
+          torch.randn(E, D, Fd, requires_grad=True)]
+    load = torch.tensor([6, 0, 10, 4, 10])  # an expert with no token
+    g = torch.randn(30, D)
+    runs = []
+    for forced in (False, True):
+        if forced and kernel == "grouped_mm":
+            monkeypatch.setattr(moe_module, "_grouped_mm_works", lambda x: True)
+        elif forced:
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        y = _grouped_swiglu(x, load, *ws)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_bf16 = _grouped_swiglu(x, load, *ws)
+        runs.append((y, y_bf16, *torch.autograd.grad(y, [x, *ws], g)))
+    assert runs[1][1].dtype == torch.bfloat16
+    for a, b in zip(*runs, strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
