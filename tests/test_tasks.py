@@ -102,9 +102,8 @@ def test_batch_draws_every_hop_count_from_the_split_asked_for():
             assert bool(task.is_test(torch.tensor([head]), torch.tensor([chain]))) == (split == "test")
 
 
-# from a second mutation review: draws reach every entity and every relation
-
 def test_draws_reach_every_entity_and_every_relation():
+    """A draw off by one (randint's exclusive end) never asks about the last entity or relation."""
     task = KHopTask(n_entities=7, n_relations=3)
     ids, _ = task.sample(2000, 2, torch.Generator().manual_seed(0))
     heads = {decode(task, row)[0] for row in ids}
