@@ -403,7 +403,6 @@ def test_init_distributed_joins_the_group_torchrun_describes(monkeypatch):
     assert DistEnv(0, 8, 0).is_main and not DistEnv(4, 8, 0).is_main
 
 
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("when", ["during step 2", "after the last stop check"])
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, when):
