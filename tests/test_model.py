@@ -275,6 +275,32 @@ def test_an_fp64_model_is_fp64_throughout(attn_type, halting):
     assert_close(model.readout(states.float()), model.readout(states), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("halting, n_loops", [("none", 3), ("none", [3, 1]), ("none", [1, 3]), ("act", 3)],
+                         ids=["fixed_depth", "deepest_first", "gathered", "act"])
+def test_an_fp64_models_ponder_cost_is_fp64_on_every_loop_path(halting, n_loops):
+    """The ponder cost of an fp64 model is fp64 whichever path the loop takes (a fixed depth,
+    per-row depths run deepest first or gathered, ACT): a zero built in the default dtype went
+    unnoticed, as fp32 + fp64 scalars promote to fp64 in the training loss."""
+    model = small_model(halting=halting).double()
+    n_loops = torch.tensor(n_loops) if isinstance(n_loops, list) else n_loops
+    out = model(torch.randint(0, 64, (2, 5)), n_loops=n_loops)
+    assert out.ponder_loss.dtype == torch.float64 and out.logits.dtype == torch.float64
+
+
+def test_an_fp64_models_loss_is_fp64_in_checkpointed_chunks(monkeypatch):
+    """The chunked head's loss of an fp64 model where torch predates F.linear_cross_entropy
+    (checkpointed chunks) is fp64 and matches cross-entropy of its fp64 logits to fp64 precision
+    (a chunk cast to fp32 is off by ~1e-8, inside fp64's default tolerance; the fused path is
+    held to fp64 by test_an_fp64_model_is_fp64_throughout)."""
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    model = small_model(std=0.1).double()
+    ids, targets = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    out = model(ids, targets=targets)
+    ref = F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten())
+    assert out.loss.dtype == torch.float64
+    assert_close(out.loss, ref, atol=1e-12, rtol=0)
+
+
 def test_act_runs_under_a_low_precision_default_dtype():
     """Building in bf16 through torch's default dtype (as llama-style code does): ACT's sums are
     fp32 whatever the default (they took it and failed once rows halted)."""
@@ -419,6 +445,22 @@ def test_padding_seen_through_a_view_masks_the_whole_caches_decode():
     assert via_view.has_padding
     step = torch.tensor([[5], [6]])
     assert_close(model(step, cache=via_view).logits, model(step, cache=direct).logits)
+
+
+@torch.no_grad()
+def test_a_chunked_prefill_may_start_with_a_chunk_of_padding_alone():
+    """Left padding longer than a chunk: the first chunk marks no token in any row, which a
+    cached call takes (only a call without a cache that marks none is refused), and the chunks
+    give the logits of one call at every real token."""
+    model = small_model(std=0.1)
+    ids, mask = torch.randint(1, 64, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4], mask[1, :6] = 0, 0
+    full = model(ids, attention_mask=mask).logits
+    cache = model.new_cache(2, 16)
+    chunks = [model(ids[:, s:s + 3], cache=cache, attention_mask=mask[:, s:s + 3]).logits for s in range(0, 10, 3)]
+    real = mask.bool()
+    assert_close(torch.cat(chunks, 1)[real], full[real], atol=1e-5, rtol=1e-5)
+    assert cache.next_pos.tolist() == [6, 4]
 
 
 @torch.no_grad()
@@ -651,6 +693,19 @@ def test_with_exit_keeps_the_dtype_and_checks_min_loops():
         model.with_exit(min_loops=2)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@torch.no_grad()
+def test_with_exit_keeps_the_mode_it_found(training):
+    """with_exit's copy is in the original's mode, eval included (a module is built in train
+    mode, so an eval model's copy ran dropout), and leaves the original's alone."""
+    model = small_model(dropout=0.3).train(training)
+    ids = torch.randint(0, 64, (2, 6))
+    copy = model.with_exit(halting="kl", kl_threshold=1e9)
+    assert all(m.training == training for m in copy.modules()) and model.training == training
+    if not training:  # no dropout: the same logits twice
+        assert_close(copy(ids, n_loops=3).logits, copy(ids, n_loops=3).logits, atol=0, rtol=0)
+
+
 @torch.no_grad()
 def test_spectral_radius_is_the_largest_absolute_decay():
     """rho(A) = max |A_i|: an unconstrained ("free") injection may learn a negative A, whose size
@@ -741,6 +796,15 @@ def test_token_corr_is_the_mean_cosine_between_distinct_positions():
     assert_close(model(ids, n_loops=3).token_corr, cos[:, off].mean(), atol=1e-5, rtol=1e-5)
     assert model(ids[:, :1], n_loops=3).token_corr is None
     assert model(ids, n_loops=3, cache=model.new_cache(3, 8)).token_corr is None
+
+
+def test_the_logged_metrics_carry_no_graph():
+    """token_corr and state_norm, logged at each training step, are detached from the graph
+    (one kept alive through them would hold the step's activations until it is logged)."""
+    model = small_model().train()
+    out = model(torch.randint(0, 64, (2, 6)), n_loops=3)
+    assert out.logits.requires_grad
+    assert not out.token_corr.requires_grad and not out.state_norm.requires_grad
 
 
 @torch.no_grad()

@@ -11,25 +11,26 @@ from openmythos.model.recurrence import LTIInjection, build_injection
 from tests.conftest import small_config, small_model
 
 
-def sinusoid(t: int, dim: int, width: int) -> torch.Tensor:
+def sinusoid(t: int, dim: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The loop-index embedding written out: sin then cos of t / 10000^(2i / width), then zeros."""
     angles = [t / 10000.0 ** (2 * i / width) for i in range(width // 2)]
-    return torch.tensor([*map(math.sin, angles), *map(math.cos, angles)] + [0.0] * (dim - width))
+    return torch.tensor([*map(math.sin, angles), *map(math.cos, angles)] + [0.0] * (dim - width), dtype=dtype)
 
 
 def unrolled(model, ids, n_loops, states=None):
     """The model's forward written out by hand, one explicit block call per loop (the state
     after each appended to `states`)."""
     B, T = ids.shape
+    dtype = model.embed.weight.dtype  # fp32, or fp64 for an fp64 model: its rotations in fp64
     cos, sin = __import__("openmythos.model.layers", fromlist=["x"]).rope_angles(
-        torch.arange(T).expand(B, T), model.cfg.qk_rope_head_dim, model.cfg.rope_theta)
+        torch.arange(T).expand(B, T), model.cfg.qk_rope_head_dim, model.cfg.rope_theta, dtype)
     ctx = Context(B, T, 0, cos, sin, None, True)
     x = model.embed(ids)
     for layer in model.prelude:
         x = layer(x, ctx)
     rec, e, h = model.recurrent, x, x
     for t in range(n_loops):
-        hh = rec.norm(h + sinusoid(t, h.shape[-1], model.cfg.loop_embed_dim) + e)
+        hh = rec.norm(h + sinusoid(t, h.shape[-1], model.cfg.loop_embed_dim, dtype) + e)
         y = rec.block(hh, ctx, None)
         A = torch.exp(-torch.exp(rec.injection.log_dt + rec.injection.log_A))
         h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + y + rec.lora(y, t)
@@ -45,6 +46,16 @@ def test_loop_matches_hand_unrolled(n_loops):
     model = small_model()
     ids = torch.randint(0, 64, (2, 10))
     assert_close(model(ids, n_loops=n_loops).logits, unrolled(model, ids, n_loops))
+
+
+@torch.no_grad()
+def test_an_fp64_loop_matches_hand_unrolled_in_fp64():
+    """An fp64 model (the numerical reference) loops in fp64 to the last bit or so: its loop-index
+    embedding and its rotations are built in fp64, not in fp32 and then cast (which is off by
+    ~1e-8 here, inside fp64's default tolerance, so the bound is tighter)."""
+    model = small_model(std=0.1).double()
+    ids = torch.randint(0, 64, (2, 30))  # positions to 29: an fp32 angle is off by ~1e-6 there
+    assert_close(model(ids, n_loops=3).logits, unrolled(model, ids, 3), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("halting", ["none", "act"])
@@ -103,6 +114,32 @@ def test_zoh_and_euler_gains():
     assert_close(inj.gain(), torch.full((4,), dt * 0.1))
 
 
+@pytest.mark.parametrize("dtype, log_rates", [(torch.float32, [-13.8, -6.9, -2.3, 1.1]),
+                                              (torch.float64, [-27.6, -13.8, -2.3, 1.1]),
+                                              (torch.bfloat16, [-4.5, -2.25, 0.0, 1.0])])
+def test_injection_coefficients_are_exact_in_the_compute_dtype(dtype, log_rates):
+    """A = exp(-z) and the zero-order-hold gain dt (1 - exp(-z)) / z B, z = dt exp(log_A) the
+    rate (down to 1e-6 in fp32, 1e-12 in fp64), against fp64 by hand to a few ulps of the compute
+    dtype (fp32 for a bf16 model, fp64 for an fp64 one): 1 - exp(-z) cancels at a small rate (5 %
+    off at z = 1e-6 in fp32), and A or the gain computed in bf16, or in fp32 for an fp64 model, is
+    off by ~1e-3 or ~1e-8. The bf16 rates are sums of log_dt and log_A exact in bf16."""
+    inj = LTIInjection(len(log_rates), "zoh")
+    inj.init_weights()
+    with torch.no_grad():
+        inj.log_dt.fill_(-0.5)
+        inj.log_A.copy_(torch.tensor(log_rates) + 0.5)
+        inj.B.copy_(torch.linspace(-1, 2, len(log_rates)))
+    inj = inj.to(dtype)
+    log_dt, log_A, B = (p.detach().double() for p in (inj.log_dt, inj.log_A, inj.B))  # as the model holds them
+    z = (log_dt + log_A).exp()
+    compute = torch.promote_types(dtype, torch.float32)
+    tol = dict(rtol=16 * torch.finfo(compute).eps, atol=0)
+    A, gain = inj.decay(dtype), inj.gain(dtype)
+    assert A.dtype == gain.dtype == compute
+    assert_close(A.double(), torch.exp(-z), **tol)
+    assert_close(gain.double(), log_dt.exp() * -torch.expm1(-z) / z * B, **tol)
+
+
 @pytest.mark.parametrize("injection,a", [("lti", math.exp(-1.0)), ("free", math.exp(-1.0)), ("additive", 1.0)],
                          ids=["lti", "free", "additive"])
 def test_each_injection_at_init_written_out(injection, a):
@@ -146,13 +183,23 @@ HALT_PROBS = [[0.995, 0, 0, 0], [0.5, 0.6, 0, 0], [0.2, 0.3, 0.1, 0.1],
               [0.1, 0.88, 0.5, 0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.7, 0, 0]]
 
 
+# ones whose cumulative probability reaches a threshold of 0.75 exactly (every sum exact in
+# binary), at loop 1, 2 or 3: each halts there, as Graves' c + p >= threshold says
+EXACT_PROBS = [[0.75, 0, 0, 0], [0.5, 0.25, 0, 0], [0.25, 0.25, 0.25, 0],
+               [0.125, 0.5, 0.125, 0], [0.0, 0.75, 0.5, 0], [0.5, 0.125, 0.125, 0.5]]
+
+
+@pytest.mark.parametrize("threshold, halt_probs", [(0.99, HALT_PROBS), (0.75, EXACT_PROBS)],
+                         ids=["graves", "exactly_at_the_threshold"])
 @pytest.mark.parametrize("n_loops", [1, 2, 3, 4])
-def test_act_matches_graves_act_written_out(n_loops):
+def test_act_matches_graves_act_written_out(n_loops, threshold, halt_probs):
     """The halting-weighted output, the loops each token runs and the ponder cost, against ACT
-    by hand: the state after loop t is made t + 1 everywhere, so the output is sum_t w_t (t + 1)."""
-    model = small_model(halting="act", coda_layers=0, act_threshold=0.99)
+    by hand: the state after loop t is made t + 1 everywhere, so the output is sum_t w_t (t + 1).
+    A token whose cumulative probability reaches the threshold exactly halts there (with `>`
+    it ran a loop more)."""
+    model = small_model(halting="act", coda_layers=0, act_threshold=threshold)
     state_counts_loops(model)
-    expected = [graves_act(probs, n_loops, 0.99) for probs in HALT_PROBS]
+    expected = [graves_act(probs, n_loops, threshold) for probs in halt_probs]
     calls = []
 
     def halt(h):  # the tokens still looping, in order, get their probability at this loop
@@ -160,7 +207,7 @@ def test_act_matches_graves_act_written_out(n_loops):
         calls.append(h.shape[0])
         live = [i for i, (_, ran, _) in enumerate(expected) if ran > t]
         assert h.shape[0] == len(live), (t, h.shape[0], live)  # halted tokens left the batch
-        return torch.tensor([float(HALT_PROBS[i][t]) for i in live])
+        return torch.tensor([float(halt_probs[i][t]) for i in live])
 
     model.recurrent.act.forward = halt
     seen = {}
@@ -170,6 +217,21 @@ def test_act_matches_graves_act_written_out(n_loops):
     assert_close(seen["out"], state.view(2, 3, 1).expand_as(seen["out"]))
     assert out.loops.flatten().tolist() == [ran for _, ran, _ in expected]
     assert_close(out.ponder_loss, torch.tensor(sum(cost for _, _, cost in expected) / len(expected)))
+
+
+@pytest.mark.parametrize("depth, threshold", [(3, 0.999), (5, 0.99), (5, 0.999)])
+def test_act_at_init_averages_the_trained_depths_states(depth, threshold):
+    """At init every loop's halting probability is 1/L, L the trained depth, for any threshold
+    from 1 - 1/(2L) up to 0.999: the output is the plain mean of the L loops' states (the state
+    after loop t is made t + 1, so the mean is (L + 1) / 2). The init for the other thresholds,
+    threshold / (L - 0.5), also halts at L but weighs the last loop less (it held from 0.999)."""
+    model = small_model(halting="act", coda_layers=0, max_loop_iters=depth, act_threshold=threshold)
+    state_counts_loops(model)
+    seen = {}
+    model.recurrent.register_forward_hook(lambda m, i, o: seen.update(out=o[0]))
+    out = model(torch.randint(0, 64, (1, 3)), n_loops=depth + 2)
+    assert (out.loops == depth).all()
+    assert_close(seen["out"], torch.full_like(seen["out"], (depth + 1) / 2))
 
 
 def scripted_halting(model, first_p):
@@ -391,18 +453,37 @@ def test_kl_exit_matches_the_kl_exit_written_out(n_loops):
 
 
 @torch.no_grad()
-def test_act_in_a_bf16_packed_call_matches_each_row_alone():
-    """A packed call (the serving engine's: each row's real tokens only) of a bf16 model with ACT
-    halting: the halting-weighted sum accumulates in fp32, which the packed path adds into by
-    index, so an output buffer in the model's dtype would fail (bf16 += fp32) there."""
-    model = small_model(halting="act").to(torch.bfloat16)
-    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.3)  # tokens halt at 2 and 3 loops
+def test_a_bf16_models_kl_exit_reads_the_drift_in_fp32():
+    """The KL exit of a bf16 model takes its bf16 readout's log-probabilities, and so the drift,
+    in fp32. Here each token's readout moves by a KL ~1e-5 between loops, under the threshold:
+    every token stops after two loops. Read in bf16, the drift of two such close distributions
+    is rounding noise of ~1e-3, either sign, and tokens ran on."""
+    model = small_model(halting="kl", coda_layers=0, kl_threshold=1e-4).to(torch.bfloat16)
+    first = (torch.randn(6, 64) * 2).to(torch.bfloat16)
+    second = (first.float() + torch.randn(6, 64) * 0.004).to(torch.bfloat16)
+    logp, logq = torch.log_softmax(second.double(), -1), torch.log_softmax(first.double(), -1)
+    assert ((logp.exp() * (logp - logq)).sum(-1) < 0.5e-4).all()  # KL(p_1 || p_0) by hand, in fp64
+    readouts = [first, second, second, second]  # each loop's logits, for the tokens still looping
+    model.readout = lambda h: readouts.pop(0)[:len(h)]
+    assert (model(torch.randint(0, 64, (2, 3)), n_loops=4).loops == 2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@torch.no_grad()
+def test_act_in_a_bf16_or_fp64_packed_call_matches_each_row_alone(dtype):
+    """A packed call (the serving engine's: each row's real tokens only) of a bf16 or fp64 model
+    with ACT halting: the halting-weighted sum, cumulative probabilities and ponder cost
+    accumulate in the compute dtype (fp32, fp64), which the packed path adds and writes into by
+    index, so a buffer in the model's dtype (bf16 += fp32), or in fp32 for an fp64 model, fails
+    there (the dense path replaces or promotes its buffers and hid both)."""
+    model = small_model(halting="act").to(dtype)
+    torch.nn.init.normal_(model.recurrent.act.halt.weight, std=0.1)  # tokens halt at 2 and 3 loops
     new = [torch.randint(0, 64, (n,)) for n in (1, 3, 4)]
     ids = torch.stack([torch.cat([torch.zeros(4 - len(x), dtype=torch.long), x]) for x in new])
     mask = (torch.arange(4) >= 4 - torch.tensor([len(x) for x in new]).unsqueeze(1)).long()
     together, alone = model.new_cache(3, 16, 4, packed=True), model.new_cache(3, 16, 4, packed=True)
     out = model(ids, n_loops=4, cache=together, attention_mask=mask, logits_to_keep=1)
-    assert out.logits.dtype == torch.bfloat16 and set(out.loops[out.loops > 0].tolist()) == {2, 3}
+    assert out.logits.dtype == dtype and set(out.loops[out.loops > 0].tolist()) == {2, 3}
     ref = [model(x[None], n_loops=4, cache=alone.narrow(b, 1), logits_to_keep=1).logits
            for b, x in enumerate(new)]
     assert_close(out.logits, torch.cat(ref))
