@@ -64,8 +64,10 @@ class LTIInjection(_Injection):
         # so bound x from below in log space: A <= 1 - eps(dtype) < 1 for any parameter values
         # (eps is the spacing above 1, twice the one below: a margin)
         x_min = math.log(-math.log1p(-torch.finfo(dtype).eps))
-        # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already
-        return (self.log_dt + self.log_A).to(compute_dtype(dtype)).clamp(x_min, 20.0)
+        # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already; summed in
+        # the compute dtype (in bf16 parameters' own, the sum alone put A ~1e-3 off)
+        c = compute_dtype(dtype)
+        return (self.log_dt.to(c) + self.log_A.to(c)).clamp(x_min, 20.0)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A, in compute_dtype(dtype), bounded so that it stays strictly below 1 once cast to `dtype`."""
