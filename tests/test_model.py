@@ -118,6 +118,30 @@ def test_loss_from_targets_matches_logits_and_cross_entropy(head_dtype, tol, fus
         assert (got[name] - ref[name]).norm() <= tol * ref[name].norm(), name
 
 
+@pytest.mark.parametrize("dtype, vocab", [(torch.float16, 64), (torch.float16, 70_000), (torch.bfloat16, 64)])
+def test_a_low_precision_heads_loss_is_computed_in_fp32(dtype, vocab):
+    """The loss of an fp16 or bf16 model from targets (torch's F.linear_cross_entropy) against
+    fp64 cross-entropy by hand from the head's own input and weights: the max-shift, exp-sum and
+    log run in fp32 (torch keeps them in the input dtype unless asked: the per-token losses were
+    up to ~4e-4 off, and a flat distribution over 70k ids summed to inf in fp16). The op returns the
+    per-token losses in the head's dtype (it has no wider output), so the reference rounds each
+    once to it."""
+    model = small_model(vocab_size=vocab).to(dtype)
+    if vocab > 64:  # nearly flat: an exp-sum near 70k, past fp16's largest value
+        with torch.no_grad():
+            model.embed.weight.mul_(0.05)
+    ids, targets = torch.randint(0, 64, (2, 24)), torch.randint(0, vocab, (2, 24))
+    targets[0, :5] = -100
+    seen = []
+    model.norm.register_forward_hook(lambda _m, _args, x: seen.append(x))
+    loss = model(ids, targets=targets).loss
+    logits = seen[0].flatten(0, 1).double() @ model.embed.weight.double().T
+    per_token = F.cross_entropy(logits, targets.flatten(), reduction="none", ignore_index=-100)
+    ref = per_token.to(dtype).double().sum() / (targets != -100).sum()
+    assert loss.dtype == torch.float32
+    assert_close(loss.double(), ref, atol=0, rtol=5e-7)
+
+
 def test_ignored_targets_leave_their_positions_out():
     model = small_model()
     ids, targets = torch.randint(0, 64, (3, 20)), torch.randint(0, 64, (3, 20))

@@ -127,13 +127,21 @@ def test_balance_loss_is_a_training_term_only():
     assert moe.train()(x)[2] > 0
 
 
-def test_router_scores_are_fp32_in_a_bf16_model():
-    # the bias moves the selection in steps of 1e-3, finer than bf16 resolves a score near 0.5
-    moe = make_moe().to(torch.bfloat16)
-    x = torch.randn(16, 64, dtype=torch.bfloat16)
-    _, gates, scores = moe.route(x)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_scores_are_fp32_in_a_low_precision_model(dtype, score):
+    """Scores and gates against fp64 by hand from the stored router weights: the bias moves the
+    selection in steps of 1e-3, finer than bf16 resolves a score near 0.5, and so are the logits
+    themselves (the router's matmul in bf16 put the scores ~4e-3 off at init, 3e-2 here)."""
+    moe = make_moe(router_score=score).to(dtype)
+    x = torch.randn(16, 64, dtype=dtype)
+    idx, gates, scores = moe.route(x)
     assert scores.dtype == gates.dtype == torch.float32
-    assert_close(scores, moe.router(x).float().softmax(-1), atol=1e-6, rtol=1e-6)
+    logits = x.double() @ moe.router.weight.double().T
+    ref = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+    chosen = ref.gather(-1, idx)
+    assert_close(scores.double(), ref, atol=0, rtol=3e-6)  # a few ulps of fp32 logits near 10
+    assert_close(gates.double(), chosen / chosen.sum(-1, keepdim=True), atol=0, rtol=3e-6)
 
 
 def test_init_weights_draws_the_experts_at_the_given_std():

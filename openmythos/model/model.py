@@ -328,10 +328,14 @@ class OpenMythos(nn.Module):
         x = x.to(dtype)
         # 256-row chunks were the fastest on a CPU core; "balanced" sums the head's gradient over
         # chunks in fp32 when the matmuls run in bf16. Per-token losses, averaged in fp32: the
-        # op returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %
+        # op returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %.
+        # acc_dtype given: with a policy named, torch resolves it to the input dtype and runs the
+        # shift, exp-sum and log in bf16 or fp16 (the loss ~4e-4 off; NaN in fp16 once a flat
+        # distribution's exp-sum passes 65504)
         with torch.autocast(x.device.type, enabled=False):
             if hasattr(F, "linear_cross_entropy"):
-                chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=LOSS_CHUNK, acc_policy="balanced")
+                chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=LOSS_CHUNK, acc_policy="balanced",
+                                                      acc_dtype=compute_dtype(dtype))
                 losses = F.linear_cross_entropy(x.flatten(0, 1), self.embed.weight.to(dtype), targets.flatten(),
                                                 reduction="none", ignore_index=IGNORE_INDEX, options=chunks)
             else:

@@ -53,8 +53,11 @@ class MoE(nn.Module):
         """Returns expert ids (N, K), gate weights (N, K) and the unbiased scores (N, E). The
         gates are the chosen scores normalised over the K; with one expert per token, the score
         itself (normalised, the gate would be 1 and the router would get no gradient)."""
-        logits_NE = self.router(x_ND)
-        logits_NE = logits_NE.to(compute_dtype(logits_NE.dtype))
+        # in fp32 under autocast too: bf16 logits put the scores ~4e-3 off at init, coarser than the
+        # bias steps (1e-3), and more as the logits grow
+        with torch.autocast(x_ND.device.type, enabled=False):
+            exact = compute_dtype(x_ND.dtype)
+            logits_NE = F.linear(x_ND.to(exact), self.router.weight.to(exact))
         scores_NE = logits_NE.softmax(-1) if self.score == "softmax" else logits_NE.sigmoid()
         idx_NK = (scores_NE + self.router_bias).topk(self.top_k, dim=-1).indices
         gates_NK = scores_NE.gather(-1, idx_NK)
