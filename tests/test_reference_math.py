@@ -382,6 +382,22 @@ def test_balance_loss_normalises_sigmoid_scores():
     assert_close(aux, torch.tensor(45 / 38), atol=1e-6, rtol=1e-6)
 
 
+def test_an_fp64_models_balance_loss_is_fp64():
+    """The load fractions take the scores' dtype: with 3 tokens x 2 experts (sixths, which fp32
+    rounds) an fp64 model's loss is the formula in fp64 to an ulp (fp32 fractions: ~1e-8 off)."""
+    moe = MoE(small_config(n_experts=4, n_experts_per_tok=2, router_score="softmax",
+                           balance_loss_weight=1.0))
+    moe.init_weights()
+    moe = moe.double().train()
+    logits = torch.tensor([[1.0, 0.5, -0.3, 0.2], [0.1, 0.9, 0.4, -1.0], [-0.2, 0.3, 1.1, 0.6]],
+                          dtype=torch.float64)
+    _, load, aux = moe(one_hot_router(moe, logits).double())
+    assert load.tolist() == [1, 2, 2, 1]
+    want = 4 * (load.double() / 6 * logits.softmax(-1).mean(0)).sum()
+    assert aux.dtype == torch.float64
+    assert_close(aux, want, rtol=4e-16, atol=0)
+
+
 # ---- parameter counts
 
 

@@ -88,7 +88,7 @@ class MoE(nn.Module):
     def _balance_loss(self, load_E: torch.Tensor, scores_NE: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.balance_weight):
             return scores_NE.new_zeros(())
-        frac_E = load_E.float() / load_E.sum()
+        frac_E = load_E.to(scores_NE.dtype) / load_E.sum()  # fp64 in an fp64 model
         prob_E = (scores_NE / scores_NE.sum(-1, keepdim=True)).mean(0)
         return self.balance_weight * self.n_experts * (frac_E * prob_E).sum()
 
