@@ -686,7 +686,7 @@ def test_optimizers_fit_a_least_squares_problem(optimizer):
     first = None
     for _ in range(100):
         loss = (model(x) - x @ w).pow(2).mean()
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
