@@ -114,6 +114,23 @@ def test_zoh_and_euler_gains():
     assert_close(inj.gain(), torch.full((4,), dt * 0.1))
 
 
+@pytest.mark.parametrize("log_dt", [-15.0, 15.0])
+def test_the_step_size_is_exp_log_dt_across_its_range(log_dt):
+    """dt = exp(log_dt) exactly for |log_dt| up to 20 (clamped there only to stay finite): the
+    Euler gain dt B and, at a rate under 1e-6, A = exp(-dt exp(log_A)) and the ZOH gain ~dt B."""
+    inj = LTIInjection(2, "euler")
+    inj.init_weights()
+    with torch.no_grad():
+        inj.log_dt.fill_(log_dt)
+        inj.log_A.fill_(-log_dt - 14.0)  # the rate dt exp(log_A) = e^-14
+    dt = torch.tensor(log_dt, dtype=torch.float64).exp()
+    assert_close(inj.gain().double(), torch.full((2,), 0.1 * dt.item(), dtype=torch.float64))
+    assert_close(inj.decay().double(), torch.full((2,), math.exp(-math.exp(-14.0)), dtype=torch.float64))
+    inj.discretisation = "zoh"
+    assert_close(inj.gain().double(), torch.full((2,), 0.1 * dt.item() * -math.expm1(-math.exp(-14.0))
+                                                 / math.exp(-14.0), dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype, log_rates", [(torch.float32, [-13.8, -6.9, -2.3, 1.1]),
                                               (torch.float64, [-27.6, -13.8, -2.3, 1.1]),
                                               (torch.bfloat16, [-4.3, -2.1, 0.3, 1.3])])
@@ -233,6 +250,14 @@ def test_act_at_init_averages_the_trained_depths_states(depth, threshold):
     out = model(torch.randint(0, 64, (1, 3)), n_loops=depth + 2)
     assert (out.loops == depth).all()
     assert_close(seen["out"], torch.full_like(seen["out"], (depth + 1) / 2))
+
+
+def test_act_at_init_with_one_trained_loop_stays_below_a_threshold_past_one_minus_1e6():
+    """At L = 1 the init's p0 = 1 is kept at 1 - 1e-6 for a finite bias: a threshold above that
+    is not reached at the first loop (a p0 nearer 1 rounds to 1.0 in fp32 and halted there)."""
+    model = small_model(halting="act", coda_layers=0, max_loop_iters=1, act_threshold=1 - 1e-7)
+    assert_close(model.recurrent.act(torch.zeros(1, 64)), torch.tensor([1 - 1e-6]), atol=1e-7, rtol=0)
+    assert (model(torch.randint(0, 64, (1, 3)), n_loops=3).loops == 2).all()
 
 
 def scripted_halting(model, first_p):
@@ -506,3 +531,54 @@ def test_truncated_backprop_leaves_out_the_balance_loss_of_loops_before_a_window
     live = [t for t, aux in enumerate(per_loop) if aux.requires_grad]
     grads = torch.autograd.grad(out.aux_loss, [per_loop[t] for t in live], allow_unused=True)
     assert [t for t, g in zip(live, grads, strict=True) if g is not None and g != 0] == [4, 5]
+
+
+def test_truncated_backprop_keeps_the_keys_of_a_token_halted_as_its_window_opens():
+    """Per-sequence depths (2, 4, 5), 2 backprop loops, ACT: the windows open at loops 0, 2 and
+    3. The first token of the second sequence halts at loop 2, the first of its window, and its
+    sequence's other tokens attend to its loop-2 keys at loop 3: those keys pass a gradient on,
+    as they do when the sequence runs alone (detaching the keys of every sequence whose window
+    opens at or after the loop, rather than after it, dropped it: the third sequence is still
+    before its window at loop 2)."""
+    model = small_model(halting="act", std=0.2).double().train()  # fp64: sums in another order agree
+    B, T, depths = 3, 3, [2, 4, 5]
+    seq = [0]  # the sequence that row 0 of the call is: 0 batched, b alone
+    rows_in = []
+    model.recurrent.block.register_forward_pre_hook(lambda m, a: rows_in.append(a[3]))
+
+    def halt(h):  # p = 1 for the second sequence's first token at loop 2, else 0
+        rows = rows_in[-1]
+        flat = torch.arange(h.shape[0]) if rows is None else rows
+        t = len(rows_in) - 1
+        return ((flat // T + seq[0] == 1) & (flat % T == 0) & (t == 2)).to(h.dtype)
+
+    model.recurrent.act.forward = halt
+    ids = torch.randint(0, 64, (B, T))
+    params = [model.embed.weight, model.recurrent.lora.scale.weight]
+
+    def grads(b, n_loops):
+        seq[0] = b
+        rows_in.clear()
+        model.zero_grad()
+        out = model(ids[b:b + len(n_loops)], n_loops=torch.tensor(n_loops), backprop_loops=2)
+        out.logits.square().sum().backward()
+        return out.loops, [p.grad.clone() for p in params]
+
+    loops, batched = grads(0, depths)
+    assert loops.tolist() == [[2] * 3, [3, 4, 4], [5] * 3]
+    alone = [grads(b, [d])[1] for b, d in enumerate(depths)]
+    for g, *g_rows in zip(batched, *alone, strict=True):
+        assert_close(g, sum(g_rows))
+
+
+@torch.no_grad()
+def test_loops_run_are_counted_in_int64_on_every_path():
+    """out.loops, the loops each position ran, is an int64 (B, T) tensor whichever path ran:
+    a fixed depth, per-sequence depths deepest first or sorted, ACT or the KL exit."""
+    ids = torch.randint(0, 64, (2, 3))
+    for halting, n_loops, ran in [("none", 3, [3, 3]), ("none", torch.tensor([3, 1]), [3, 1]),
+                                  ("none", torch.tensor([1, 3]), [1, 3]), ("act", 3, [3, 3]),
+                                  ("kl", 3, [3, 3])]:
+        out = small_model(halting=halting, kl_threshold=1e-30)(ids, n_loops=n_loops)
+        assert out.loops.dtype == torch.int64, (halting, n_loops, out.loops.dtype)
+        assert out.loops.tolist() == [[d] * 3 for d in ran]
