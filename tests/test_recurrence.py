@@ -114,6 +114,25 @@ def test_zoh_and_euler_gains():
     assert_close(inj.gain(), torch.full((4,), dt * 0.1))
 
 
+@pytest.mark.parametrize("log_A", [5.0, 30.0])
+def test_the_zoh_gain_is_dt_over_the_rate_past_the_bound_of_A(log_A):
+    """Past a rate of e^20, where A is exactly 0, the ZOH gain is still (1 - A) / exp(log_A) B:
+    e^-5 B at log_dt 19, log_A 5 (capped with A's bound it read dt B / e^20, 55x that); far past
+    it (a rate of e^49) under 2e-9 B, with finite gradients for A and the gain."""
+    inj = LTIInjection(2, "zoh")
+    inj.init_weights()
+    with torch.no_grad():
+        inj.log_dt.fill_(19.0)
+        inj.log_A.fill_(log_A)
+    gain = inj.gain()
+    if log_A < 20:
+        assert_close(gain, torch.full((2,), 0.1 * math.exp(-log_A)), rtol=1e-5, atol=0)
+    else:
+        assert (gain > 0).all() and (gain < 2e-9 * 0.1).all()
+    (gain.sum() + inj.decay().sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in (inj.log_dt, inj.log_A, inj.B))
+
+
 @pytest.mark.parametrize("log_dt", [-15.0, 15.0])
 def test_the_step_size_is_exp_log_dt_across_its_range(log_dt):
     """dt = exp(log_dt) exactly for |log_dt| up to 20 (clamped there only to stay finite): the

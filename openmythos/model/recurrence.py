@@ -59,15 +59,16 @@ class LTIInjection(_Injection):
         nn.init.zeros_(self.log_dt)
         nn.init.constant_(self.B, B_INIT)
 
-    def _log_rate(self, dtype: torch.dtype) -> torch.Tensor:
+    def _log_rate(self, dtype: torch.dtype, x_max: float = 20.0) -> torch.Tensor:
         # exp(-exp(x)) rounds to exactly 1.0 once exp(x) drops under the dtype's spacing below 1,
         # so bound x from below in log space: A <= 1 - eps(dtype) < 1 for any parameter values
         # (eps is the spacing above 1, twice the one below: a margin)
         x_min = math.log(-math.log1p(-torch.finfo(dtype).eps))
-        # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already; summed in
-        # the compute dtype (in bf16 parameters' own, the sum alone put A ~1e-3 off)
+        # and from above, where exp(x) > 4.8e8 and A is exactly 0 in any dtype already (its
+        # gradient stays finite); summed in the compute dtype (in bf16 parameters' own, the sum
+        # alone put A ~1e-3 off)
         c = compute_dtype(dtype)
-        return (self.log_dt.to(c) + self.log_A.to(c)).clamp(x_min, 20.0)
+        return (self.log_dt.to(c) + self.log_A.to(c)).clamp(x_min, x_max)
 
     def decay(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A, in compute_dtype(dtype), bounded so that it stays strictly below 1 once cast to `dtype`."""
@@ -77,8 +78,10 @@ class LTIInjection(_Injection):
         dt = self.log_dt.to(compute_dtype(dtype)).clamp(-20.0, 20.0).exp()  # finite for any parameter value
         if self.discretisation == "euler":
             return dt * self.B.to(dt.dtype)
-        # zero-order hold: (1 - A) / A_c * B with A_c = exp(log_A) = z / dt; expm1 keeps it exact
-        z = torch.exp(self._log_rate(dtype))
+        # zero-order hold: (1 - A) / A_c * B with A_c = exp(log_A) = z / dt; expm1 keeps it exact.
+        # The gain is dt / z past A's bound too (capped at e^20 it read dt B / e^20: 150x too large
+        # at a rate of e^25); from e^40 on it is under 2e-9 B for any dt <= e^20, and z^2 finite
+        z = torch.exp(self._log_rate(dtype, x_max=40.0))
         return dt * (-torch.expm1(-z) / z) * self.B.to(dt.dtype)
 
     def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
