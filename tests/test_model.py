@@ -851,3 +851,23 @@ def test_a_default_cache_holds_a_whole_context():
     assert (cache.max_len, cache.n_loops, cache.packed) == (64, 3, False)
     model(torch.randint(0, 64, (2, 64)), cache=cache, logits_to_keep=1)
     assert cache.length == 64
+
+
+@torch.no_grad()
+def test_expert_load_counts_each_experts_tokens_over_every_loop():
+    """out.expert_load, by which the router bias moves, is per expert the number of (token,
+    slot) assignments the router made to it, summed over the loops: the router's own choices
+    counted, not the load as the MoE reports it."""
+    model, ids = small_model(std=0.3), torch.randint(0, 64, (2, 5))
+    route, chosen = model.moe.route, []
+
+    def recording(x):
+        idx, gates, scores = route(x)
+        chosen.append(idx)
+        return idx, gates, scores
+
+    model.moe.route = recording
+    out = model(ids, n_loops=3)
+    assert len(chosen) == 3
+    counts = sum(torch.bincount(idx.flatten(), minlength=model.cfg.n_experts) for idx in chosen)
+    assert out.expert_load.tolist() == counts.tolist() and len(set(counts.tolist())) > 1
