@@ -6,9 +6,10 @@ from openmythos import MythosConfig, OpenMythos
 
 def pytest_configure(config):
     """One intra-op thread in the test process: its models are tiny, so a second thread buys
-    nothing on a quiet 2-core machine, and on a busy one OpenMP's spin-waiting slowed tests by
-    up to 5x (the seeded speculative-sampling test: 6.8 s with either count on a quiet machine;
-    beside two busy processes 37 s with two threads, 9 s with one). Tests of the thread
+    nothing on a quiet 2-core machine, and on a busy one OpenMP's spin-waiting slowed tests
+    about 4x (the seeded speculative-sampling test: 6.8 s with either count on a quiet machine;
+    beside two busy processes 37 s with two threads, 9 s with one; `pytest -k
+    'second_tokens_distribution and None-None' tests/test_generation.py`). Tests of the thread
     settings set their own counts."""
     torch.set_num_threads(1)
 

@@ -326,12 +326,11 @@ class OpenMythos(nn.Module):
         # the head runs in head_dtype, else in the weight's dtype, whatever an outer autocast says
         dtype = head_dtype or self.embed.weight.dtype
         x = x.to(dtype)
-        # 256-row chunks were the fastest on a CPU core; "balanced" sums the head's gradient over
-        # chunks in fp32 when the matmuls run in bf16. Per-token losses, averaged in fp32: the
-        # op returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %.
-        # acc_dtype given: with a policy named, torch resolves it to the input dtype and runs the
-        # shift, exp-sum and log in bf16 or fp16 (the loss ~4e-4 off; NaN in fp16 once a flat
-        # distribution's exp-sum passes 65504)
+        # 256-row chunks were the fastest on a CPU core. acc_dtype named: with a policy named,
+        # torch resolves it to the input dtype, running the shift, exp-sum and log (and
+        # "balanced"'s sums over chunks) in bf16 or fp16: the loss ~4e-4 off, NaN in fp16 once a
+        # flat distribution's exp-sum passes 65504. Per-token losses, averaged in fp32: the op
+        # returns its input's dtype, and one bf16 scalar would round the loss by ~0.4 %
         with torch.autocast(x.device.type, enabled=False):
             if hasattr(F, "linear_cross_entropy"):
                 chunks = nn.LinearCrossEntropyOptions(batch_chunk_size=LOSS_CHUNK, acc_policy="balanced",
